@@ -1,0 +1,63 @@
+"""The postdiff command, run as a user would (in-process for speed, and once as a subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from postdiff_cli.main import main
+
+
+def test_plan_cost_sd15_reports_at_least_60_percent_and_json_agrees(capsys):
+    args = ["plan", "cost", "postdiff", "--model", "arch:sd15", "--height", "512", "--width", "512", "--steps", "20"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert main(args + ["--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["reduction"] >= 0.60
+    assert f"({data['reduction']:.1%} fewer MACs" in text
+    assert data["total_macs"] == sum(s["macs"] for s in data["steps"])
+    assert len(data["steps"]) == 20 and data["height"] == 512
+
+
+def test_plan_show_json_is_a_compiled_plan(capsys):
+    assert main(["plan", "show", "mixed-res", "--model", "arch:sdxl", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["format"] == "postdiff.plan/1" and data["latent_hw"] == [128, 128]
+    assert [s["index"] for s in data["steps"] if "switch_resolution" in s["events"]] == [10]
+
+
+def test_generate_writes_a_png(tmp_path, capsys):
+    out = tmp_path / "img.png"
+    assert main(["generate", "--model", "toy-sd", "--plan", "postdiff", "--steps", "12", "--prompt", "a cat", "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["plan", "cost", "warp"], "unknown plan 'warp'"),
+        (["plan", "cost", "postdiff", "--steps", "8"], "beyond the last step"),
+        (["plan", "show", "baseline", "--model", "arch:sd99"], "unknown architecture"),
+        (
+            ["plan", "show", "mixed-res", "--model", "arch:sd15", "--height", "520", "--width", "512"],
+            "multiple of the UNet's downsampling factor",
+        ),
+        (["generate", "--model", "arch:sd15"], "random weights and no text encoder"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(args, fragment, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("postdiff: error:") and fragment in err and "\n" not in err
+
+
+def test_console_script_runs_in_a_fresh_process(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    exe = os.path.join(os.path.dirname(sys.executable), "postdiff")
+    proc = subprocess.run([exe, "plan", "show", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "not valid JSON" in proc.stderr and "Traceback" not in proc.stderr

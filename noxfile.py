@@ -1,0 +1,41 @@
+"""nox sessions: tests, lint, demo, bench. Each builds its own virtualenv with the pinned versions.
+
+nox -s tests      # the test suite (what CI runs, via .ci/run)
+nox -s lint       # ruff check + format check
+nox -s demo       # the main job: baseline vs postdiff on the default model
+nox -s bench      # the torch CPU benchmark of benchmarks/ (slow: tens of minutes)
+"""
+
+import nox
+
+nox.options.sessions = ["tests", "lint"]
+PACKAGES = ["-e", "packages/postdiff-core", "-e", "apps/cli"]
+
+
+def install(session: nox.Session, *extra: str) -> None:
+    session.install("-c", "constraints.txt", "torch", *PACKAGES, *extra)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    install(session, "pytest")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("-c", "constraints.txt", "ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    install(session)
+    session.run("postdiff", "demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    install(session)
+    session.run("python", "benchmarks/bench_torch_cpu.py", *session.posargs)

@@ -1,0 +1,146 @@
+"""Published UNet architectures, built from config with random weights (no download).
+
+``arch:sd15``, ``arch:sd21`` and ``arch:sdxl`` let costs and timings of the real architectures be measured on a
+machine without the weights. The values are those of the public ``unet/config.json`` files of
+Stable Diffusion v1.5, v2.1 (768, v-prediction) and SDXL base 1.0. ``toy-sd``/``toy-sdxl`` are tiny
+configurations of the same families, used by the tests and the offline demo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+_SD_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    unet: dict[str, Any]
+    text_len: int = 77
+    pooled_dim: int | None = None  # SDXL's pooled text embedding (added conditioning)
+    vae_scale_factor: int = 8
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(_SD_SCHEDULER))
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.unet.get("addition_embed_type") == "text_time"
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return int(self.unet["cross_attention_dim"])
+
+    @property
+    def default_latent(self) -> int:
+        return int(self.unet["sample_size"])
+
+
+SD15 = Architecture(
+    "sd15",
+    {
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 2,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+        "norm_num_groups": 32,
+    },
+)
+
+SD21 = Architecture(
+    "sd21",
+    {
+        "sample_size": 96,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 2,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "cross_attention_dim": 1024,
+        "attention_head_dim": [5, 10, 20, 20],
+        "use_linear_projection": True,
+        "upcast_attention": True,
+        "norm_num_groups": 32,
+    },
+    scheduler={**_SD_SCHEDULER, "prediction_type": "v_prediction"},
+)
+
+SDXL = Architecture(
+    "sdxl",
+    {
+        "sample_size": 128,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 2,
+        "block_out_channels": [320, 640, 1280],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "transformer_layers_per_block": [1, 2, 10],
+        "cross_attention_dim": 2048,
+        "attention_head_dim": [5, 10, 20],
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,
+        "norm_num_groups": 32,
+    },
+    pooled_dim=1280,
+)
+
+# Tiny members of the same families (random weights): for tests and the offline demo.
+TOY_SD = Architecture(
+    "toy-sd",
+    {
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 2,
+        "block_out_channels": [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "cross_attention_dim": 32,
+        "attention_head_dim": 8,
+        "norm_num_groups": 32,
+    },
+    vae_scale_factor=2,
+)
+
+TOY_SDXL = Architecture(
+    "toy-sdxl",
+    {
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 2,
+        "block_out_channels": [32, 64],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "transformer_layers_per_block": [1, 2],
+        "cross_attention_dim": 64,
+        "attention_head_dim": [2, 4],
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 80,  # pooled 32 + 6 * 8
+        "norm_num_groups": 32,
+    },
+    pooled_dim=32,
+    vae_scale_factor=2,
+)
+
+ARCHITECTURES = {a.name: a for a in (SD15, SD21, SDXL, TOY_SD, TOY_SDXL)}

@@ -1,0 +1,65 @@
+"""What a UNet call is conditioned on, and how it changes with guidance and resolution."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def _second_half(x: torch.Tensor | None, full_batch: int) -> torch.Tensor | None:
+    if x is None or x.ndim == 0 or x.shape[0] != full_batch:
+        return x
+    return x[full_batch // 2 :]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Inputs of a UNet call besides the latent and the timestep.
+
+    With classifier-free guidance on (``has_uncond``), every batched tensor holds the unconditional half first
+    and the conditional half second, as diffusers pipelines lay them out.
+    ``text_embeds``/``time_ids`` are SDXL's added conditioning; ``time_ids`` refer to the full-resolution image.
+    """
+
+    encoder_hidden_states: torch.Tensor
+    has_uncond: bool = True
+    text_embeds: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+    timestep_cond: torch.Tensor | None = None
+    cross_attention_kwargs: dict[str, Any] | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.encoder_hidden_states.shape[0]
+
+    def cond_half(self) -> Conditioning:
+        """The conditional branch only (CFG dropped)."""
+        if not self.has_uncond:
+            return self
+        n = self.batch
+        return dataclasses.replace(
+            self,
+            encoder_hidden_states=self.encoder_hidden_states[n // 2 :],
+            has_uncond=False,
+            text_embeds=_second_half(self.text_embeds, n),
+            time_ids=_second_half(self.time_ids, n),
+            timestep_cond=_second_half(self.timestep_cond, n),
+        )
+
+    def at_size(self, latent_hw: tuple[int, int], full_hw: tuple[int, int]) -> Conditioning:
+        """SDXL size conditioning follows the stage's resolution: original size, crop coordinates and target
+        size (``time_ids`` = [orig_h, orig_w, crop_top, crop_left, target_h, target_w]) are scaled by the ratio
+        of the stage's latent size to the full one. Other models are unchanged."""
+        if self.time_ids is None or tuple(latent_hw) == tuple(full_hw):
+            return self
+        rh, rw = latent_hw[0] / full_hw[0], latent_hw[1] / full_hw[1]
+        scale = torch.tensor([rh, rw, rh, rw, rh, rw], dtype=self.time_ids.dtype, device=self.time_ids.device)
+        return dataclasses.replace(self, time_ids=torch.round(self.time_ids * scale))
+
+    def added_cond_kwargs(self) -> dict[str, torch.Tensor] | None:
+        if self.text_embeds is None and self.time_ids is None:
+            return None
+        return {"text_embeds": self.text_embeds, "time_ids": self.time_ids}

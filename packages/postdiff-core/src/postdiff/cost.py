@@ -1,0 +1,139 @@
+"""Cost model: multiply-accumulates (MACs) of each UNet variant, summed over a compiled plan.
+
+MACs are counted on the real module structure with ``torch.utils.flop_counter.FlopCounterMode`` (MACs =
+FLOPs / 2; convolutions, linear layers and the attention matmuls), on the ``meta`` device: the UNet is built
+from its config without memory and no arithmetic runs, so counting SD-size models takes well under a second.
+Counts are cached per (config, DeepCache block, variant, latent size, batch). Only the UNet is counted: the
+text encoder and VAE run once per image whatever the plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .plan import Plan
+from .unet import UNetSplit
+
+_CACHE: dict[tuple, int] = {}
+
+
+def _config_key(config: dict[str, Any]) -> str:
+    clean = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(clean, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class MacCounter:
+    """Counts MACs of UNet variants for one UNet configuration (``unet.config`` or an architecture dict)."""
+
+    def __init__(self, unet_config: dict[str, Any], *, block: int = 0, text_len: int = 77, pooled_dim: int | None = None) -> None:
+        self.config = {k: v for k, v in dict(unet_config).items() if not k.startswith("_")}
+        self.block = block
+        self.text_len = text_len
+        self.pooled_dim = pooled_dim
+        self._key = _config_key(self.config)
+        self._split: UNetSplit | None = None
+
+    def _get_split(self) -> UNetSplit:
+        if self._split is None:
+            from diffusers import UNet2DConditionModel
+
+            with torch.device("meta"):
+                unet = UNet2DConditionModel.from_config(self.config)
+            self._split = UNetSplit(unet.eval(), block=self.block)
+            if self._split.is_sdxl and self.pooled_dim is None:
+                cfg = self.config
+                self.pooled_dim = int(cfg["projection_class_embeddings_input_dim"]) - 6 * int(cfg["addition_time_embed_dim"])
+        return self._split
+
+    def _inputs(self, split: UNetSplit, hw: tuple[int, int], batch: int) -> dict[str, Any]:
+        meta = torch.device("meta")
+        cfg = self.config
+        kw: dict[str, Any] = {
+            "sample": torch.empty(batch, cfg.get("in_channels", 4), *hw, device=meta),
+            "timestep": torch.empty((), device=meta, dtype=torch.long),
+            "encoder_hidden_states": torch.empty(batch, self.text_len, cfg["cross_attention_dim"], device=meta),
+        }
+        if split.is_sdxl:
+            kw["text_embeds"] = torch.empty(batch, self.pooled_dim, device=meta)
+            kw["time_ids"] = torch.empty(batch, 6, device=meta)
+        return kw
+
+    def macs(self, variant: str, latent_hw: tuple[int, int], batch: int) -> int:
+        key = (self._key, self.block, variant, tuple(latent_hw), batch, self.text_len)
+        if key not in _CACHE:
+            split = self._get_split()
+            kw = self._inputs(split, tuple(latent_hw), batch)
+            with torch.no_grad():
+                probe = split.forward("full_capture", **kw)  # shapes of the cache tensors a variant takes
+                if variant.startswith("shallow"):
+                    kw["deep"] = probe[1]
+                if variant.endswith("_cached"):
+                    kw["xattn"] = [probe[2 + i] for i in split.xattn_indices(variant)]
+                with FlopCounterMode(display=False) as counter:
+                    split.forward(variant, **kw)
+            _CACHE[key] = int(counter.get_total_flops()) // 2
+        return _CACHE[key]
+
+
+@dataclass(frozen=True)
+class StepCost:
+    index: int
+    variant: str
+    latent_hw: tuple[int, int]
+    batch: int
+    macs: int
+
+
+@dataclass(frozen=True)
+class PlanCost:
+    plan: str
+    steps: tuple[StepCost, ...]
+    baseline_macs: int
+
+    @property
+    def total_macs(self) -> int:
+        return sum(s.macs for s in self.steps)
+
+    @property
+    def ratio(self) -> float:
+        """Plan MACs / baseline MACs (lower is cheaper)."""
+        return self.total_macs / self.baseline_macs
+
+    @property
+    def reduction(self) -> float:
+        return 1.0 - self.ratio
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "plan": self.plan,
+            "total_macs": self.total_macs,
+            "baseline_macs": self.baseline_macs,
+            "ratio": self.ratio,
+            "reduction": self.reduction,
+            "steps": [{**asdict(s), "latent_hw": list(s.latent_hw)} for s in self.steps],
+        }
+
+
+def step_batch(guidance: str, images: int = 1, cfg: bool = True) -> int:
+    """UNet batch of a step: two branches per image under CFG, one when CFG is dropped (or off)."""
+    return 2 * images if cfg and guidance == "cfg" else images
+
+
+def plan_cost(plan: Plan, counter: MacCounter, baseline: Plan, *, images: int = 1, cfg: bool = True) -> PlanCost:
+    """MACs of every step of ``plan`` and of ``baseline`` (normally the ``baseline`` plan at the same size)."""
+
+    def costs(p: Plan) -> tuple[StepCost, ...]:
+        out = []
+        for s in p.steps:
+            b = step_batch(s.guidance, images, cfg)
+            out.append(StepCost(s.index, s.variant, s.latent_hw, b, counter.macs(s.variant, s.latent_hw, b)))
+        return tuple(out)
+
+    base_total = sum(c.macs for c in costs(baseline))
+    return PlanCost(plan=plan.name, steps=costs(plan), baseline_macs=base_total)

@@ -1,0 +1,232 @@
+"""Run a plan inside a diffusers Stable Diffusion / SDXL pipeline: ``postdiff.apply(pipe, "postdiff")``.
+
+After ``apply``, the usual ``pipe(prompt, ...)`` call runs the plan; ``postdiff.remove(pipe)`` restores the
+vanilla pipeline. The pipeline's own loop stays in charge (prompt encoding, CFG arithmetic, callbacks, VAE
+decoding, every ``__call__`` option); for the duration of each call only, PostDiff
+
+* compiles the recipe against the scheduler's actual timesteps and the call's image size,
+* hooks the UNet (diffusers ``HookRegistry``) so each call runs the plan step's variant through a
+  ``TorchDenoiser`` (full/shallow, CFG or conditional-only with cached cross-attention),
+* puts a thin proxy in front of the scheduler whose ``step`` is ``PlanRun.advance`` (the resolution switch),
+* draws the initial latent at the plan's first latent size from the call's generator.
+
+All of it is torn down when the call returns: nothing carries over from one call to the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from .conditioning import Conditioning
+from .denoiser import TorchDenoiser
+from .errors import ModelError, PlanError
+from .plan import Plan, compile_plan
+from .recipe import Recipe, load_recipe
+from .sampling import PlanRun
+from .unet import UNetSplit, model_spec
+
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+_HOOK_NAME = "postdiff"
+_SUBCLASSES: dict[type, type] = {}
+
+
+def apply(pipe, plan: str | Recipe | dict = "postdiff"):
+    """Make ``pipe(...)`` run ``plan`` (a built-in name, a JSON file, a dict or a Recipe). Returns ``pipe``.
+
+    The recipe's ``steps`` is the default number of inference steps; an explicit ``num_inference_steps`` in a
+    call re-compiles the recipe for that many steps.
+    """
+    recipe = load_recipe(plan)
+    base = getattr(pipe, "_postdiff_base", type(pipe))
+    if not any(c.__name__ in SUPPORTED_PIPELINES for c in base.__mro__):
+        raise ModelError(f"postdiff.apply supports {', '.join(SUPPORTED_PIPELINES)}, not {base.__name__}")
+    model_spec(pipe.unet)  # fails early, with a clear message, on a UNet PostDiff cannot split
+    if base not in _SUBCLASSES:
+        # Same class name, so anything that reads it (save_pretrained, logging) still sees the original.
+        _SUBCLASSES[base] = type(base.__name__, (base,), {"__call__": _call, "_postdiff_base": base})
+    pipe.__class__ = _SUBCLASSES[base]
+    object.__setattr__(pipe, "_postdiff_recipe", recipe)
+    return pipe
+
+
+def remove(pipe):
+    """Restore the vanilla pipeline. Returns ``pipe``."""
+    base = getattr(type(pipe), "_postdiff_base", None)
+    if base is not None:
+        pipe.__class__ = base
+        pipe.__dict__.pop("_postdiff_recipe", None)
+    return pipe
+
+
+def applied_recipe(pipe) -> Recipe | None:
+    return pipe.__dict__.get("_postdiff_recipe")
+
+
+def _call(self, *args, **kwargs):
+    base = type(self)._postdiff_base
+    bound = inspect.signature(base.__call__).bind(self, *args, **kwargs)
+    arguments = bound.arguments
+    recipe: Recipe = self._postdiff_recipe
+    if "num_inference_steps" not in arguments:
+        arguments["num_inference_steps"] = recipe.steps
+    elif arguments["num_inference_steps"] != recipe.steps:
+        recipe = recipe.with_steps(int(arguments["num_inference_steps"]))
+    if arguments.get("denoising_end") is not None:
+        raise PlanError("denoising_end cuts the plan short; PostDiff plans run every step. Drop denoising_end")
+    size = self.unet.config.sample_size * self.vae_scale_factor
+    height = arguments.get("height") or size
+    width = arguments.get("width") or size
+    latent_hw = (int(height) // self.vae_scale_factor, int(width) // self.vae_scale_factor)
+    session = _Session(self, recipe, latent_hw, arguments.get("generator"))
+    with session.installed():
+        return base.__call__(*bound.args, **bound.kwargs)
+
+
+class _Session:
+    """The per-call state: compiled plan, its PlanRun, the UNet split and its caches."""
+
+    def __init__(self, pipe, recipe: Recipe, latent_hw: tuple[int, int], generator) -> None:
+        self.pipe = pipe
+        self.recipe = recipe
+        self.latent_hw = latent_hw
+        self.generator = generator
+        self.spec = model_spec(pipe.unet)
+        self.plan: Plan | None = None
+        self.run: PlanRun | None = None
+        self.denoiser: TorchDenoiser | None = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        pipe = self.pipe
+        scheduler = pipe.scheduler
+        block = self.recipe.deepcache.block if self.recipe.deepcache else 0
+        split = UNetSplit(pipe.unet, block=block)
+        self.denoiser = TorchDenoiser(split)
+        registry = HookRegistry.check_if_exists_or_initialize(pipe.unet)
+        registry.register_hook(_UNetHook(self), _HOOK_NAME)
+        object.__setattr__(pipe, "scheduler", _SchedulerProxy(scheduler, self))
+        object.__setattr__(pipe, "prepare_latents", self._prepare_latents(pipe.prepare_latents))
+        try:
+            yield
+        finally:
+            pipe.__dict__.pop("prepare_latents", None)
+            object.__setattr__(pipe, "scheduler", scheduler)
+            registry.remove_hook(_HOOK_NAME)
+            split.close()
+
+    # -- called by the pipeline through the proxies ----------------------------------------------------------------
+    def on_set_timesteps(self, scheduler, args, kwargs) -> None:
+        n = int(scheduler.num_inference_steps)
+        recipe = self.recipe if n == self.recipe.steps else self.recipe.with_steps(n)
+        self.plan = compile_plan(
+            recipe,
+            timesteps=[float(t) for t in scheduler.timesteps],
+            latent_hw=self.latent_hw,
+            model=self.spec,
+            order=int(getattr(scheduler, "order", 1)),
+            scheduler=type(scheduler).__name__,
+        )
+        self.run = PlanRun(self.plan, scheduler, self.generator, (args, kwargs))
+        self.denoiser.reset()
+
+    def _prepare_latents(self, original):
+        @functools.wraps(original)
+        def prepare_latents(batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None, *rest):
+            if self.plan is None:
+                raise PlanError("the pipeline prepared latents before setting timesteps; PostDiff cannot plan this call")
+            lh, lw = self.plan.steps[0].latent_hw
+            if latents is not None and tuple(latents.shape[-2:]) != (lh, lw):
+                raise PlanError(
+                    f"latents= is {tuple(latents.shape[-2:])} but plan {self.plan.name!r} starts at {lh}x{lw}; pass "
+                    f"latents of that size or none"
+                )
+            f = self.pipe.vae_scale_factor
+            return original(batch_size, num_channels_latents, lh * f, lw * f, dtype, device, generator, latents, *rest)
+
+        return prepare_latents
+
+    def unet_call(
+        self, sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None, added_cond_kwargs=None, **other
+    ):
+        unsupported = sorted(k for k, v in other.items() if v is not None and k != "return_dict")
+        extra = sorted(set(added_cond_kwargs or {}) - {"text_embeds", "time_ids"})
+        if unsupported or extra:
+            raise PlanError(f"PostDiff plans do not support these UNet inputs yet: {unsupported + extra}")
+        if self.run is None:
+            raise PlanError("the UNet ran before the scheduler's timesteps were set; PostDiff cannot plan this call")
+        step = self.run.step
+        added = added_cond_kwargs or {}
+        cond = Conditioning(
+            encoder_hidden_states=encoder_hidden_states,
+            has_uncond=bool(self.pipe.do_classifier_free_guidance),
+            text_embeds=added.get("text_embeds"),
+            time_ids=added.get("time_ids"),
+            timestep_cond=timestep_cond,
+            cross_attention_kwargs=cross_attention_kwargs,
+        )
+        full_hw = self.plan.latent_hw
+        if step.guidance == "cond" and cond.has_uncond:
+            # CFG dropped: run the conditional half only and hand the pipeline the same prediction twice, so its
+            # uncond + scale * (cond - uncond) is exactly the conditional prediction.
+            half = sample.shape[0] // 2
+            t = timestep[half:] if torch.is_tensor(timestep) and timestep.ndim > 0 and timestep.shape[0] == sample.shape[0] else timestep
+            out = self.denoiser(step, sample[half:], t, cond.cond_half().at_size(step.latent_hw, full_hw))
+            return torch.cat([out, out])
+        return self.denoiser(step, sample, timestep, cond.at_size(step.latent_hw, full_hw))
+
+
+class _UNetHook(ModelHook):
+    def __init__(self, session: _Session) -> None:
+        super().__init__()
+        self.session = session
+
+    def new_forward(self, module, sample, timestep, encoder_hidden_states=None, *args, return_dict: bool = True, **kwargs):
+        if args:
+            raise PlanError("PostDiff expects the UNet's optional inputs as keywords, as diffusers pipelines pass them")
+        out = self.session.unet_call(sample, timestep, encoder_hidden_states, **kwargs)
+        if not return_dict:
+            return (out,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=out)
+
+
+class _SchedulerProxy:
+    """Stands in for the pipeline's scheduler during one call: every attribute is the real scheduler's, except
+    ``set_timesteps`` (which also compiles the plan) and ``step`` (which is ``PlanRun.advance``)."""
+
+    def __init__(self, inner, session: _Session) -> None:
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_session", session)
+
+        @functools.wraps(inner.set_timesteps)
+        def set_timesteps(*args, **kwargs):
+            out = inner.set_timesteps(*args, **kwargs)
+            session.on_set_timesteps(inner, args, kwargs)
+            return out
+
+        @functools.wraps(inner.step)
+        def step(model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
+            if args:
+                raise PlanError("PostDiff expects scheduler.step's options as keywords")
+            out = session.run.advance(model_output, timestep, sample, **kwargs)
+            if return_dict:
+                from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+                return SchedulerOutput(prev_sample=out)
+            return (out,)
+
+        object.__setattr__(self, "set_timesteps", set_timesteps)
+        object.__setattr__(self, "step", step)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._inner, name, value)

@@ -1,0 +1,22 @@
+"""Errors a user can cause. Each message names the field or input at fault and the fix.
+
+The CLI prints these in one line and exits non-zero; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class PostDiffError(Exception):
+    """Base class for every error caused by user input."""
+
+
+class RecipeError(PostDiffError, ValueError):
+    """A recipe (what a user writes) is malformed or asks for something impossible."""
+
+
+class PlanError(PostDiffError, ValueError):
+    """A compiled plan cannot run: inconsistent steps, or a backend/model that cannot serve it."""
+
+
+class ModelError(PostDiffError, ValueError):
+    """A model cannot be loaded, or does not have what a plan needs."""

@@ -1,0 +1,62 @@
+"""Small image helpers: grids of labelled images, written as PNG (atomically)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def to_uint8(image) -> np.ndarray:
+    """HxWxC float in [0, 1] (diffusers ``output_type="np"``) or uint8 → uint8 HxWx3."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return arr
+
+
+def save_png(image, path: str | Path) -> Path:
+    return _atomic_save(Image.fromarray(to_uint8(image)), Path(path))
+
+
+def save_grid(rows: Sequence[Sequence], path: str | Path, *, row_labels: Sequence[str] = (), scale: int = 1) -> Path:
+    """One row per entry of ``rows`` (e.g. one per plan), images side by side, an optional label on the left."""
+    tiles = [[to_uint8(im) for im in row] for row in rows]
+    h, w = tiles[0][0].shape[:2]
+    h, w = h * scale, w * scale
+    label_w = 8 * max((len(s) for s in row_labels), default=0) + (8 if row_labels else 0)
+    cols = max(len(r) for r in tiles)
+    pad = 2
+    canvas = Image.new("RGB", (label_w + cols * (w + pad) + pad, len(tiles) * (h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(tiles):
+        y = pad + r * (h + pad)
+        if r < len(row_labels):
+            draw.text((4, y + h // 2 - 5), row_labels[r], fill=(0, 0, 0))
+        for c, tile in enumerate(row):
+            im = Image.fromarray(tile)
+            if scale != 1:
+                im = im.resize((w, h), Image.NEAREST)
+            canvas.paste(im, (label_w + pad + c * (w + pad), y))
+    return _atomic_save(canvas, Path(path))
+
+
+def _atomic_save(image: Image.Image, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

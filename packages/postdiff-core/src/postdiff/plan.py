@@ -1,0 +1,377 @@
+"""Compiled plans: the per-step instructions every backend interprets.
+
+A plan has one entry per UNet evaluation (``Step``). A backend only has to know how to run one UNet variant at
+one latent size; everything else (which variant, which size, when to switch resolution, when to drop CFG) is
+decided here, once, as data:
+
+    {"index": 7, "inference_step": 7, "timestep": 651, "latent_hw": [32, 32], "unet": "shallow",
+     "guidance": "cfg", "xattn": "compute", "events": []}
+
+Fields of a step:
+    unet      "full" (whole UNet; refreshes the DeepCache feature) or "shallow" (outer layers only; reuses it)
+    guidance  "cfg" (unconditional + conditional batch) or "cond" (conditional branch only, CFG dropped)
+    xattn     "compute" (cross-attention as usual), "capture" (compute it and keep the conditional outputs)
+              or "cached" (reuse the kept outputs instead of computing cross-attention)
+    events    "switch_resolution": the latent arrives from a lower resolution (x0 upsampled and re-noised);
+              every cache is invalid from here on and the scheduler's history is reset.
+
+Steps are counted by plan index (one per UNet call), never by searching the timestep list: second-order
+schedulers such as Heun evaluate the UNet twice per inference step at repeated timesteps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import PlanError, RecipeError
+from .recipe import DeepCache, Recipe, switch_step
+
+PLAN_FORMAT = "postdiff.plan/1"
+UNET_KINDS = ("full", "shallow")
+GUIDANCE_KINDS = ("cfg", "cond")
+XATTN_KINDS = ("compute", "capture", "cached")
+EVENTS = ("switch_resolution",)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the planner needs to know about a UNet (see ``postdiff.unet.model_spec``)."""
+
+    name: str
+    downsample_factor: int
+    num_down_blocks: int
+    has_cross_attention: bool
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    inference_step: int
+    timestep: float
+    latent_hw: tuple[int, int]
+    unet: str = "full"
+    guidance: str = "cfg"
+    xattn: str = "compute"
+    events: tuple[str, ...] = ()
+
+    @property
+    def variant(self) -> str:
+        """Name of the UNet callable this step needs: full, shallow, full_capture, full_cached, shallow_cached."""
+        return self.unet if self.xattn == "compute" else f"{self.unet}_{self.xattn}"
+
+    @property
+    def switches_resolution(self) -> bool:
+        return "switch_resolution" in self.events
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["latent_hw"] = list(self.latent_hw)
+        d["events"] = list(self.events)
+        return d
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Recipe
+    latent_hw: tuple[int, int]
+    steps: tuple[Step, ...]
+    scheduler: str = ""
+    order: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.recipe.label
+
+    @property
+    def timesteps(self) -> list[float]:
+        return [s.timestep for s in self.steps]
+
+    @property
+    def latent_sizes(self) -> list[tuple[int, int]]:
+        """Latent sizes in the order the plan uses them."""
+        seen: list[tuple[int, int]] = []
+        for s in self.steps:
+            if s.latent_hw not in seen:
+                seen.append(s.latent_hw)
+        return seen
+
+    @property
+    def gates_cross_attention(self) -> bool:
+        return any(s.xattn != "compute" for s in self.steps)
+
+    def variants(self) -> list[tuple[str, tuple[int, int]]]:
+        """(variant, latent size) pairs the plan needs, in first-use order: what an exporter must provide."""
+        out: list[tuple[str, tuple[int, int]]] = []
+        for s in self.steps:
+            key = (s.variant, s.latent_hw)
+            if key not in out:
+                out.append(key)
+        return out
+
+    # -- serialisation ---------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "recipe": self.recipe.to_dict(),
+            "latent_hw": list(self.latent_hw),
+            "scheduler": self.scheduler,
+            "order": self.order,
+            "steps": [s.to_dict() for s in self.steps],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "plan") -> Plan:
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise PlanError(f'{where}: not a compiled plan (expected "format": "{PLAN_FORMAT}")')
+        try:
+            recipe = Recipe.from_dict(data["recipe"], where=f"{where}.recipe")
+            steps = tuple(
+                Step(
+                    index=int(s["index"]),
+                    inference_step=int(s["inference_step"]),
+                    timestep=float(s["timestep"]),
+                    latent_hw=(int(s["latent_hw"][0]), int(s["latent_hw"][1])),
+                    unet=str(s["unet"]),
+                    guidance=str(s["guidance"]),
+                    xattn=str(s["xattn"]),
+                    events=tuple(s.get("events", ())),
+                )
+                for s in data["steps"]
+            )
+            plan = cls(
+                recipe=recipe,
+                latent_hw=(int(data["latent_hw"][0]), int(data["latent_hw"][1])),
+                steps=steps,
+                scheduler=str(data.get("scheduler", "")),
+                order=int(data.get("order", 1)),
+            )
+        except (KeyError, TypeError, IndexError, ValueError) as exc:
+            if isinstance(exc, (PlanError, RecipeError)):
+                raise
+            raise PlanError(
+                f"{where}: malformed compiled plan ({type(exc).__name__}: {exc}); re-create it with `postdiff plan show --json`"
+            ) from None
+        validate_plan(plan)
+        return plan
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str = "plan") -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        return cls.from_dict(data, where=where)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+
+# -- compilation ----------------------------------------------------------------------------------------------------
+def low_res_size(latent_hw: tuple[int, int], scale: float, factor: int, *, where: str = "recipe.low_res.scale") -> tuple[int, int]:
+    h, w = latent_hw
+    lh, lw = round(h * scale), round(w * scale)
+    if lh < factor or lw < factor or lh % factor or lw % factor or not math.isclose(lh / h, lw / w, rel_tol=0.05):
+        valid = sorted(
+            {k * factor / h for k in range(1, h // factor + 1) if (k * factor * w) % h == 0 and (k * factor * w // h) % factor == 0}
+        )
+        hint = ", ".join(f"{v:g}" for v in valid[-6:]) or "none at this size"
+        raise RecipeError(
+            f"{where}={scale:g} gives a {lh}x{lw} latent for the {h}x{w} one, which this UNet cannot take: each side "
+            f"must be a positive multiple of its downsampling factor {factor}. Scales that work here: {hint}"
+        )
+    return lh, lw
+
+
+def _full_steps(dc: DeepCache | None, n: int, stage_starts: Iterable[int]) -> set[int]:
+    if dc is None or dc.interval == 1:
+        return set(range(n))
+    starts = sorted(set(stage_starts))
+    if dc.schedule == "uniform":
+        full = set()
+        for k in range(n):
+            start = max(s for s in starts if s <= k)
+            if (k - start) % dc.interval == 0:
+                full.add(k)
+        return full
+    return set(nonuniform_full_steps(n, math.ceil(n / dc.interval), dc.center, dc.power)) | set(starts)
+
+
+def nonuniform_full_steps(total: int, n_full: int, center: float, power: float) -> list[int]:
+    """The DeepCache paper's non-uniform schedule: ``n_full`` full steps, dense around ``center`` (a fraction
+    of ``total``) and sparse away from it. Steps are placed at ``c + sign(u)|u|^p`` for ``u`` evenly spaced in
+    ``[-c^(1/p), (T-c)^(1/p)]``; like DeepCache, the exponent is lowered by 0.02 until ``n_full`` distinct steps
+    come out. Our own formulation of the idea (DeepCache evaluates the same curve with complex powers)."""
+    n_full = max(1, min(n_full, total))
+    c = center * total
+    p = power
+    while p > 1.0:
+        lo, hi = -(c ** (1 / p)), (total - c) ** (1 / p)
+        us = [lo + (hi - lo) * i / n_full for i in range(n_full + 1)]
+        picks = sorted({int(c + math.copysign(abs(u) ** p, u)) for u in us})
+        picks = [0] + [x for x in picks if 0 < x < total]
+        picks = sorted(set(picks))
+        if len(picks) >= n_full:
+            return picks[:n_full]
+        p -= 0.02
+    return sorted(set(round(i * total / n_full) for i in range(n_full)))
+
+
+def compile_plan(
+    recipe: Recipe,
+    *,
+    timesteps: Sequence[float],
+    latent_hw: tuple[int, int],
+    model: ModelSpec,
+    order: int = 1,
+    scheduler: str = "",
+) -> Plan:
+    """Compile ``recipe`` for one scheduler (its ``timesteps`` after ``set_timesteps(recipe.steps)`` and its
+    ``order``), one full-resolution latent size and one model."""
+    n = recipe.steps
+    timesteps = [float(t) for t in timesteps]
+    if len(timesteps) < n:
+        raise PlanError(f"the scheduler gave {len(timesteps)} timesteps for {n} steps; expected at least one per step")
+    if (len(timesteps) - 1) // order == n - 1:
+        # one call per step, or `order` calls per step (Heun: 2, minus the last)
+        def step_of(i: int) -> int:
+            return i // order
+    else:
+        # schedulers with warm-up calls (PNDM's Runge-Kutta start): spread the calls evenly over the steps
+        def step_of(i: int) -> int:
+            return min(n - 1, i * n // len(timesteps))
+
+    factor = model.downsample_factor
+    h, w = latent_hw
+    if h % factor or w % factor:
+        raise RecipeError(
+            f"latent size {h}x{w} is not a multiple of the UNet's downsampling factor {factor}; use an image size "
+            f"whose latent sides are multiples of {factor}"
+        )
+    full_hw = (h, w)
+
+    switch_k = 0
+    low_hw = full_hw
+    if recipe.low_res is not None and recipe.low_res.scale < 1:
+        switch_k = switch_step(n, recipe.low_res.until)
+        if switch_k > 0:
+            low_hw = low_res_size(full_hw, recipe.low_res.scale, factor)
+    dc = recipe.deepcache
+    if dc is not None and dc.block >= model.num_down_blocks:
+        raise RecipeError(
+            f"recipe.deepcache.block={dc.block} but {model.name} has {model.num_down_blocks} down blocks; use 0 to "
+            f"{model.num_down_blocks - 1}"
+        )
+    gate = recipe.xattn_gate
+    if gate is not None and not model.has_cross_attention:
+        raise RecipeError(f"recipe.xattn_gate needs cross-attention, and {model.name} has none; drop xattn_gate from the recipe")
+
+    stage_starts = [0] + ([switch_k] if 0 < switch_k < n else [])
+    full = _full_steps(dc, n, stage_starts)
+
+    raw: list[dict[str, Any]] = []
+    for i, t in enumerate(timesteps):
+        k = step_of(i)
+        hw = low_hw if k < switch_k else full_hw
+        raw.append(
+            dict(
+                index=i,
+                inference_step=k,
+                timestep=t,
+                latent_hw=hw,
+                unet="full" if k in full else "shallow",
+                guidance="cond" if gate is not None and k >= gate.after else "cfg",
+                xattn="compute",
+                events=("switch_resolution",) if i > 0 and hw != raw[i - 1]["latent_hw"] else (),
+            )
+        )
+    # Cross-attention caching: keep the conditional outputs on the last CFG call before the gate (same size),
+    # or on the first gated call at a new size; every later gated call reuses them. A capture needs a full pass.
+    for i, s in enumerate(raw):
+        nxt = raw[i + 1] if i + 1 < len(raw) else None
+        if s["guidance"] == "cfg":
+            if nxt is not None and nxt["guidance"] == "cond" and nxt["latent_hw"] == s["latent_hw"]:
+                s["xattn"] = "capture"
+        else:
+            prev = raw[i - 1]
+            have = prev["latent_hw"] == s["latent_hw"] and prev["xattn"] in ("capture", "cached")
+            s["xattn"] = "cached" if have else "capture"
+        if s["xattn"] == "capture":
+            s["unet"] = "full"
+    plan = Plan(
+        recipe=recipe,
+        latent_hw=full_hw,
+        steps=tuple(Step(**s) for s in raw),
+        scheduler=scheduler,
+        order=order,
+    )
+    validate_plan(plan, model)
+    return plan
+
+
+def validate_plan(plan: Plan, model: ModelSpec | None = None) -> None:
+    """Every rule a backend relies on; raises PlanError naming the first step that breaks one."""
+    if not plan.steps:
+        raise PlanError("plan has no steps")
+    have_deep: set[tuple[int, int]] = set()
+    have_xattn: set[tuple[int, int]] = set()
+    prev_hw = None
+    for i, s in enumerate(plan.steps):
+        where = f"plan step {i}"
+        if s.index != i:
+            raise PlanError(f"{where}: index is {s.index}; steps must be numbered 0, 1, 2, ... in order")
+        if s.unet not in UNET_KINDS:
+            raise PlanError(f"{where}: unet must be one of {UNET_KINDS}, got {s.unet!r}")
+        if s.guidance not in GUIDANCE_KINDS:
+            raise PlanError(f"{where}: guidance must be one of {GUIDANCE_KINDS}, got {s.guidance!r}")
+        if s.xattn not in XATTN_KINDS:
+            raise PlanError(f"{where}: xattn must be one of {XATTN_KINDS}, got {s.xattn!r}")
+        for e in s.events:
+            if e not in EVENTS:
+                raise PlanError(f"{where}: unknown event {e!r}; known events: {EVENTS}")
+        if s.latent_hw[0] <= 0 or s.latent_hw[1] <= 0:
+            raise PlanError(f"{where}: latent size {s.latent_hw} is not positive")
+        if model is not None and (s.latent_hw[0] % model.downsample_factor or s.latent_hw[1] % model.downsample_factor):
+            raise PlanError(
+                f"{where}: latent size {s.latent_hw[0]}x{s.latent_hw[1]} is not a multiple of the UNet's "
+                f"downsampling factor {model.downsample_factor}"
+            )
+        switched = prev_hw is not None and s.latent_hw != prev_hw
+        if switched != s.switches_resolution:
+            raise PlanError(
+                f"{where}: the latent size changes from {prev_hw} to {s.latent_hw} without a 'switch_resolution' "
+                f"event (or the event is set without a change)"
+            )
+        if switched:
+            have_deep.clear()
+            have_xattn.clear()
+        if s.unet == "shallow" and s.latent_hw not in have_deep:
+            raise PlanError(
+                f"{where}: a shallow step with no DeepCache feature at {s.latent_hw[0]}x{s.latent_hw[1]}: a full "
+                f"step must come first at this resolution"
+            )
+        if s.xattn != "compute" and model is not None and not model.has_cross_attention:
+            raise PlanError(f"{where}: xattn={s.xattn!r} needs cross-attention, and {model.name} has none")
+        if s.xattn == "capture" and s.unet != "full":
+            raise PlanError(f"{where}: a cross-attention capture needs a full UNet pass")
+        if s.xattn == "cached":
+            if s.guidance != "cond":
+                raise PlanError(f"{where}: cached cross-attention is only defined with guidance 'cond'")
+            if s.latent_hw not in have_xattn:
+                raise PlanError(
+                    f"{where}: cached cross-attention at {s.latent_hw[0]}x{s.latent_hw[1]} but nothing was captured at this resolution"
+                )
+        if s.unet == "full":
+            have_deep.add(s.latent_hw)
+        if s.xattn == "capture":
+            have_xattn.add(s.latent_hw)
+        prev_hw = s.latent_hw
+    if plan.steps[-1].latent_hw != plan.latent_hw:
+        raise PlanError(f"the last step runs at {plan.steps[-1].latent_hw}, not at the plan's size {plan.latent_hw}")

@@ -1,0 +1,256 @@
+"""Recipes: what a user writes to ask for an acceleration plan.
+
+A recipe is small, model-independent data. ``compile_plan`` (plan.py) turns it into a per-step plan for one
+scheduler and one image size. Every knob can be set from JSON; unknown keys are an error, never ignored.
+
+    {"steps": 20,
+     "low_res": {"scale": 0.5, "until": 0.5},
+     "deepcache": {"interval": 2, "block": 0, "schedule": "uniform"},
+     "xattn_gate": {"after": 10, "mode": "cond"}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import RecipeError
+
+DEFAULT_STEPS = 20
+
+
+@dataclass(frozen=True)
+class LowRes:
+    """Mixed-resolution denoising: the first ``until`` fraction of the steps runs at ``scale`` × the latent side."""
+
+    scale: float = 0.5
+    until: float = 0.5
+
+
+@dataclass(frozen=True)
+class DeepCache:
+    """DeepCache-style reuse of the deep UNet features.
+
+    ``interval``: a full UNet pass every ``interval`` steps, shallow passes in between (1 = always full).
+    ``block``: DeepCache's ``cache_block_id``; the shallow pass runs the first layer of down block ``block``
+    (and every block above it) and the mirrored up layers.
+    ``schedule``: ``uniform`` (every ``interval``-th step is full) or ``nonuniform`` (the DeepCache paper's
+    schedule: the same number of full steps, placed densely around ``center`` (a fraction of the steps) and
+    sparsely away from it, following a power curve of exponent ``power``).
+    """
+
+    interval: int = 2
+    block: int = 0
+    schedule: str = "uniform"
+    center: float = 0.3
+    power: float = 1.4
+
+
+@dataclass(frozen=True)
+class XAttnGate:
+    """Cross-attention caching with classifier-free guidance gated off.
+
+    The first ``after`` steps run normally with CFG; from step ``after`` on only the conditional branch runs,
+    and its cross-attention outputs are the ones recorded on the last CFG step (the paper's "Cond" mode).
+    """
+
+    after: int = 10
+    mode: str = "cond"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    steps: int = DEFAULT_STEPS
+    low_res: LowRes | None = None
+    deepcache: DeepCache | None = None
+    xattn_gate: XAttnGate | None = None
+    name: str | None = None
+
+    # -- serialisation -------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.name is not None:
+            out["name"] = self.name
+        out["steps"] = self.steps
+        for key in ("low_res", "deepcache", "xattn_gate"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = dataclasses.asdict(value)
+        return out
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "recipe") -> Recipe:
+        return _parse_recipe(data, where)
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str = "recipe") -> Recipe:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RecipeError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); fix the file") from None
+        return cls.from_dict(data, where=where)
+
+    def with_steps(self, steps: int) -> Recipe:
+        """The same recipe for another number of steps (the gate step stays where the user put it)."""
+        return _validated(dataclasses.replace(self, steps=steps), "recipe")
+
+    @property
+    def label(self) -> str:
+        return self.name or "custom"
+
+
+# -- parsing with messages that name the field ----------------------------------------------------------------------
+_SECTIONS = {"low_res": LowRes, "deepcache": DeepCache, "xattn_gate": XAttnGate}
+_TOP_KEYS = {"name", "steps", *_SECTIONS}
+
+
+def _check_keys(data: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)}; allowed keys are {', '.join(sorted(allowed))}")
+
+
+def _number(value: Any, where: str, *, integer: bool) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "an integer" if integer else "a number"
+        raise RecipeError(f"{where} must be {kind}, got {value!r}")
+    if integer:
+        if isinstance(value, float) and not value.is_integer():
+            raise RecipeError(f"{where} must be an integer, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def _parse_section(cls: type, data: Any, where: str):
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where} must be an object (or null to turn it off), got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(data, set(fields), where)
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        default = fields[name].default
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise RecipeError(f"{where}.{name} must be a string, got {value!r}")
+            values[name] = value
+        else:
+            values[name] = _number(value, f"{where}.{name}", integer=isinstance(default, int))
+    return cls(**values)
+
+
+def _parse_recipe(data: Any, where: str) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f'{where} must be a JSON object like {{"steps": 20}}, got {type(data).__name__}')
+    _check_keys(data, _TOP_KEYS, where)
+    name = data.get("name")
+    if name is not None and not isinstance(name, str):
+        raise RecipeError(f"{where}.name must be a string, got {name!r}")
+    steps = _number(data.get("steps", DEFAULT_STEPS), f"{where}.steps", integer=True)
+    sections = {key: _parse_section(cls, data.get(key), f"{where}.{key}") for key, cls in _SECTIONS.items()}
+    return _validated(Recipe(steps=steps, name=name, **sections), where)
+
+
+def _validated(r: Recipe, where: str) -> Recipe:
+    """Checks that need no model. Model-dependent checks (latent sizes, cross-attention) live in compile_plan."""
+    if r.steps <= 0:
+        raise RecipeError(f"{where}.steps must be at least 1, got {r.steps}")
+    if r.low_res is not None:
+        lr = r.low_res
+        if not 0 < lr.scale <= 1:
+            raise RecipeError(f"{where}.low_res.scale must be in (0, 1] (a fraction of the latent side), got {lr.scale}")
+        if not 0 <= lr.until <= 1:
+            raise RecipeError(f"{where}.low_res.until must be in [0, 1] (a fraction of the steps), got {lr.until}")
+        if lr.scale < 1 and switch_step(r.steps, lr.until) >= r.steps:
+            raise RecipeError(
+                f"{where}.low_res.until={lr.until} leaves no step at full resolution with {r.steps} steps; "
+                f"use a value below {1 - 0.5 / r.steps:.3g}"
+            )
+    if r.deepcache is not None:
+        dc = r.deepcache
+        if dc.interval < 1:
+            raise RecipeError(f"{where}.deepcache.interval must be at least 1 (1 = a full pass every step), got {dc.interval}")
+        if dc.block < 0:
+            raise RecipeError(f"{where}.deepcache.block must be 0 or more, got {dc.block}")
+        if dc.schedule not in ("uniform", "nonuniform"):
+            raise RecipeError(f"{where}.deepcache.schedule must be 'uniform' or 'nonuniform', got {dc.schedule!r}")
+        if not 0 <= dc.center <= 1:
+            raise RecipeError(f"{where}.deepcache.center must be in [0, 1] (a fraction of the steps), got {dc.center}")
+        if dc.power <= 1:
+            raise RecipeError(f"{where}.deepcache.power must be above 1, got {dc.power}")
+    if r.xattn_gate is not None:
+        g = r.xattn_gate
+        if g.mode != "cond":
+            raise RecipeError(
+                f"{where}.xattn_gate.mode must be 'cond' (the conditional branch's cross-attention is cached); "
+                f"got {g.mode!r}. The paper's 'cfg' mode collapses (FID 103.7) and 'ave' is T-GATE's, not offered"
+            )
+        if g.after < 1:
+            raise RecipeError(f"{where}.xattn_gate.after must be at least 1 (steps that keep CFG), got {g.after}")
+        if g.after >= r.steps:
+            raise RecipeError(
+                f"{where}.xattn_gate.after={g.after} is beyond the last step (steps={r.steps}): nothing would be "
+                f"gated; use a value from 1 to {r.steps - 1}, or drop xattn_gate"
+            )
+    return r
+
+
+def switch_step(steps: int, until: float) -> int:
+    """The first (inference) step that runs at full resolution."""
+    return int(round(until * steps))
+
+
+# -- built-in plans ---------------------------------------------------------------------------------------------------
+def _builtins() -> dict[str, Recipe]:
+    lr, dc, gate = LowRes(), DeepCache(), XAttnGate()
+    return {
+        "baseline": Recipe(name="baseline"),
+        "deepcache": Recipe(name="deepcache", deepcache=dc),
+        "deepcache-nonuniform": Recipe(name="deepcache-nonuniform", deepcache=DeepCache(schedule="nonuniform")),
+        "mixed-res": Recipe(name="mixed-res", low_res=lr),
+        "xattn-gate": Recipe(name="xattn-gate", xattn_gate=gate),
+        "postdiff": Recipe(name="postdiff", low_res=lr, deepcache=dc, xattn_gate=gate),
+        # The paper uses beta = 3/4 for SDXL (and PixArt-alpha).
+        "postdiff-xl": Recipe(name="postdiff-xl", low_res=LowRes(scale=0.75), deepcache=dc, xattn_gate=gate),
+    }
+
+
+BUILTIN_PLANS: dict[str, Recipe] = _builtins()
+_STEPS_RE = re.compile(r"^steps:(\d+)$")
+
+
+def builtin_names() -> list[str]:
+    return [*BUILTIN_PLANS, "steps:N"]
+
+
+def load_recipe(spec: str | Path | Recipe | dict) -> Recipe:
+    """A built-in name (``baseline``, ``steps:8``, ``postdiff``, ...), a JSON file, a dict or a Recipe."""
+    if isinstance(spec, Recipe):
+        return spec
+    if isinstance(spec, dict):
+        return Recipe.from_dict(spec)
+    text = str(spec)
+    if text in BUILTIN_PLANS:
+        return BUILTIN_PLANS[text]
+    m = _STEPS_RE.match(text)
+    if m:
+        steps = int(m.group(1))
+        if steps <= 0:
+            raise RecipeError(f"plan {text!r}: steps must be at least 1")
+        return Recipe(name=text, steps=steps)
+    path = Path(text)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"plan file {text!r} does not exist; give a JSON file or one of: {', '.join(builtin_names())}")
+        data = path.read_text()
+        recipe = Recipe.from_json(data, where=f"plan file {path.name}")
+        return recipe if recipe.name else dataclasses.replace(recipe, name=path.stem)
+    raise RecipeError(f"unknown plan {text!r}; use one of: {', '.join(builtin_names())}, or a JSON file")

@@ -1,0 +1,91 @@
+"""The resolution switch: predict the clean sample, upsample it, re-noise it to the next timestep.
+
+    x0     = prediction from the last low-resolution UNet output (epsilon, v or sample parameterisation)
+    x_next = renoise(bilinear_upsample(x0), fresh noise, noise level of the next plan step)
+
+The arithmetic depends on the scheduler's sample space: variance-preserving schedulers (DDIM, DPM-Solver, ...)
+keep x = sqrt(abar) x0 + sqrt(1 - abar) eps; sigma-space schedulers (Euler, Heun, ...) keep x = x0 + sigma eps
+and scale the UNet input themselves. Noise levels are looked up by plan index, never by searching timesteps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import PlanError
+
+# Schedulers whose history is fully reset by set_timesteps() and that can restart at any step index.
+RESTARTABLE_SCHEDULERS = (
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "LMSDiscreteScheduler",
+)
+
+
+def check_switchable(scheduler) -> None:
+    name = type(scheduler).__name__
+    if name not in RESTARTABLE_SCHEDULERS:
+        raise PlanError(
+            f"mixed resolution needs a scheduler PostDiff can restart at the switch; {name} is not one. Use one of "
+            f"{', '.join(RESTARTABLE_SCHEDULERS)} (e.g. DDIMScheduler.from_config(pipe.scheduler.config)), or a "
+            f"plan without low_res"
+        )
+
+
+def _sigma_space(scheduler) -> bool:
+    """True when samples live in sigma space (x = x0 + sigma * eps), e.g. Euler and Heun."""
+    return hasattr(scheduler, "sigmas") and float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0
+
+
+def _vp_coefficients(scheduler, index: int, timestep: float) -> tuple[float, float]:
+    """(alpha_t, sigma_t) with x = alpha_t x0 + sigma_t eps, for the noise level of plan step ``index``."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and hasattr(scheduler, "_sigma_to_alpha_sigma_t") and index < len(sigmas):
+        alpha, sigma = scheduler._sigma_to_alpha_sigma_t(sigmas[index])
+        return float(alpha), float(sigma)
+    abar = float(scheduler.alphas_cumprod[int(round(timestep))])
+    return abar**0.5, (1.0 - abar) ** 0.5
+
+
+def predict_x0(scheduler, sample: torch.Tensor, model_output: torch.Tensor, index: int, timestep: float) -> torch.Tensor:
+    """The clean sample predicted by ``model_output`` at plan step ``index`` (sample in scheduler space)."""
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    x, out = sample.float(), model_output.float()
+    if kind == "sample":
+        x0 = out
+    elif _sigma_space(scheduler):
+        sigma = float(scheduler.sigmas[index])
+        if kind == "epsilon":
+            x0 = x - sigma * out
+        elif kind == "v_prediction":
+            x0 = out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+        else:
+            raise PlanError(f"mixed resolution: unsupported prediction_type {kind!r}")
+    else:
+        alpha, sigma = _vp_coefficients(scheduler, index, timestep)
+        if kind == "epsilon":
+            x0 = (x - sigma * out) / alpha
+        elif kind == "v_prediction":
+            x0 = alpha * x - sigma * out
+        else:
+            raise PlanError(f"mixed resolution: unsupported prediction_type {kind!r}")
+    return x0.to(sample.dtype)
+
+
+def renoise(scheduler, x0: torch.Tensor, noise: torch.Tensor, index: int, timestep: float) -> torch.Tensor:
+    """Forward-diffuse ``x0`` to the noise level of plan step ``index`` with the given fresh ``noise``."""
+    if _sigma_space(scheduler):
+        return x0 + float(scheduler.sigmas[index]) * noise
+    alpha, sigma = _vp_coefficients(scheduler, index, timestep)
+    return alpha * x0 + sigma * noise
+
+
+def upsample(x0: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling of the predicted clean latent (the paper's choice)."""
+    return F.interpolate(x0, size=tuple(latent_hw), mode="bilinear", align_corners=False)

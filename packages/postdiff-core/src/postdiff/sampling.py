@@ -1,0 +1,149 @@
+"""Running a compiled plan: the step-to-step walk (``PlanRun``) and the denoising loop (``run_plan``).
+
+``PlanRun`` owns what happens *between* UNet calls: the ordinary scheduler step, or, before a step that
+switches resolution, the switch itself (predict x0, upsample, re-noise with fresh noise from the generator,
+reset the scheduler's history). ``run_plan`` is the loop every exported backend uses; the diffusers
+integration (diffusers_hook.py) lets the pipeline's own loop drive the same ``PlanRun``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from .conditioning import Conditioning
+from .denoiser import Denoiser
+from .errors import PlanError
+from .plan import ModelSpec, Plan, Step, compile_plan
+from .recipe import Recipe
+from .resolution import check_switchable, predict_x0, renoise, upsample
+
+
+def compile_for_scheduler(recipe: Recipe, scheduler, latent_hw: tuple[int, int], model: ModelSpec, device=None) -> Plan:
+    """Set the scheduler's timesteps for ``recipe.steps`` and compile the recipe against them."""
+    scheduler.set_timesteps(recipe.steps, device=device)
+    return compile_plan(
+        recipe,
+        timesteps=[float(t) for t in scheduler.timesteps],
+        latent_hw=tuple(latent_hw),
+        model=model,
+        order=int(getattr(scheduler, "order", 1)),
+        scheduler=type(scheduler).__name__,
+    )
+
+
+class PlanRun:
+    """One generation's position in a plan. ``advance`` is called once per UNet call, in place of
+    ``scheduler.step``."""
+
+    def __init__(self, plan: Plan, scheduler, generator=None, set_timesteps_args=None) -> None:
+        if any(s.switches_resolution for s in plan.steps):
+            check_switchable(scheduler)
+        self.plan = plan
+        self.scheduler = scheduler
+        self.generator = generator
+        self._set_timesteps = set_timesteps_args or ((plan.recipe.steps,), {})
+        self.index = 0
+
+    @property
+    def step(self) -> Step:
+        if self.index >= len(self.plan.steps):
+            raise PlanError(f"the UNet was called more often than the plan has steps ({len(self.plan.steps)})")
+        return self.plan.steps[self.index]
+
+    @property
+    def next_step(self) -> Step | None:
+        i = self.index + 1
+        return self.plan.steps[i] if i < len(self.plan.steps) else None
+
+    def advance(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, **step_kwargs) -> torch.Tensor:
+        """The latent for the next step: a scheduler step, or the resolution switch."""
+        step, nxt = self.step, self.next_step
+        if nxt is not None and nxt.switches_resolution:
+            x0 = predict_x0(self.scheduler, sample, model_output, step.index, step.timestep)
+            x0 = upsample(x0, nxt.latent_hw)
+            noise = randn_tensor(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
+            self._restart(nxt.index)
+            out = renoise(self.scheduler, x0, noise, nxt.index, nxt.timestep)
+        else:
+            out = self.scheduler.step(model_output, timestep, sample, **step_kwargs, return_dict=False)[0]
+        self.index += 1
+        return out
+
+    def _restart(self, index: int) -> None:
+        """Reset the solver's history (multistep buffers, Heun's half step) and continue at plan index ``index``."""
+        args, kwargs = self._set_timesteps
+        self.scheduler.set_timesteps(*args, **kwargs)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(index)
+
+
+def scheduler_step_kwargs(scheduler, generator=None, eta: float = 0.0) -> dict[str, Any]:
+    """The extra ``scheduler.step`` arguments diffusers pipelines pass (eta for DDIM, the generator for ancestral)."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    kwargs: dict[str, Any] = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def run_plan(
+    plan: Plan,
+    denoiser: Denoiser,
+    scheduler,
+    cond: Conditioning,
+    *,
+    guidance_scale: float = 7.5,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    latents: torch.Tensor | None = None,
+    channels: int = 4,
+    eta: float = 0.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    on_step: Callable[[Step, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Denoise from noise to the final latent following ``plan``.
+
+    ``cond`` holds the unconditional half first when ``cond.has_uncond`` (CFG with ``guidance_scale``).
+    The initial noise is drawn from ``generator`` at the plan's first latent size; the switch draws fresh noise
+    from the same generator, so one seed gives one image, run after run.
+    """
+    scheduler.set_timesteps(plan.recipe.steps, device=device)
+    timesteps = scheduler.timesteps
+    if [float(t) for t in timesteps] != plan.timesteps:
+        raise PlanError(
+            f"plan {plan.name!r} was compiled for other timesteps ({plan.scheduler or 'unknown scheduler'}); "
+            f"recompile it for {type(scheduler).__name__}"
+        )
+    run = PlanRun(plan, scheduler, generator, ((plan.recipe.steps,), {"device": device}))
+    denoiser.reset()
+    batch = cond.batch // 2 if cond.has_uncond else cond.batch
+    first_hw = plan.steps[0].latent_hw
+    if latents is None:
+        latents = randn_tensor((batch, channels, *first_hw), generator=generator, device=device, dtype=dtype)
+        latents = latents * scheduler.init_noise_sigma
+    elif tuple(latents.shape[-2:]) != tuple(first_hw):
+        raise PlanError(f"initial latents are {tuple(latents.shape[-2:])}, the plan starts at {first_hw}")
+    step_kwargs = scheduler_step_kwargs(scheduler, generator, eta)
+    for step in tqdm(plan.steps, desc=f"postdiff {plan.name}", disable=not progress, leave=False):
+        t = timesteps[step.index]
+        with_cfg = cond.has_uncond and step.guidance == "cfg"
+        c = (cond if with_cfg else cond.cond_half()).at_size(step.latent_hw, plan.latent_hw)
+        x = torch.cat([latents] * 2) if with_cfg else latents
+        x = scheduler.scale_model_input(x, t)
+        out = denoiser(step, x, t, c)
+        if with_cfg:
+            uncond, text = out.chunk(2)
+            out = uncond + guidance_scale * (text - uncond)
+        if on_step is not None:
+            on_step(step, latents)
+        latents = run.advance(out, t, latents, **step_kwargs)
+    return latents

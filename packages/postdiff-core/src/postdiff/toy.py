@@ -1,0 +1,126 @@
+"""Tiny Stable Diffusion / SDXL pipelines with random weights, built offline.
+
+Tests and the offline demo need real diffusers pipelines (tokenizer, text encoder, UNet, VAE, scheduler)
+without a download. diffusers' own tests fetch tiny models from the Hub; here every part is built from a
+config, and the CLIP tokenizer from a byte-level vocabulary written below (no merges: one token per byte),
+because no tokenizer files can be fetched offline.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .architectures import TOY_SD, TOY_SDXL, Architecture
+
+TEXT_HIDDEN = 32
+
+
+def _byte_vocab() -> dict[str, int]:
+    # GPT-2/CLIP byte-to-unicode table: printable bytes map to themselves, the rest to code points from 256 up.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for b in range(256):
+            vocab[chars[b] + suffix] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+def toy_tokenizer(max_length: int = 77):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer(vocab=_byte_vocab(), merges=[])
+    tok.model_max_length = max_length
+    return tok
+
+
+def _text_encoder(seed: int, with_projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(_byte_vocab()),
+        max_position_embeddings=77,
+        projection_dim=TEXT_HIDDEN,
+        bos_token_id=len(_byte_vocab()) - 2,
+        eos_token_id=len(_byte_vocab()) - 1,
+        pad_token_id=len(_byte_vocab()) - 1,
+    )
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def _vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    ).eval()
+
+
+def build_unet(arch: Architecture, seed: int = 0, device: str | torch.device = "cpu"):
+    """The UNet of ``arch`` with random weights (``device="meta"`` builds it without memory, for counting)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(dict(arch.unet))
+    return unet.eval()
+
+
+def build_scheduler(arch: Architecture, kind: str = "DDIMScheduler"):
+    import diffusers
+
+    return getattr(diffusers, kind).from_config(dict(arch.scheduler))
+
+
+def toy_pipeline(kind: str = "sd", seed: int = 0, scheduler: str = "DDIMScheduler"):
+    """A complete tiny ``StableDiffusionPipeline`` (kind="sd") or ``StableDiffusionXLPipeline`` (kind="sdxl")."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if kind == "sd":
+        pipe = StableDiffusionPipeline(
+            vae=_vae(seed + 1),
+            text_encoder=_text_encoder(seed + 2, with_projection=False),
+            tokenizer=toy_tokenizer(),
+            unet=build_unet(TOY_SD, seed),
+            scheduler=build_scheduler(TOY_SD, scheduler),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    elif kind == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=_vae(seed + 1),
+            text_encoder=_text_encoder(seed + 2, with_projection=False),
+            text_encoder_2=_text_encoder(seed + 3, with_projection=True),
+            tokenizer=toy_tokenizer(),
+            tokenizer_2=toy_tokenizer(),
+            unet=build_unet(TOY_SDXL, seed),
+            scheduler=build_scheduler(TOY_SDXL, scheduler),
+            force_zeros_for_empty_prompt=False,
+        )
+    else:
+        raise ValueError(f"toy pipeline kind must be 'sd' or 'sdxl', got {kind!r}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,352 @@
+"""A diffusers ``UNet2DConditionModel`` as explicit, exportable callables.
+
+The UNet is seen as a ladder of layers. The down path produces skip tensors ("res samples"): conv_in, then
+each (resnet[, attention]) layer and each downsampler. The up path consumes them in reverse, one per
+(resnet[, attention]) layer. DeepCache with ``block=b`` cuts the ladder after the first layer of down block
+``b``: the *shallow* pass runs only the layers above the cut (conv_in, the first layers of the down path, the
+mirrored last layers of the up path, conv_out) and takes the hidden state that enters the first mirrored up
+layer from the cache; the *full* pass runs everything and returns that hidden state as the cache.
+
+Cross-attention caching works on every ``attn2`` module (cross-attention) through a processor wrapper that
+either computes as usual, computes and hands the output back ("capture"), or returns a tensor it is given
+("cached"). What the wrapper does is decided by the explicit inputs of each call: the callables keep no
+Python state between calls, so ``torch.export`` traces exactly what runs here.
+
+Variants (``Step.variant``):
+    full            (sample, timestep, ehs[, text_embeds, time_ids]) -> (eps, deep)
+    full_capture    same inputs                                      -> (eps, deep, *xattn)
+    full_cached     same inputs + *xattn                             -> (eps, deep)
+    shallow         same inputs + deep                               -> (eps,)
+    shallow_cached  same inputs + deep + *xattn[shallow subset]      -> (eps,)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+from .plan import ModelSpec
+
+SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
+SUPPORTED_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
+SUPPORTED_MID = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D")
+
+
+@dataclass
+class _Layer:
+    """One rung of the ladder: a resnet (+ attention) pair, a down/upsampler, or conv_in."""
+
+    kind: str  # "conv_in" | "res" | "down" | "up"
+    resnet: nn.Module | None = None
+    attention: nn.Module | None = None
+    sampler: nn.Module | None = None
+    xattn: list[int] = field(default_factory=list)  # indices of the attn2 modules this layer runs
+
+
+class _XAttnIO:
+    """Per-call instructions for the cross-attention wrappers, set at the start of a forward and cleared at its end."""
+
+    def __init__(self) -> None:
+        self.mode = "compute"
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+
+class _XAttnProcessor:
+    """Wraps an attn2 processor. Idle (mode "compute") it is exactly the wrapped processor."""
+
+    def __init__(self, inner: Any, index: int, io: _XAttnIO) -> None:
+        self.inner, self.index, self.io = inner, index, io
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        io = self.io
+        if io.mode == "cached":
+            return io.inputs[self.index]
+        out = self.inner(attn, hidden_states, *args, **kwargs)
+        if io.mode == "capture":
+            io.outputs[self.index] = out
+        return out
+
+    def __getattr__(self, name):  # diffusers inspects processors (e.g. for IP-Adapter scales)
+        return getattr(self.inner, name)
+
+
+def _attn2_modules(module: nn.Module | None) -> list[nn.Module]:
+    if module is None:
+        return []
+    return [m for m in module.modules() if type(m).__name__ == "Attention" and getattr(m, "is_cross_attention", False)]
+
+
+def downsample_factor(unet) -> int:
+    return 2 ** sum(1 for b in unet.down_blocks if getattr(b, "downsamplers", None) is not None)
+
+
+def model_spec(unet, name: str = "unet") -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        downsample_factor=downsample_factor(unet),
+        num_down_blocks=len(unet.down_blocks),
+        has_cross_attention=bool(_attn2_modules(unet)),
+    )
+
+
+def _check_supported(unet) -> None:
+    if type(unet).__name__ != "UNet2DConditionModel":
+        raise ModelError(f"PostDiff splits diffusers UNet2DConditionModel, not {type(unet).__name__}")
+    bad = [type(b).__name__ for b in unet.down_blocks if type(b).__name__ not in SUPPORTED_DOWN]
+    bad += [type(b).__name__ for b in unet.up_blocks if type(b).__name__ not in SUPPORTED_UP]
+    if unet.mid_block is not None and type(unet.mid_block).__name__ not in SUPPORTED_MID:
+        bad.append(type(unet.mid_block).__name__)
+    if bad:
+        raise ModelError(
+            f"unsupported UNet block type(s) {sorted(set(bad))}; PostDiff supports the SD 1.x/2.x/SDXL blocks "
+            f"{SUPPORTED_DOWN + SUPPORTED_UP + SUPPORTED_MID}"
+        )
+    cfg = unet.config
+    unsupported = {
+        "class_embed_type": cfg.class_embed_type,
+        "addition_embed_type": cfg.addition_embed_type if cfg.addition_embed_type not in (None, "text_time") else None,
+        "encoder_hid_dim_type": cfg.encoder_hid_dim_type,
+    }
+    unsupported = {k: v for k, v in unsupported.items() if v is not None}
+    if unsupported:
+        raise ModelError(f"unsupported UNet configuration {unsupported}; PostDiff supports SD 1.x/2.x and SDXL UNets")
+
+
+class UNetSplit:
+    """The callables of one UNet for one DeepCache cut. Use as a context manager (or call ``close``) so the
+    cross-attention wrappers are removed from the UNet afterwards."""
+
+    def __init__(self, unet, block: int = 0) -> None:
+        _check_supported(unet)
+        if not 0 <= block < len(unet.down_blocks):
+            raise ModelError(f"DeepCache block {block} out of range: this UNet has {len(unet.down_blocks)} down blocks")
+        self.unet = unet
+        self.block = block
+        self.is_sdxl = unet.config.addition_embed_type == "text_time"
+        self.num_upsamplers = unet.num_upsamplers
+
+        self.down_layers: list[_Layer] = [_Layer("conv_in")]
+        self.cut = None  # index of the last res sample the shallow pass produces
+        for b, blk in enumerate(unet.down_blocks):
+            attns = list(getattr(blk, "attentions", None) or [None] * len(blk.resnets))
+            for j, (res, att) in enumerate(zip(blk.resnets, attns)):
+                if b == block and j == 0:
+                    self.cut = len(self.down_layers)
+                self.down_layers.append(_Layer("res", resnet=res, attention=att))
+            if blk.downsamplers is not None:
+                self.down_layers.append(_Layer("down", sampler=blk.downsamplers))
+        # Up layers, each consuming one res sample; an upsampler closes every block but the last.
+        self.up_layers: list[_Layer] = []
+        for blk in unet.up_blocks:
+            attns = list(getattr(blk, "attentions", None) or [None] * len(blk.resnets))
+            for res, att in zip(blk.resnets, attns):
+                self.up_layers.append(_Layer("res", resnet=res, attention=att))
+            if blk.upsamplers is not None:
+                self.up_layers.append(_Layer("up", sampler=blk.upsamplers))
+        n_res = len(self.down_layers)
+        n_consumers = sum(1 for layer in self.up_layers if layer.kind == "res")
+        if n_res != n_consumers:
+            raise ModelError(f"UNet skip connections do not pair up ({n_res} produced, {n_consumers} consumed)")
+        # The up layer (position in up_layers) where the shallow pass re-enters: the consumer of res sample `cut`.
+        consumer = n_res - 1 - self.cut
+        seen = -1
+        for pos, layer in enumerate(self.up_layers):
+            if layer.kind == "res":
+                seen += 1
+                if seen == consumer:
+                    self.entry = pos
+                    break
+
+        # Cross-attention modules in execution order, and which of them the shallow pass runs.
+        self.io = _XAttnIO()
+        attn2: list[nn.Module] = []
+        layers = [*self.down_layers, ("mid", unet.mid_block), *self.up_layers]
+        for layer in layers:
+            if isinstance(layer, tuple):
+                found = _attn2_modules(layer[1])
+            else:
+                found = _attn2_modules(layer.attention)
+                layer.xattn = list(range(len(attn2), len(attn2) + len(found)))
+            attn2.extend(found)
+        self.attn2 = attn2
+        self.shallow_xattn = [i for layer in self.shallow_down + self.shallow_up for i in layer.xattn]
+        self._originals = [m.processor for m in attn2]
+        for i, m in enumerate(attn2):
+            m.processor = _XAttnProcessor(m.processor, i, self.io)
+
+    # -- structure -------------------------------------------------------------------------------------------------
+    @property
+    def shallow_down(self) -> list[_Layer]:
+        return self.down_layers[: self.cut + 1]
+
+    @property
+    def shallow_up(self) -> list[_Layer]:
+        return self.up_layers[self.entry :]
+
+    @property
+    def num_xattn(self) -> int:
+        return len(self.attn2)
+
+    def xattn_indices(self, variant: str) -> list[int]:
+        """Indices of the cross-attention tensors a variant takes (cached) or returns (capture)."""
+        if variant.endswith("_cached") or variant.endswith("_capture"):
+            return self.shallow_xattn if variant.startswith("shallow") else list(range(self.num_xattn))
+        return []
+
+    def close(self) -> None:
+        for m, p in zip(self.attn2, self._originals):
+            m.processor = p
+        self.attn2 = []
+
+    def __enter__(self) -> UNetSplit:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the forward -----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _xattn(self, mode: str, inputs: dict[int, torch.Tensor] | None):
+        io = self.io
+        io.mode, io.inputs, io.outputs = mode, inputs or {}, {}
+        try:
+            yield io
+        finally:
+            io.mode, io.inputs = "compute", {}
+
+    def _embed(self, sample, timestep, ehs, text_embeds, time_ids, timestep_cond):
+        unet = self.unet
+        if unet.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), timestep_cond)
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.is_sdxl else None
+        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=ehs, added_cond_kwargs=added)
+        if aug is not None:
+            emb = emb + aug
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        ehs = unet.process_encoder_hidden_states(encoder_hidden_states=ehs, added_cond_kwargs=added)
+        return sample, emb, ehs
+
+    @staticmethod
+    def _attend(attention, h, ehs, kw):
+        if attention is None:
+            return h
+        return attention(h, encoder_hidden_states=ehs, cross_attention_kwargs=kw, return_dict=False)[0]
+
+    def forward(
+        self,
+        variant: str,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+        deep: torch.Tensor | None = None,
+        xattn: Sequence[torch.Tensor] = (),
+        timestep_cond: torch.Tensor | None = None,
+        cross_attention_kwargs: dict | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """Run one variant; returns (eps, deep) for full variants (+ xattn outputs for *_capture), (eps,) for shallow."""
+        depth, _, mode = variant.partition("_")
+        mode = mode or "compute"
+        if depth not in ("full", "shallow") or mode not in ("compute", "capture", "cached") or variant == "shallow_capture":
+            raise ValueError(f"unknown UNet variant {variant!r}")
+        if depth == "shallow" and deep is None:
+            raise ValueError("a shallow pass needs the DeepCache feature (deep=...)")
+        wanted = self.xattn_indices(variant)
+        if mode == "cached" and len(xattn) != len(wanted):
+            raise ValueError(f"{variant} takes {len(wanted)} cached cross-attention tensors, got {len(xattn)}")
+        kw = cross_attention_kwargs
+        unet = self.unet
+        sample, emb, ehs = self._embed(sample, timestep, encoder_hidden_states, text_embeds, time_ids, timestep_cond)
+        up_factor = 2**self.num_upsamplers
+        forward_size = any(d % up_factor != 0 for d in sample.shape[-2:])
+
+        with self._xattn(mode, dict(zip(wanted, xattn)) if mode == "cached" else None) as io:
+            down_layers = self.down_layers if depth == "full" else self.shallow_down
+            res: list[torch.Tensor] = []
+            h = sample
+            for layer in down_layers:
+                if layer.kind == "conv_in":
+                    h = unet.conv_in(h)
+                elif layer.kind == "res":
+                    h = self._attend(layer.attention, layer.resnet(h, emb), ehs, kw)
+                else:
+                    for s in layer.sampler:
+                        h = s(h)
+                res.append(h)
+            if depth == "full":
+                if unet.mid_block is not None:
+                    if getattr(unet.mid_block, "has_cross_attention", False):
+                        h = unet.mid_block(h, emb, encoder_hidden_states=ehs, cross_attention_kwargs=kw)
+                    else:
+                        h = unet.mid_block(h, emb)
+                up_layers = self.up_layers
+            else:
+                h = deep
+                up_layers = self.shallow_up
+            cache = None
+            for pos, layer in enumerate(up_layers, start=0 if depth == "full" else self.entry):
+                if pos == self.entry:
+                    cache = h
+                if layer.kind == "res":
+                    h = torch.cat([h, res.pop()], dim=1)
+                    h = self._attend(layer.attention, layer.resnet(h, emb), ehs, kw)
+                else:
+                    size = res[-1].shape[2:] if forward_size and res else None
+                    for s in layer.sampler:
+                        h = s(h, size)
+            if unet.conv_norm_out is not None:
+                h = unet.conv_act(unet.conv_norm_out(h))
+            eps = unet.conv_out(h)
+            captured = [io.outputs[i] for i in wanted] if mode == "capture" else []
+        if depth == "shallow":
+            return (eps,)
+        return (eps, cache, *captured)
+
+    def module(self, variant: str) -> nn.Module:
+        """An ``nn.Module`` with explicit tensor inputs/outputs for ``variant``, for torch.export and exporters."""
+        return VariantModule(self, variant)
+
+
+class VariantModule(nn.Module):
+    """forward(sample, timestep, encoder_hidden_states[, text_embeds, time_ids][, deep][, *xattn]) -> tuple"""
+
+    def __init__(self, split: UNetSplit, variant: str) -> None:
+        super().__init__()
+        self.unet = split.unet  # registers the parameters
+        self._split = split
+        self.variant = variant
+        self.takes_deep = variant.startswith("shallow")
+        self.num_xattn_in = len(split.xattn_indices(variant)) if variant.endswith("_cached") else 0
+        self.num_xattn_out = len(split.xattn_indices(variant)) if variant.endswith("_capture") else 0
+
+    def input_names(self) -> list[str]:
+        names = ["sample", "timestep", "encoder_hidden_states"]
+        if self._split.is_sdxl:
+            names += ["text_embeds", "time_ids"]
+        if self.takes_deep:
+            names.append("deep")
+        names += [f"xattn_{i}" for i in range(self.num_xattn_in)]
+        return names
+
+    def output_names(self) -> list[str]:
+        names = ["eps"] if self.takes_deep else ["eps", "deep"]
+        return names + [f"xattn_{i}" for i in range(self.num_xattn_out)]
+
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        rest = list(rest)
+        text_embeds = time_ids = deep = None
+        if self._split.is_sdxl:
+            text_embeds, time_ids = rest.pop(0), rest.pop(0)
+        if self.takes_deep:
+            deep = rest.pop(0)
+        return self._split.forward(self.variant, sample, timestep, encoder_hidden_states, text_embeds, time_ids, deep, tuple(rest))

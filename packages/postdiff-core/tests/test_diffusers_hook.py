@@ -1,0 +1,133 @@
+"""postdiff.apply on diffusers SD and SDXL pipelines: equivalence, isolation between calls, clean removal."""
+
+import numpy as np
+import postdiff
+import pytest
+import torch
+from conftest import SCHEDULERS, gen, make_pipe
+from postdiff import ModelError, PlanError, RecipeError
+
+STEPS = 6
+POSTDIFF = {"steps": STEPS, "low_res": {"scale": 0.5, "until": 0.5}, "deepcache": {"interval": 2}, "xattn_gate": {"after": 2}}
+
+
+def run(pipe, prompt="a cat", seed=1, **kw):
+    kw.setdefault("num_inference_steps", STEPS)
+    return pipe(prompt, generator=gen(seed), output_type="np", **kw).images
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_baseline_equals_vanilla_diffusers(kind, scheduler):
+    pipe = make_pipe(kind, scheduler)
+    vanilla = run(pipe)
+    postdiff.apply(pipe, "baseline")
+    ours = run(pipe)
+    assert np.abs(ours - vanilla).max() <= 1e-6
+    # DeepCache with interval 1 and mixed resolution with beta = 1 are the baseline too
+    postdiff.apply(pipe, {"steps": STEPS, "deepcache": {"interval": 1}})
+    assert np.abs(run(pipe) - vanilla).max() <= 1e-6
+    postdiff.apply(pipe, {"steps": STEPS, "low_res": {"scale": 1.0, "until": 0.5}})
+    assert np.abs(run(pipe) - vanilla).max() <= 1e-6
+    # the full plan runs and changes the image
+    postdiff.apply(pipe, POSTDIFF)
+    accelerated = run(pipe)
+    assert np.isfinite(accelerated).all() and np.abs(accelerated - vanilla).max() > 1e-3
+    postdiff.remove(pipe)
+    assert np.abs(run(pipe) - vanilla).max() <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_calls_do_not_leak_into_each_other(kind):
+    pipe = postdiff.apply(make_pipe(kind), POSTDIFF)
+    first = run(pipe, "a red apple", seed=3)
+    second = run(pipe, "a lighthouse at dusk", seed=7)
+    fresh_first = run(postdiff.apply(make_pipe(kind), POSTDIFF), "a red apple", seed=3)
+    fresh_second = run(postdiff.apply(make_pipe(kind), POSTDIFF), "a lighthouse at dusk", seed=7)
+    assert np.array_equal(first, fresh_first)
+    assert np.array_equal(second, fresh_second)
+    assert np.array_equal(run(pipe, "a red apple", seed=3), first)  # same seed, same image, run after run
+    assert not np.array_equal(first, second)
+
+
+def test_plan_steps_are_the_default_and_an_explicit_count_recompiles():
+    pipe = make_pipe("sd")
+    seen = []
+    pipe.unet.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[-1]))
+    postdiff.apply(pipe, {"steps": 4, "low_res": {"scale": 0.5, "until": 0.5}})
+    pipe("a cat", generator=gen(0), output_type="np")
+    assert seen == [8, 8, 16, 16]
+    seen.clear()
+    pipe("a cat", num_inference_steps=6, generator=gen(0), output_type="np")
+    assert seen == [8, 8, 8, 16, 16, 16]
+
+
+def test_remove_restores_the_vanilla_pipeline():
+    pipe = make_pipe("sd")
+    cls = type(pipe)
+    postdiff.apply(pipe, "deepcache")
+    assert type(pipe).__name__ == cls.__name__ and postdiff.applied_recipe(pipe).name == "deepcache"
+    postdiff.remove(pipe)
+    assert type(pipe) is cls and postdiff.applied_recipe(pipe) is None
+    assert not hasattr(pipe.unet, "_diffusers_hook") or not pipe.unet._diffusers_hook.hooks
+
+
+def test_errors_surface_before_the_unet_runs():
+    pipe = make_pipe("sd")
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+    with pytest.raises(RecipeError, match="unknown key"):
+        postdiff.apply(pipe, {"deep_cache": {}})
+    postdiff.apply(pipe, {"steps": 4, "low_res": {"scale": 0.75}})  # 16 * 0.75 = 12: not a multiple of 8? factor is 2 here
+    pipe("a cat", generator=gen(0), output_type="np")  # 12 is fine for the toy UNet (factor 2)
+    calls.clear()
+    postdiff.apply(pipe, {"steps": 4, "low_res": {"scale": 0.3}})
+    with pytest.raises(RecipeError, match="downsampling factor 2"):
+        pipe("a cat", generator=gen(0), output_type="np")
+    with pytest.raises(RecipeError, match="beyond the last step"):
+        postdiff.apply(pipe, "xattn-gate")
+        pipe("a cat", num_inference_steps=8, generator=gen(0), output_type="np")
+    assert calls == []
+
+
+def test_gating_a_unet_without_cross_attention_is_refused():
+    import dataclasses
+
+    from diffusers import StableDiffusionPipeline
+    from postdiff.architectures import TOY_SD
+    from postdiff.toy import build_unet
+
+    arch = dataclasses.replace(
+        TOY_SD,
+        unet={
+            **TOY_SD.unet,
+            "down_block_types": ["DownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "UpBlock2D"],
+            "mid_block_type": "UNetMidBlock2D",
+        },
+    )
+    pipe = make_pipe("sd")
+    pipe = StableDiffusionPipeline(**{**pipe.components, "unet": build_unet(arch)}, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    postdiff.apply(pipe, {"steps": 4, "xattn_gate": {"after": 2}})
+    with pytest.raises(RecipeError, match="needs cross-attention"):
+        pipe("a cat", generator=gen(0), output_type="np")
+    postdiff.apply(pipe, {"steps": 4, "deepcache": {}})
+    assert np.isfinite(run(pipe, num_inference_steps=4)).all()
+
+
+def test_unsupported_pipeline_and_scheduler():
+    with pytest.raises(ModelError, match="supports"):
+        postdiff.apply(object(), "baseline")
+    pipe = make_pipe("sd", "PNDMScheduler")
+    postdiff.apply(pipe, {"steps": 4, "low_res": {}})
+    with pytest.raises(PlanError, match="PNDMScheduler"):
+        pipe("a cat", generator=gen(0), output_type="np")
+    postdiff.apply(pipe, {"steps": 4, "deepcache": {}})  # no switch: any scheduler works
+    assert np.isfinite(run(pipe, num_inference_steps=4)).all()
+
+
+def test_wrong_size_latents_are_refused():
+    pipe = postdiff.apply(make_pipe("sd"), {"steps": 4, "low_res": {}})
+    with pytest.raises(PlanError, match="starts at 8x8"):
+        pipe("a cat", latents=torch.randn(1, 4, 16, 16), output_type="np")
