@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from postdiff_cli.main import main
 
 

@@ -2,13 +2,14 @@
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
 from postdiff import UNetSplit, compile_plan, load_recipe
 from postdiff.architectures import SD15, TOY_SD, TOY_SDXL
 from postdiff.cost import MacCounter, plan_cost
 from postdiff.plan import ModelSpec
 from postdiff.toy import build_unet
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 
 @pytest.mark.parametrize("arch", [TOY_SD, TOY_SDXL], ids=lambda a: a.name)

@@ -1,10 +1,11 @@
 """postdiff.apply on diffusers SD and SDXL pipelines: equivalence, isolation between calls, clean removal."""
 
 import numpy as np
-import postdiff
 import pytest
 import torch
 from conftest import SCHEDULERS, gen, make_pipe
+
+import postdiff
 from postdiff import ModelError, PlanError, RecipeError
 
 STEPS = 6
@@ -94,6 +95,7 @@ def test_gating_a_unet_without_cross_attention_is_refused():
     import dataclasses
 
     from diffusers import StableDiffusionPipeline
+
     from postdiff.architectures import TOY_SD
     from postdiff.toy import build_unet
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from postdiff import PlanError, Recipe, RecipeError, compile_plan, load_recipe, validate_plan
 from postdiff.plan import ModelSpec, Plan, nonuniform_full_steps
 from postdiff.recipe import BUILTIN_PLANS

@@ -1,9 +1,10 @@
 """The core denoising loop (run_plan) and the resolution switch, with every supported scheduler."""
 
-import postdiff
 import pytest
 import torch
 from conftest import SCHEDULERS, gen, make_pipe
+
+import postdiff
 from postdiff import Conditioning, TorchDenoiser, UNetSplit, compile_for_scheduler, model_spec, run_plan
 from postdiff.recipe import load_recipe
 from postdiff.resolution import predict_x0, renoise

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from postdiff import ModelError, UNetSplit, model_spec
 from postdiff.architectures import TOY_SD, TOY_SDXL
 from postdiff.toy import build_unet

@@ -189,8 +189,9 @@ def _generate_images(pipe, recipe, prompts_seeds, args, torch):
 
 
 def cmd_generate(args) -> int:
-    import postdiff
     import torch
+
+    import postdiff
     from postdiff.images import save_png
     from postdiff.models import load_model
 
@@ -207,8 +208,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import postdiff
     import torch
+
+    import postdiff
     from postdiff.cost import MacCounter, plan_cost
     from postdiff.images import save_grid
     from postdiff.metrics import psnr
