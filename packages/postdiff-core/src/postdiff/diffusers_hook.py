@@ -28,7 +28,7 @@ from .denoiser import TorchDenoiser
 from .errors import ModelError, PlanError
 from .plan import Plan, compile_plan
 from .recipe import Recipe, load_recipe
-from .sampling import PlanRun
+from .sampling import PlanRun, initial_latents
 from .unet import UNetSplit, model_spec
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -140,14 +140,12 @@ class _Session:
         def prepare_latents(batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None, *rest):
             if self.plan is None:
                 raise PlanError("the pipeline prepared latents before setting timesteps; PostDiff cannot plan this call")
-            lh, lw = self.plan.steps[0].latent_hw
-            if latents is not None and tuple(latents.shape[-2:]) != (lh, lw):
-                raise PlanError(
-                    f"latents= is {tuple(latents.shape[-2:])} but plan {self.plan.name!r} starts at {lh}x{lw}; pass "
-                    f"latents of that size or none"
-                )
-            f = self.pipe.vae_scale_factor
-            return original(batch_size, num_channels_latents, lh * f, lw * f, dtype, device, generator, latents, *rest)
+            if latents is not None:
+                latents = initial_latents(self.plan, latents)  # validates the size
+            # The noise is drawn at full size exactly as the vanilla pipeline draws it, then derived for the
+            # plan's first (possibly lower) resolution: one seed, one starting point for every plan.
+            full = original(batch_size, num_channels_latents, height, width, dtype, device, generator, latents, *rest)
+            return full if latents is not None else initial_latents(self.plan, full)
 
         return prepare_latents
 

@@ -11,7 +11,7 @@ from .architectures import ARCHITECTURES, Architecture
 from .errors import ModelError
 
 TOY_MODELS = {"toy-sd": "sd", "toy-sdxl": "sdxl"}
-DEFAULT_MODEL = "toy-sd"
+DEFAULT_MODEL = "reference"
 
 
 @dataclass
@@ -58,13 +58,28 @@ class Model:
     def scheduler(self, kind: str | None = None):
         import diffusers
 
-        if self.pipeline is not None and kind is None:
-            return self.pipeline.scheduler
+        current = getattr(self.pipeline, "scheduler", None)
+        if kind is None and hasattr(current, "set_timesteps"):  # a diffusers pipeline's own scheduler
+            return current
         name = kind or self.scheduler_config.get("_class_name", "DDIMScheduler")
         cls = getattr(diffusers, name, None)
         if cls is None or not hasattr(cls, "from_config"):
             raise ModelError(f"unknown scheduler {name!r}; use a diffusers scheduler class name such as DDIMScheduler")
         return cls.from_config(self.scheduler_config)
+
+
+def _reference(need_pipeline: bool) -> Model:
+    from .reference import model as ref
+    from .reference.pipeline import ReferencePipeline
+
+    return Model(
+        name="reference",
+        unet_config=dict(ref.UNET_CONFIG),
+        scheduler_config={"_class_name": "DDIMScheduler", **ref.SCHEDULER_CONFIG},
+        vae_scale_factor=1,
+        text_len=ref.TOKENS,
+        pipeline=ReferencePipeline.load() if need_pipeline else None,
+    )
 
 
 def _from_architecture(arch: Architecture) -> Model:
@@ -95,9 +110,12 @@ def _from_pipeline(name: str, pipe) -> Model:
 
 
 def load_model(spec: str | None = None, *, need_pipeline: bool = False) -> Model:
-    """``toy-sd``/``toy-sdxl`` (built in, random weights), ``arch:sd15|sd21|sdxl`` (UNet architecture only,
+    """``reference`` (the embedded, trained Fashion-MNIST model), ``toy-sd``/``toy-sdxl`` (built in, random
+    weights), ``arch:sd15|sd21|sdxl`` (UNet architecture only,
     random weights), a local diffusers pipeline or UNet folder, or a Hub id (needs the network)."""
     spec = spec or DEFAULT_MODEL
+    if spec == "reference":
+        return _reference(need_pipeline)
     if spec in TOY_MODELS:
         from .toy import toy_pipeline
 
@@ -118,7 +136,7 @@ def load_model(spec: str | None = None, *, need_pipeline: bool = False) -> Model
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return _load_hub(spec)
     raise ModelError(
-        f"unknown model {spec!r}: not a built-in ({', '.join(TOY_MODELS)}, arch:sd15, arch:sd21, arch:sdxl), "
+        f"unknown model {spec!r}: not a built-in (reference, {', '.join(TOY_MODELS)}, arch:sd15, arch:sd21, arch:sdxl), "
         f"not an existing folder, not a Hub id (owner/name)"
     )
 

@@ -89,3 +89,16 @@ def renoise(scheduler, x0: torch.Tensor, noise: torch.Tensor, index: int, timest
 def upsample(x0: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling of the predicted clean latent (the paper's choice)."""
     return F.interpolate(x0, size=tuple(latent_hw), mode="bilinear", align_corners=False)
+
+
+def downsample_noise(noise: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Initial noise for a plan that starts at a lower resolution, derived from the full-resolution noise
+    of the same seed (so a mixed-resolution image shares its baseline's low frequencies and stays paired with it).
+
+    Area averaging over k x k cells divides the standard deviation of i.i.d. noise by k; multiplying by
+    sqrt(area ratio) restores unit variance (exactly for integer factors, on average otherwise)."""
+    h, w = noise.shape[-2:]
+    if (h, w) == tuple(latent_hw):
+        return noise
+    low = F.interpolate(noise, size=tuple(latent_hw), mode="area")
+    return low * ((h * w) / (latent_hw[0] * latent_hw[1])) ** 0.5

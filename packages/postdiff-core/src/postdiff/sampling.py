@@ -21,7 +21,7 @@ from .denoiser import Denoiser
 from .errors import PlanError
 from .plan import ModelSpec, Plan, Step, compile_plan
 from .recipe import Recipe
-from .resolution import check_switchable, predict_x0, renoise, upsample
+from .resolution import check_switchable, downsample_noise, predict_x0, renoise, upsample
 
 
 def compile_for_scheduler(recipe: Recipe, scheduler, latent_hw: tuple[int, int], model: ModelSpec, device=None) -> Plan:
@@ -83,6 +83,20 @@ class PlanRun:
             self.scheduler.set_begin_index(index)
 
 
+def initial_latents(plan: Plan, latents: torch.Tensor) -> torch.Tensor:
+    """The plan's starting latent from noise drawn at full size (or already at the first step's size)."""
+    first_hw = tuple(plan.steps[0].latent_hw)
+    shape = tuple(latents.shape[-2:])
+    if shape == first_hw:
+        return latents
+    if shape == tuple(plan.latent_hw):
+        return downsample_noise(latents, first_hw)
+    raise PlanError(
+        f"initial latents are {shape[0]}x{shape[1]}; plan {plan.name!r} needs {plan.latent_hw[0]}x{plan.latent_hw[1]} "
+        f"(full size) or {first_hw[0]}x{first_hw[1]} (its first step)"
+    )
+
+
 def scheduler_step_kwargs(scheduler, generator=None, eta: float = 0.0) -> dict[str, Any]:
     """The extra ``scheduler.step`` arguments diffusers pipelines pass (eta for DDIM, the generator for ancestral)."""
     params = set(inspect.signature(scheduler.step).parameters)
@@ -126,12 +140,10 @@ def run_plan(
     run = PlanRun(plan, scheduler, generator, ((plan.recipe.steps,), {"device": device}))
     denoiser.reset()
     batch = cond.batch // 2 if cond.has_uncond else cond.batch
-    first_hw = plan.steps[0].latent_hw
     if latents is None:
-        latents = randn_tensor((batch, channels, *first_hw), generator=generator, device=device, dtype=dtype)
+        latents = randn_tensor((batch, channels, *plan.latent_hw), generator=generator, device=device, dtype=dtype)
         latents = latents * scheduler.init_noise_sigma
-    elif tuple(latents.shape[-2:]) != tuple(first_hw):
-        raise PlanError(f"initial latents are {tuple(latents.shape[-2:])}, the plan starts at {first_hw}")
+    latents = initial_latents(plan, latents)
     step_kwargs = scheduler_step_kwargs(scheduler, generator, eta)
     for step in tqdm(plan.steps, desc=f"postdiff {plan.name}", disable=not progress, leave=False):
         t = timesteps[step.index]

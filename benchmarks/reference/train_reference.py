@@ -1,0 +1,191 @@
+"""Train the embedded reference model (class-conditional UNet on Fashion-MNIST 32x32) — resumable.
+
+    python benchmarks/reference/train_reference.py --minutes 80          # train (resumes from the checkpoint)
+    python benchmarks/reference/train_reference.py --export              # write the shipped weights
+
+The exact command, seed and loss curve of the shipped weights are in benchmarks/reference/README.md and
+loss.csv. Training is split into sittings: every ``--ckpt-every`` iterations the model, its EMA, the optimiser,
+the iteration counter and every random-number state are saved to ``--ckpt`` (atomically), and a new run
+continues from there, bit for bit as if it had not stopped (data order comes from a per-iteration seed).
+A GPU is used when one is available (``--device cuda``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from postdiff import data
+from postdiff.reference import model as ref
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CKPT = HERE / "checkpoint.pt"
+WEIGHTS = Path(ref.__file__).resolve().parent / "weights"
+
+
+def ddpm_alphas(device) -> torch.Tensor:
+    from diffusers import DDPMScheduler
+
+    sch = DDPMScheduler(**{k: v for k, v in ref.SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one", "steps_offset")})
+    return sch.alphas_cumprod.to(device)
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(args) -> None:
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    images, labels = data.load("train", args.data)
+    x_all = data.to_model_space(images).to(device)
+    y_all = torch.from_numpy(labels).to(device)
+    n = len(x_all)
+    unet, enc = ref.build(args.seed)
+    unet.to(device).train()
+    enc.to(device).train()
+    params = list(unet.parameters()) + list(enc.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    ema_unet, ema_enc = copy.deepcopy(unet).eval(), copy.deepcopy(enc).eval()
+    step = 0
+    ckpt = Path(args.ckpt)
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        unet.load_state_dict(state["unet"])
+        enc.load_state_dict(state["enc"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_enc.load_state_dict(state["ema_enc"])
+        opt.load_state_dict(state["opt"])
+        step = int(state["step"])
+        print(f"resumed from {ckpt} at iteration {step}", flush=True)
+    alphas = ddpm_alphas(device)
+    log = open(HERE / "loss.csv", "a")
+    if step == 0:
+        log.write("iteration,loss,elapsed_s,lr\n")
+    deadline = time.time() + 60 * args.minutes
+    t0 = time.time()
+    running, count = 0.0, 0
+    while step < args.iters and time.time() < deadline:
+        g = torch.Generator(device="cpu").manual_seed(args.seed * 1_000_003 + step)  # the batch of iteration `step`
+        idx = torch.randint(0, n, (args.batch,), generator=g).to(device)
+        t = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
+        noise = torch.randn(args.batch, 1, 32, 32, generator=g).to(device)
+        drop = torch.rand(args.batch, generator=g).to(device) < args.cfg_dropout
+        x0, y = x_all[idx], torch.where(drop, torch.full_like(y_all[idx], ref.NULL_CLASS), y_all[idx])
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        pred = unet(xt, t, enc(y)).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(list(ema_unet.parameters()) + list(ema_enc.parameters()), params):
+                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        step += 1
+        running += loss.item()
+        count += 1
+        if step % args.log_every == 0:
+            log.write(f"{step},{running / count:.5f},{time.time() - t0:.1f},{lr:.2e}\n")
+            log.flush()
+            print(f"it {step} loss {running / count:.4f} ({(time.time() - t0) / 60:.1f} min this sitting)", flush=True)
+            running, count = 0.0, 0
+        if step % args.ckpt_every == 0:
+            save_atomic(
+                {
+                    "unet": unet.state_dict(),
+                    "enc": enc.state_dict(),
+                    "ema_unet": ema_unet.state_dict(),
+                    "ema_enc": ema_enc.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "args": vars(args),
+                },
+                ckpt,
+            )
+    save_atomic(
+        {
+            "unet": unet.state_dict(),
+            "enc": enc.state_dict(),
+            "ema_unet": ema_unet.state_dict(),
+            "ema_enc": ema_enc.state_dict(),
+            "opt": opt.state_dict(),
+            "step": step,
+            "args": vars(args),
+        },
+        ckpt,
+    )
+    print(f"stopped at iteration {step}; checkpoint {ckpt}", flush=True)
+
+
+def export(args) -> None:
+    """EMA weights → packages/postdiff-core/src/postdiff/reference/weights (safetensors + config)."""
+    from safetensors.torch import save_file
+
+    state = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    tensors = {f"unet.{k}": v.contiguous() for k, v in state["ema_unet"].items()}
+    tensors |= {f"class_encoder.{k}": v.contiguous() for k, v in state["ema_enc"].items()}
+    WEIGHTS.mkdir(parents=True, exist_ok=True)
+    tmp = WEIGHTS / "model.safetensors.tmp"
+    save_file(
+        {k: v.float() for k, v in tensors.items()}, str(tmp), metadata={"iterations": str(state["step"]), "ema": str(state["args"]["ema"])}
+    )
+    os.replace(tmp, WEIGHTS / "model.safetensors")
+    meta = {
+        "iterations": int(state["step"]),
+        "batch": state["args"]["batch"],
+        "seed": state["args"]["seed"],
+        "lr": state["args"]["lr"],
+        "ema": state["args"]["ema"],
+        "cfg_dropout": state["args"]["cfg_dropout"],
+        "data": {f: data.SHA256[f] for f in data.FILES["train"]},
+        "unet": ref.UNET_CONFIG,
+        "scheduler": ref.SCHEDULER_CONFIG,
+        "class_tokens": {"tokens": ref.TOKENS, "dim": ref.TOKEN_DIM, "null_class": ref.NULL_CLASS},
+    }
+    (WEIGHTS / "training.json").write_text(json.dumps(meta, indent=2))
+    size = (WEIGHTS / "model.safetensors").stat().st_size
+    print(f"wrote {WEIGHTS / 'model.safetensors'} ({size / 1e6:.1f} MB, iteration {state['step']})")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files (default: Debian's)")
+    ap.add_argument("--ckpt", default=str(DEFAULT_CKPT))
+    ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this sitting")
+    ap.add_argument("--iters", type=int, default=1_000_000, help="stop at this total iteration count")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--cfg-dropout", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--ckpt-every", type=int, default=250)
+    ap.add_argument("--export", action="store_true", help="export the checkpoint's EMA weights and stop")
+    args = ap.parse_args(argv)
+    if args.export:
+        export(args)
+    else:
+        train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

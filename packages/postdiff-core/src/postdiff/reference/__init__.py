@@ -1,0 +1,1 @@
+"""The embedded reference model (class-conditional Fashion-MNIST UNet) and its pipeline."""

@@ -1,0 +1,135 @@
+"""The reference pipeline: class-conditional Fashion-MNIST generation that runs any PostDiff plan.
+
+It is driven by the core loop (``run_plan``), as exported backends are, with the class tokens in the role of
+the text embeddings: ``uncond`` is the null class, ``cond`` the requested one.
+
+    pipe = ReferencePipeline.load()
+    images = pipe.generate([7, 9, 1], plan="postdiff", seed=0)     # uint8, N x 32 x 32
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..conditioning import Conditioning
+from ..denoiser import TorchDenoiser
+from ..errors import ModelError, RecipeError
+from ..plan import Plan
+from ..recipe import Recipe, load_recipe
+from ..sampling import compile_for_scheduler, run_plan
+from ..unet import UNetSplit, model_spec
+from . import model as ref
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_GUIDANCE = 3.0
+
+
+def parse_label(text: str | int) -> int:
+    """A class index (0-9) or a class name ("Sneaker", "ankle boot")."""
+    from ..data import CLASSES
+
+    if isinstance(text, int) or str(text).strip().isdigit():
+        label = int(text)
+        if 0 <= label < ref.NUM_CLASSES:
+            return label
+    else:
+        names = {c.lower(): i for i, c in enumerate(CLASSES)} | {c.lower().replace("/", " "): i for i, c in enumerate(CLASSES)}
+        names |= {"t-shirt": 0, "tshirt": 0, "top": 0, "boot": 9}
+        key = str(text).strip().lower()
+        if key in names:
+            return names[key]
+    raise RecipeError(f"unknown Fashion-MNIST class {text!r}; use 0-9 or one of: {', '.join(CLASSES)}")
+
+
+class ReferencePipeline:
+    name = "reference"
+    vae_scale_factor = 1  # pixel space
+
+    def __init__(self, unet, class_encoder, scheduler_config: dict | None = None) -> None:
+        self.unet = unet.eval().requires_grad_(False)
+        self.class_encoder = class_encoder.eval().requires_grad_(False)
+        self.scheduler_config = dict(scheduler_config or ref.SCHEDULER_CONFIG)
+        self.spec = model_spec(self.unet, name="reference")
+
+    @classmethod
+    def load(cls, folder: str | Path | None = None) -> ReferencePipeline:
+        from safetensors.torch import load_file
+
+        folder = Path(folder or WEIGHTS_DIR)
+        weights = folder / "model.safetensors"
+        if not weights.is_file():
+            raise ModelError(f"reference weights not found at {weights}; train them with benchmarks/reference/train_reference.py")
+        unet, enc = ref.build()
+        state = load_file(str(weights))
+        unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+        enc.load_state_dict({k[14:]: v for k, v in state.items() if k.startswith("class_encoder.")})
+        meta = folder / "training.json"
+        scheduler_config = json.loads(meta.read_text()).get("scheduler") if meta.is_file() else None
+        return cls(unet, enc, scheduler_config)
+
+    # -- plans -----------------------------------------------------------------------------------------------------
+    def scheduler(self, kind: str = "DDIMScheduler"):
+        import diffusers
+
+        cls = getattr(diffusers, kind, None)
+        if cls is None or not hasattr(cls, "from_config"):
+            raise ModelError(f"unknown scheduler {kind!r}; use a diffusers scheduler class name such as DDIMScheduler")
+        return cls.from_config(self.scheduler_config)
+
+    def compile(self, plan: str | Recipe | dict, steps: int | None = None, scheduler: str = "DDIMScheduler") -> Plan:
+        recipe = load_recipe(plan)
+        if steps:
+            recipe = recipe.with_steps(steps)
+        return compile_for_scheduler(recipe, self.scheduler(scheduler), (ref.IMAGE_SIZE, ref.IMAGE_SIZE), self.spec)
+
+    # -- generation --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        labels: Sequence[int],
+        plan: str | Recipe | dict | Plan = "baseline",
+        *,
+        seed: int = 0,
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        scheduler: str = "DDIMScheduler",
+        steps: int | None = None,
+        batch_size: int = 500,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """uint8 images (N x 32 x 32), one per label. Sample i's noise (initial, and any drawn later) depends only
+        on (seed, i), so the same seed gives the same noise under every plan and batch size: outputs are paired."""
+        compiled = plan if isinstance(plan, Plan) else self.compile(plan, steps, scheduler)
+        labels = torch.as_tensor(list(labels), dtype=torch.long)
+        if len(labels) == 0:
+            return np.zeros((0, ref.IMAGE_SIZE, ref.IMAGE_SIZE), dtype=np.uint8)
+        if labels.min() < 0 or labels.max() >= ref.NUM_CLASSES:
+            raise RecipeError(f"labels must be class indices 0-{ref.NUM_CLASSES - 1}")
+        noise = torch.stack(
+            [
+                torch.randn(1, ref.IMAGE_SIZE, ref.IMAGE_SIZE, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+                for i in range(len(labels))
+            ]
+        )
+        out = []
+        with UNetSplit(self.unet, block=compiled.recipe.deepcache.block if compiled.recipe.deepcache else 0) as split:
+            denoiser = TorchDenoiser(split)
+            for start in range(0, len(labels), batch_size):
+                y = labels[start : start + batch_size]
+                null = torch.full_like(y, ref.NULL_CLASS)
+                cond = Conditioning(self.class_encoder(torch.cat([null, y])), has_uncond=guidance_scale > 1.0)
+                if not cond.has_uncond:
+                    cond = Conditioning(self.class_encoder(y), has_uncond=False)
+                sch = self.scheduler(scheduler)
+                # per-sample generators for the noise drawn later (resolution switch, ancestral samplers)
+                g = [torch.Generator().manual_seed(seed * 7919 + i) for i in range(start, start + len(y))]
+                x = noise[start : start + batch_size] * sch.init_noise_sigma
+                latents = run_plan(
+                    compiled, denoiser, sch, cond, guidance_scale=guidance_scale, generator=g, latents=x, channels=1, progress=progress
+                )
+                out.append(((latents.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy())
+        return np.concatenate(out)

@@ -1,0 +1,61 @@
+"""Metrics on known cases, and the LPIPS regression against the reference example."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from postdiff.metrics import frechet_distance, kernel_inception_distance, lpips_distance, psnr, ssim
+
+EXAMPLE = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "lpips-example"
+
+
+def test_identical_images():
+    rng = np.random.default_rng(0)
+    img = rng.random((32, 32, 3))
+    assert psnr(img, img) == math.inf
+    assert ssim(img, img) == pytest.approx(1.0)
+    assert lpips_distance(img[None], img[None])[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_psnr_known_value_and_monotone():
+    a = np.zeros((8, 8))
+    assert psnr(a + 0.1, a) == pytest.approx(20.0)  # MSE 0.01 -> 20 dB
+    rng = np.random.default_rng(1)
+    img = rng.random((32, 32))
+    small, large = img + 0.01 * rng.standard_normal(img.shape), img + 0.2 * rng.standard_normal(img.shape)
+    assert psnr(small, img) > psnr(large, img)
+    assert ssim(small, img) > ssim(large, img)
+    assert lpips_distance(large[None], img[None], resize_to=64)[0] > lpips_distance(small[None], img[None], resize_to=64)[0]
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="one shape"):
+        psnr(np.zeros((4, 4)), np.zeros((4, 5)))
+
+
+@pytest.mark.skipif(not EXAMPLE.is_dir(), reason="../shared/data/lpips-example is absent (it ships beside the repository, not in it)")
+def test_lpips_reproduces_the_reference_example():
+    from PIL import Image
+
+    def load(name):
+        return np.asarray(Image.open(EXAMPLE / name).convert("RGB"), dtype=np.float32) / 255.0
+
+    ref, p0, p1 = load("ex_ref.png"), load("ex_p0.png"), load("ex_p1.png")
+    d = lpips_distance(np.stack([p0, p1]), np.stack([ref, ref]))
+    assert round(float(d[0]), 3) == 0.722
+    assert round(float(d[1]), 3) == 0.138
+
+
+def test_frechet_and_kid():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2000, 8))
+    b = rng.standard_normal((2000, 8))
+    shifted = b + 1.0
+    assert frechet_distance(a, b) < 0.1
+    assert frechet_distance(a, shifted) == pytest.approx(8.0, rel=0.1)  # |mu1 - mu2|^2 = 8
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    kid_same, _ = kernel_inception_distance(a, b, subsets=5, subset_size=500)
+    kid_far, _ = kernel_inception_distance(a, shifted, subsets=5, subset_size=500)
+    assert abs(kid_same) < 0.05 < kid_far
