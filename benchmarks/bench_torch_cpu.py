@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,28 +26,10 @@ import torch
 from postdiff import Conditioning, TorchDenoiser, UNetSplit, compile_for_scheduler, load_recipe, run_plan
 from postdiff.cost import MacCounter, plan_cost, step_batch
 from postdiff.models import load_model
+from postdiff.report import machine_info
 from postdiff.toy import build_unet
 
 HERE = Path(__file__).resolve().parent
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 def random_conditioning(model, batch: int, seed: int = 0) -> Conditioning:
@@ -106,7 +87,7 @@ def main(argv=None) -> int:
         "model": f"{model.name} ({'random weights, seed 0' if model.architecture or model.name.startswith('toy') else 'loaded weights'})",
         "plan": recipe.to_dict(),
         "scheduler": "DDIMScheduler",
-        "machine": machine(),
+        "machine": machine_info(),
         "unet_build_s": round(build_s, 2),
         "sizes": {},
     }
@@ -194,7 +175,7 @@ def main(argv=None) -> int:
 
     print()
     print(
-        f"Torch CPU benchmark: {result['model']}, plan {recipe.label}, {args.steps} DDIM steps, CFG, {machine()['cpu']}, {args.threads} threads"
+        f"Torch CPU benchmark: {result['model']}, plan {recipe.label}, {args.steps} DDIM steps, CFG, {machine_info()['cpu']}, {args.threads} threads"
     )
     print("| size | variant | latent | batch | GMACs | median s | s per GMAC (ms) |")
     print("|---|---|---|---|---|---|---|")

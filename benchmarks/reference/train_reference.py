@@ -68,6 +68,11 @@ def train(args) -> None:
         step = int(state["step"])
         print(f"resumed from {ckpt} at iteration {step}", flush=True)
     alphas = ddpm_alphas(device)
+
+    def checkpoint(at: int) -> None:
+        modules = {"unet": unet, "enc": enc, "ema_unet": ema_unet, "ema_enc": ema_enc, "opt": opt}
+        save_atomic({**{k: m.state_dict() for k, m in modules.items()}, "step": at, "args": vars(args)}, ckpt)
+
     log = open(HERE / "loss.csv", "a")
     if step == 0:
         log.write("iteration,loss,elapsed_s,lr\n")
@@ -105,30 +110,8 @@ def train(args) -> None:
             print(f"it {step} loss {running / count:.4f} ({(time.time() - t0) / 60:.1f} min this sitting)", flush=True)
             running, count = 0.0, 0
         if step % args.ckpt_every == 0:
-            save_atomic(
-                {
-                    "unet": unet.state_dict(),
-                    "enc": enc.state_dict(),
-                    "ema_unet": ema_unet.state_dict(),
-                    "ema_enc": ema_enc.state_dict(),
-                    "opt": opt.state_dict(),
-                    "step": step,
-                    "args": vars(args),
-                },
-                ckpt,
-            )
-    save_atomic(
-        {
-            "unet": unet.state_dict(),
-            "enc": enc.state_dict(),
-            "ema_unet": ema_unet.state_dict(),
-            "ema_enc": ema_enc.state_dict(),
-            "opt": opt.state_dict(),
-            "step": step,
-            "args": vars(args),
-        },
-        ckpt,
-    )
+            checkpoint(step)
+    checkpoint(step)
     print(f"stopped at iteration {step}; checkpoint {ckpt}", flush=True)
 
 

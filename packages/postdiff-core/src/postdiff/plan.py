@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PlanError, RecipeError
-from .recipe import DeepCache, Recipe, switch_step
+from .recipe import DeepCache, Recipe, parse_json, switch_step
 
 PLAN_FORMAT = "postdiff.plan/1"
 UNET_KINDS = ("full", "shallow")
@@ -164,11 +164,7 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str, *, where: str = "plan") -> Plan:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-        return cls.from_dict(data, where=where)
+        return cls.from_dict(parse_json(text, where, PlanError), where=where)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())

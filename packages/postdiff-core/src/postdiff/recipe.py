@@ -91,11 +91,7 @@ class Recipe:
 
     @classmethod
     def from_json(cls, text: str, *, where: str = "recipe") -> Recipe:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RecipeError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); fix the file") from None
-        return cls.from_dict(data, where=where)
+        return cls.from_dict(parse_json(text, where, RecipeError), where=where)
 
     def with_steps(self, steps: int) -> Recipe:
         """The same recipe for another number of steps (the gate step stays where the user put it)."""
@@ -104,6 +100,14 @@ class Recipe:
     @property
     def label(self) -> str:
         return self.name or "custom"
+
+
+def parse_json(text: str, where: str, error: type[Exception]):
+    """json.loads with a one-line error that says where the JSON is broken."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); fix the file") from None
 
 
 # -- parsing with messages that name the field ----------------------------------------------------------------------

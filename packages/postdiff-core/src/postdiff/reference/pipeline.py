@@ -98,7 +98,7 @@ class ReferencePipeline:
         guidance_scale: float = DEFAULT_GUIDANCE,
         scheduler: str = "DDIMScheduler",
         steps: int | None = None,
-        batch_size: int = 500,
+        batch_size: int = 100,
         progress: bool = False,
     ) -> np.ndarray:
         """uint8 images (N x 32 x 32), one per label. Sample i's noise (initial, and any drawn later) depends only
