@@ -80,8 +80,7 @@ def main(argv=None) -> int:
     build_s = time.perf_counter() - t0
     recipe = load_recipe(args.plan).with_steps(args.steps)
     base_recipe = load_recipe("baseline").with_steps(args.steps)
-    block = recipe.deepcache.block if recipe.deepcache else 0
-    counter = MacCounter(model.unet_config, block=block, text_len=model.text_len, pooled_dim=model.pooled_dim)
+    counter = MacCounter(model.unet_config, block=recipe.cache_block, text_len=model.text_len, pooled_dim=model.pooled_dim)
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "model": f"{model.name} ({'random weights, seed 0' if model.architecture or model.name.startswith('toy') else 'loaded weights'})",
@@ -101,7 +100,7 @@ def main(argv=None) -> int:
 
     spec = model.spec()
     f = model.vae_scale_factor
-    with UNetSplit(unet, block=block) as split, torch.no_grad():
+    with UNetSplit(unet, block=recipe.cache_block) as split, torch.no_grad():
         for px in [int(s) for s in args.sizes.split(",")]:
             latent = (px // f, px // f)
             plan = compile_for_scheduler(recipe, model.scheduler("DDIMScheduler"), latent, spec)

@@ -207,14 +207,14 @@ def cmd_demo(args) -> int:
         batch = source.generate(plan.recipe, args.seeds, 0)
         if ref is None:
             ref = batch
-        fid = sum(min(psnr(a, b), 100.0) for a, b in zip(batch.images, ref.images)) / len(batch.images)
+        mean_psnr = sum(min(psnr(a, b), 100.0) for a, b in zip(batch.images, ref.images)) / len(batch.images)
         table.append(
             (
                 name,
                 f"{ratio:.3f}",
                 f"{batch.seconds:.2f}",
                 f"{ref.seconds / batch.seconds:.2f}x",
-                "identical" if fid >= 100 else f"{fid:.1f}",
+                "identical" if mean_psnr >= 100 else f"{mean_psnr:.1f}",
             )
         )
         rows.append(batch.images[:10])

@@ -83,12 +83,16 @@ def load(split: str = "train", root: str | Path | None = None, *, verify: bool =
     return images, labels
 
 
+def pad32(images: np.ndarray) -> np.ndarray:
+    """uint8 N x 28 x 28 → uint8 N x 32 x 32, zero-padded by 2 on each side (the model's image size)."""
+    return np.pad(np.asarray(images, dtype=np.uint8), ((0, 0), (2, 2), (2, 2)))
+
+
 def to_model_space(images: np.ndarray):
     """uint8 N x 28 x 28 → float tensor N x 1 x 32 x 32 in [-1, 1] (zero-padded by 2 on each side)."""
     import torch
 
-    x = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).float().div_(127.5).sub_(1.0)
-    return torch.nn.functional.pad(x[:, None], (2, 2, 2, 2), value=-1.0)
+    return torch.from_numpy(pad32(images)).float().div_(127.5).sub_(1.0)[:, None]
 
 
 def to_uint8(x) -> np.ndarray:

@@ -105,8 +105,7 @@ class _Session:
     def installed(self):
         pipe = self.pipe
         scheduler = pipe.scheduler
-        block = self.recipe.deepcache.block if self.recipe.deepcache else 0
-        split = UNetSplit(pipe.unet, block=block)
+        split = UNetSplit(pipe.unet, block=self.recipe.cache_block)
         self.denoiser = TorchDenoiser(split)
         registry = HookRegistry.check_if_exists_or_initialize(pipe.unet)
         registry.register_hook(_UNetHook(self), _HOOK_NAME)
@@ -140,12 +139,10 @@ class _Session:
         def prepare_latents(batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None, *rest):
             if self.plan is None:
                 raise PlanError("the pipeline prepared latents before setting timesteps; PostDiff cannot plan this call")
-            if latents is not None:
-                latents = initial_latents(self.plan, latents)  # validates the size
-            # The noise is drawn at full size exactly as the vanilla pipeline draws it, then derived for the
-            # plan's first (possibly lower) resolution: one seed, one starting point for every plan.
-            full = original(batch_size, num_channels_latents, height, width, dtype, device, generator, latents, *rest)
-            return full if latents is not None else initial_latents(self.plan, full)
+            # The noise is drawn at full size exactly as the vanilla pipeline draws it (or taken from latents=), then
+            # derived for the plan's first, possibly lower, resolution: one seed, one starting point for every plan.
+            drawn = original(batch_size, num_channels_latents, height, width, dtype, device, generator, latents, *rest)
+            return initial_latents(self.plan, drawn)
 
         return prepare_latents
 

@@ -51,9 +51,7 @@ def evaluate(
         from . import data
         from .reference.classifier import classify
 
-        test_images, _ = data.load("test")
-        padded = np.pad(test_images, ((0, 0), (2, 2), (2, 2)))
-        test_features = classify(padded)[2]
+        test_features = classify(data.pad32(data.load("test")[0]))[2]
     inception_ref = _inception_features(None, inception_reference) if inception else None
     result: dict[str, Any] = {
         "model": source.model.name,
@@ -155,7 +153,7 @@ def _inception_features(images, reference_count: int = 10000) -> np.ndarray:
         from . import data
 
         test, _ = data.load("test")
-        images = np.pad(test[:reference_count], ((0, 0), (2, 2), (2, 2)))[..., None].astype(np.float32) / 255.0
+        images = data.pad32(test[:reference_count])[..., None].astype(np.float32) / 255.0
     model = _inception_model()
     feats = []
     with torch.no_grad():

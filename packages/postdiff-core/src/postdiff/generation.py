@@ -54,8 +54,9 @@ class Source:
     def cost(self, plan: Plan) -> PlanCost:
         """MACs of every step of ``plan`` and of the baseline it is compared with."""
         baseline = self.compile(load_recipe("baseline").with_steps(baseline_steps(plan)))
-        block = plan.recipe.deepcache.block if plan.recipe.deepcache else 0
-        counter = MacCounter(self.model.unet_config, block=block, text_len=self.model.text_len, pooled_dim=self.model.pooled_dim)
+        counter = MacCounter(
+            self.model.unet_config, block=plan.recipe.cache_block, text_len=self.model.text_len, pooled_dim=self.model.pooled_dim
+        )
         return plan_cost(plan, counter, baseline)
 
     def macs_ratio(self, plan: Plan) -> float:

@@ -98,6 +98,11 @@ class Recipe:
         return _validated(dataclasses.replace(self, steps=steps), "recipe")
 
     @property
+    def cache_block(self) -> int:
+        """The DeepCache cut a UNet split needs for this recipe (block 0 when DeepCache is off)."""
+        return self.deepcache.block if self.deepcache else 0
+
+    @property
     def label(self) -> str:
         return self.name or "custom"
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import data
 from ..conditioning import Conditioning
 from ..denoiser import TorchDenoiser
 from ..errors import ModelError, RecipeError
@@ -116,13 +117,13 @@ class ReferencePipeline:
             ]
         )
         out = []
-        with UNetSplit(self.unet, block=compiled.recipe.deepcache.block if compiled.recipe.deepcache else 0) as split:
+        with UNetSplit(self.unet, block=compiled.recipe.cache_block) as split:
             denoiser = TorchDenoiser(split)
             for start in range(0, len(labels), batch_size):
                 y = labels[start : start + batch_size]
-                null = torch.full_like(y, ref.NULL_CLASS)
-                cond = Conditioning(self.class_encoder(torch.cat([null, y])), has_uncond=guidance_scale > 1.0)
-                if not cond.has_uncond:
+                if guidance_scale > 1.0:  # null class first, as diffusers lays out CFG batches
+                    cond = Conditioning(self.class_encoder(torch.cat([torch.full_like(y, ref.NULL_CLASS), y])), has_uncond=True)
+                else:
                     cond = Conditioning(self.class_encoder(y), has_uncond=False)
                 sch = self.scheduler(scheduler)
                 # per-sample generators for the noise drawn later (resolution switch, ancestral samplers)
@@ -131,5 +132,5 @@ class ReferencePipeline:
                 latents = run_plan(
                     compiled, denoiser, sch, cond, guidance_scale=guidance_scale, generator=g, latents=x, channels=1, progress=progress
                 )
-                out.append(((latents.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy())
+                out.append(data.to_uint8(latents))
         return np.concatenate(out)
