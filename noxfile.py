@@ -3,13 +3,13 @@
 nox -s tests      # the test suite (what CI runs, via .ci/run)
 nox -s lint       # ruff check + format check
 nox -s demo       # the main job: baseline vs postdiff on the default model
-nox -s bench      # the torch CPU benchmark of benchmarks/ (slow: tens of minutes)
+nox -s bench      # the torch CPU and ONNX Runtime benchmarks of benchmarks/ (slow: tens of minutes)
 """
 
 import nox
 
 nox.options.sessions = ["tests", "lint"]
-PACKAGES = ["-e", "packages/postdiff-core", "-e", "apps/cli"]
+PACKAGES = ["-e", "packages/postdiff-core", "-e", "packages/postdiff-onnx", "-e", "apps/cli"]
 
 
 def install(session: nox.Session, *extra: str) -> None:
@@ -39,3 +39,14 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     install(session)
     session.run("python", "benchmarks/bench_torch_cpu.py", *session.posargs)
+    session.run("python", "benchmarks/bench_onnx_cpu.py")
+    session.run(
+        "python",
+        "benchmarks/bench_onnx_cpu.py",
+        "--model",
+        "reference",
+        "--images",
+        "100",
+        "--out",
+        "benchmarks/results/onnx_cpu_reference.json",
+    )

@@ -14,8 +14,6 @@ cut short keeps what it measured) and a Markdown table on stdout.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -26,7 +24,7 @@ import torch
 from postdiff import Conditioning, TorchDenoiser, UNetSplit, compile_for_scheduler, load_recipe, run_plan
 from postdiff.cost import MacCounter, plan_cost, step_batch
 from postdiff.models import load_model
-from postdiff.report import machine_info
+from postdiff.report import machine_info, write_json
 from postdiff.toy import build_unet
 
 HERE = Path(__file__).resolve().parent
@@ -91,12 +89,9 @@ def main(argv=None) -> int:
         "sizes": {},
     }
     out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        tmp = out_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out_path)
+        write_json(out_path, result)
 
     spec = model.spec()
     f = model.vae_scale_factor

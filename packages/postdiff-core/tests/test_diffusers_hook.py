@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import SCHEDULERS, gen, make_pipe
+from core_helpers import SCHEDULERS, gen, make_pipe
 
 import postdiff
 from postdiff import ModelError, PlanError, RecipeError

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import SCHEDULERS, gen, make_pipe
+from core_helpers import SCHEDULERS, gen, make_pipe
 
 import postdiff
 from postdiff import Conditioning, TorchDenoiser, UNetSplit, compile_for_scheduler, model_spec, run_plan

@@ -1,6 +1,10 @@
 """The ``postdiff`` command.
 
     postdiff generate [--model M] [--prompt P] [--plan PLAN] [--seed S] [-o FILE]
+    postdiff generate --backend onnx --bundle DIR [--prompt P] [--plan PLAN] [--seed S] [-o FILE]
+    postdiff export onnx --model M --plan PLAN -o DIR [--precision fp16] [--static]
+    postdiff export coreml --model M --plan PLAN -o DIR [--target macos14] [--weights 8bit]
+    postdiff generate --backend coreml --bundle DIR [--compute-units CPU_AND_NE]      (macOS)
     postdiff plan show|cost PLAN [--model M] [--height H --width W] [--steps N] [--json]
     postdiff demo
 
@@ -49,11 +53,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="the prompt; for --model reference a Fashion-MNIST class name or index (default: Ankle boot)",
     )
     g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--plan", default="postdiff", help=f"built-in plan ({plans}) or a recipe JSON file (default: postdiff)")
-    g.add_argument("--backend", default="torch", choices=["torch"], help="runtime (default: torch)")
+    g.add_argument(
+        "--plan", default=None, help=f"built-in plan ({plans}) or a recipe JSON file (default: postdiff; with --bundle, the bundle's plan)"
+    )
+    g.add_argument("--backend", default="torch", choices=["torch", "onnx", "coreml"], help="runtime (default: torch)")
+    g.add_argument("--bundle", default=None, help="exported bundle folder (--backend onnx|coreml); the bundle defines the model")
+    g.add_argument("--compute-units", default="ALL", help="Core ML compute units: ALL, CPU_AND_NE, CPU_AND_GPU, CPU_ONLY (default: ALL)")
+    g.add_argument("--provider", default="CPUExecutionProvider", help="ONNX Runtime execution provider (default: CPUExecutionProvider)")
+    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")
+    g.add_argument("--static", action="store_true", help="run the bundle's fixed-shape graphs (exported with --static)")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 3 for reference, 7.5 otherwise)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("-o", "--output", default="postdiff.png", help="PNG file to write (default: postdiff.png)")
+
+    x = sub.add_parser("export", help="export the graphs a plan needs as a bundle for another runtime")
+    xsub = x.add_subparsers(dest="target", required=True)
+    xo = xsub.add_parser("onnx", help="ONNX graphs (dynamic shapes; --static adds fixed-shape copies) + manifest.json")
+    _common_model_args(xo)
+    xo.add_argument("--plan", default="postdiff", help=f"built-in plan ({plans}) or a recipe JSON file (default: postdiff)")
+    xo.add_argument("-o", "--output", required=True, help="bundle folder to create (must not exist)")
+    xo.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="weights and compute precision (default: fp32)")
+    xo.add_argument("--static", action="store_true", help="also one fixed-shape copy of each UNet graph per latent size and batch")
+    xo.add_argument("--batch", type=int, default=1, help="images per call of the static copies (default: 1)")
+    xo.add_argument("--overwrite", action="store_true", help="replace an existing bundle at -o (only once the new one is complete)")
+    xo.add_argument("--opset", type=int, default=23, help="ONNX opset (default: 23, with fused Attention; 18 for older runtimes)")
+    xo.add_argument("--no-verify", action="store_true", help="skip the PSNR check of every graph against PyTorch")
+
+    xc = xsub.add_parser("coreml", help="one multifunction .mlpackage (a function per UNet variant and latent size) + manifest.json")
+    _common_model_args(xc)
+    xc.add_argument("--plan", default="postdiff", help=f"built-in plan ({plans}) or a recipe JSON file (default: postdiff)")
+    xc.add_argument("-o", "--output", required=True, help="bundle folder to create (must not exist)")
+    xc.add_argument(
+        "--target",
+        dest="target_version",
+        default="macos15",
+        choices=["macos15", "macos14"],
+        help="macos15: one multifunction package; macos14: one package per function",
+    )
+    xc.add_argument("--weights", default=None, choices=["8bit", "6bit", "4bit"], help="compress the weights (default: fp16)")
+    xc.add_argument("--batch", type=int, default=1, help="images per call (Core ML shapes are fixed; default: 1)")
+    xc.add_argument("--overwrite", action="store_true", help="replace an existing bundle at -o (only once the new one is complete)")
 
     p = sub.add_parser("plan", help="show a compiled plan or its cost")
     psub = p.add_subparsers(dest="plan_command", required=True)
@@ -178,12 +217,95 @@ def _source(args, need_pipeline=True):
     return source_for(model, scheduler=args.scheduler, guidance=getattr(args, "guidance", None), height=args.height, width=args.width)
 
 
+def _backend_module(name: str, module: str):
+    """Import a backend package, or say how to install it."""
+    import importlib
+
+    from postdiff.errors import PostDiffError
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise PostDiffError(
+            f"the {name} backend is not installed; pip install -e packages/postdiff-{name} (scripts/setup.sh does)"
+        ) from None
+
+
+def cmd_export(args) -> int:
+    common = dict(
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        scheduler=args.scheduler,
+        batch=args.batch,
+        overwrite=args.overwrite,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    if args.target == "coreml":
+        export = _backend_module("coreml", "postdiff_coreml.export").export_coreml
+        path = export(args.model, args.plan, args.output, target=args.target_version, weights=args.weights, **common)
+    else:
+        export = _backend_module("onnx", "postdiff_onnx.export").export_onnx
+        path = export(
+            args.model,
+            args.plan,
+            args.output,
+            precision=args.precision,
+            static=args.static,
+            verify=not args.no_verify,
+            opset=args.opset,
+            **common,
+        )
+    print(f"wrote {path}")
+    return 0
+
+
+def _generate_from_bundle(args) -> int:
+    """Generation that builds no PyTorch model: every network runs in the bundle's runtime."""
+    import time
+
+    from postdiff.errors import PostDiffError
+    from postdiff.images import save_png
+
+    if not args.bundle:
+        raise PostDiffError(
+            f"--backend {args.backend} runs an exported bundle: pass --bundle DIR (make one with postdiff export {args.backend})"
+        )
+    if args.backend == "coreml":
+        load_bundle = _backend_module("coreml", "postdiff_coreml.runtime").load_bundle
+        pipe = load_bundle(args.bundle, compute_units=args.compute_units)
+    else:
+        load_bundle = _backend_module("onnx", "postdiff_onnx.runtime").load_bundle
+        pipe = load_bundle(args.bundle, provider=args.provider, threads=args.threads, static=args.static)
+    plan = pipe.compile(args.plan, args.steps, args.scheduler)
+    if pipe.kind == "reference":
+        from postdiff.reference.pipeline import parse_label
+
+        condition = parse_label(args.prompt if args.prompt != DEFAULT_PROMPT else 9)
+    else:
+        condition = args.prompt
+    start = time.perf_counter()
+    images = pipe.generate([condition] * (pipe.static_batch if pipe.static else 1), plan, seed=args.seed, guidance_scale=args.guidance)
+    seconds = time.perf_counter() - start
+    path = save_png(images[0], args.output)
+    print(
+        f"wrote {path} ({pipe.info['name']} bundle, {args.backend}, plan {plan.name}, {plan.recipe.steps} steps, seed {args.seed}, {seconds:.2f} s)"
+    )
+    return 0
+
+
 def cmd_generate(args) -> int:
     from postdiff.images import save_png
     from postdiff.reference.pipeline import parse_label
 
+    if args.backend != "torch":
+        return _generate_from_bundle(args)
+    if args.bundle:
+        from postdiff.errors import PostDiffError
+
+        raise PostDiffError("--bundle is for exported runtimes; add --backend onnx or coreml (the torch backend runs --model)")
     source = _source(args)
-    recipe = _recipe(args.plan, args.steps)
+    recipe = _recipe(args.plan or "postdiff", args.steps)
     condition = parse_label(args.prompt if args.prompt != DEFAULT_PROMPT else 9) if source.model.name == "reference" else args.prompt
     batch = source.generate(recipe, 1, args.seed, conditions=[condition])
     path = save_png(batch.images[0], args.output)
@@ -278,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plan(args)
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "export":
+            return cmd_export(args)
         if args.command == "demo":
             return cmd_demo(args)
         if args.command == "eval":

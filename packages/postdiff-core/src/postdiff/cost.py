@@ -46,37 +46,15 @@ class MacCounter:
             with torch.device("meta"):
                 unet = UNet2DConditionModel.from_config(self.config)
             self._split = UNetSplit(unet.eval(), block=self.block)
-            if self._split.is_sdxl and self.pooled_dim is None:
-                cfg = self.config
-                self.pooled_dim = int(cfg["projection_class_embeddings_input_dim"]) - 6 * int(cfg["addition_time_embed_dim"])
         return self._split
-
-    def _inputs(self, split: UNetSplit, hw: tuple[int, int], batch: int) -> dict[str, Any]:
-        meta = torch.device("meta")
-        cfg = self.config
-        kw: dict[str, Any] = {
-            "sample": torch.empty(batch, cfg.get("in_channels", 4), *hw, device=meta),
-            "timestep": torch.empty((), device=meta, dtype=torch.long),
-            "encoder_hidden_states": torch.empty(batch, self.text_len, cfg["cross_attention_dim"], device=meta),
-        }
-        if split.is_sdxl:
-            kw["text_embeds"] = torch.empty(batch, self.pooled_dim, device=meta)
-            kw["time_ids"] = torch.empty(batch, 6, device=meta)
-        return kw
 
     def macs(self, variant: str, latent_hw: tuple[int, int], batch: int) -> int:
         key = (self._key, self.block, variant, tuple(latent_hw), batch, self.text_len)
         if key not in _CACHE:
-            split = self._get_split()
-            kw = self._inputs(split, tuple(latent_hw), batch)
-            with torch.no_grad():
-                probe = split.forward("full_capture", **kw)  # shapes of the cache tensors a variant takes
-                if variant.startswith("shallow"):
-                    kw["deep"] = probe[1]
-                if variant.endswith("_cached"):
-                    kw["xattn"] = [probe[2 + i] for i in split.xattn_indices(variant)]
-                with FlopCounterMode(display=False) as counter:
-                    split.forward(variant, **kw)
+            module = self._get_split().module(variant)
+            ins = module.example_inputs(tuple(latent_hw), batch, text_len=self.text_len, pooled_dim=self.pooled_dim, device="meta")
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                module(*ins.values())
             _CACHE[key] = int(counter.get_total_flops()) // 2
         return _CACHE[key]
 

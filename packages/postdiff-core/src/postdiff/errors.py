@@ -20,3 +20,11 @@ class PlanError(PostDiffError, ValueError):
 
 class ModelError(PostDiffError, ValueError):
     """A model cannot be loaded, or does not have what a plan needs."""
+
+
+class BundleError(PostDiffError, ValueError):
+    """An exported bundle is missing, damaged, or cannot serve what was asked of it."""
+
+
+class ExportError(PostDiffError, RuntimeError):
+    """An export cannot be made as asked (existing output folder, unsupported option, failed verification)."""

@@ -26,3 +26,14 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def write_json(path: str | Path, data) -> None:
+    """Write ``data`` as JSON through a temporary file, so a reader (or a run cut short) never sees half a file."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)

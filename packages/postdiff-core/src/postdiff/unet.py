@@ -9,7 +9,8 @@ layer from the cache; the *full* pass runs everything and returns that hidden st
 
 Cross-attention caching works on every ``attn2`` module (cross-attention) through a processor wrapper that
 either computes as usual, computes and hands the output back ("capture"), or returns a tensor it is given
-("cached"). What the wrapper does is decided by the explicit inputs of each call: the callables keep no
+("cached"). Cached outputs travel as (batch, height, width, channels) feature maps rather than token lists, so
+exported graphs keep every dimension a multiple of the latent size. What the wrapper does is decided by the explicit inputs of each call: the callables keep no
 Python state between calls, so ``torch.export`` traces exactly what runs here.
 
 Variants (``Step.variant``):
@@ -56,6 +57,7 @@ class _XAttnIO:
         self.mode = "compute"
         self.inputs: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.hw: tuple[int, int] = (0, 0)  # spatial size of the feature map the running attention works on
 
 
 class _XAttnProcessor:
@@ -67,10 +69,10 @@ class _XAttnProcessor:
     def __call__(self, attn, hidden_states, *args, **kwargs):
         io = self.io
         if io.mode == "cached":
-            return io.inputs[self.index]
+            return io.inputs[self.index].flatten(1, 2)  # (B, H, W, C) -> (B, H*W, C), the tokens' row-major order
         out = self.inner(attn, hidden_states, *args, **kwargs)
         if io.mode == "capture":
-            io.outputs[self.index] = out
+            io.outputs[self.index] = out.unflatten(1, io.hw)
         return out
 
     def __getattr__(self, name):  # diffusers inspects processors (e.g. for IP-Adapter scales)
@@ -235,10 +237,10 @@ class UNetSplit:
         ehs = unet.process_encoder_hidden_states(encoder_hidden_states=ehs, added_cond_kwargs=added)
         return sample, emb, ehs
 
-    @staticmethod
-    def _attend(attention, h, ehs, kw):
+    def _attend(self, attention, h, ehs, kw):
         if attention is None:
             return h
+        self.io.hw = tuple(h.shape[-2:])
         return attention(h, encoder_hidden_states=ehs, cross_attention_kwargs=kw, return_dict=False)[0]
 
     def forward(
@@ -285,6 +287,7 @@ class UNetSplit:
                 res.append(h)
             if depth == "full":
                 if unet.mid_block is not None:
+                    io.hw = tuple(h.shape[-2:])
                     if getattr(unet.mid_block, "has_cross_attention", False):
                         h = unet.mid_block(h, emb, encoder_hidden_states=ehs, cross_attention_kwargs=kw)
                     else:
@@ -318,7 +321,14 @@ class UNetSplit:
 
 
 class VariantModule(nn.Module):
-    """forward(sample, timestep, encoder_hidden_states[, text_embeds, time_ids][, deep][, *xattn]) -> tuple"""
+    """One variant with explicit tensor inputs and outputs, for ``torch.export`` and the exporters.
+
+    forward(sample, timestep, encoder_hidden_states[, text_embeds, time_ids][, deep][, *xattn]) -> tuple
+
+    Cross-attention tensors are named by module index (``xattn_3`` is the output of the fourth attn2 module in
+    execution order), so what ``full_capture`` returns as ``xattn_3`` is what a ``*_cached`` variant takes as
+    ``xattn_3``. ``timestep`` has one value per batch row.
+    """
 
     def __init__(self, split: UNetSplit, variant: str) -> None:
         super().__init__()
@@ -326,8 +336,9 @@ class VariantModule(nn.Module):
         self._split = split
         self.variant = variant
         self.takes_deep = variant.startswith("shallow")
-        self.num_xattn_in = len(split.xattn_indices(variant)) if variant.endswith("_cached") else 0
-        self.num_xattn_out = len(split.xattn_indices(variant)) if variant.endswith("_capture") else 0
+        indices = split.xattn_indices(variant)
+        self.xattn_in = indices if variant.endswith("_cached") else []
+        self.xattn_out = indices if variant.endswith("_capture") else []
 
     def input_names(self) -> list[str]:
         names = ["sample", "timestep", "encoder_hidden_states"]
@@ -335,12 +346,11 @@ class VariantModule(nn.Module):
             names += ["text_embeds", "time_ids"]
         if self.takes_deep:
             names.append("deep")
-        names += [f"xattn_{i}" for i in range(self.num_xattn_in)]
-        return names
+        return names + [f"xattn_{i}" for i in self.xattn_in]
 
     def output_names(self) -> list[str]:
         names = ["eps"] if self.takes_deep else ["eps", "deep"]
-        return names + [f"xattn_{i}" for i in range(self.num_xattn_out)]
+        return names + [f"xattn_{i}" for i in self.xattn_out]
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
         rest = list(rest)
@@ -350,3 +360,66 @@ class VariantModule(nn.Module):
         if self.takes_deep:
             deep = rest.pop(0)
         return self._split.forward(self.variant, sample, timestep, encoder_hidden_states, text_embeds, time_ids, deep, tuple(rest))
+
+    def example_inputs(
+        self, latent_hw: tuple[int, int], batch: int, *, text_len: int, pooled_dim: int | None = None, device="cpu", seed: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """Random inputs by name (in ``input_names`` order). The cache tensors are what a ``full_capture`` pass on
+        the same inputs returns, so a shallow or cached variant sees the values it would get in a plan."""
+        cfg = self.unet.config
+        g = torch.Generator().manual_seed(seed)
+
+        def randn(*shape):
+            x = torch.randn(*shape, generator=g)
+            return x.to(device) if str(device) != "meta" else torch.empty(*shape, device="meta")
+
+        ins: dict[str, torch.Tensor] = {
+            "sample": randn(batch, cfg.in_channels, *latent_hw),
+            "timestep": torch.full((batch,), 500.0, device=device),
+            "encoder_hidden_states": randn(batch, text_len, cfg.cross_attention_dim),
+        }
+        if self._split.is_sdxl:
+            if pooled_dim is None:
+                pooled_dim = int(cfg.projection_class_embeddings_input_dim) - 6 * int(cfg.addition_time_embed_dim)
+            ins["text_embeds"] = randn(batch, pooled_dim)
+            h, w = latent_hw
+            ins["time_ids"] = torch.tensor([[8.0 * h, 8.0 * w, 0.0, 0.0, 8.0 * h, 8.0 * w]] * batch, device=device)
+        if self.takes_deep or self.xattn_in:
+            with torch.no_grad():
+                probe = self._split.forward("full_capture", *ins.values())
+            captured = dict(zip(self._split.xattn_indices("full_capture"), probe[2:]))
+            if self.takes_deep:
+                ins["deep"] = probe[1]
+            for i in self.xattn_in:
+                ins[f"xattn_{i}"] = captured[i]
+        return ins
+
+    def dynamic_shapes(self, max_side: int = 2048) -> tuple:
+        """``torch.export`` dynamic shapes for ``forward``'s arguments (images up to ``max_side`` pixels at a VAE
+        factor of 8): batch everywhere; latent height and width as
+        multiples of the UNet's downsampling factor (what the UNet can take); the DeepCache feature at the cut's
+        resolution; cross-attention maps at their layers' resolutions."""
+        from torch.export import Dim
+
+        f = downsample_factor(self.unet)
+        # diffusers' Upsample2D adds a .contiguous() from batch 64 up: a guard for torch.export, a no-op in the graph.
+        # The exported graph takes any batch; the bound only keeps torch.export from tracing that branch.
+        batch = Dim("batch", min=1, max=63)
+        h, w = Dim("h", min=1, max=max_side // 8 // f), Dim("w", min=1, max=max_side // 8 // f)
+        spatial = {0: batch, 2: f * h, 3: f * w}
+        deep_f = max(f >> self._split.block, 1)
+        by_name = {
+            "sample": spatial,
+            "timestep": {0: batch},
+            "encoder_hidden_states": {0: batch},
+            "text_embeds": {0: batch},
+            "time_ids": {0: batch},
+            "deep": {0: batch, 2: deep_f * h, 3: deep_f * w},
+        }
+        if self.xattn_in:  # each cached cross-attention map is at its layer's resolution: probe it once
+            probe = self.example_inputs((2 * f, 2 * f), 1, text_len=1)
+            for i in self.xattn_in:
+                k = max(probe[f"xattn_{i}"].shape[1] // 2, 1)
+                by_name[f"xattn_{i}"] = {0: batch, 1: k * h, 2: k * w}
+        specs = [by_name[n] for n in self.input_names()]
+        return (*specs[:3], tuple(specs[3:])) if len(specs) > 3 else tuple(specs)  # *rest is one tuple argument

@@ -10,7 +10,7 @@ the text embeddings: ``uncond`` is the null class, ``cond`` the requested one.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -105,32 +105,56 @@ class ReferencePipeline:
         """uint8 images (N x 32 x 32), one per label. Sample i's noise (initial, and any drawn later) depends only
         on (seed, i), so the same seed gives the same noise under every plan and batch size: outputs are paired."""
         compiled = plan if isinstance(plan, Plan) else self.compile(plan, steps, scheduler)
-        labels = torch.as_tensor(list(labels), dtype=torch.long)
-        if len(labels) == 0:
-            return np.zeros((0, ref.IMAGE_SIZE, ref.IMAGE_SIZE), dtype=np.uint8)
-        if labels.min() < 0 or labels.max() >= ref.NUM_CLASSES:
-            raise RecipeError(f"labels must be class indices 0-{ref.NUM_CLASSES - 1}")
-        noise = torch.stack(
-            [
-                torch.randn(1, ref.IMAGE_SIZE, ref.IMAGE_SIZE, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
-                for i in range(len(labels))
-            ]
-        )
-        out = []
         with UNetSplit(self.unet, block=compiled.recipe.cache_block) as split:
-            denoiser = TorchDenoiser(split)
-            for start in range(0, len(labels), batch_size):
-                y = labels[start : start + batch_size]
-                if guidance_scale > 1.0:  # null class first, as diffusers lays out CFG batches
-                    cond = Conditioning(self.class_encoder(torch.cat([torch.full_like(y, ref.NULL_CLASS), y])), has_uncond=True)
-                else:
-                    cond = Conditioning(self.class_encoder(y), has_uncond=False)
-                sch = self.scheduler(scheduler)
-                # per-sample generators for the noise drawn later (resolution switch, ancestral samplers)
-                g = [torch.Generator().manual_seed(seed * 7919 + i) for i in range(start, start + len(y))]
-                x = noise[start : start + batch_size] * sch.init_noise_sigma
-                latents = run_plan(
-                    compiled, denoiser, sch, cond, guidance_scale=guidance_scale, generator=g, latents=x, channels=1, progress=progress
-                )
-                out.append(data.to_uint8(latents))
-        return np.concatenate(out)
+            return sample_labels(
+                labels,
+                compiled,
+                TorchDenoiser(split),
+                self.class_encoder,
+                lambda: self.scheduler(scheduler),
+                seed=seed,
+                guidance_scale=guidance_scale,
+                batch_size=batch_size,
+                progress=progress,
+            )
+
+
+def sample_labels(
+    labels: Sequence[int],
+    plan: Plan,
+    denoiser,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    make_scheduler: Callable[[], object],
+    *,
+    seed: int,
+    guidance_scale: float,
+    batch_size: int,
+    progress: bool = False,
+) -> np.ndarray:
+    """The reference model's sampling loop, whatever runs the networks (PyTorch here, a bundle's graphs in
+    ``postdiff.bundle_runtime``): ``encode`` maps class indices to tokens, ``denoiser`` runs plan steps."""
+    labels = torch.as_tensor(list(labels), dtype=torch.long)
+    if len(labels) == 0:
+        return np.zeros((0, ref.IMAGE_SIZE, ref.IMAGE_SIZE), dtype=np.uint8)
+    if labels.min() < 0 or labels.max() >= ref.NUM_CLASSES:
+        raise RecipeError(f"labels must be class indices 0-{ref.NUM_CLASSES - 1}")
+    noise = torch.stack(
+        [
+            torch.randn(1, ref.IMAGE_SIZE, ref.IMAGE_SIZE, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+            for i in range(len(labels))
+        ]
+    )
+    out = []
+    for start in range(0, len(labels), batch_size):
+        y = labels[start : start + batch_size]
+        if guidance_scale > 1.0:  # null class first, as diffusers lays out CFG batches
+            cond = Conditioning(encode(torch.cat([torch.full_like(y, ref.NULL_CLASS), y])), has_uncond=True)
+        else:
+            cond = Conditioning(encode(y), has_uncond=False)
+        sch = make_scheduler()
+        # per-sample generators for the noise drawn later (resolution switch, ancestral samplers)
+        g = [torch.Generator().manual_seed(seed * 7919 + i) for i in range(start, start + len(y))]
+        x = noise[start : start + batch_size] * sch.init_noise_sigma
+        latents = run_plan(plan, denoiser, sch, cond, guidance_scale=guidance_scale, generator=g, latents=x, channels=1, progress=progress)
+        out.append(data.to_uint8(latents))
+    return np.concatenate(out)

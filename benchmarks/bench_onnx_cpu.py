@@ -1,0 +1,213 @@
+"""ONNX Runtime vs PyTorch on this CPU: per-call latency of every exported graph, and whole plans on ORT.
+
+    python benchmarks/bench_onnx_cpu.py                                # arch:sd15 (random weights), 256 px
+    python benchmarks/bench_onnx_cpu.py --model reference --images 100 --out benchmarks/results/onnx_cpu_reference.json
+
+(1) Exports the plan's bundle (cached under benchmarks/.bundles/, reused when present). (2) For every (UNet
+variant, latent size, batch) the plan and the baseline use, times the same inputs through the PyTorch module and
+the ONNX Runtime session (CPU provider), same thread count, in blocks of calls after a warm-up, two rounds. (3) Times the
+whole plan and the whole baseline through ``run_plan`` on ORT (``GraphDenoiser``) and on PyTorch
+(``TorchDenoiser``), alternating: UNet only, random conditioning of the model's shape, ``--images`` images per
+call with CFG. Reports speedup against the MACs speedup ("efficiency" = speedup x MACs ratio; 1.0 means the wall
+clock follows the MACs). JSON is rewritten after every measurement; a Markdown table goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from postdiff import Conditioning, TorchDenoiser, UNetSplit, compile_for_scheduler, load_recipe, run_plan
+from postdiff.bundle import read_manifest
+from postdiff.bundle_runtime import GraphDenoiser
+from postdiff.cost import MacCounter, plan_cost, step_batch
+from postdiff.graphs import unet_of
+from postdiff.models import load_model
+from postdiff.report import machine_info, write_json
+from postdiff_onnx.export import export_onnx
+from postdiff_onnx.runtime import OrtRunner
+
+HERE = Path(__file__).resolve().parent
+
+
+def conditioning(model, images: int, latent_hw, seed: int = 0) -> Conditioning:
+    """Random conditioning of the model's shape (CFG batch: 2 x images), SDXL size ids for ``latent_hw``."""
+    g = torch.Generator().manual_seed(seed)
+    n = 2 * images
+    ehs = torch.randn(n, model.text_len, int(model.unet_config["cross_attention_dim"]), generator=g)
+    if model.unet_config.get("addition_embed_type") != "text_time":
+        return Conditioning(ehs, has_uncond=True)
+    h, w = latent_hw[0] * model.vae_scale_factor, latent_hw[1] * model.vae_scale_factor
+    ids = torch.tensor([[h, w, 0, 0, h, w]] * n, dtype=torch.float32)
+    return Conditioning(ehs, has_uncond=True, text_embeds=torch.randn(n, model.pooled_dim, generator=g), time_ids=ids)
+
+
+def blocks(fns: dict, runs: int, rounds: int = 2) -> dict[str, list[float]]:
+    """Time each function in blocks (one warm-up, then ``runs`` calls), in turn, ``rounds`` times.
+
+    Blocks rather than call-by-call alternation: torch's OpenMP workers and ORT's thread pool each keep spinning
+    for a while after a call, so alternating single calls makes each slow the other down."""
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            fn()
+            for _ in range(runs):
+                t = time.perf_counter()
+                fn()
+                out[k].append(time.perf_counter() - t)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="arch:sd15")
+    ap.add_argument("--plan", default="postdiff")
+    ap.add_argument("--size", type=int, default=None, help="image size in pixels (square); default: the model's")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--images", type=int, default=1, help="images per UNet call (the CFG batch is twice this)")
+    ap.add_argument("--variant-runs", type=int, default=3, help="timed calls per graph, backend and round (after a warm-up)")
+    ap.add_argument("--plan-runs", type=int, default=1, help="timed whole runs per plan and backend")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bundle", default=None, help="bundle folder (default: benchmarks/.bundles/<model>-<plan>-<size>)")
+    ap.add_argument("--out", default=str(HERE / "results" / "onnx_cpu_sd15_256.json"))
+    args = ap.parse_args(argv)
+    if min(args.variant_runs, args.plan_runs, args.images, args.threads) < 1:
+        ap.error("--variant-runs, --plan-runs, --images and --threads must be at least 1")
+    torch.set_num_threads(args.threads)
+
+    model = load_model(args.model, need_pipeline=not args.model.startswith("arch:"))
+    px = args.size or model.default_latent * model.vae_scale_factor
+    latent = model.latent_hw(px, px)
+    recipe = load_recipe(args.plan).with_steps(args.steps)
+    base_recipe = load_recipe("baseline").with_steps(args.steps)
+    spec = model.spec()
+    plan = compile_for_scheduler(recipe, model.scheduler("DDIMScheduler"), latent, spec)
+    base = compile_for_scheduler(base_recipe, model.scheduler("DDIMScheduler"), latent, spec)
+    counter = MacCounter(model.unet_config, block=recipe.cache_block, text_len=model.text_len, pooled_dim=model.pooled_dim)
+    cost = plan_cost(plan, counter, base, images=args.images)
+
+    bundle = Path(args.bundle or HERE / ".bundles" / f"{args.model.replace(':', '-')}-{recipe.label}-{px}")
+    t0 = time.perf_counter()
+    if not (bundle / "manifest.json").is_file():
+        export_onnx(model, args.plan, bundle, height=px, width=px, steps=args.steps, scheduler="DDIMScheduler")
+    export_s = time.perf_counter() - t0
+    folder, manifest = read_manifest(bundle, "onnx")
+    runner = OrtRunner(folder, threads=args.threads)
+
+    result = {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "model": f"{model.name} ({'random weights, seed 0' if model.architecture or model.name.startswith('toy') else 'trained weights'})",
+        "image_px": px,
+        "latent": list(latent),
+        "images_per_call": args.images,
+        "plan": recipe.to_dict(),
+        "scheduler": "DDIMScheduler",
+        "machine": machine_info(),
+        "threads": args.threads,
+        "onnxruntime_provider": "CPUExecutionProvider",
+        "bundle": str(bundle),
+        "export_s": round(export_s, 1),
+        "macs_ratio": cost.ratio,
+        "graphs": [],
+        "whole": {},
+    }
+    out_path = Path(args.out)
+
+    def save() -> None:
+        write_json(out_path, result)
+
+    unet = unet_of(model)
+    with UNetSplit(unet, block=recipe.cache_block) as split, torch.no_grad():
+        needed = []
+        for s in (*base.steps, *plan.steps):
+            key = (s.variant, s.latent_hw, step_batch(s.guidance, args.images))
+            if key not in needed:
+                needed.append(key)
+        for variant, hw, batch in needed:
+            module = split.module(variant)
+            ins = module.example_inputs(hw, batch, text_len=model.text_len, pooled_dim=model.pooled_dim)
+            feeds = {k: v.numpy() for k, v in ins.items()}
+            graph = manifest.unet_graph(variant, hw)
+            session = runner.session(graph)
+            t = time.perf_counter()
+            times = blocks(
+                {"torch": lambda m=module, i=ins: m(*i.values()), "onnx": lambda s=session, f=feeds: s.run(None, f)}, args.variant_runs
+            )
+            row = {
+                "graph": graph.name,
+                "latent": list(hw),
+                "batch": batch,
+                "macs": counter.macs(variant, hw, batch),
+                "torch_median_s": statistics.median(times["torch"]),
+                "onnx_median_s": statistics.median(times["onnx"]),
+                "torch_runs_s": times["torch"],
+                "onnx_runs_s": times["onnx"],
+            }
+            row["onnx_vs_torch"] = row["torch_median_s"] / row["onnx_median_s"]
+            result["graphs"].append(row)
+            print(
+                f"{graph.name:20s} {hw[0]}x{hw[1]} b{batch}: torch {row['torch_median_s']:.4f} s, onnx {row['onnx_median_s']:.4f} s "
+                f"({row['onnx_vs_torch']:.2f}x)  [{time.perf_counter() - t:.0f} s]",
+                flush=True,
+            )
+            save()
+
+        cond = conditioning(model, args.images, latent)
+        denoisers = {"torch": TorchDenoiser(split), "onnx": GraphDenoiser(manifest, runner)}
+        runs: dict[str, list[float]] = {}
+        for _ in range(args.plan_runs):
+            for backend, den in denoisers.items():
+                for name, p in (("baseline", base), (plan.name, plan)):
+                    g = torch.Generator().manual_seed(0)
+                    t = time.perf_counter()
+                    run_plan(
+                        p,
+                        den,
+                        model.scheduler("DDIMScheduler"),
+                        cond,
+                        generator=g,
+                        channels=int(model.unet_config.get("in_channels", 4)),
+                        progress=False,
+                    )
+                    runs.setdefault(f"{backend}/{name}", []).append(time.perf_counter() - t)
+                    print(f"whole {backend}/{name}: {runs[f'{backend}/{name}'][-1]:.2f} s", flush=True)
+                    result["whole"] = {k: {"median_s": statistics.median(v), "runs_s": v} for k, v in runs.items()}
+                    save()
+        for backend in denoisers:
+            speedup = result["whole"][f"{backend}/baseline"]["median_s"] / result["whole"][f"{backend}/{plan.name}"]["median_s"]
+            result[f"{backend}_speedup"] = speedup
+            result[f"{backend}_efficiency"] = speedup * cost.ratio
+        save()
+
+    print()
+    print(
+        f"ONNX Runtime vs PyTorch: {result['model']}, {px} px, plan {recipe.label}, {args.steps} DDIM steps, CFG, "
+        f"{args.images} image(s) per call, {machine_info()['cpu']}, {args.threads} threads, N={2 * args.variant_runs} per graph and backend"
+    )
+    print("| graph | latent | batch | GMACs | torch s | ORT s | ORT speedup over torch |")
+    print("|---|---|---|---|---|---|---|")
+    for r in result["graphs"]:
+        print(
+            f"| {r['graph']} | {r['latent'][0]}x{r['latent'][1]} | {r['batch']} | {r['macs'] / 1e9:.2f} | {r['torch_median_s']:.4f} | "
+            f"{r['onnx_median_s']:.4f} | {r['onnx_vs_torch']:.2f}x |"
+        )
+    print()
+    print(f"| backend | baseline s | {recipe.label} s | speedup | MACs speedup | efficiency | runs |")
+    print("|---|---|---|---|---|---|---|")
+    for backend in ("torch", "onnx"):
+        w = result["whole"]
+        print(
+            f"| {backend} | {w[f'{backend}/baseline']['median_s']:.2f} | {w[f'{backend}/{plan.name}']['median_s']:.2f} | "
+            f"{result[f'{backend}_speedup']:.2f}x | {1 / cost.ratio:.2f}x | {result[f'{backend}_efficiency']:.2f} | {args.plan_runs} |"
+        )
+    print(f"\nwrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

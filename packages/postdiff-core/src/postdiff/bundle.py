@@ -1,0 +1,253 @@
+"""Exported bundles: a folder of graphs plus ``manifest.json``, the one format every exporter writes.
+
+The manifest says what the bundle is and what it can serve, so a runtime checks a bundle before it runs it:
+
+* ``model``: what the graphs come from (kind ``reference``/``sd``/``sdxl``, the planner's ``ModelSpec``, image and
+  latent size, the scheduler configuration, what prompt encoding needs);
+* ``recipe`` / ``plan``: the plan it was exported for; ``cache_block`` and ``latent_sizes`` bound the plans it serves;
+* ``graphs``: one entry per graph (UNet variant, text encoder, VAE decoder, class encoder) with its file, the
+  latent size and batch it is fixed to (``null``: dynamic), its inputs and outputs (name, shape, dtype), MACs per
+  call at batch 1, and the PSNR against PyTorch measured at export;
+* ``cache_tensors``: the tensors a runtime carries between steps (DeepCache feature, cross-attention outputs);
+* ``tools``: versions of what made it; ``files``: the sha256 of every file.
+
+Bundles are written to a temporary folder beside the destination and renamed into place only when complete
+(``staged_bundle``): an interrupted export leaves nothing behind under the destination's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError, ExportError, PlanError
+from .plan import Plan
+
+BUNDLE_FORMAT = "postdiff.bundle/1"
+MANIFEST = "manifest.json"
+UNET = "unet"
+
+
+def hw_key(hw) -> str:
+    return f"{int(hw[0])}x{int(hw[1])}"
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    shape: list  # ints, or strings for dynamic dimensions
+    dtype: str
+
+
+@dataclass
+class Graph:
+    name: str
+    role: str  # "unet" | "class_encoder" | "text_encoder" | "text_encoder_2" | "vae_decoder"
+    file: str  # path inside the bundle
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    variant: str | None = None  # UNet graphs: full, shallow, full_capture, full_cached, shallow_cached
+    latent_hw: list[int] | None = None  # fixed latent size, or None (dynamic: every size in latent_sizes)
+    batch: int | None = None  # fixed batch, or None (dynamic)
+    function: str | None = None  # function inside a multifunction file (Core ML)
+    exporter: str | None = None  # how it was made ("dynamo", "torchscript", ...)
+    macs: dict[str, int] = field(default_factory=dict)  # latent size "HxW" -> MACs per call at batch 1
+    psnr: dict[str, float] = field(default_factory=dict)  # latent size "HxW" -> min PSNR over outputs vs torch
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Graph:
+        d = dict(d)
+        d["inputs"] = [TensorSpec(**t) for t in d.get("inputs", [])]
+        d["outputs"] = [TensorSpec(**t) for t in d.get("outputs", [])]
+        return cls(**d)
+
+
+@dataclass
+class Manifest:
+    backend: str
+    model: dict[str, Any]
+    recipe: dict[str, Any]
+    plan: dict[str, Any]
+    cache_block: int
+    latent_sizes: list[list[int]]
+    precision: str
+    graphs: list[Graph]
+    cache_tensors: list[TensorSpec] = field(default_factory=list)
+    tools: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    format: str = BUNDLE_FORMAT
+
+    # -- lookup ----------------------------------------------------------------------------------------------------
+    def graph(self, role: str) -> Graph:
+        for g in self.graphs:
+            if g.role == role:
+                return g
+        raise BundleError(f"the bundle has no {role} graph; re-export it with a current postdiff")
+
+    def has(self, role: str) -> bool:
+        return any(g.role == role for g in self.graphs)
+
+    def unet_graph(self, variant: str, latent_hw, batch: int | None = None, *, static: bool = False) -> Graph:
+        """The graph that runs ``variant`` at ``latent_hw``: with ``static``, the copy fixed to that size and batch."""
+        hw = [int(latent_hw[0]), int(latent_hw[1])]
+        for g in self.graphs:
+            if g.role != UNET or g.variant != variant:
+                continue
+            if static and g.latent_hw == hw and g.batch == batch:
+                return g
+            if not static and g.latent_hw is None and hw in self.latent_sizes:
+                return g
+        kind = f"static ({hw_key(hw)}, batch {batch})" if static else f"at {hw_key(hw)}"
+        raise BundleError(f"the bundle has no {variant} UNet graph {kind}; it {self.serves()}")
+
+    def serves(self) -> str:
+        variants = sorted({g.variant for g in self.graphs if g.role == UNET})
+        sizes = ", ".join(hw_key(s) for s in self.latent_sizes)
+        return f"serves the variants {', '.join(variants)} at latent sizes {sizes} with DeepCache block {self.cache_block}"
+
+    def check_plan(self, plan: Plan, *, static: bool = False, batch_of=None) -> None:
+        """Refuse, naming what is missing, a plan this bundle cannot run (before anything runs)."""
+        missing: list[str] = []
+        if plan.recipe.cache_block != self.cache_block and any(s.unet == "shallow" for s in plan.steps):
+            missing.append(f"DeepCache block {plan.recipe.cache_block} (exported with block {self.cache_block})")
+        for step in plan.steps:
+            batch = batch_of(step) if (static and batch_of) else None
+            try:
+                self.unet_graph(step.variant, step.latent_hw, batch, static=static)
+            except BundleError:
+                what = f"{step.variant} at {hw_key(step.latent_hw)}" + (f" batch {batch}" if static else "")
+                if what not in missing:
+                    missing.append(what)
+        if missing:
+            raise PlanError(
+                f"this bundle cannot run plan {plan.name!r}: it lacks {'; '.join(missing)}. The bundle {self.serves()}. "
+                f"Export a bundle for this plan (postdiff export {self.backend} --plan ...)"
+            )
+
+    # -- serialisation ---------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str) -> Manifest:
+        try:
+            d = dict(d)
+            d["graphs"] = [Graph.from_dict(g) for g in d["graphs"]]
+            d["cache_tensors"] = [TensorSpec(**t) for t in d.get("cache_tensors", [])]
+            return cls(**d)
+        except (KeyError, TypeError) as exc:
+            raise BundleError(f"{where} is not a valid PostDiff manifest ({exc}); re-export the bundle") from None
+
+
+def tool_versions(*modules: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("postdiff-core", "torch", "diffusers", "transformers", *modules):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- writing ---------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def staged_bundle(destination: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``destination``; on success it becomes ``destination``.
+
+    The caller writes every file and then ``write_manifest``. If anything fails, or the process is interrupted,
+    the temporary folder is removed and ``destination`` is untouched (with ``overwrite``, an existing bundle is
+    replaced only once the new one is complete)."""
+    dest = Path(destination).expanduser().resolve()
+    if dest.exists() and not overwrite:
+        raise ExportError(f"output folder {dest} already exists; choose another -o, remove it, or pass --overwrite")
+    if dest.exists() and not (dest / MANIFEST).is_file():
+        raise ExportError(f"{dest} exists and is not a PostDiff bundle; refusing to replace it. Choose another -o")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        yield tmp
+        if not (tmp / MANIFEST).is_file():
+            raise ExportError("internal error: the export wrote no manifest")
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Checksum every file in ``folder`` and write the manifest (last, so its presence means "complete")."""
+    manifest.files = {p.relative_to(folder).as_posix(): sha256(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    manifest.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    (folder / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
+
+
+# -- reading ---------------------------------------------------------------------------------------------------------
+def read_manifest(folder: str | Path, backend: str, *, verify: bool = True) -> tuple[Path, Manifest]:
+    """The bundle's manifest, after checking that every file it lists is present and unchanged."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise BundleError(f"bundle folder {folder} does not exist; export one with `postdiff export {backend} -o {folder}`")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{folder} is not a PostDiff bundle (no {MANIFEST}); export one with `postdiff export {backend}`")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc}); the bundle is damaged, re-export it") from None
+    if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise BundleError(f"{path} has format {got!r}, this postdiff reads {BUNDLE_FORMAT!r}; re-export the bundle")
+    manifest = Manifest.from_dict(data, str(path))
+    if manifest.backend != backend:
+        raise BundleError(f"{folder} is a {manifest.backend} bundle; run it with --backend {manifest.backend}")
+    if verify:
+        verify_files(folder, manifest)
+    return folder, manifest
+
+
+def verify_files(folder: Path, manifest: Manifest) -> None:
+    for rel, digest in manifest.files.items():
+        p = folder / rel
+        if not p.is_file():
+            raise BundleError(f"bundle file {rel} is missing from {folder}; the bundle is incomplete, re-export it")
+        if sha256(p) != digest:
+            raise BundleError(f"bundle file {rel} does not match its checksum in {MANIFEST} (truncated or modified); re-export the bundle")
+    listed = set(manifest.files)
+    for g in manifest.graphs:
+        if g.file not in listed and not any(f.startswith(g.file.rstrip("/") + "/") for f in listed):
+            raise BundleError(f"graph {g.name} names file {g.file}, which {MANIFEST} does not list; re-export the bundle")

@@ -1,0 +1,97 @@
+"""Core ML backend runtime (macOS only): a ``GraphRunner`` over the bundle's packages and functions.
+
+The plan checks, caches, sampling loop and prompt encoding are ``postdiff.bundle_runtime``, shared with ONNX
+Runtime; this module only loads ``MLModel`` functions and calls ``predict``. Every Core ML graph has fixed
+shapes, so the runtime always uses the bundle's fixed-shape graphs (``static``), ``images_per_call`` at a time.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from postdiff.bundle import Graph, read_manifest
+from postdiff.bundle_runtime import BundlePipeline
+from postdiff.errors import BundleError
+
+COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
+
+
+def check_compute_units(units: str) -> str:
+    if units not in COMPUTE_UNITS:
+        raise BundleError(f"unknown compute unit {units!r}; use one of {', '.join(COMPUTE_UNITS)}")
+    return units
+
+
+def require_macos() -> None:
+    if platform.system() != "Darwin":
+        raise BundleError(f"Core ML bundles run only on macOS (this is {platform.system()}); use --backend onnx here")
+
+
+class CoreMLRunner:
+    """One ``MLModel`` per (package, function), loaded on first use and kept."""
+
+    def __init__(self, folder: Path, compute_units: str = "ALL") -> None:
+        self.folder, self.compute_units = Path(folder), check_compute_units(compute_units)
+        self.models: dict[tuple[str, str | None], object] = {}
+
+    def model(self, graph: Graph):
+        key = (graph.file, graph.function)
+        if key not in self.models:
+            import coremltools as ct
+
+            kwargs = {"function_name": graph.function} if graph.function else {}
+            try:
+                self.models[key] = ct.models.MLModel(
+                    str(self.folder / graph.file), compute_units=getattr(ct.ComputeUnit, self.compute_units), **kwargs
+                )
+            except Exception as exc:  # coremltools raises plain Exceptions for damaged packages and missing functions
+                what = f"function {graph.function} of {graph.file}" if graph.function else graph.file
+                raise BundleError(f"Core ML cannot load {what}: {str(exc).splitlines()[0][:300]}; re-export the bundle") from None
+        return self.models[key]
+
+    def run(self, graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for spec in graph.inputs:
+            x = feeds.get(spec.name)
+            if x is None:
+                raise BundleError(f"graph input {spec.name!r} was not given")
+            if list(x.shape) != list(spec.shape):
+                raise BundleError(f"graph input {spec.name!r} has shape {list(x.shape)}, {graph.name} takes {spec.shape}")
+        cast = {t.name: (np.int32 if t.dtype == "int32" else np.float32) for t in graph.inputs}
+        out = self.model(graph).predict({k: np.ascontiguousarray(v, dtype=cast[k]) for k, v in feeds.items() if k in cast})
+        return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def inspect_bundle(folder: str | Path, *, verify: bool = True):
+    """The bundle's manifest, after checking (on any OS, without loading a model) that every package opens as a
+    Core ML spec and has every function the manifest names."""
+    folder, manifest = read_manifest(folder, "coreml", verify=verify)
+    import coremltools as ct
+
+    specs: dict[str, set[str]] = {}
+    for graph in manifest.graphs:
+        if graph.file not in specs:
+            try:
+                spec = ct.models.MLModel(str(folder / graph.file), skip_model_load=True).get_spec()
+            except Exception as exc:
+                raise BundleError(
+                    f"{graph.file} is not a readable Core ML package ({str(exc).splitlines()[0][:200]}); re-export the bundle"
+                ) from None
+            specs[graph.file] = {f.name for f in spec.description.functions}
+        if graph.function and graph.function not in specs[graph.file]:
+            raise BundleError(
+                f"function {graph.function} is missing from {graph.file} (it has {', '.join(sorted(specs[graph.file])) or 'none'}); "
+                f"re-export the bundle"
+            )
+    return folder, manifest
+
+
+def load_bundle(folder: str | Path, *, compute_units: str = "ALL", verify: bool = True) -> BundlePipeline:
+    """Open a Core ML bundle on macOS: compute units and platform are checked before anything is loaded."""
+    check_compute_units(compute_units)
+    require_macos()
+    folder, manifest = inspect_bundle(folder, verify=verify)
+    images = int(manifest.tools.get("images_per_call", "1"))
+    return BundlePipeline(folder, manifest, CoreMLRunner(folder, compute_units), static=True, static_batch=images)

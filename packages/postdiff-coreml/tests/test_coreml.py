@@ -1,0 +1,196 @@
+"""Core ML bundles: what can be checked on any OS (functions, names, shapes, dtypes, metadata, weight sharing,
+plan refusal, bad input) and, on macOS only, the numbers (PSNR against PyTorch per function and end to end)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from postdiff.bundle import UNET, read_manifest
+from postdiff.bundle_runtime import BundlePipeline
+from postdiff.errors import BundleError, ExportError, PlanError
+from postdiff.generation import source_for
+from postdiff.metrics import psnr, tensor_psnr
+from postdiff.models import load_model
+from postdiff.unet import UNetSplit
+from postdiff_coreml.export import UNET_PACKAGE, export_coreml
+from postdiff_coreml.runtime import inspect_bundle, load_bundle
+
+ct = pytest.importorskip("coremltools")
+ON_MACOS = platform.system() == "Darwin"
+NEEDS_MACOS = pytest.mark.skipif(
+    not ON_MACOS,
+    reason="Core ML prediction needs macOS: coremltools converts on Linux but cannot run a model, so numerics are checked on macOS only",
+)
+ALL = ["reference", "sd", "sdxl"]
+DTYPES = {65568: "float32", 131104: "int32", 65552: "float16"}
+
+
+def _spec(path: Path):
+    return ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _pipeline(folder) -> BundlePipeline:
+    """The shared bundle pipeline without a runner: enough to compile and check plans on any OS."""
+    folder, manifest = inspect_bundle(folder)
+    return BundlePipeline(folder, manifest, runner=None, static=True, static_batch=1)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_package_has_exactly_the_functions_the_plan_needs(coreml_bundles, name):
+    folder, manifest = inspect_bundle(coreml_bundles(name))
+    plan = _pipeline(folder).compile()
+    wanted = {f"{v}_{hw[0]}x{hw[1]}" for v, hw in plan.variants()}
+    spec = _spec(folder / UNET_PACKAGE)
+    functions = {f.name: f for f in spec.description.functions}
+    assert set(functions) == wanted
+    assert spec.specificationVersion >= 9  # multifunction: macOS 15 / iOS 18
+    meta = dict(spec.description.metadata.userDefined)
+    assert set(meta["postdiff.functions"].split(",")) == wanted and meta["postdiff.plan"] == plan.name
+    model = load_model(manifest.model["name"], need_pipeline=True)
+    with UNetSplit(model.pipeline.unet, block=0) as split:
+        for graph in (g for g in manifest.graphs if g.role == UNET):
+            f = functions[graph.function]
+            module = split.module(graph.variant)
+            ins = module.example_inputs(tuple(graph.latent_hw), graph.batch, text_len=model.text_len, pooled_dim=model.pooled_dim)
+            assert [i.name for i in f.input] == module.input_names() == graph.input_names
+            assert [list(i.type.multiArrayType.shape) for i in f.input] == [list(x.shape) for x in ins.values()]
+            assert {DTYPES[i.type.multiArrayType.dataType] for i in f.input} == {"float32"}
+            assert [o.name for o in f.output] == module.output_names() == graph.output_names
+            with torch.no_grad():
+                out = module(*ins.values())
+            assert [t.shape for t in graph.outputs] == [list(o.shape) for o in out]
+            # a CFG step's function takes the doubled batch, a gated (conditional-only) step's the single one
+            assert graph.batch == (2 if any(s.guidance == "cfg" and s.variant == graph.variant for s in plan.steps) else 1)
+
+
+def test_pipeline_models_and_manifest(coreml_bundles):
+    folder, manifest = inspect_bundle(coreml_bundles("sdxl"))
+    assert manifest.backend == "coreml" and manifest.tools["target"] == "macos15" and "coremltools" in manifest.tools
+    roles = {g.role: g for g in manifest.graphs}
+    assert set(roles) == {UNET, "text_encoder", "text_encoder_2", "vae_decoder"}
+    enc = _spec(folder / roles["text_encoder_2"].file)
+    assert [o.name for o in enc.description.output] == ["hidden_states", "text_embeds"]
+    assert DTYPES[enc.description.input[0].type.multiArrayType.dataType] == "int32"
+    assert (folder / "tokenizer_2").is_dir()
+    names = {t.name for t in manifest.cache_tensors}
+    assert "deep" in names and any(n.startswith("xattn_") for n in names)
+    data = json.loads((folder / "manifest.json").read_text())
+    assert data["format"] == "postdiff.bundle/1" and all(len(v) == 64 for v in data["files"].values())
+
+
+def test_functions_share_one_copy_of_the_weights(coreml_bundles):
+    multi = coreml_bundles("reference") / UNET_PACKAGE  # 5 functions
+    single = coreml_bundles("reference_single") / UNET_PACKAGE  # 1 function (full 32x32), the same weights
+    assert len(_spec(multi).description.functions) == 5 and len(_spec(single).description.functions) == 1
+    weights = [next(p.rglob("weight.bin")).stat().st_size for p in (multi, single)]
+    assert weights[0] <= 1.2 * weights[1], weights  # the weights are stored once, not five times
+    # The rest of the growth is the four extra programs (about 0.2 MB of MIL each), not weights. On this 1M-parameter
+    # model that makes the whole package 1.3x the single one; on SD1.5 (1.7 GB of fp16 weights) it is < 0.1%.
+    program = next(single.rglob("model.mlmodel")).stat().st_size
+    assert _dir_size(multi) - _dir_size(single) <= 4 * program, (_dir_size(multi), _dir_size(single), program)
+
+
+def test_plan_the_package_cannot_serve_is_refused(coreml_bundles):
+    pipe = _pipeline(coreml_bundles("reference_single"))
+    with pytest.raises(PlanError, match=r"lacks .*shallow at 32x32 batch 2.*postdiff export coreml"):
+        pipe.compile("deepcache")
+    with pytest.raises(PlanError, match="16x16"):
+        pipe.compile("mixed-res")
+
+
+def test_runtime_needs_macos_and_known_compute_units(coreml_bundles, tmp_path):
+    with pytest.raises(BundleError, match="unknown compute unit 'NPU'; use one of ALL, CPU_AND_NE, CPU_AND_GPU, CPU_ONLY"):
+        load_bundle(coreml_bundles("reference"), compute_units="NPU")
+    if not ON_MACOS:
+        with pytest.raises(BundleError, match=r"Core ML bundles run only on macOS \(this is .*\); use --backend onnx here"):
+            load_bundle(tmp_path / "not-even-there")  # refused before anything is loaded
+
+
+def test_corrupted_package_and_missing_function(coreml_bundles, tmp_path):
+    dst = tmp_path / "b"
+    shutil.copytree(coreml_bundles("reference"), dst)
+    blob = next((dst / UNET_PACKAGE).rglob("weight.bin"))
+    blob.write_bytes(blob.read_bytes()[:1000])
+    with pytest.raises(BundleError, match="does not match its checksum"):
+        inspect_bundle(dst)
+    shutil.rmtree(dst)
+    shutil.copytree(coreml_bundles("reference"), dst)
+    (dst / "manifest.json").write_text(
+        (dst / "manifest.json").read_text().replace('"function": "shallow_16x16"', '"function": "shallow_24x24"')
+    )
+    with pytest.raises(BundleError, match="function shallow_24x24 is missing from unet.mlpackage"):
+        inspect_bundle(dst, verify=False)
+    spec_file = next((dst / UNET_PACKAGE).rglob("model.mlmodel"))
+    spec_file.write_bytes(b"not a protobuf at all")
+    with pytest.raises(BundleError, match="not a readable Core ML package"):
+        inspect_bundle(dst, verify=False)
+
+
+def test_bad_export_options(tmp_path):
+    with pytest.raises(ExportError, match="--target"):
+        export_coreml("reference", "deepcache", tmp_path / "x", target="ios12")
+    with pytest.raises(ExportError, match="--weights"):
+        export_coreml("reference", "deepcache", tmp_path / "x", weights="3bit")
+    with pytest.raises(ExportError, match="--batch"):
+        export_coreml("reference", "deepcache", tmp_path / "x", batch=0)
+
+
+def test_8bit_weights_are_compressed_in_every_function(tmp_path):
+    folder = export_coreml("reference", "deepcache", tmp_path / "q8", weights="8bit", log=lambda m: None)
+    spec = _spec(folder / UNET_PACKAGE)
+    assert {f.name for f in spec.description.functions} == {"full_32x32", "shallow_32x32"}
+    blob = next((folder / UNET_PACKAGE).rglob("weight.bin")).stat().st_size
+    params = sum(p.numel() for p in load_model("reference", need_pipeline=True).pipeline.unet.parameters())
+    assert blob < 1.3 * params  # about one byte per weight (fp16 would be two), stored once for both functions
+
+
+def test_macos14_target_writes_one_package_per_function(tmp_path):
+    folder = export_coreml("reference", "deepcache", tmp_path / "m14", target="macos14", log=lambda m: None)
+    _, manifest = inspect_bundle(folder)
+    files = sorted(g.file for g in manifest.graphs if g.role == UNET)
+    assert files == ["unet_full_32x32.mlpackage", "unet_shallow_32x32.mlpackage"]
+    assert all(g.function is None for g in manifest.graphs)
+    assert not (folder / UNET_PACKAGE).exists()
+
+
+# -- numerics: macOS only ----------------------------------------------------------------------------------------------
+@NEEDS_MACOS
+@pytest.mark.parametrize("name", ALL)
+def test_every_function_matches_torch(coreml_bundles, name):
+    folder, manifest = read_manifest(coreml_bundles(name), "coreml")
+    pipe = load_bundle(folder, compute_units="CPU_ONLY")
+    model = load_model(manifest.model["name"], need_pipeline=True)
+    with UNetSplit(model.pipeline.unet, block=0) as split:
+        for graph in (g for g in manifest.graphs if g.role == UNET):
+            module = split.module(graph.variant)
+            ins = module.example_inputs(tuple(graph.latent_hw), graph.batch, text_len=model.text_len, pooled_dim=model.pooled_dim)
+            with torch.no_grad():
+                expected = module(*ins.values())
+            got = pipe.runner.run(graph, {k: v.numpy() for k, v in ins.items()})
+            worst = min(tensor_psnr(got[n], e.numpy()) for n, e in zip(graph.output_names, expected))
+            assert worst >= 35.0, (graph.name, worst)
+
+
+@NEEDS_MACOS
+@pytest.mark.parametrize("name", ALL)
+def test_end_to_end_image_matches_torch(coreml_bundles, name):
+    pipe = load_bundle(coreml_bundles(name), compute_units="CPU_ONLY")
+    plan = pipe.compile()
+    conditions = [3, 8] if name == "reference" else ["a red apple on a table"]
+    got = pipe.generate(conditions, plan, seed=5)
+    ref = source_for(load_model(pipe.info["name"], need_pipeline=True)).generate(
+        plan.recipe, len(conditions), seed=5, conditions=conditions
+    )
+    assert min(psnr(a, b) for a, b in zip(got, ref.images)) >= 35.0
+    assert np.isfinite(got).all()

@@ -1,0 +1,258 @@
+"""``postdiff export onnx``: the graphs a plan needs, verified against PyTorch, as one self-describing bundle.
+
+Each graph is traced with ``torch.onnx.export(..., dynamo=True)`` with a dynamic batch and latent height and
+width (multiples of the UNet's downsampling factor); the legacy TorchScript exporter is used only if the dynamo
+route fails. Only standard ONNX operators are emitted (no ``onnxruntime.transformers`` fusions: they produce
+CUDA-only operators that fail on CPU and NPU providers). Weights sit in one external-data file per graph
+(``<graph>.onnx.data``), which ``--static`` copies (one per latent size and batch the plan uses, for NPU
+execution providers) share instead of duplicating.
+
+Every graph is checked at export: PyTorch and ONNX Runtime run the same inputs at every latent size the plan
+uses, and the export fails unless the PSNR of every output is at least ``PSNR_GATE`` dB. The measured values go
+into the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from postdiff.bundle import UNET, Graph, Manifest, TensorSpec, hw_key, staged_bundle, tool_versions, write_manifest
+from postdiff.errors import ExportError
+from postdiff.graphs import GraphSource, model_info, pipeline_graphs, prepare_export, save_tokenizers, unet_graphs, unet_of
+from postdiff.metrics import tensor_psnr
+from postdiff.models import Model
+from postdiff.unet import UNetSplit
+
+from .session import make_session, run, tensor_specs
+
+PRECISIONS = ("fp32", "fp16")
+PSNR_GATE = 35.0  # dB, every output of every graph at every size (Apple's gate for converted models)
+# Opset 23 has the standard Attention, GroupNormalization and Gelu operators, which ONNX Runtime runs fused
+# (arch:sd15 shallow pass on this CPU: 0.19 s at opset 23 against 0.21 s at opset 18, where attention is
+# MatMul/Softmax and group norm is InstanceNormalization plus reshapes). --opset 18 for older runtimes.
+DEFAULT_OPSET = 23
+OPSETS = range(17, 24)
+
+
+def export_onnx(
+    model: str | Model,
+    plan: str = "postdiff",
+    output: str | Path = "bundle",
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    steps: int | None = None,
+    scheduler: str | None = None,
+    precision: str = "fp32",
+    static: bool = False,
+    batch: int = 1,
+    overwrite: bool = False,
+    verify: bool = True,
+    opset: int = DEFAULT_OPSET,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Export the graphs ``plan`` needs for ``model`` into the bundle folder ``output``; returns its path."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if opset not in OPSETS:
+        raise ExportError(f"--opset must be from {OPSETS.start} to {OPSETS.stop - 1}, got {opset}")
+    if batch < 1:
+        raise ExportError(f"--batch (images per call of the static graphs) must be at least 1, got {batch}")
+    job = prepare_export(model, plan, height=height, width=width, steps=steps, scheduler=scheduler)
+    model, compiled, counter, latent_hw, sizes = job.model, job.plan, job.counter, job.latent_hw, job.sizes
+    unet = unet_of(model)
+    start = time.perf_counter()
+    with staged_bundle(output, overwrite=overwrite) as folder, UNetSplit(unet, block=compiled.recipe.cache_block) as split:
+        sources = unet_graphs(split, compiled, model) + pipeline_graphs(model)
+        graphs: list[Graph] = []
+        for i, src in enumerate(sources, 1):
+            log(f"[{i}/{len(sources)}] {src.name}: exporting")
+            t0 = time.perf_counter()
+            graph = _export_graph(src, folder, precision, opset)
+            check_sizes = sizes if src.role == UNET else [latent_hw]
+            _measure(src, graph, folder, check_sizes, verify)
+            if src.role == UNET:  # the core's cost model, so manifest and `postdiff plan cost` agree
+                graph.macs = {hw_key(hw): counter.macs(src.variant, hw, 1) for hw in sizes}
+            psnr = ", ".join(f"{k} {v:.1f} dB" for k, v in graph.psnr.items())
+            log(
+                f"[{i}/{len(sources)}] {src.name}: done in {time.perf_counter() - t0:.1f} s" + (f" (PSNR vs torch: {psnr})" if psnr else "")
+            )
+            graphs.append(graph)
+            if static and src.role == UNET:
+                for hw in sizes:
+                    for b in job.batches(src.variant, hw, batch):
+                        graphs.append(_static_copy(src, graph, folder, hw, b, verify))
+        save_tokenizers(model, folder)
+        manifest = Manifest(
+            backend="onnx",
+            model=model_info(model, latent_hw, compiled),
+            recipe=compiled.recipe.to_dict(),
+            plan=compiled.to_dict(),
+            cache_block=compiled.recipe.cache_block,
+            latent_sizes=[list(hw) for hw in sizes],
+            precision=precision,
+            graphs=graphs,
+            cache_tensors=_cache_tensors(graphs),
+            tools={**tool_versions("onnx", "onnxruntime", "onnxscript", "postdiff-onnx"), "opset": str(opset)},
+        )
+        write_manifest(folder, manifest)
+    log(f"bundle written to {Path(output).resolve()} in {time.perf_counter() - start:.0f} s ({len(graphs)} graphs)")
+    return Path(output).resolve()
+
+
+def _export_graph(src: GraphSource, folder: Path, precision: str, opset: int) -> Graph:
+    example = src.example(_example_hw(src), 2)
+    path = folder / f"{src.name}.onnx"
+    args = tuple(example.values())
+    log = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(log), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            prog = torch.onnx.export(
+                src.module,
+                args,
+                dynamo=True,
+                dynamic_shapes=src.dynamic_shapes,
+                input_names=src.input_names,
+                output_names=src.output_names,
+                opset_version=opset,
+                optimize=True,
+            )
+            prog.save(str(path), external_data=True)
+            exporter = "dynamo"
+        except Exception as exc:  # the dynamo route failed: fall back to the legacy TorchScript exporter
+            first_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            try:
+                _legacy_export(src, args, path, min(opset, 17))
+            except Exception as exc2:
+                raise ExportError(
+                    f"cannot export {src.name} to ONNX: torch.export failed ({first_error}) and so did the legacy exporter "
+                    f"({type(exc2).__name__}: {str(exc2).splitlines()[0][:200]})"
+                ) from None
+            exporter = "torchscript"
+    if precision == "fp16":
+        _to_fp16(path)
+    session = make_session(path)
+    return Graph(
+        name=src.name,
+        role=src.role,
+        file=path.name,
+        inputs=tensor_specs(session.get_inputs()),
+        outputs=tensor_specs(session.get_outputs()),
+        variant=src.variant,
+        exporter=exporter,
+    )
+
+
+def _example_hw(src: GraphSource) -> tuple[int, int]:
+    """A small latent size to trace at (the graph stays dynamic); not 1x1 so no dimension specialises."""
+    f = getattr(src.module, "unet", None)
+    if f is not None:
+        from postdiff.unet import downsample_factor
+
+        side = 2 * downsample_factor(f)
+        return side, side
+    return 8, 8
+
+
+def _legacy_export(src: GraphSource, args: tuple, path: Path, opset: int) -> None:
+    axes: dict[str, dict[int, str]] = {}
+    for name, x in zip(src.input_names, args):
+        axes[name] = {0: "batch"}
+        if x.ndim == 4:
+            axes[name] |= {2: f"{name}_h", 3: f"{name}_w"}
+    for name in src.output_names:
+        axes[name] = {0: "batch"}
+    torch.onnx.export(
+        src.module,
+        args,
+        str(path),
+        dynamo=False,
+        input_names=src.input_names,
+        output_names=src.output_names,
+        dynamic_axes=axes,
+        opset_version=opset,
+    )
+
+
+def _to_fp16(path: Path) -> None:
+    """fp16 weights and compute where the provider has fp16 kernels; inputs and outputs stay fp32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(path))
+    model = convert_float_to_float16(model, keep_io_types=True)
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+
+
+def _measure(src: GraphSource, graph: Graph, folder: Path, sizes, verify: bool, *, batch: int = 2) -> None:
+    """MACs per call (batch 1) counted on the PyTorch run; with ``verify``, the PSNR of ONNX Runtime against it."""
+    session = make_session(folder / graph.file) if verify else None
+    for hw in sizes:
+        feeds = src.example(hw, batch)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            expected = src.module(*feeds.values())
+        graph.macs[hw_key(hw)] = int(counter.get_total_flops()) // 2 // batch
+        if session is None:
+            continue
+        got = run(session, {k: v.numpy() for k, v in feeds.items()})
+        worst = min(tensor_psnr(got[name], ref.numpy()) for name, ref in zip(src.output_names, expected))
+        graph.psnr[hw_key(hw)] = round(worst, 2) if math.isfinite(worst) else 999.0
+        if worst < PSNR_GATE:
+            raise ExportError(
+                f"{graph.name} at {hw_key(hw)}: ONNX Runtime output differs from PyTorch (PSNR {worst:.1f} dB, gate "
+                f"{PSNR_GATE:.0f} dB); the export is wrong and was not written"
+            )
+
+
+def _static_copy(src: GraphSource, graph: Graph, folder: Path, hw, batch: int, verify: bool) -> Graph:
+    """The graph with every input fixed to one latent size and batch; it shares the dynamic graph's weight file."""
+    import onnx
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
+
+    feeds = src.example(hw, batch)
+    proto = onnx.load(str(folder / graph.file), load_external_data=False)
+    for name, x in feeds.items():
+        make_input_shape_fixed(proto.graph, name, list(x.shape))
+    with contextlib.suppress(Exception):  # best effort: outputs whose shapes inference can resolve
+        fix_output_shapes(proto)
+    name = f"{src.name}.{hw_key(hw)}.b{batch}"
+    onnx.save_model(proto, str(folder / f"{name}.onnx"))
+    session = make_session(folder / f"{name}.onnx")
+    copy = Graph(
+        name=name,
+        role=graph.role,
+        file=f"{name}.onnx",
+        inputs=tensor_specs(session.get_inputs()),
+        outputs=tensor_specs(session.get_outputs()),
+        variant=graph.variant,
+        latent_hw=list(hw),
+        batch=batch,
+        exporter=graph.exporter,
+        macs={hw_key(hw): graph.macs.get(hw_key(hw), 0)},
+    )
+    if verify:
+        _measure(src, copy, folder, [hw], True, batch=batch)
+    return copy
+
+
+def _cache_tensors(graphs: list[Graph]) -> list[TensorSpec]:
+    """The tensors carried between steps: what full graphs return and shallow/cached graphs take."""
+    seen: dict[str, TensorSpec] = {}
+    for g in graphs:
+        if g.role == UNET and g.latent_hw is None:
+            for t in g.outputs:
+                if t.name != "eps" and t.name not in seen:
+                    seen[t.name] = t
+    return list(seen.values())

@@ -1,0 +1,165 @@
+"""ONNX export and runtime: graphs, manifest, PSNR against PyTorch per graph and end to end, static copies."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from postdiff.bundle import UNET, read_manifest
+from postdiff.cost import MacCounter
+from postdiff.generation import source_for
+from postdiff.graphs import pipeline_graphs
+from postdiff.metrics import psnr, tensor_psnr
+from postdiff.models import load_model
+from postdiff.unet import UNetSplit
+from postdiff_onnx.runtime import load_bundle
+from postdiff_onnx.session import make_session, run
+
+HERE = Path(__file__).resolve().parent
+ALL = ["reference", "sd", "sdxl"]
+
+
+def _graph_psnrs(bundle: Path) -> dict[tuple[str, str], float]:
+    """Independent of the exporter's own check: PyTorch vs ORT for every dynamic graph at every latent size."""
+    folder, manifest = read_manifest(bundle, "onnx")
+    model = load_model(manifest.model["name"], need_pipeline=True)
+    others = {g.name: g for g in pipeline_graphs(model)}
+    out = {}
+    with UNetSplit(model.pipeline.unet, block=manifest.cache_block) as split:
+        for graph in manifest.graphs:
+            if graph.latent_hw is not None:
+                continue
+            session = make_session(folder / graph.file)
+            if graph.role == UNET:
+                module = split.module(graph.variant)
+                sizes = [tuple(s) for s in manifest.latent_sizes]
+
+                def example(hw, module=module):
+                    return module.example_inputs(hw, 2, text_len=model.text_len, pooled_dim=model.pooled_dim, seed=7)
+            else:
+                module, example, sizes = (
+                    others[graph.name].module,
+                    (lambda hw, g=others[graph.name]: g.example(hw, 2)),
+                    [tuple(manifest.model["latent_hw"])],
+                )
+            for hw in sizes:
+                ins = example(hw)
+                with torch.no_grad():
+                    expected = module(*ins.values())
+                got = run(session, {k: v.numpy() for k, v in ins.items()})
+                out[(graph.name, f"{hw[0]}x{hw[1]}")] = min(tensor_psnr(got[n], e.numpy()) for n, e in zip(graph.output_names, expected))
+    return out
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_graph_matches_torch_at_every_size_fp32(bundles, name):
+    psnrs = _graph_psnrs(bundles(name))
+    assert psnrs, "no graphs checked"
+    bad = {k: round(v, 1) for k, v in psnrs.items() if v < 60.0}
+    assert not bad, f"fp32 graphs below 60 dB: {bad}"
+
+
+def test_fp16_graphs_and_image_pass_the_35_db_gate(bundles):
+    bundle = bundles("reference_fp16")
+    _, manifest = read_manifest(bundle, "onnx")
+    assert manifest.precision == "fp16"
+    psnrs = _graph_psnrs(bundle)
+    bad = {k: round(v, 1) for k, v in psnrs.items() if v < 35.0}
+    assert not bad, f"fp16 graphs below 35 dB: {bad}"
+    pipe = load_bundle(bundle)
+    got = pipe.generate(list(range(10)), seed=2)
+    ref = source_for(load_model("reference", need_pipeline=True)).generate("deepcache", 10, seed=2)
+    assert min(psnr(a, b) for a, b in zip(got, ref.images)) >= 35.0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_end_to_end_image_matches_torch(bundles, name):
+    pipe = load_bundle(bundles(name))
+    plan = pipe.compile()
+    conditions = [3, 8, 9] if name == "reference" else ["a red apple on a table", "a lighthouse"]
+    got = pipe.generate(conditions, plan, seed=5)
+    torch_run = source_for(load_model(pipe.info["name"], need_pipeline=True)).generate(
+        plan.recipe, len(conditions), seed=5, conditions=conditions
+    )
+    assert got.shape == torch_run.images.shape
+    scores = [psnr(a, b) for a, b in zip(got, torch_run.images)]
+    assert min(scores) >= 35.0, scores
+    # a different seed gives a different image: the comparison is not vacuous
+    other = pipe.generate(conditions[:1], plan, seed=6)
+    assert psnr(other[0], got[0]) < 35.0
+
+
+def test_manifest_describes_the_bundle(bundles):
+    folder, manifest = read_manifest(bundles("reference"), "onnx")
+    plan = load_bundle(folder).compile()
+    dynamic = [g for g in manifest.graphs if g.role == UNET and g.latent_hw is None]
+    assert sorted(g.variant for g in dynamic) == sorted({v for v, _ in plan.variants()})
+    assert {g.role for g in manifest.graphs} == {UNET, "class_encoder"}
+    assert [tuple(s) for s in manifest.latent_sizes] == plan.latent_sizes == [(16, 16), (32, 32)]
+    assert manifest.recipe["name"] == "postdiff" and manifest.cache_block == 0
+    # every file is listed with its sha256; graphs name files that exist
+    assert all(len(d) == 64 for d in manifest.files.values())
+    assert {g.file for g in manifest.graphs} <= set(manifest.files)
+    assert all((folder / f).is_file() for f in manifest.files)
+    # cache tensors: the DeepCache feature and the captured cross-attention maps, with shapes and dtypes
+    names = {t.name: t for t in manifest.cache_tensors}
+    assert "deep" in names and any(n.startswith("xattn_") for n in names)
+    assert names["deep"].dtype == "float32" and len(names["deep"].shape) == 4
+    # MACs per graph agree with the core's cost model
+    counter = MacCounter(load_model("reference").unet_config, block=0, text_len=4)
+    for g in dynamic:
+        for key, macs in g.macs.items():
+            h, w = map(int, key.split("x"))
+            assert macs == counter.macs(g.variant, (h, w), 1)
+    assert {"torch", "onnx", "onnxruntime", "postdiff-core"} <= set(manifest.tools)
+    # the exporter's own PSNR check is recorded
+    assert all(v >= 60.0 for g in dynamic for v in g.psnr.values())
+
+
+def test_static_copies_are_fixed_shape_and_give_the_same_images(bundles):
+    bundle = bundles("reference")
+    _, manifest = read_manifest(bundle, "onnx")
+    static = [g for g in manifest.graphs if g.latent_hw is not None]
+    plan = load_bundle(bundle).compile()
+    wanted = {(s.variant, tuple(s.latent_hw), 2 if s.guidance == "cfg" else 1) for s in plan.steps}
+    assert {(g.variant, tuple(g.latent_hw), g.batch) for g in static} == wanted
+    for g in static:
+        assert all(isinstance(d, int) for t in g.inputs for d in t.shape), g.name
+        assert g.inputs[0].shape == [g.batch, 1, *g.latent_hw]
+    # the copies share the dynamic graph's weight file instead of duplicating it
+    assert not any(f.endswith(".b1.onnx.data") or f.endswith(".b2.onnx.data") for f in manifest.files)
+    dynamic = load_bundle(bundle).generate([4, 5], seed=1)
+    fixed = load_bundle(bundle, static=True).generate([4, 5], seed=1)
+    assert np.array_equal(dynamic, fixed)
+
+
+def test_fresh_process_generates_without_building_a_torch_model(bundles, tmp_path):
+    """What a new user does: export, then generate from the bundle in another process. Every nn.Module
+    constructor is disabled there: the UNet and the class encoder can only run in ONNX Runtime."""
+    out = tmp_path / "boot.png"
+    script = HERE / "no_torch_models.py"
+    cmd = [sys.executable, str(script), "generate", "--backend", "onnx", "--bundle", str(bundles("reference")), "--prompt", "Ankle boot"]
+    proc = subprocess.run([*cmd, "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.is_file() and "wrote" in proc.stdout
+    # the guard is real: the torch backend in the same harness fails
+    proc = subprocess.run(
+        [sys.executable, str(script), "generate", "-o", str(tmp_path / "x.png")], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode != 0 and "PyTorch model was built" in proc.stderr
+
+
+def test_bundle_plan_sizes_and_psnr_are_finite(bundles):
+    _, manifest = read_manifest(bundles("sdxl"), "onnx")
+    assert [tuple(s) for s in manifest.latent_sizes] == [(12, 12), (16, 16)]
+    assert {g.role for g in manifest.graphs} == {UNET, "text_encoder", "text_encoder_2", "vae_decoder"}
+    assert all(math.isfinite(v) for g in manifest.graphs for v in g.psnr.values())
+    data = json.loads((bundles("sdxl") / "manifest.json").read_text())
+    assert data["model"]["kind"] == "sdxl" and data["model"]["pooled_dim"] == 32
