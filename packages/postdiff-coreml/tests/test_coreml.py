@@ -83,7 +83,9 @@ def test_pipeline_models_and_manifest(coreml_bundles):
     assert [o.name for o in enc.description.output] == ["hidden_states", "text_embeds"]
     assert DTYPES[enc.description.input[0].type.multiArrayType.dataType] == "int32"
     assert (folder / "tokenizer_2").is_dir()
-    names = {t.name for t in manifest.cache_tensors}
+    assert {t.name for t in manifest.cache_tensors} == {"deep"}  # a deepcache plan carries the DeepCache feature only
+    _, gated = inspect_bundle(coreml_bundles("reference"))  # postdiff: cross-attention maps too
+    names = {t.name for t in gated.cache_tensors}
     assert "deep" in names and any(n.startswith("xattn_") for n in names)
     data = json.loads((folder / "manifest.json").read_text())
     assert data["format"] == "postdiff.bundle/1" and all(len(v) == 64 for v in data["files"].values())

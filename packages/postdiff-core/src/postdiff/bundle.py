@@ -103,9 +103,6 @@ class Manifest:
                 return g
         raise BundleError(f"the bundle has no {role} graph; re-export it with a current postdiff")
 
-    def has(self, role: str) -> bool:
-        return any(g.role == role for g in self.graphs)
-
     def unet_graph(self, variant: str, latent_hw, batch: int | None = None, *, static: bool = False) -> Graph:
         """The graph that runs ``variant`` at ``latent_hw``: with ``static``, the copy fixed to that size and batch."""
         hw = [int(latent_hw[0]), int(latent_hw[1])]

@@ -12,6 +12,7 @@ import numpy as np
 
 from postdiff.bundle import Graph, read_manifest
 from postdiff.bundle_runtime import BundlePipeline
+from postdiff.errors import BundleError
 
 from .session import DEFAULT_PROVIDER, make_session, run
 
@@ -37,15 +38,9 @@ def load_bundle(
 ) -> BundlePipeline:
     """Open an ONNX bundle after checking its manifest and the checksum of every file."""
     folder, manifest = read_manifest(folder, "onnx", verify=verify)
-    batches = sorted({g.batch for g in manifest.graphs if g.batch is not None})
-    if static and not batches:
-        from postdiff.errors import BundleError
-
+    if static and not any(g.batch is not None for g in manifest.graphs):
         raise BundleError(f"{folder} has no static graphs; export it with --static, or run it without --static")
     runner = OrtRunner(folder, provider=provider, threads=threads)
-    return BundlePipeline(folder, manifest, runner, static=static, static_batch=_images_per_call(batches))
-
-
-def _images_per_call(batches: list[int]) -> int:
-    """Static graphs are exported for N images per call: batch N (conditional-only steps) and 2N (CFG steps)."""
-    return min(batches) if batches else 1
+    # static graphs take N images per call (batch 2N on CFG steps, N on conditional-only ones), N set at export
+    images = int(manifest.tools.get("images_per_call", "1"))
+    return BundlePipeline(folder, manifest, runner, static=static, static_batch=images)
