@@ -294,6 +294,7 @@ def _static_copy(src: GraphSource, graph: Graph, folder: Path, hw, batch: int, v
     )
     if verify:
         _measure(src, copy, folder, [hw], True, batch=batch)
+        copy.macs = {hw_key(hw): graph.macs.get(hw_key(hw), 0)}  # the cost model's count, as for the dynamic graph
     return copy
 
 
