@@ -155,6 +155,18 @@ class Manifest:
             raise BundleError(f"{where} is not a valid PostDiff manifest ({exc}); re-export the bundle") from None
 
 
+def cache_tensors(graphs: list[Graph]) -> list[TensorSpec]:
+    """The tensors a runtime carries between steps (every UNet output but ``eps``), once each by name, as the
+    first graph that returns them declares them."""
+    seen: dict[str, TensorSpec] = {}
+    for g in graphs:
+        if g.role == UNET:
+            for t in g.outputs:
+                if t.name != "eps":
+                    seen.setdefault(t.name, t)
+    return list(seen.values())
+
+
 def tool_versions(*modules: str) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

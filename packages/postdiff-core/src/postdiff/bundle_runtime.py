@@ -119,12 +119,9 @@ class BundlePipeline:
         if steps:
             recipe = recipe.with_steps(steps)
         plan = compile_for_scheduler(recipe, self.scheduler(scheduler), self.latent_hw, self.spec)
-        images = self.static_batch
-        self.manifest.check_plan(plan, static=self.static, batch_of=lambda s: step_batch(s.guidance, images, self._cfg(None)))
+        images, cfg = self.static_batch, self.info.get("guidance", 1.0) > 1.0
+        self.manifest.check_plan(plan, static=self.static, batch_of=lambda s: step_batch(s.guidance, images, cfg))
         return plan
-
-    def _cfg(self, guidance: float | None) -> bool:
-        return (guidance if guidance is not None else self.info.get("guidance", 1.0)) > 1.0
 
     def generate(
         self,

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from postdiff.bundle import UNET, Graph, Manifest, TensorSpec, hw_key, staged_bundle, tool_versions, write_manifest
+from postdiff.bundle import UNET, Graph, Manifest, TensorSpec, cache_tensors, hw_key, staged_bundle, tool_versions, write_manifest
 from postdiff.errors import ExportError
 from postdiff.graphs import GraphSource, model_info, pipeline_graphs, prepare_export, save_tokenizers, unet_graphs, unet_of
 from postdiff.models import Model
@@ -151,7 +151,7 @@ def export_coreml(
             latent_sizes=[list(hw) for hw in job.sizes],
             precision=f"fp16 compute, {weights or 'fp16'} weights",
             graphs=graphs,
-            cache_tensors=[t for g in graphs if g.role == UNET for t in g.outputs if t.name != "eps"],
+            cache_tensors=cache_tensors(graphs),
             tools={**tool_versions("coremltools", "postdiff-coreml"), "target": target, "images_per_call": str(batch)},
         )
         write_manifest(folder, manifest)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from postdiff.bundle import UNET, Graph, Manifest, TensorSpec, hw_key, staged_bundle, tool_versions, write_manifest
+from postdiff.bundle import UNET, Graph, Manifest, cache_tensors, hw_key, staged_bundle, tool_versions, write_manifest
 from postdiff.errors import ExportError
 from postdiff.graphs import GraphSource, model_info, pipeline_graphs, prepare_export, save_tokenizers, unet_graphs, unet_of
 from postdiff.metrics import tensor_psnr
@@ -80,9 +80,9 @@ def export_onnx(
             t0 = time.perf_counter()
             graph = _export_graph(src, folder, precision, opset)
             check_sizes = sizes if src.role == UNET else [latent_hw]
-            _measure(src, graph, folder, check_sizes, verify)
             if src.role == UNET:  # the core's cost model, so manifest and `postdiff plan cost` agree
                 graph.macs = {hw_key(hw): counter.macs(src.variant, hw, 1) for hw in sizes}
+            _measure(src, graph, folder, check_sizes, verify)
             psnr = ", ".join(f"{k} {v:.1f} dB" for k, v in graph.psnr.items())
             log(
                 f"[{i}/{len(sources)}] {src.name}: done in {time.perf_counter() - t0:.1f} s" + (f" (PSNR vs torch: {psnr})" if psnr else "")
@@ -102,7 +102,7 @@ def export_onnx(
             latent_sizes=[list(hw) for hw in sizes],
             precision=precision,
             graphs=graphs,
-            cache_tensors=_cache_tensors(graphs),
+            cache_tensors=cache_tensors(graphs),
             tools={
                 **tool_versions("onnx", "onnxruntime", "onnxscript", "postdiff-onnx"),
                 "opset": str(opset),
@@ -247,13 +247,16 @@ def _to_fp16(path: Path) -> None:
 
 
 def _measure(src: GraphSource, graph: Graph, folder: Path, sizes, verify: bool, *, batch: int = 2) -> None:
-    """MACs per call (batch 1) counted on the PyTorch run; with ``verify``, the PSNR of ONNX Runtime against it."""
+    """MACs per call (batch 1) counted on the PyTorch run where the graph has none yet (UNet graphs get the cost
+    model's); with ``verify``, the PSNR of ONNX Runtime against that run."""
     session = make_session(folder / graph.file) if verify else None
     for hw in sizes:
         feeds = src.example(hw, batch)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        count = hw_key(hw) not in graph.macs
+        with torch.no_grad(), FlopCounterMode(display=False) if count else contextlib.nullcontext() as counter:
             expected = src.module(*feeds.values())
-        graph.macs[hw_key(hw)] = int(counter.get_total_flops()) // 2 // batch
+        if count:
+            graph.macs[hw_key(hw)] = int(counter.get_total_flops()) // 2 // batch
         if session is None:
             continue
         got = run(session, {k: v.numpy() for k, v in feeds.items()})
@@ -294,16 +297,4 @@ def _static_copy(src: GraphSource, graph: Graph, folder: Path, hw, batch: int, v
     )
     if verify:
         _measure(src, copy, folder, [hw], True, batch=batch)
-        copy.macs = {hw_key(hw): graph.macs.get(hw_key(hw), 0)}  # the cost model's count, as for the dynamic graph
     return copy
-
-
-def _cache_tensors(graphs: list[Graph]) -> list[TensorSpec]:
-    """The tensors carried between steps: what full graphs return and shallow/cached graphs take."""
-    seen: dict[str, TensorSpec] = {}
-    for g in graphs:
-        if g.role == UNET and g.latent_hw is None:
-            for t in g.outputs:
-                if t.name != "eps" and t.name not in seen:
-                    seen[t.name] = t
-    return list(seen.values())
