@@ -6,6 +6,9 @@
     postdiff export coreml --model M --plan PLAN -o DIR [--target macos14] [--weights 8bit]
     postdiff generate --backend coreml --bundle DIR [--compute-units CPU_AND_NE]      (macOS)
     postdiff plan show|cost PLAN [--model M] [--height H --width W] [--steps N] [--json]
+    postdiff plan search --budget 0.4 [--model M] [--calibration N] [-o FILE]
+    postdiff bench [--model M] [--plans P1,P2] [--backends torch,onnx,coreml] [--runs N --warmup W] [--json FILE]
+    postdiff sweep [--model M] [--budgets 0.3,0.4,0.5,0.6] [--json FILE] [--plot FILE]
     postdiff demo
 
 User errors print one line (``postdiff: error: ...``) and exit with status 2; no traceback.
@@ -22,7 +25,7 @@ from pathlib import Path
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
 
 
-def _common_model_args(p: argparse.ArgumentParser) -> None:
+def _common_model_args(p: argparse.ArgumentParser, *, steps: bool = True) -> None:
     from postdiff.models import DEFAULT_MODEL
 
     p.add_argument(
@@ -32,10 +35,32 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
-    p.add_argument("--steps", type=int, default=None, help="number of inference steps (overrides the plan's)")
+    if steps:
+        p.add_argument("--steps", type=int, default=None, help="number of inference steps (overrides the plan's)")
     p.add_argument(
         "--scheduler", default=None, help="diffusers scheduler class, e.g. DDIMScheduler, EulerDiscreteScheduler (default: the model's)"
     )
+
+
+def _model_only_args(p: argparse.ArgumentParser) -> None:
+    """--model, size and scheduler, for the commands that fix the step count at the baseline's 20."""
+    _common_model_args(p, steps=False)
+    p.add_argument("--metric", default=None, choices=["fid", "kid", "lpips"], help="quality measure (default: fid for reference, lpips otherwise)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 3 for reference, 7.5 otherwise)")
+    p.add_argument("--seed", type=int, default=0, help="calibration seed; held-out samples use seed + 1")
+
+
+def _grid_args(p: argparse.ArgumentParser) -> None:
+    from postdiff.search import Grid
+
+    g = Grid()
+    for flag, values, text in (
+        ("--betas", g.betas, "low-resolution scales beta (1 = no low-resolution phase)"),
+        ("--switches", g.switches, "switch points s, fractions of the steps at low resolution"),
+        ("--intervals", g.intervals, "DeepCache intervals k (1 = no DeepCache)"),
+        ("--gates", g.gates, "steps m after which CFG is gated off (0 = no gate)"),
+    ):
+        p.add_argument(flag, default=",".join(f"{v:g}" for v in values), help=f"{text} (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +127,40 @@ def build_parser() -> argparse.ArgumentParser:
         _common_model_args(q)
         q.add_argument("--json", action="store_true", help="machine-readable output")
 
+    q = psub.add_parser("search", help="the best plan under a MACs budget, chosen on a calibration set (a recipe JSON)")
+    _model_only_args(q)
+    q.add_argument("--budget", type=float, required=True, help="MACs as a fraction of the 20-step baseline, in (0, 1]")
+    q.add_argument("--calibration", type=int, default=100, help="calibration samples per candidate plan (default: 100)")
+    q.add_argument("--holdout", type=int, default=500, help="held-out samples for the best --top plans (default: 500; 0 skips)")
+    q.add_argument("--top", type=int, default=5, help="plans checked on the held-out samples (default: 5)")
+    _grid_args(q)
+    q.add_argument("-o", "--output", default=None, help="write the chosen recipe JSON here (default: print it)")
+    q.add_argument("--json", default=None, help="write the whole search (every candidate, the agreement) as JSON to this file")
+
+    b = sub.add_parser("bench", help="speed, memory, cost and fidelity of plans on several backends, side by side")
+    _common_model_args(b)
+    b.add_argument("--plans", default="baseline,postdiff", help="comma-separated plans (default: baseline,postdiff)")
+    b.add_argument("--backends", default="torch,onnx,coreml", help="comma-separated: torch, onnx, coreml (default: all three)")
+    b.add_argument("--runs", type=int, default=3, help="timed generations per backend and plan (default: 3)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed generations first (default: 1)")
+    b.add_argument("--images", type=int, default=10, help="images per generation (default: 10)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 3 for reference, 7.5 otherwise)")
+    b.add_argument("--threads", type=int, default=None, help="threads for PyTorch and ONNX Runtime (default: each library's own)")
+    b.add_argument("--compute-units", default="ALL", help="Core ML compute units (default: ALL)")
+    b.add_argument("--cache-dir", default=None, help="exported bundles cache (default: $POSTDIFF_CACHE or ~/.cache/postdiff)")
+    b.add_argument("--json", default="postdiff-bench.json", help="JSON results file (default: postdiff-bench.json)")
+    b.add_argument("--grid", default="postdiff-bench.png", help="PNG grid: a row per backend and plan (default: postdiff-bench.png)")
+
+    w = sub.add_parser("sweep", help="fewer steps or cheaper steps? The best plan of each family at each MACs budget")
+    _model_only_args(w)
+    w.add_argument("--budgets", default="0.3,0.4,0.5,0.6", help="comma-separated fractions of the baseline's MACs (default: 0.3,0.4,0.5,0.6)")
+    w.add_argument("--calibration", type=int, default=100, help="calibration samples per candidate plan (default: 100)")
+    w.add_argument("--samples", type=int, default=500, help="held-out samples for each budget's winners and the baseline (default: 500)")
+    _grid_args(w)
+    w.add_argument("--json", default="postdiff-sweep.json", help="JSON results file (default: postdiff-sweep.json)")
+    w.add_argument("--plot", default="postdiff-sweep.png", help="Pareto plot PNG (default: postdiff-sweep.png)")
+
     d = sub.add_parser("demo", help="the main job: baseline and postdiff side by side on the default model")
     _common_model_args(d)
     d.add_argument("--plans", default="baseline,postdiff", help="comma-separated plans (default: baseline,postdiff)")
@@ -149,7 +208,158 @@ def _print_table(headers: Sequence[str], rows: Sequence[Sequence]) -> None:
 
 
 # -- commands -----------------------------------------------------------------------------------------------------------
+def _floats(text: str, flag: str, kind=float) -> tuple:
+    from postdiff.errors import PostDiffError
+
+    try:
+        values = tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise PostDiffError(f"{flag} takes comma-separated {'integers' if kind is int else 'numbers'}, got {text!r}") from None
+    if not values:
+        raise PostDiffError(f"{flag} is empty")
+    return values
+
+
+def _grid(args):
+    from postdiff.search import Grid
+
+    grid = Grid(
+        betas=_floats(args.betas, "--betas"),
+        switches=_floats(args.switches, "--switches"),
+        intervals=_floats(args.intervals, "--intervals", int),
+        gates=_floats(args.gates, "--gates", int),
+    )
+    grid.check()
+    return grid
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def cmd_plan_search(args) -> int:
+    from postdiff.recipe import Recipe
+    from postdiff.report import machine_info, write_json
+    from postdiff.search import check_budget, search
+
+    check_budget(args.budget)
+    grid = _grid(args)
+    source = _source(args)
+    result = search(
+        source,
+        args.budget,
+        grid=grid,
+        calibration=args.calibration,
+        holdout=args.holdout,
+        top=args.top,
+        metric=args.metric,
+        seed=args.seed,
+        log=_log,
+    )
+    result.update({"command": args.command_line, "machine": machine_info(), "grid": grid.__dict__})
+    chosen = result["chosen"]
+    recipe = Recipe.from_dict(chosen["recipe"])
+    agreement = result["agreement"]
+    print(
+        f"best plan within {args.budget} of the baseline's MACs on {result['model']}: {chosen['name']} ({chosen['family']}), "
+        f"MACs ratio {chosen['macs_ratio']:.3f}, {result['metric']} {chosen['calibration']:.4g} on {args.calibration} calibration samples",
+        file=sys.stderr,
+    )
+    if agreement.get("compared"):
+        rho = agreement["spearman"]
+        print(
+            f"held-out check ({args.holdout} samples, the best {len(agreement['compared'])}): rank correlation "
+            f"{'n/a (fewer than 3 plans)' if rho is None else f'{rho:.2f}'}; held-out best {agreement['holdout_best']}; "
+            f"the chosen plan ranks {agreement['chosen_holdout_rank']} there",
+            file=sys.stderr,
+        )
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(recipe.to_json() + "\n")
+        print(f"wrote {args.output} (use it with: postdiff generate --plan {args.output})", file=sys.stderr)
+    else:
+        print(recipe.to_json())
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from postdiff.bench import BenchConfig, run_bench, split_list, step_table, table
+    from postdiff.images import save_grid
+    from postdiff.report import write_json
+
+    cfg = BenchConfig(
+        model=args.model,
+        plans=split_list(args.plans),
+        backends=split_list(args.backends),
+        runs=args.runs,
+        warmup=args.warmup,
+        images=args.images,
+        seed=args.seed,
+        steps=args.steps,
+        height=args.height,
+        width=args.width,
+        scheduler=args.scheduler,
+        guidance=args.guidance,
+        threads=args.threads,
+        cache_dir=args.cache_dir,
+        compute_units=args.compute_units,
+    )
+    result = run_bench(cfg, log=_log)
+    result["command"] = args.command_line
+    grid, labels = result.pop("grid"), result.pop("grid_labels")
+    print(
+        f"postdiff bench on {result['model']} ({result['weights']} weights), {result['image_hw'][0]}x{result['image_hw'][1]} px, "
+        f"{result['steps']} steps ({result['scheduler']}), {cfg.images} images per run, N = {cfg.runs} timed runs after {cfg.warmup} warm-up; "
+        f"{result['machine']['cpu']}, {result['machine']['cores']} cores"
+    )
+    _print_table(*table(result))
+    print()
+    _print_table(*step_table(result))
+    for s in result["skipped"]:
+        print(f"- skipped {s['backend']}: {s['reason']}")
+    for note in result["notes"]:
+        print(f"- {note}")
+    write_json(args.json, result)
+    path = save_grid(grid, args.grid, row_labels=labels, scale=max(1, 64 // grid[0][0].shape[0]))
+    print(f"wrote {args.json} and {path}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from postdiff.report import machine_info, write_json
+    from postdiff.search import check_budget, pareto_plot, sweep
+
+    budgets = _floats(args.budgets, "--budgets")
+    for b in budgets:
+        check_budget(b)
+    grid = _grid(args)
+    source = _source(args)
+    result = sweep(source, budgets, grid=grid, calibration=args.calibration, samples=args.samples, metric=args.metric, seed=args.seed, log=_log)
+    result.update({"command": args.command_line, "machine": machine_info(), "grid": grid.__dict__})
+    print(
+        f"postdiff sweep on {result['model']}: {result['metric']} on {args.samples} held-out samples (plans chosen on {args.calibration} "
+        f"calibration samples); baseline {result['baseline']['holdout']:.4g}"
+    )
+
+    def cell(c):
+        return "-" if not c else f"{c['name']} ({c['macs_ratio']:.3f}): {c['holdout']:.4g}"
+
+    _print_table(
+        ["budget", "fewer steps (MACs): quality", "cheaper steps (MACs): quality", "better"],
+        [(f"{r['budget']:g}", cell(r["fewer-steps"]), cell(r["cheaper-steps"]), r["winner"] or "-") for r in result["rows"]],
+    )
+    write_json(args.json, result)
+    pareto_plot(result, args.plot)
+    print(f"wrote {args.json} and {args.plot}")
+    return 0
+
+
 def cmd_plan(args) -> int:
+    if args.plan_command == "search":
+        return cmd_plan_search(args)
     source = _source(args, need_pipeline=False)
     model = source.model
     plan = source.compile(args.plan, args.steps)
@@ -217,21 +427,9 @@ def _source(args, need_pipeline=True):
     return source_for(model, scheduler=args.scheduler, guidance=getattr(args, "guidance", None), height=args.height, width=args.width)
 
 
-def _backend_module(name: str, module: str):
-    """Import a backend package, or say how to install it."""
-    import importlib
-
-    from postdiff.errors import PostDiffError
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise PostDiffError(
-            f"the {name} backend is not installed; pip install -e packages/postdiff-{name} (scripts/setup.sh does)"
-        ) from None
-
-
 def cmd_export(args) -> int:
+    from postdiff import backends
+
     common = dict(
         height=args.height,
         width=args.width,
@@ -242,10 +440,10 @@ def cmd_export(args) -> int:
         log=lambda m: print(m, file=sys.stderr),
     )
     if args.target == "coreml":
-        export = _backend_module("coreml", "postdiff_coreml.export").export_coreml
+        export = backends.function("coreml", "export")
         path = export(args.model, args.plan, args.output, target=args.target_version, weights=args.weights, **common)
     else:
-        export = _backend_module("onnx", "postdiff_onnx.export").export_onnx
+        export = backends.function("onnx", "export")
         path = export(
             args.model,
             args.plan,
@@ -264,6 +462,7 @@ def _generate_from_bundle(args) -> int:
     """Generation that builds no PyTorch model: every network runs in the bundle's runtime."""
     import time
 
+    from postdiff import backends
     from postdiff.errors import PostDiffError
     from postdiff.images import save_png
 
@@ -272,10 +471,10 @@ def _generate_from_bundle(args) -> int:
             f"--backend {args.backend} runs an exported bundle: pass --bundle DIR (make one with postdiff export {args.backend})"
         )
     if args.backend == "coreml":
-        load_bundle = _backend_module("coreml", "postdiff_coreml.runtime").load_bundle
+        load_bundle = backends.function("coreml", "load")
         pipe = load_bundle(args.bundle, compute_units=args.compute_units)
     else:
-        load_bundle = _backend_module("onnx", "postdiff_onnx.runtime").load_bundle
+        load_bundle = backends.function("onnx", "load")
         pipe = load_bundle(args.bundle, provider=args.provider, threads=args.threads, static=args.static)
     plan = pipe.compile(args.plan, args.steps, args.scheduler)
     if pipe.kind == "reference":
@@ -406,6 +605,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_demo(args)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "bench":
+            return cmd_bench(args)
+        if args.command == "sweep":
+            return cmd_sweep(args)
     except PostDiffError as exc:
         print(f"postdiff: error: {exc}", file=sys.stderr)
         return 2

@@ -17,17 +17,21 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .bundle import Graph, Manifest
+from .bundle import UNET, Graph, Manifest
 from .conditioning import Conditioning
 from .cost import step_batch
 from .denoiser import StepCaches
 from .errors import BundleError, ModelError, RecipeError
 from .plan import ModelSpec, Plan, Step
+from .profiling import timed_call
 from .recipe import Recipe, load_recipe
 from .sampling import compile_for_scheduler, run_plan
 
 
 class GraphRunner(Protocol):
+    def load(self, graph: Graph) -> None:
+        """Open (compile, allocate) ``graph`` now rather than on its first run."""
+
     def run(self, graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one graph of the bundle; inputs and outputs by name."""
 
@@ -68,7 +72,8 @@ class GraphDenoiser:
         wanted = _xattn_indices(graph.input_names)
         if wanted:
             feeds.update({f"xattn_{i}": x for i, x in zip(wanted, caches.xattn_for(step, wanted))})
-        out = self.runner.run(graph, feeds)
+        with timed_call(step.variant, step.latent_hw, batch):
+            out = self.runner.run(graph, feeds)
         if step.unet == "full":
             caches.keep_deep(step, out["deep"], cond)
         if step.xattn == "capture":
@@ -122,6 +127,17 @@ class BundlePipeline:
         images, cfg = self.static_batch, self.info.get("guidance", 1.0) > 1.0
         self.manifest.check_plan(plan, static=self.static, batch_of=lambda s: step_batch(s.guidance, images, cfg))
         return plan
+
+    def open(self, plan: Plan) -> None:
+        """Load every graph ``plan`` runs (its UNet graphs and the encoders and decoder around them) now, so that
+        the first generation pays no loading cost."""
+        images, cfg = self.static_batch, self.info.get("guidance", 1.0) > 1.0
+        for step in plan.steps:
+            batch = step_batch(step.guidance, images, cfg) if self.static else None
+            self.runner.load(self.manifest.unet_graph(step.variant, step.latent_hw, batch, static=self.static))
+        for graph in self.manifest.graphs:
+            if graph.role != UNET:
+                self.runner.load(graph)
 
     def generate(
         self,

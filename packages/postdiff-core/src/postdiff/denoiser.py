@@ -14,6 +14,7 @@ import torch
 from .conditioning import Conditioning
 from .errors import PlanError
 from .plan import Step
+from .profiling import timed_call
 from .unet import UNetSplit
 
 
@@ -99,18 +100,19 @@ class TorchDenoiser:
         indices = self.split.xattn_indices(variant)
         deep = caches.deep_for(step, cond) if step.unet == "shallow" else None
         xattn = caches.xattn_for(step, indices) if step.xattn == "cached" else ()
-        out = self.split.forward(
-            variant,
-            sample,
-            timestep,
-            cond.encoder_hidden_states,
-            cond.text_embeds,
-            cond.time_ids,
-            deep,
-            xattn,
-            cond.timestep_cond,
-            cond.cross_attention_kwargs,
-        )
+        with timed_call(variant, step.latent_hw, sample.shape[0]):
+            out = self.split.forward(
+                variant,
+                sample,
+                timestep,
+                cond.encoder_hidden_states,
+                cond.text_embeds,
+                cond.time_ids,
+                deep,
+                xattn,
+                cond.timestep_cond,
+                cond.cross_attention_kwargs,
+            )
         if step.unet == "full":
             caches.keep_deep(step, out[1], cond)
         if step.xattn == "capture":

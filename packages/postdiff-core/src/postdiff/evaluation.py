@@ -21,6 +21,7 @@ from .metrics import frechet_distance, kernel_inception_distance, lpips_distance
 from .report import machine_info
 
 LPIPS_SIZE = 64  # LPIPS needs about 64 px; 32 px samples are upsampled bilinearly to this size first
+LPIPS_NOTE = f"LPIPS (AlexNet v0.1) at the image size; images under {LPIPS_SIZE} px are upsampled bilinearly to {LPIPS_SIZE} px first"
 
 
 def _mean_ci(values: Sequence[float]) -> tuple[float, float]:
@@ -28,6 +29,19 @@ def _mean_ci(values: Sequence[float]) -> tuple[float, float]:
     if len(v) == 0:
         return math.inf, 0.0
     return float(v.mean()), float(1.96 * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+def paired_fidelity(images: np.ndarray, references: np.ndarray) -> dict[str, float]:
+    """Mean PSNR, SSIM and LPIPS (with 95% intervals) of each image against the reference image of the same seed.
+    Images under 64 px (the reference model's 32 px) are upsampled bilinearly to ``LPIPS_SIZE`` for LPIPS."""
+    pairs = list(zip(images, references))
+    out: dict[str, float] = {}
+    out["psnr"], out["psnr_ci95"] = _mean_ci([psnr(a, b) for a, b in pairs])
+    out["ssim"], out["ssim_ci95"] = _mean_ci([ssim(a, b) for a, b in pairs])
+    small = min(np.asarray(images).shape[1:3]) < LPIPS_SIZE
+    lp = lpips_distance(images, references, resize_to=LPIPS_SIZE if small else None)
+    out["lpips"], out["lpips_ci95"] = _mean_ci(lp.tolist())
+    return out
 
 
 def evaluate(
@@ -61,9 +75,7 @@ def evaluate(
         "guidance": source.guidance,
         "machine": machine_info(),
         "notes": [
-            f"LPIPS (AlexNet v0.1) on images upsampled bilinearly to {LPIPS_SIZE} px"
-            if reference
-            else "LPIPS (AlexNet v0.1) at the image size",
+            LPIPS_NOTE,
             "FID/KID on the in-domain Fashion-MNIST classifier's 128-d features against the 10,000 test images; not comparable with Inception FIDs"
             if reference
             else "no distribution metrics: they need a trained model with a reference set (the reference model)",
@@ -91,11 +103,7 @@ def evaluate(
         if baseline is None:
             baseline = batch
         row["speedup"] = baseline.seconds / batch.seconds
-        pairs = list(zip(batch.images, baseline.images))
-        row["psnr"], row["psnr_ci95"] = _mean_ci([psnr(a, b) for a, b in pairs])
-        row["ssim"], row["ssim_ci95"] = _mean_ci([ssim(a, b) for a, b in pairs])
-        lp = lpips_distance(batch.images, baseline.images, resize_to=LPIPS_SIZE if reference else None)
-        row["lpips"], row["lpips_ci95"] = _mean_ci(lp.tolist())
+        row.update(paired_fidelity(batch.images, baseline.images))
         if reference:
             u8 = np.round(batch.images[..., 0] * 255).astype(np.uint8)
             pred, probs, feats = classify(u8)

@@ -52,6 +52,9 @@ class CoreMLRunner:
                 raise BundleError(f"Core ML cannot load {what}: {str(exc).splitlines()[0][:300]}; re-export the bundle") from None
         return self.models[key]
 
+    def load(self, graph: Graph) -> None:
+        self.model(graph)
+
     def run(self, graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for spec in graph.inputs:
             x = feeds.get(spec.name)

@@ -29,6 +29,9 @@ class OrtRunner:
             self.sessions[graph.file] = make_session(self.folder / graph.file, provider=self.provider, threads=self.threads)
         return self.sessions[graph.file]
 
+    def load(self, graph: Graph) -> None:
+        self.session(graph)
+
     def run(self, graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return run(self.session(graph), feeds)
 

@@ -1,0 +1,299 @@
+"""``postdiff bench``: plans × backends on one model, measured side by side.
+
+For every backend that can run here and every plan: the export (cached by content, ``export_cache``), load time
+(first and warm), the first generation, end-to-end latency over ``runs`` timed generations after ``warmup``
+untimed ones (median, min, max), time per UNet call by variant, latent size and batch (``profiling``), peak
+memory, MACs from the cost model, the speedup against ``baseline`` on the same backend, and fidelity (PSNR,
+SSIM, LPIPS) against the PyTorch ``baseline`` image of the same seed. A backend that cannot run here is listed
+with the reason.
+
+Backends are measured one after the other (a library's worker threads keep spinning for a while after a call
+and would slow the other one down); within a backend, timed runs alternate between plans (run 1 of every plan,
+then run 2, ...), so drift on a noisy machine falls on all plans alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import backends
+from .errors import PostDiffError
+from .evaluation import LPIPS_NOTE, paired_fidelity
+from .export_cache import cached_export
+from .generation import DEFAULT_PROMPTS, source_for
+from .models import load_model
+from .profiling import PeakMemory, StepTimes
+from .recipe import load_recipe
+from .report import machine_info
+
+
+@dataclass
+class BenchConfig:
+    model: str = "reference"
+    plans: list[str] = field(default_factory=lambda: ["baseline", "postdiff"])
+    backends: list[str] = field(default_factory=lambda: ["torch", "onnx"])
+    runs: int = 3
+    warmup: int = 1
+    images: int = 10
+    seed: int = 0
+    steps: int | None = None
+    height: int | None = None
+    width: int | None = None
+    scheduler: str | None = None
+    guidance: float | None = None
+    threads: int | None = None
+    cache_dir: str | None = None
+    compute_units: str = "ALL"
+
+    def check(self) -> None:
+        """Every input error before anything is loaded or exported."""
+        if self.runs < 1:
+            raise PostDiffError(f"--runs must be at least 1, got {self.runs}")
+        if self.warmup < 0:
+            raise PostDiffError(f"--warmup must be 0 or more, got {self.warmup}")
+        if self.images < 1:
+            raise PostDiffError(f"--images must be at least 1, got {self.images}")
+        if self.threads is not None and self.threads < 1:
+            raise PostDiffError(f"--threads must be at least 1, got {self.threads}")
+        if not self.plans:
+            raise PostDiffError("--plans is empty; name at least one plan, e.g. --plans baseline,postdiff")
+        if not self.backends:
+            raise PostDiffError("--backends is empty; name at least one of: " + ", ".join(backends.BACKENDS))
+        for name in self.backends:
+            backends.backend(name)
+        for name in self.plans:
+            load_recipe(name)
+        if "baseline" not in self.plans:  # speedups are against it
+            self.plans.insert(0, "baseline")
+        self.plans = list(dict.fromkeys(self.plans))
+        self.backends = list(dict.fromkeys(self.backends))
+
+
+def split_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+class _Target:
+    """One (backend, plan): how to load it and how to generate with it."""
+
+    def __init__(self, backend: str, plan_name: str) -> None:
+        self.backend, self.plan_name = backend, plan_name
+        self.row: dict[str, Any] = {"backend": backend, "plan": plan_name}
+        self.times = StepTimes()
+        self.seconds: list[float] = []
+        self.memory: list[dict] = []
+        self.images: np.ndarray | None = None
+        self.generate: Callable[[], np.ndarray] | None = None
+
+    def timed(self) -> None:
+        with self.times, PeakMemory() as mem:
+            start = time.perf_counter()
+            images = self.generate()
+            self.seconds.append(time.perf_counter() - start)
+        self.memory.append(mem.to_dict())
+        if self.images is None:
+            self.images = images
+
+
+def _timed_load(load: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    obj = load()
+    return obj, time.perf_counter() - start
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    import torch
+
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, _ = _timed_load(lambda: load_model(cfg.model, need_pipeline=True))
+    reference = model.name == "reference"
+    guidance = cfg.guidance or (3.0 if reference else 7.5)
+    source = source_for(model, scheduler=cfg.scheduler, guidance=guidance, height=cfg.height, width=cfg.width)
+    compiled = {name: source.compile(name, cfg.steps) for name in cfg.plans}
+    costs = {name: source.cost(plan) for name, plan in compiled.items()}
+    conditions = [i % 10 for i in range(cfg.images)] if reference else [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(cfg.images)]
+    base_plan = compiled["baseline"]
+    result: dict[str, Any] = {
+        "model": model.name,
+        "weights": "trained" if reference else ("random" if model.name.startswith(("toy", "arch:")) else "as loaded"),
+        "image_hw": [x * model.vae_scale_factor for x in base_plan.latent_hw],
+        "steps": base_plan.recipe.steps,
+        "scheduler": base_plan.scheduler,
+        "guidance": guidance,
+        "images_per_run": cfg.images,
+        "config": asdict(cfg),
+        "machine": machine_info(),
+        "notes": [
+            "speedup: baseline median / plan median on the same backend; MACs from the cost model (UNet only, CFG batch)",
+            "fidelity: against the PyTorch baseline image of the same seed; " + LPIPS_NOTE,
+            "peak memory: highest resident set size sampled every 5 ms during a timed run (growth: above the RSS at its start)",
+        ],
+        "results": [],
+        "skipped": [],
+    }
+    targets: list[_Target] = []
+    for backend in cfg.backends:
+        reason = backends.unavailable(backend)
+        if reason:
+            log(f"bench: {backend}: skipped ({reason})")
+            result["skipped"].append({"backend": backend, "reason": reason})
+            continue
+        for name in cfg.plans:
+            t = _Target(backend, name)
+            if backend == "torch":
+                _prepare_torch(t, cfg, compiled[name], conditions, guidance)
+            else:
+                _prepare_bundle(t, cfg, compiled[name], conditions, guidance, log)
+            targets.append(t)
+    if not targets:
+        raise PostDiffError("no backend in --backends can run here: " + "; ".join(s["reason"] for s in result["skipped"]))
+
+    for backend in dict.fromkeys(t.backend for t in targets):
+        block = [t for t in targets if t.backend == backend]
+        log(f"bench: {backend}: first run, {cfg.warmup} warm-up run(s) and {cfg.runs} timed runs per plan")
+        for t in block:
+            if cfg.warmup:  # the first warm-up is the first run; without warm-ups, the first timed run is
+                start = time.perf_counter()
+                t.images = t.generate()
+                t.row["first_run_s"] = time.perf_counter() - start
+            for _ in range(cfg.warmup - 1):
+                t.generate()
+        for _ in range(cfg.runs):
+            for t in block:
+                t.timed()
+        for t in block:
+            t.row.setdefault("first_run_s", t.seconds[0])
+
+    torch_base = next((t.images for t in targets if t.backend == "torch" and t.plan_name == "baseline"), None)
+    if torch_base is None:
+        log("bench: PyTorch baseline images for the fidelity columns")
+        torch_base = source.generate(compiled["baseline"].recipe, cfg.images, cfg.seed, conditions=conditions).images
+    base_median = {t.backend: statistics.median(t.seconds) for t in targets if t.plan_name == "baseline"}
+    for t in targets:
+        cost = costs[t.plan_name]
+        median = statistics.median(t.seconds)
+        t.row.update(
+            {
+                "runs_s": t.seconds,
+                "median_s": median,
+                "min_s": min(t.seconds),
+                "max_s": max(t.seconds),
+                "speedup": base_median[t.backend] / median,
+                "macs": cost.total_macs * cfg.images,
+                "macs_ratio": cost.ratio,
+                "memory": max(t.memory, key=lambda m: m["peak_rss_mb"]),
+                "unet_calls": t.times.summary(),
+                **paired_fidelity(t.images, torch_base),
+            }
+        )
+        result["results"].append(t.row)
+    result["grid"] = [t.images[:10] for t in targets]
+    result["grid_labels"] = [f"{t.backend} {t.plan_name}" for t in targets]
+    result["timestamp"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    return result
+
+
+def _prepare_torch(t: _Target, cfg: BenchConfig, plan, conditions, guidance) -> None:
+    model, t.row["load_s"] = _timed_load(lambda: load_model(cfg.model, need_pipeline=True))
+    model, t.row["load_warm_s"] = _timed_load(lambda: load_model(cfg.model, need_pipeline=True))
+    t.row["load_note"] = "load_model (weights into a PyTorch pipeline)"
+    source = source_for(model, scheduler=cfg.scheduler, guidance=guidance, height=cfg.height, width=cfg.width)
+    t.generate = lambda: source.generate(plan.recipe, cfg.images, cfg.seed, conditions=conditions).images
+
+
+def _prepare_bundle(t: _Target, cfg: BenchConfig, plan, conditions, guidance, log) -> None:
+    options: dict[str, Any] = {"height": cfg.height, "width": cfg.width, "steps": plan.recipe.steps, "scheduler": cfg.scheduler}
+    load_options: dict[str, Any] = {}
+    if t.backend == "coreml":  # Core ML shapes are fixed: export for the bench's images per call
+        options["batch"] = cfg.images
+        load_options["compute_units"] = cfg.compute_units
+    else:
+        load_options["threads"] = cfg.threads
+    folder, cached, seconds = cached_export(t.backend, cfg.model, plan.recipe, cache_dir=cfg.cache_dir, log=log, **options)
+    t.row.update({"bundle": str(folder), "export_cached": cached, "export_s": seconds})
+    load = backends.function(t.backend, "load")
+
+    def opened():
+        pipe = load(folder, **load_options)
+        pipe.open(pipe.compile(plan.recipe, scheduler=cfg.scheduler))
+        return pipe
+
+    pipe, t.row["load_s"] = _timed_load(opened)
+    pipe, t.row["load_warm_s"] = _timed_load(opened)
+    t.row["load_note"] = "manifest and checksums read, every graph the plan runs opened"
+    bundle_plan = pipe.compile(plan.recipe, scheduler=cfg.scheduler)
+    t.generate = lambda: pipe.generate(conditions, bundle_plan, seed=cfg.seed, guidance_scale=guidance, scheduler=cfg.scheduler)
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    return f"{x:.{digits}f}"
+
+
+def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    headers = [
+        "backend",
+        "plan",
+        "GMACs",
+        "MACs ratio",
+        "load s (first/warm)",
+        "first run s",
+        "median s",
+        "min-max s",
+        "speedup",
+        "peak MB",
+        "PSNR dB",
+        "SSIM",
+        "LPIPS",
+    ]
+    rows = []
+    for r in result["results"]:
+        same = r["psnr"] == float("inf")
+        rows.append(
+            [
+                r["backend"],
+                r["plan"],
+                _fmt(r["macs"] / 1e9, 1),
+                _fmt(r["macs_ratio"], 3),
+                f"{_fmt(r['load_s'])}/{_fmt(r['load_warm_s'])}",
+                _fmt(r["first_run_s"]),
+                _fmt(r["median_s"], 3),
+                f"{_fmt(r['min_s'], 3)}-{_fmt(r['max_s'], 3)}",
+                f"{r['speedup']:.2f}x",
+                f"{r['memory']['peak_rss_mb']:.0f}",
+                "identical" if same else _fmt(r["psnr"]),
+                _fmt(r["ssim"], 3),
+                _fmt(r["lpips"], 3),
+            ]
+        )
+    for s in result["skipped"]:
+        rows.append([s["backend"], "all", "skipped (reason below)", *["-"] * 10])
+    return headers, rows
+
+
+def step_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    headers = ["backend", "plan", "UNet variant", "latent", "batch", "calls", "median ms", "min ms", "max ms"]
+    rows = []
+    for r in result["results"]:
+        for c in r["unet_calls"]:
+            rows.append(
+                [
+                    r["backend"],
+                    r["plan"],
+                    c["variant"],
+                    c["latent"],
+                    str(c["batch"]),
+                    str(c["calls"]),
+                    _fmt(c["median_ms"], 1),
+                    _fmt(c["min_ms"], 1),
+                    _fmt(c["max_ms"], 1),
+                ]
+            )
+    return headers, rows

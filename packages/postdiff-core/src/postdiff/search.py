@@ -1,0 +1,344 @@
+"""Fewer steps or cheaper steps? Plan search under a compute budget (``postdiff plan search``) and the budget
+sweep of both families (``postdiff sweep``).
+
+Two families of plans, each a grid:
+
+* fewer steps: ``steps:N`` (the plain sampler with N steps), MACs N/20 of the 20-step baseline;
+* cheaper steps: 20 steps with the paper's levers, over the low-resolution scale β (1 = off), the switch point s
+  (fraction of the steps at low resolution), the DeepCache interval k (1 = off) and the step m after which
+  classifier-free guidance is gated off (0 = off).
+
+The MACs of every candidate come from the cost model; quality is measured by generating samples: in-domain FID
+or KID (the reference model's classifier features against the Fashion-MNIST test set) or LPIPS to the
+baseline image of the same seed (any model). Lower is better for all three. As in the paper, the choice is made
+on a small calibration set; the search then measures the best few on held-out seeds and reports how well the
+two rankings agree.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import PlanError, PostDiffError, RecipeError
+from .generation import Source
+from .recipe import DeepCache, LowRes, Recipe, XAttnGate
+
+FAMILIES = ("fewer-steps", "cheaper-steps")
+METRICS = ("fid", "kid", "lpips")
+HOLDOUT_SEED_OFFSET = 1  # held-out images use seed + 1: every image's noise differs from the calibration set's
+
+
+@dataclass(frozen=True)
+class Grid:
+    betas: tuple[float, ...] = (1.0, 0.75, 0.5)
+    switches: tuple[float, ...] = (0.25, 0.5)
+    intervals: tuple[int, ...] = (1, 2, 3, 5)
+    gates: tuple[int, ...] = (0, 5, 10, 15)
+
+    def check(self) -> None:
+        for b in self.betas:
+            if not 0 < b <= 1:
+                raise PostDiffError(f"--betas values must be in (0, 1] (1 = no low-resolution phase), got {b}")
+        for s in self.switches:
+            if not 0 < s < 1:
+                raise PostDiffError(f"--switches values must be in (0, 1) (a fraction of the steps), got {s}")
+        for k in self.intervals:
+            if k < 1:
+                raise PostDiffError(f"--intervals values must be at least 1 (1 = no DeepCache), got {k}")
+        for m in self.gates:
+            if m < 0:
+                raise PostDiffError(f"--gates values must be 0 (no gate) or a step number, got {m}")
+
+
+@dataclass
+class Candidate:
+    name: str
+    family: str
+    recipe: Recipe
+    macs_ratio: float
+    scores: dict[str, float] = field(default_factory=dict)  # "calibration", "holdout"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "family": self.family, "macs_ratio": self.macs_ratio, "recipe": self.recipe.to_dict(), **self.scores}
+
+
+def _cheaper_name(beta: float, switch: float, k: int, m: int) -> str:
+    parts = [f"b{beta:g}@{switch:g}"] if beta < 1 else []
+    parts += [f"k{k}"] if k > 1 else []
+    parts += [f"m{m}"] if m else []
+    return "-".join(parts)
+
+
+def candidates(source: Source, grid: Grid, steps: int = 20, max_ratio: float = 1.0) -> list[Candidate]:
+    """Every plan of both families with a MACs ratio of at most ``max_ratio`` (the baseline itself excluded).
+    Grid points the model or recipe rules out (a latent size the UNet cannot take, a gate beyond the last step)
+    are left out."""
+    grid.check()
+    out: list[Candidate] = []
+
+    def add(name: str, family: str, recipe: Recipe) -> None:
+        try:
+            plan = source.compile(recipe)
+        except (RecipeError, PlanError):
+            return
+        ratio = source.macs_ratio(plan)
+        if ratio <= max_ratio + 1e-9:
+            out.append(Candidate(name, family, recipe, ratio))
+
+    for n in range(1, steps):
+        add(f"steps:{n}", "fewer-steps", Recipe(name=f"steps:{n}", steps=n))
+    for beta in grid.betas:
+        for switch in grid.switches if beta < 1 else (0.0,):
+            for k in grid.intervals:
+                for m in grid.gates:
+                    name = _cheaper_name(beta, switch, k, m)
+                    if not name or (m and m >= steps):
+                        continue
+                    recipe = Recipe(
+                        name=name,
+                        steps=steps,
+                        low_res=LowRes(scale=beta, until=switch) if beta < 1 else None,
+                        deepcache=DeepCache(interval=k) if k > 1 else None,
+                        xattn_gate=XAttnGate(after=m) if m else None,
+                    )
+                    add(name, "cheaper-steps", recipe)
+    return out
+
+
+class Scorer:
+    """Quality of a plan from ``n`` samples of seed ``seed`` (lower is better), each measured once and kept."""
+
+    def __init__(self, source: Source, metric: str, log: Callable[[str], None] = print, steps: int = 20) -> None:
+        if metric not in METRICS:
+            raise PostDiffError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        self.reference = source.model.name == "reference"
+        if metric in ("fid", "kid") and not self.reference:
+            raise PostDiffError(
+                f"--metric {metric} needs a reference set, which only the reference model has; use --metric lpips for {source.model.name}"
+            )
+        self.source, self.metric, self.log, self.steps = source, metric, log, steps
+        self._scores: dict[tuple[str, int, int], float] = {}
+        self._baseline: dict[tuple[int, int], np.ndarray] = {}
+        self._test_features = None
+        self.seconds = 0.0
+
+    def _features(self, images: np.ndarray) -> np.ndarray:
+        from .reference.classifier import classify
+
+        return classify(np.round(images[..., 0] * 255).astype(np.uint8))[2]
+
+    def score(self, recipe: Recipe, n: int, seed: int) -> float:
+        key = (recipe.to_json(indent=None), n, seed)
+        if key in self._scores:
+            return self._scores[key]
+        start = time.perf_counter()
+        images = self.source.generate(recipe, n, seed).images
+        if self.metric == "lpips":
+            from .metrics import lpips_distance
+
+            if (n, seed) not in self._baseline:
+                self._baseline[(n, seed)] = self.source.generate(Recipe(name="baseline", steps=self.steps), n, seed).images
+            small = images.shape[1] < 64
+            value = float(lpips_distance(images, self._baseline[(n, seed)], resize_to=64 if small else None).mean())
+        else:
+            from .metrics import frechet_distance, kernel_inception_distance
+
+            if self._test_features is None:
+                from . import data
+                from .reference.classifier import classify
+
+                self._test_features = classify(data.pad32(data.load("test")[0]))[2]
+            feats = self._features(images)
+            if self.metric == "fid":
+                value = frechet_distance(feats, self._test_features)
+            else:
+                value = kernel_inception_distance(feats, self._test_features, subset_size=min(1000, n))[0]
+        self.seconds += time.perf_counter() - start
+        self._scores[key] = value
+        return value
+
+
+def default_metric(source: Source) -> str:
+    return "fid" if source.model.name == "reference" else "lpips"
+
+
+def check_budget(budget: float) -> None:
+    if not (isinstance(budget, (int, float)) and 0 < budget <= 1) or math.isnan(budget):
+        raise PostDiffError(f"a budget is a fraction of the baseline's MACs in (0, 1], got {budget}")
+
+
+def _calibrate(pool: Sequence[Candidate], scorer: Scorer, n: int, seed: int, log: Callable[[str], None]) -> None:
+    for i, c in enumerate(pool, 1):
+        if "calibration" not in c.scores:
+            c.scores["calibration"] = scorer.score(c.recipe, n, seed)
+            log(f"calibration [{i}/{len(pool)}] {c.name}: MACs {c.macs_ratio:.3f}, {scorer.metric} {c.scores['calibration']:.4g}")
+
+
+def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    if len(a) < 3:
+        return None
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(a, b).statistic
+    return None if rho is None or math.isnan(rho) else float(rho)
+
+
+def search(
+    source: Source,
+    budget: float,
+    *,
+    grid: Grid = Grid(),
+    steps: int = 20,
+    calibration: int = 100,
+    holdout: int = 500,
+    top: int = 5,
+    metric: str | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The best plan of either family with MACs within ``budget``, chosen on ``calibration`` samples; the ``top``
+    best are then measured on ``holdout`` held-out samples (0: skip) to report how well the rankings agree."""
+    check_budget(budget)
+    if calibration < 1:
+        raise PostDiffError(f"--calibration must be at least 1 sample, got {calibration}")
+    if holdout < 0 or top < 1:
+        raise PostDiffError(f"--holdout must be 0 or more and --top at least 1, got {holdout} and {top}")
+    scorer = Scorer(source, metric or default_metric(source), log, steps)
+    pool = candidates(source, grid, steps, budget)
+    if not pool:
+        raise PostDiffError(f"no plan in the grid fits a budget of {budget} of the baseline's MACs; raise --budget or widen the grid")
+    log(f"plan search: {len(pool)} plans within {budget} of the baseline's MACs, {calibration} calibration samples each ({scorer.metric})")
+    _calibrate(pool, scorer, calibration, seed, log)
+    ranked = sorted(pool, key=lambda c: c.scores["calibration"])
+    chosen = ranked[0]
+    agreement: dict[str, Any] = {"holdout_samples": holdout}
+    if holdout:
+        best = ranked[:top]
+        for i, c in enumerate(best, 1):
+            c.scores["holdout"] = scorer.score(c.recipe, holdout, seed + HOLDOUT_SEED_OFFSET)
+            log(f"held out [{i}/{len(best)}] {c.name}: {scorer.metric} {c.scores['holdout']:.4g}")
+        held = sorted(best, key=lambda c: c.scores["holdout"])
+        agreement.update(
+            {
+                "compared": [c.name for c in best],
+                "spearman": _spearman([c.scores["calibration"] for c in best], [c.scores["holdout"] for c in best]),
+                "holdout_best": held[0].name,
+                "chosen_holdout_rank": held.index(chosen) + 1,
+            }
+        )
+    return {
+        "model": source.model.name,
+        "budget": budget,
+        "metric": scorer.metric,
+        "calibration_samples": calibration,
+        "seed": seed,
+        "chosen": chosen.to_dict(),
+        "agreement": agreement,
+        "candidates": [c.to_dict() for c in ranked],
+        "measure_seconds": scorer.seconds,
+    }
+
+
+def sweep(
+    source: Source,
+    budgets: Sequence[float],
+    *,
+    grid: Grid = Grid(),
+    steps: int = 20,
+    calibration: int = 100,
+    samples: int = 500,
+    metric: str | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """For each budget, the best plan of each family (chosen on the calibration set), both measured on
+    ``samples`` held-out samples, with the baseline measured the same way."""
+    if not budgets:
+        raise PostDiffError("--budgets is empty; give fractions of the baseline's MACs, e.g. 0.3,0.4,0.5,0.6")
+    for b in budgets:
+        check_budget(b)
+    if calibration < 1 or samples < 1:
+        raise PostDiffError(f"--calibration and --samples must be at least 1, got {calibration} and {samples}")
+    budgets = sorted(set(budgets))
+    scorer = Scorer(source, metric or default_metric(source), log, steps)
+    pool = candidates(source, grid, steps, max(budgets))
+    log(f"sweep: {len(pool)} plans within {max(budgets)} of the baseline's MACs, {calibration} calibration samples each ({scorer.metric})")
+    _calibrate(pool, scorer, calibration, seed, log)
+    held_seed = seed + HOLDOUT_SEED_OFFSET
+    baseline = scorer.score(Recipe(name="baseline", steps=steps), samples, held_seed)
+    rows = []
+    for b in budgets:
+        row: dict[str, Any] = {"budget": b}
+        for family in FAMILIES:
+            fits = [c for c in pool if c.family == family and c.macs_ratio <= b + 1e-9]
+            if not fits:
+                row[family] = None
+                continue
+            best = min(fits, key=lambda c: c.scores["calibration"])
+            if "holdout" not in best.scores:
+                best.scores["holdout"] = scorer.score(best.recipe, samples, held_seed)
+                log(f"sweep: budget {b}: {family} {best.name}: {scorer.metric} {best.scores['holdout']:.4g} on {samples} held-out samples")
+            row[family] = best.to_dict()
+        present = [f for f in FAMILIES if row[f]]
+        row["winner"] = min(present, key=lambda f: row[f]["holdout"]) if present else None
+        rows.append(row)
+    return {
+        "model": source.model.name,
+        "metric": scorer.metric,
+        "budgets": budgets,
+        "calibration_samples": calibration,
+        "samples": samples,
+        "seed": seed,
+        "baseline": {"macs_ratio": 1.0, "holdout": baseline},
+        "rows": rows,
+        "candidates": [c.to_dict() for c in sorted(pool, key=lambda c: (c.family, c.macs_ratio))],
+        "measure_seconds": scorer.seconds,
+    }
+
+
+METRIC_LABELS = {
+    "fid": "in-domain FID (classifier features; lower is better)",
+    "kid": "in-domain KID (lower is better)",
+    "lpips": "LPIPS to the baseline image (lower is better)",
+}
+
+
+def pareto_plot(result: dict[str, Any], path) -> None:
+    """Quality against MACs, one curve per family: the per-budget winners measured on the held-out samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    base = result["baseline"]["holdout"]
+    for family, marker in zip(FAMILIES, ("o", "s")):
+        points = {}
+        for row in result["rows"]:
+            c = row.get(family)
+            if c:
+                points[c["name"]] = (c["macs_ratio"], c["holdout"])
+        if not points:
+            continue
+        xs, ys = zip(*sorted(points.values()))
+        ax.plot([*xs, 1.0], [*ys, base], marker=marker, label=family)
+        for name, (x, y) in points.items():
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.scatter([1.0], [base], marker="*", s=120, color="black", zorder=3, label="baseline (20 steps)")
+    for b in result["budgets"]:
+        ax.axvline(b, color="grey", lw=0.5, ls=":")
+    ax.set_xlabel("MACs / baseline MACs")
+    ax.set_ylabel(METRIC_LABELS[result["metric"]])
+    if result["metric"] == "fid":
+        ax.set_yscale("log")
+    ax.set_title(f"{result['model']}: fewer steps vs cheaper steps ({result['samples']} held-out samples)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
