@@ -45,7 +45,9 @@ def _common_model_args(p: argparse.ArgumentParser, *, steps: bool = True) -> Non
 def _model_only_args(p: argparse.ArgumentParser) -> None:
     """--model, size and scheduler, for the commands that fix the step count at the baseline's 20."""
     _common_model_args(p, steps=False)
-    p.add_argument("--metric", default=None, choices=["fid", "kid", "lpips"], help="quality measure (default: fid for reference, lpips otherwise)")
+    p.add_argument(
+        "--metric", default=None, choices=["fid", "kid", "lpips"], help="quality measure (default: fid for reference, lpips otherwise)"
+    )
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 3 for reference, 7.5 otherwise)")
     p.add_argument("--seed", type=int, default=0, help="calibration seed; held-out samples use seed + 1")
 
@@ -154,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("sweep", help="fewer steps or cheaper steps? The best plan of each family at each MACs budget")
     _model_only_args(w)
-    w.add_argument("--budgets", default="0.3,0.4,0.5,0.6", help="comma-separated fractions of the baseline's MACs (default: 0.3,0.4,0.5,0.6)")
+    w.add_argument(
+        "--budgets", default="0.3,0.4,0.5,0.6", help="comma-separated fractions of the baseline's MACs (default: 0.3,0.4,0.5,0.6)"
+    )
     w.add_argument("--calibration", type=int, default=100, help="calibration samples per candidate plan (default: 100)")
     w.add_argument("--samples", type=int, default=500, help="held-out samples for each budget's winners and the baseline (default: 500)")
     _grid_args(w)
@@ -337,7 +341,9 @@ def cmd_sweep(args) -> int:
         check_budget(b)
     grid = _grid(args)
     source = _source(args)
-    result = sweep(source, budgets, grid=grid, calibration=args.calibration, samples=args.samples, metric=args.metric, seed=args.seed, log=_log)
+    result = sweep(
+        source, budgets, grid=grid, calibration=args.calibration, samples=args.samples, metric=args.metric, seed=args.seed, log=_log
+    )
     result.update({"command": args.command_line, "machine": machine_info(), "grid": grid.__dict__})
     print(
         f"postdiff sweep on {result['model']}: {result['metric']} on {args.samples} held-out samples (plans chosen on {args.calibration} "

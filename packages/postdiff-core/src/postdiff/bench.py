@@ -119,7 +119,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     source = source_for(model, scheduler=cfg.scheduler, guidance=guidance, height=cfg.height, width=cfg.width)
     compiled = {name: source.compile(name, cfg.steps) for name in cfg.plans}
     costs = {name: source.cost(plan) for name, plan in compiled.items()}
-    conditions = [i % 10 for i in range(cfg.images)] if reference else [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(cfg.images)]
+    conditions = (
+        [i % 10 for i in range(cfg.images)] if reference else [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(cfg.images)]
+    )
     base_plan = compiled["baseline"]
     result: dict[str, Any] = {
         "model": model.name,
