@@ -264,10 +264,12 @@ def cmd_plan_search(args) -> int:
     chosen = result["chosen"]
     recipe = Recipe.from_dict(chosen["recipe"])
     agreement = result["agreement"]
+    # without -o the recipe JSON is the output: the summary goes to stderr so that stdout stays valid JSON
+    report = sys.stdout if args.output else sys.stderr
     print(
         f"best plan within {args.budget} of the baseline's MACs on {result['model']}: {chosen['name']} ({chosen['family']}), "
         f"MACs ratio {chosen['macs_ratio']:.3f}, {result['metric']} {chosen['calibration']:.4g} on {args.calibration} calibration samples",
-        file=sys.stderr,
+        file=report,
     )
     if agreement.get("compared"):
         rho = agreement["spearman"]
@@ -275,42 +277,43 @@ def cmd_plan_search(args) -> int:
             f"held-out check ({args.holdout} samples, the best {len(agreement['compared'])}): rank correlation "
             f"{'n/a (fewer than 3 plans)' if rho is None else f'{rho:.2f}'}; held-out best {agreement['holdout_best']}; "
             f"the chosen plan ranks {agreement['chosen_holdout_rank']} there",
-            file=sys.stderr,
+            file=report,
+        )
+    if args.output:  # the ten best on the calibration set, as a table
+        _print_table(
+            ["plan", "family", "MACs ratio", f"{result['metric']} calibration", f"{result['metric']} held out"],
+            [
+                (
+                    c["name"],
+                    c["family"],
+                    f"{c['macs_ratio']:.3f}",
+                    f"{c['calibration']:.4g}",
+                    f"{c['holdout']:.4g}" if "holdout" in c else "-",
+                )
+                for c in result["candidates"][:10]
+            ],
         )
     if args.json:
         write_json(args.json, result)
-        print(f"wrote {args.json}", file=sys.stderr)
+        print(f"wrote {args.json}", file=report)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(recipe.to_json() + "\n")
-        print(f"wrote {args.output} (use it with: postdiff generate --plan {args.output})", file=sys.stderr)
+        print(f"wrote {args.output} (use it with: postdiff generate --plan {args.output})")
     else:
         print(recipe.to_json())
     return 0
 
 
 def cmd_bench(args) -> int:
+    import dataclasses
+
     from postdiff.bench import BenchConfig, run_bench, split_list, step_table, table
     from postdiff.images import save_grid
     from postdiff.report import write_json
 
-    cfg = BenchConfig(
-        model=args.model,
-        plans=split_list(args.plans),
-        backends=split_list(args.backends),
-        runs=args.runs,
-        warmup=args.warmup,
-        images=args.images,
-        seed=args.seed,
-        steps=args.steps,
-        height=args.height,
-        width=args.width,
-        scheduler=args.scheduler,
-        guidance=args.guidance,
-        threads=args.threads,
-        cache_dir=args.cache_dir,
-        compute_units=args.compute_units,
-    )
+    given = {f.name for f in dataclasses.fields(BenchConfig)} - {"plans", "backends"}  # the flags of the same names
+    cfg = BenchConfig(plans=split_list(args.plans), backends=split_list(args.backends), **{k: getattr(args, k) for k in given})
     result = run_bench(cfg, log=_log)
     result["command"] = args.command_line
     grid, labels = result.pop("grid"), result.pop("grid_labels")

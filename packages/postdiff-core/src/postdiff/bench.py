@@ -245,6 +245,7 @@ def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "plan",
         "GMACs",
         "MACs ratio",
+        "export s",
         "load s (first/warm)",
         "first run s",
         "median s",
@@ -264,6 +265,7 @@ def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 r["plan"],
                 _fmt(r["macs"] / 1e9, 1),
                 _fmt(r["macs_ratio"], 3),
+                "-" if "export_s" not in r else ("cached" if r["export_cached"] else _fmt(r["export_s"], 1)),
                 f"{_fmt(r['load_s'])}/{_fmt(r['load_warm_s'])}",
                 _fmt(r["first_run_s"]),
                 _fmt(r["median_s"], 3),
@@ -276,7 +278,7 @@ def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             ]
         )
     for s in result["skipped"]:
-        rows.append([s["backend"], "all", "skipped (reason below)", *["-"] * 10])
+        rows.append([s["backend"], "skipped (reason below)", *["-"] * (len(headers) - 2)])
     return headers, rows
 
 
