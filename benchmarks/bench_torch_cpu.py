@@ -66,6 +66,12 @@ def main(argv=None) -> int:
     ap.add_argument("--variant-runs", type=int, default=2, help="timed calls per variant (after one warm-up)")
     ap.add_argument("--plan-runs", type=int, default=1, help="timed whole runs per plan and size")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--cpu-conv",
+        default="onednn",
+        choices=["onednn", "native", "auto"],
+        help="CPU convolution path (postdiff/cpu_conv.py; default: onednn)",
+    )
     ap.add_argument("--out", default=str(HERE / "results" / "torch_cpu_sd15.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -86,6 +92,7 @@ def main(argv=None) -> int:
         "scheduler": "DDIMScheduler",
         "machine": machine_info(),
         "unet_build_s": round(build_s, 2),
+        "cpu_conv": args.cpu_conv,
         "sizes": {},
     }
     out_path = Path(args.out)
@@ -95,7 +102,7 @@ def main(argv=None) -> int:
 
     spec = model.spec()
     f = model.vae_scale_factor
-    with UNetSplit(unet, block=recipe.cache_block) as split, torch.no_grad():
+    with UNetSplit(unet, block=recipe.cache_block, cpu_conv=args.cpu_conv) as split, torch.no_grad():
         for px in [int(s) for s in args.sizes.split(",")]:
             latent = (px // f, px // f)
             plan = compile_for_scheduler(recipe, model.scheduler("DDIMScheduler"), latent, spec)
@@ -128,7 +135,7 @@ def main(argv=None) -> int:
                 if variant.endswith("_cached"):
                     kw["xattn"] = [probe[2 + i] for i in split.xattn_indices(variant)]
                 del probe
-                split.forward(variant, **kw)  # warm-up
+                split.forward(variant, **kw)  # warm-up (with --cpu-conv auto, also the choice of path)
                 times = timed(lambda v=variant, k=kw: split.forward(v, **k), args.variant_runs)
                 row = {
                     "variant": variant,
@@ -169,7 +176,7 @@ def main(argv=None) -> int:
 
     print()
     print(
-        f"Torch CPU benchmark: {result['model']}, plan {recipe.label}, {args.steps} DDIM steps, CFG, {machine_info()['cpu']}, {args.threads} threads"
+        f"Torch CPU benchmark: {result['model']}, plan {recipe.label}, {args.steps} DDIM steps, CFG, {machine_info()['cpu']}, {args.threads} threads, CPU convolutions: {args.cpu_conv}"
     )
     print("| size | variant | latent | batch | GMACs | median s | s per GMAC (ms) |")
     print("|---|---|---|---|---|---|---|")

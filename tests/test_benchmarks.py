@@ -14,8 +14,14 @@ def test_torch_cpu_benchmark_smoke(tmp_path, capsys):
     finally:
         sys.path.pop(0)
     out = tmp_path / "bench.json"
-    assert bench_torch_cpu.main(["--model", "toy-sd", "--sizes", "32", "--variant-runs", "1", "--plan-runs", "1", "--out", str(out)]) == 0
+    assert (
+        bench_torch_cpu.main(
+            ["--model", "toy-sd", "--sizes", "32", "--variant-runs", "1", "--plan-runs", "1", "--cpu-conv", "auto", "--out", str(out)]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
+    assert data["cpu_conv"] == "auto"
     entry = data["sizes"]["32"]
     variants = {(v["variant"], tuple(v["latent"]), v["batch"]) for v in entry["variants"]}
     assert ("full", (16, 16), 2) in variants and ("shallow_cached", (16, 16), 1) in variants

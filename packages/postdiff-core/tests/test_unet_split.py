@@ -92,3 +92,26 @@ def test_model_spec_and_unsupported_models():
         )
     with pytest.raises(ModelError, match="out of range"):
         UNetSplit(build_unet(TOY_SD), block=5)
+
+
+def test_cpu_convolution_paths_agree_and_auto_keeps_one_choice_per_shape(monkeypatch):
+    from postdiff.cpu_conv import ConvPath
+    from postdiff.errors import PostDiffError
+
+    unet = build_unet(TOY_SD)
+    kw, _ = inputs(TOY_SD)
+    outs = {}
+    for mode in ("onednn", "native", "auto"):
+        with UNetSplit(unet, cpu_conv=mode) as split, torch.no_grad():
+            outs[mode] = split.forward("full", **kw)[0]
+            if mode == "auto":
+                assert list(split.conv_path.chosen) == [("full", (2, 4, 16, 16))]
+    for mode in ("native", "auto"):
+        torch.testing.assert_close(outs[mode], outs["onednn"], rtol=1e-4, atol=1e-5)
+    calls = []
+    path = ConvPath("auto")
+    assert path.run("k", True, lambda: calls.append(1) or len(calls)) == 5  # 4 timed tries, then the call itself
+    assert path.run("k", True, lambda: calls.append(1) or len(calls)) == 6  # decided: one call
+    monkeypatch.setenv("POSTDIFF_CPU_CONV", "fast")
+    with pytest.raises(PostDiffError, match="POSTDIFF_CPU_CONV must be one of onednn, native, auto"):
+        UNetSplit(unet)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cpu_conv import ConvPath, mode_from_env
 from .errors import ModelError
 from .plan import ModelSpec
 
@@ -125,12 +126,13 @@ class UNetSplit:
     """The callables of one UNet for one DeepCache cut. Use as a context manager (or call ``close``) so the
     cross-attention wrappers are removed from the UNet afterwards."""
 
-    def __init__(self, unet, block: int = 0) -> None:
+    def __init__(self, unet, block: int = 0, *, cpu_conv: str | None = None) -> None:
         _check_supported(unet)
         if not 0 <= block < len(unet.down_blocks):
             raise ModelError(f"DeepCache block {block} out of range: this UNet has {len(unet.down_blocks)} down blocks")
         self.unet = unet
         self.block = block
+        self.conv_path = ConvPath(cpu_conv or mode_from_env())  # see cpu_conv.py
         self.is_sdxl = unet.config.addition_embed_type == "text_time"
         self.num_upsamplers = unet.num_upsamplers
 
@@ -243,7 +245,13 @@ class UNetSplit:
         self.io.hw = tuple(h.shape[-2:])
         return attention(h, encoder_hidden_states=ehs, cross_attention_kwargs=kw, return_dict=False)[0]
 
-    def forward(
+    def forward(self, variant: str, sample: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, ...]:
+        """Run one variant; returns (eps, deep) for full variants (+ xattn outputs for *_capture), (eps,) for shallow.
+        Arguments as ``_forward``; on CPU under the convolution path ``cpu_conv`` picks."""
+        key = (variant, tuple(sample.shape))
+        return self.conv_path.run(key, sample.device.type == "cpu", lambda: self._forward(variant, sample, *args, **kwargs))
+
+    def _forward(
         self,
         variant: str,
         sample: torch.Tensor,
@@ -256,7 +264,6 @@ class UNetSplit:
         timestep_cond: torch.Tensor | None = None,
         cross_attention_kwargs: dict | None = None,
     ) -> tuple[torch.Tensor, ...]:
-        """Run one variant; returns (eps, deep) for full variants (+ xattn outputs for *_capture), (eps,) for shallow."""
         depth, _, mode = variant.partition("_")
         mode = mode or "compute"
         if depth not in ("full", "shallow") or mode not in ("compute", "capture", "cached") or variant == "shallow_capture":
