@@ -113,7 +113,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     cfg.check()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, _ = _timed_load(lambda: load_model(cfg.model, need_pipeline=True))
+    model, load_s = _timed_load(lambda: load_model(cfg.model, need_pipeline=True))
     reference = model.name == "reference"
     guidance = cfg.guidance or (3.0 if reference else 7.5)
     source = source_for(model, scheduler=cfg.scheduler, guidance=guidance, height=cfg.height, width=cfg.width)
@@ -141,6 +141,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         "results": [],
         "skipped": [],
     }
+    if "torch" in cfg.backends:  # the PyTorch rows' load: the one above (first) and once more (warm)
+        load_warm_s = _timed_load(lambda: load_model(cfg.model, need_pipeline=True))[1]
     targets: list[_Target] = []
     for backend in cfg.backends:
         reason = backends.unavailable(backend)
@@ -151,7 +153,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         for name in cfg.plans:
             t = _Target(backend, name)
             if backend == "torch":
-                _prepare_torch(t, cfg, compiled[name], conditions, guidance)
+                t.row.update(load_s=load_s, load_warm_s=load_warm_s, load_note="load_model (weights into a PyTorch pipeline)")
+                recipe = compiled[name].recipe
+                t.generate = lambda r=recipe: source.generate(r, cfg.images, cfg.seed, conditions=conditions).images
             else:
                 _prepare_bundle(t, cfg, compiled[name], conditions, guidance, log)
             targets.append(t)
@@ -201,14 +205,6 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     result["grid_labels"] = [f"{t.backend} {t.plan_name}" for t in targets]
     result["timestamp"] = time.strftime("%Y-%m-%d %H:%M:%S")
     return result
-
-
-def _prepare_torch(t: _Target, cfg: BenchConfig, plan, conditions, guidance) -> None:
-    model, t.row["load_s"] = _timed_load(lambda: load_model(cfg.model, need_pipeline=True))
-    model, t.row["load_warm_s"] = _timed_load(lambda: load_model(cfg.model, need_pipeline=True))
-    t.row["load_note"] = "load_model (weights into a PyTorch pipeline)"
-    source = source_for(model, scheduler=cfg.scheduler, guidance=guidance, height=cfg.height, width=cfg.width)
-    t.generate = lambda: source.generate(plan.recipe, cfg.images, cfg.seed, conditions=conditions).images
 
 
 def _prepare_bundle(t: _Target, cfg: BenchConfig, plan, conditions, guidance, log) -> None:
