@@ -35,13 +35,14 @@ def test_step_times_record_every_unet_call_by_variant_only_while_active(referenc
 
 
 def test_peak_memory_sees_an_allocation_made_inside():
-    with PeakMemory(interval=0.001) as mem:
-        block = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB, touched
-        block[::4096] = 2
-        import time
+    import gc
+    import time
 
+    gc.collect()  # nothing of earlier tests is freed while we measure
+    with PeakMemory(interval=0.001) as mem:
+        block = np.ones(128 << 20, dtype=np.uint8)  # 128 MiB, every page written
         time.sleep(0.05)
-    assert mem.to_dict()["growth_mb"] >= 48
+    assert mem.to_dict()["growth_mb"] >= 96
     del block
 
 
