@@ -227,14 +227,12 @@ def _floats(text: str, flag: str, kind=float) -> tuple:
 def _grid(args):
     from postdiff.search import Grid
 
-    grid = Grid(
+    return Grid(
         betas=_floats(args.betas, "--betas"),
         switches=_floats(args.switches, "--switches"),
         intervals=_floats(args.intervals, "--intervals", int),
         gates=_floats(args.gates, "--gates", int),
     )
-    grid.check()
-    return grid
 
 
 def _log(message: str) -> None:

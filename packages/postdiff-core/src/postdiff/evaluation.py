@@ -62,10 +62,9 @@ def evaluate(
     reference = source.model.name == "reference"
     test_features = None
     if reference:
-        from . import data
-        from .reference.classifier import classify
+        from .reference.classifier import classify_samples, test_set_features
 
-        test_features = classify(data.pad32(data.load("test")[0]))[2]
+        test_features = test_set_features()
     inception_ref = _inception_features(None, inception_reference) if inception else None
     result: dict[str, Any] = {
         "model": source.model.name,
@@ -105,8 +104,7 @@ def evaluate(
         row["speedup"] = baseline.seconds / batch.seconds
         row.update(paired_fidelity(batch.images, baseline.images))
         if reference:
-            u8 = np.round(batch.images[..., 0] * 255).astype(np.uint8)
-            pred, probs, feats = classify(u8)
+            pred, probs, feats = classify_samples(batch.images)
             labels = np.asarray(batch.conditions)
             row["class_accuracy"] = float((pred == labels).mean())
             row["class_confidence"] = float(probs[np.arange(len(labels)), labels].mean())

@@ -41,7 +41,7 @@ class Grid:
     intervals: tuple[int, ...] = (1, 2, 3, 5)
     gates: tuple[int, ...] = (0, 5, 10, 15)
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:  # every grid is checked once, where it is made
         for b in self.betas:
             if not 0 < b <= 1:
                 raise PostDiffError(f"--betas values must be in (0, 1] (1 = no low-resolution phase), got {b}")
@@ -79,7 +79,6 @@ def candidates(source: Source, grid: Grid, steps: int = 20, max_ratio: float = 1
     """Every plan of both families with a MACs ratio of at most ``max_ratio`` (the baseline itself excluded).
     Grid points the model or recipe rules out (a latent size the UNet cannot take, a gate beyond the last step)
     are left out."""
-    grid.check()
     out: list[Candidate] = []
 
     def add(name: str, family: str, recipe: Recipe) -> None:
@@ -114,24 +113,17 @@ def candidates(source: Source, grid: Grid, steps: int = 20, max_ratio: float = 1
 class Scorer:
     """Quality of a plan from ``n`` samples of seed ``seed`` (lower is better), each measured once and kept."""
 
-    def __init__(self, source: Source, metric: str, log: Callable[[str], None] = print, steps: int = 20) -> None:
+    def __init__(self, source: Source, metric: str, steps: int = 20) -> None:
         if metric not in METRICS:
             raise PostDiffError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
-        self.reference = source.model.name == "reference"
-        if metric in ("fid", "kid") and not self.reference:
+        if metric in ("fid", "kid") and source.model.name != "reference":
             raise PostDiffError(
                 f"--metric {metric} needs a reference set, which only the reference model has; use --metric lpips for {source.model.name}"
             )
-        self.source, self.metric, self.log, self.steps = source, metric, log, steps
+        self.source, self.metric, self.steps = source, metric, steps
         self._scores: dict[tuple[str, int, int], float] = {}
         self._baseline: dict[tuple[int, int], np.ndarray] = {}
-        self._test_features = None
         self.seconds = 0.0
-
-    def _features(self, images: np.ndarray) -> np.ndarray:
-        from .reference.classifier import classify
-
-        return classify(np.round(images[..., 0] * 255).astype(np.uint8))[2]
 
     def score(self, recipe: Recipe, n: int, seed: int) -> float:
         key = (recipe.to_json(indent=None), n, seed)
@@ -148,17 +140,13 @@ class Scorer:
             value = float(lpips_distance(images, self._baseline[(n, seed)], resize_to=64 if small else None).mean())
         else:
             from .metrics import frechet_distance, kernel_inception_distance
+            from .reference.classifier import classify_samples, test_set_features
 
-            if self._test_features is None:
-                from . import data
-                from .reference.classifier import classify
-
-                self._test_features = classify(data.pad32(data.load("test")[0]))[2]
-            feats = self._features(images)
+            feats = classify_samples(images)[2]
             if self.metric == "fid":
-                value = frechet_distance(feats, self._test_features)
+                value = frechet_distance(feats, test_set_features())
             else:
-                value = kernel_inception_distance(feats, self._test_features, subset_size=min(1000, n))[0]
+                value = kernel_inception_distance(feats, test_set_features(), subset_size=min(1000, n))[0]
         self.seconds += time.perf_counter() - start
         self._scores[key] = value
         return value
@@ -209,7 +197,7 @@ def search(
         raise PostDiffError(f"--calibration must be at least 1 sample, got {calibration}")
     if holdout < 0 or top < 1:
         raise PostDiffError(f"--holdout must be 0 or more and --top at least 1, got {holdout} and {top}")
-    scorer = Scorer(source, metric or default_metric(source), log, steps)
+    scorer = Scorer(source, metric or default_metric(source), steps)
     pool = candidates(source, grid, steps, budget)
     if not pool:
         raise PostDiffError(f"no plan in the grid fits a budget of {budget} of the baseline's MACs; raise --budget or widen the grid")
@@ -266,7 +254,7 @@ def sweep(
     if calibration < 1 or samples < 1:
         raise PostDiffError(f"--calibration and --samples must be at least 1, got {calibration} and {samples}")
     budgets = sorted(set(budgets))
-    scorer = Scorer(source, metric or default_metric(source), log, steps)
+    scorer = Scorer(source, metric or default_metric(source), steps)
     pool = candidates(source, grid, steps, max(budgets))
     log(f"sweep: {len(pool)} plans within {max(budgets)} of the baseline's MACs, {calibration} calibration samples each ({scorer.metric})")
     _calibrate(pool, scorer, calibration, seed, log)

@@ -63,3 +63,16 @@ def classify(images_uint8: np.ndarray, batch: int = 1000) -> tuple[np.ndarray, n
     logits_t = torch.cat(logits)
     probs = logits_t.softmax(-1).numpy()
     return probs.argmax(-1), probs, torch.cat(feats).numpy()
+
+
+def classify_samples(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``classify`` for generated samples: N x H x W x 1 floats in [0, 1]."""
+    return classify(np.round(np.asarray(images)[..., 0] * 255).astype(np.uint8))
+
+
+@lru_cache(maxsize=1)
+def test_set_features() -> np.ndarray:
+    """Features of the 10,000 Fashion-MNIST test images (padded to 32 px): the FID/KID reference set."""
+    from .. import data
+
+    return classify(data.pad32(data.load("test")[0]))[2]
