@@ -2,6 +2,11 @@
 package of the same weights (the ``baseline`` plan: ``full`` at the full latent size). Runs on any OS.
 
     python benchmarks/coreml_package_size.py --model arch:sd15 --size 256        # about 9 minutes here
+    python benchmarks/coreml_package_size.py --model reference                  # about 1 minute
+    python benchmarks/coreml_package_size.py --model toy-sdxl --plan deepcache
+
+Each function carries its own MIL program beside the shared weights, so ``program_bytes`` (model.mlmodel) is
+what grows with the number of functions.
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="arch:sd15")
     ap.add_argument("--plan", default="postdiff")
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--out", default=str(HERE / "results" / "coreml_package_size_sd15_256.json"))
+    ap.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's own)")
+    ap.add_argument("--out", default=None, help="JSON file (default: results/coreml_package_size_<model>[_<size>].json)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        stem = args.model.replace("arch:", "") + (f"_{args.size}" if args.size else "")
+        args.out = str(HERE / "results" / f"coreml_package_size_{stem}.json")
     model = load_model(args.model, need_pipeline=not args.model.startswith("arch:"))
     result = {
         "command": " ".join(["coreml_package_size.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -45,15 +53,17 @@ def main(argv=None) -> int:
                 "functions": functions,
                 "bytes": sum(p.stat().st_size for p in pkg.rglob("*") if p.is_file()),
                 "weight_bin_bytes": next(pkg.rglob("weight.bin")).stat().st_size,
+                "program_bytes": next(pkg.rglob("model.mlmodel")).stat().st_size,
                 "export_s": round(time.perf_counter() - t),
             }
     single, multi = result["packages"]["baseline"], result["packages"][args.plan]
     result["ratio"] = multi["bytes"] / single["bytes"]
     result["weight_ratio"] = multi["weight_bin_bytes"] / single["weight_bin_bytes"]
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print("| package | functions | bytes | weight.bin bytes |\n|---|---|---|---|")
+    print(f"{args.model}, fp16 weights; package = the UNet's .mlpackage\n")
+    print("| plan | functions | package bytes | weight.bin bytes | program bytes |\n|---|---|---|---|---|")
     for plan, r in result["packages"].items():
-        print(f"| {plan} | {len(r['functions'])} | {r['bytes']:,} | {r['weight_bin_bytes']:,} |")
+        print(f"| {plan} | {len(r['functions'])} | {r['bytes']:,} | {r['weight_bin_bytes']:,} | {r['program_bytes']:,} |")
     print(f"\n{args.plan} / baseline: {result['ratio']:.4f}x the bytes, {result['weight_ratio']:.4f}x the weights; wrote {args.out}")
     return 0
 

@@ -185,6 +185,8 @@ def _convert(
     ct, src: GraphSource, hw, batch: int, path: Path, target: str, weights: str | None
 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """One fixed-shape ML program for ``src`` at (``hw``, ``batch``), saved at ``path``; its input/output specs."""
+    from .compact import compact_pipeline  # imports coremltools, which _coremltools() has checked is installed
+
     feeds = src.example(tuple(hw), batch)
     with _quiet(), torch.no_grad():
         try:
@@ -198,18 +200,20 @@ def _convert(
             for p, n, x in zip(placeholders, feeds, feeds.values())
         ]
         outputs = [ct.TensorType(name=n) for n in src.output_names]  # fresh objects: ct.convert mutates them
-        try:
-            mlmodel = ct.convert(
-                program,
-                inputs=inputs,
-                outputs=outputs,
-                convert_to="mlprogram",
-                minimum_deployment_target=ct.target.macOS15 if target == "macos15" else ct.target.macOS14,
-                compute_precision=ct.precision.FLOAT16,
-                skip_model_load=True,
-            )
-        except Exception as exc:
-            raise ExportError(f"coremltools cannot convert {src.name} at {hw_key(hw)}: {str(exc).splitlines()[0][:200]}") from None
+        with compact_pipeline(ct) as pipeline:
+            try:
+                mlmodel = ct.convert(
+                    program,
+                    inputs=inputs,
+                    outputs=outputs,
+                    convert_to="mlprogram",
+                    minimum_deployment_target=ct.target.macOS15 if target == "macos15" else ct.target.macOS14,
+                    compute_precision=ct.precision.FLOAT16,
+                    pass_pipeline=pipeline,
+                    skip_model_load=True,
+                )
+            except Exception as exc:
+                raise ExportError(f"coremltools cannot convert {src.name} at {hw_key(hw)}: {str(exc).splitlines()[0][:200]}") from None
         spec = mlmodel.get_spec()
         for p, n in zip(placeholders, feeds):
             if p != n:
