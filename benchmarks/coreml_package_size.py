@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import coremltools as ct
+
 from postdiff.models import load_model
 from postdiff.report import machine_info
 from postdiff_coreml.export import UNET_PACKAGE, export_coreml
@@ -46,8 +48,6 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             folder = export_coreml(model, plan, Path(tmp) / plan, height=args.size, width=args.size, steps=20, scheduler="DDIMScheduler")
             pkg = folder / UNET_PACKAGE
-            import coremltools as ct
-
             functions = [f.name for f in ct.models.MLModel(str(pkg), skip_model_load=True).get_spec().description.functions]
             result["packages"][plan] = {
                 "functions": functions,

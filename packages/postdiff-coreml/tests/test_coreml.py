@@ -124,8 +124,9 @@ def test_programs_are_compact(coreml_bundles):
     folder, manifest = inspect_bundle(coreml_bundles("reference_single"))
     graph = next(g for g in manifest.graphs if g.role == UNET)
     function = _spec(folder / UNET_PACKAGE).mlProgram.functions[graph.function]
-    ops = next(iter(function.block_specializations.values())).operations
-    interface = {i.name for i in function.inputs} | set(next(iter(function.block_specializations.values())).outputs)
+    block = next(iter(function.block_specializations.values()))
+    ops = block.operations
+    interface = {i.name for i in function.inputs} | set(block.outputs)
     names = [o.name for op in ops for o in op.outputs if o.name not in interface]
     assert names and all(len(n) <= 6 and n.startswith("v") for n in names), names[:5]
     assert len(set(names)) == len(names)
