@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,9 @@ def make_session(path: str | Path, *, provider: str = DEFAULT_PROVIDER, threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    # No busy-waiting between runs: the plan loop does scheduler arithmetic in torch between graph calls, and
-    # spinning ORT workers would take those cores (measured: whole runs 20-30% slower with spinning on 2 cores).
+    # No busy-waiting between runs: every session has its own worker pool, a plan switches between several
+    # sessions, and the spinning workers of the idle ones take the cores of the one running (measured on the
+    # reference model, 10 images per call, 2 cores: a whole postdiff run 1.7x slower with spinning on).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
@@ -44,13 +46,26 @@ def tensor_specs(args) -> list[TensorSpec]:
     return [TensorSpec(a.name, [d if isinstance(d, int) else str(d) for d in a.shape], DTYPES.get(a.type, a.type)) for a in args]
 
 
+# Each session's (input name, shape) pairs and output names, read once: a plan run calls small graphs hundreds of
+# times, and asking the session again builds new Python objects on every call.
+_SIGNATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(session) -> tuple[list[tuple[str, list]], list[str]]:
+    sig = _SIGNATURES.get(session)
+    if sig is None:
+        sig = _SIGNATURES[session] = ([(a.name, list(a.shape)) for a in session.get_inputs()], [o.name for o in session.get_outputs()])
+    return sig
+
+
 def run(session, feeds: dict[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
     """Run with inputs checked against the graph first, so a wrong shape is named rather than an ORT trace."""
-    for spec in session.get_inputs():
-        if spec.name not in feeds:
-            raise BundleError(f"graph input {spec.name!r} was not given")
-        x = feeds[spec.name]
-        if len(x.shape) != len(spec.shape) or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, x.shape)):
-            raise BundleError(f"graph input {spec.name!r} has shape {list(x.shape)}, the graph takes {list(spec.shape)}")
-    names = output_names or [o.name for o in session.get_outputs()]
+    inputs, outputs = _signature(session)
+    for name, shape in inputs:
+        if name not in feeds:
+            raise BundleError(f"graph input {name!r} was not given")
+        x = feeds[name]
+        if len(x.shape) != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(shape, x.shape)):
+            raise BundleError(f"graph input {name!r} has shape {list(x.shape)}, the graph takes {shape}")
+    names = output_names or outputs
     return dict(zip(names, session.run(names, feeds)))
