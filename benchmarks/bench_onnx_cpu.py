@@ -134,12 +134,9 @@ def main(argv=None) -> int:
             if key not in needed:
                 needed.append(key)
         if args.graphs:
-            wanted = set(args.graphs.split(","))
-            unknown = wanted - {v for v, _, _ in needed}
-            if unknown:
-                ap.error(
-                    f"--graphs: {', '.join(sorted(unknown))} not among this plan's variants ({', '.join(sorted({v for v, _, _ in needed}))})"
-                )
+            wanted, variants = set(args.graphs.split(",")), {v for v, _, _ in needed}
+            if wanted - variants:
+                ap.error(f"--graphs: {', '.join(sorted(wanted - variants))} not among this plan's variants ({', '.join(sorted(variants))})")
             needed = [k for k in needed if k[0] in wanted]
         for variant, hw, batch in needed:
             module = split.module(variant)
@@ -175,7 +172,8 @@ def main(argv=None) -> int:
 
         cond = conditioning(model, args.images, latent)
         denoisers = {"torch": TorchDenoiser(split), "onnx": GraphDenoiser(manifest, runner)}
-        # one scheduler per run, made before the clock starts: building one (its beta table) is not denoising
+        # a scheduler per backend and plan, made before the clock starts (building one, its beta table, is not
+        # denoising); run_plan sets its timesteps afresh on every run
         schedulers = {(b, n): model.scheduler("DDIMScheduler") for b in denoisers for n in ("baseline", plan.name)}
         runs: dict[str, list[float]] = {}
         for _ in range(args.plan_runs):
