@@ -1,0 +1,49 @@
+"""benchmarks/bench_onnx_cpu.py runs end to end on the reference bundle (seconds) and writes what it claims."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_onnx_cpu
+    finally:
+        sys.path.pop(0)
+    return bench_onnx_cpu
+
+
+def test_per_call_and_whole_runs(bench, bundles, tmp_path, capsys):
+    out = tmp_path / "onnx.json"
+    args = ["--model", "reference", "--bundle", str(bundles("reference")), "--out", str(out)]
+    assert bench.main([*args, "--variant-runs", "1", "--rounds", "1", "--plan-runs", "2"]) == 0
+    data = json.loads(out.read_text())
+    graphs = {(g["graph"], tuple(g["latent"]), g["batch"]) for g in data["graphs"]}
+    assert ("unet_full", (32, 32), 2) in graphs and ("unet_shallow_cached", (32, 32), 1) in graphs
+    assert all(g["torch_median_s"] > 0 and g["onnx_median_s"] > 0 for g in data["graphs"])
+    assert all(len(w["runs_s"]) == 2 for w in data["whole"].values())
+    for backend in ("torch", "onnx"):
+        assert data[f"{backend}_efficiency"] == pytest.approx(data[f"{backend}_speedup"] * data["macs_ratio"])
+        assert data[f"{backend}_efficiency_fastest_runs"] > 0
+    assert "| fastest runs |" in capsys.readouterr().out
+
+
+def test_only_the_named_graphs_and_no_whole_runs(bench, bundles, tmp_path, capsys):
+    out = tmp_path / "onnx.json"
+    args = ["--model", "reference", "--bundle", str(bundles("reference")), "--out", str(out), "--variant-runs", "1", "--rounds", "1"]
+    assert bench.main([*args, "--graphs", "shallow", "--plan-runs", "0"]) == 0
+    data = json.loads(out.read_text())
+    assert [g["graph"] for g in data["graphs"]] == ["unet_shallow"]
+    assert data["whole"] == {} and "onnx_efficiency" not in data
+    assert "no whole runs" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main([*args, "--graphs", "shallow,nope"])
+    assert "nope not among this plan's variants" in capsys.readouterr().err
