@@ -194,13 +194,13 @@ def main(argv=None) -> int:
                     print(f"whole {backend}/{name}: {runs[f'{backend}/{name}'][-1]:.2f} s", flush=True)
                     result["whole"] = {k: {"median_s": statistics.median(v), "runs_s": v} for k, v in runs.items()}
                     save()
-        for backend in denoisers if args.plan_runs else ():
-            speedup = result["whole"][f"{backend}/baseline"]["median_s"] / result["whole"][f"{backend}/{plan.name}"]["median_s"]
-            result[f"{backend}_speedup"] = speedup
-            result[f"{backend}_efficiency"] = speedup * cost.ratio
-            fastest = min(result["whole"][f"{backend}/baseline"]["runs_s"]) / min(result["whole"][f"{backend}/{plan.name}"]["runs_s"])
-            result[f"{backend}_efficiency_fastest_runs"] = fastest * cost.ratio
-        save()
+        if args.plan_runs:
+            for backend in denoisers:
+                base_run, plan_run = result["whole"][f"{backend}/baseline"], result["whole"][f"{backend}/{plan.name}"]
+                result[f"{backend}_speedup"] = base_run["median_s"] / plan_run["median_s"]
+                result[f"{backend}_efficiency"] = result[f"{backend}_speedup"] * cost.ratio
+                result[f"{backend}_efficiency_fastest_runs"] = min(base_run["runs_s"]) / min(plan_run["runs_s"]) * cost.ratio
+            save()
 
     print()
     print(
