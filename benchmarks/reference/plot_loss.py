@@ -1,4 +1,8 @@
-"""Plot benchmarks/reference/loss.csv (written by train_reference.py) to loss.png."""
+"""Plot a training run's loss.csv (written by train_reference.py) to loss.png beside it.
+
+python benchmarks/reference/plot_loss.py                              # the reference model (Fashion-MNIST)
+python benchmarks/reference/plot_loss.py benchmarks/reference/digits  # the digits model
+"""
 
 import csv
 import sys
@@ -12,8 +16,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
-def main() -> int:
-    rows = [r for r in csv.DictReader(open(HERE / "loss.csv")) if r["iteration"].isdigit()]
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    folder = Path(argv[0]) if argv else HERE
+    rows = [r for r in csv.DictReader(open(folder / "loss.csv")) if r["iteration"].isdigit()]
     it = [int(r["iteration"]) for r in rows]
     loss = [float(r["loss"]) for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
@@ -21,11 +27,12 @@ def main() -> int:
     ax.set_yscale("log")
     ax.set_xlabel("iteration (batch 64)")
     ax.set_ylabel("epsilon MSE (mean of 50 iterations)")
-    ax.set_title("Reference model training loss (Fashion-MNIST 32x32)")
+    name = "MNIST digits" if folder.name == "digits" else "Fashion-MNIST"
+    ax.set_title(f"{name} model, v2 fine-tuning loss (sizes 16, 24, 32 px)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(HERE / "loss.png")
-    print(f"wrote {HERE / 'loss.png'} ({len(it)} points, last iteration {it[-1]}, last loss {loss[-1]:.4f})")
+    fig.savefig(folder / "loss.png")
+    print(f"wrote {folder / 'loss.png'} ({len(it)} points, last iteration {it[-1]}, last loss {loss[-1]:.4f})")
     return 0
 
 

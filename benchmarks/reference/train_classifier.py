@@ -1,9 +1,10 @@
-"""Train the in-domain Fashion-MNIST classifier (deterministic; weights shipped with PostDiff).
+"""Train an in-domain classifier (deterministic; weights shipped with PostDiff).
 
-    python benchmarks/reference/train_classifier.py        # about 5 minutes on 2 cores
+    python benchmarks/reference/train_classifier.py                    # Fashion-MNIST, about 5 minutes on 2 cores
+    python benchmarks/reference/train_classifier.py --dataset digits   # MNIST digits (no flips)
 
-Writes packages/postdiff-core/src/postdiff/reference/weights/classifier.safetensors and prints the test
-accuracy (the acceptance bar is 90%).
+Writes classifier.safetensors beside the dataset's reference weights (postdiff/reference/weights[_digits]/) and
+prints the test accuracy (the acceptance bar is 90%).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import sys
 import torch
 
 from postdiff import data
-from postdiff.reference.classifier import WEIGHTS, Classifier
+from postdiff.reference.classifier import Classifier, weights_path
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dataset", choices=sorted(data.DATASETS), default="fashion")
     ap.add_argument("--data", default=None)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -29,8 +31,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
-    xtr, ytr = data.load("train", args.data)
-    xte, yte = data.load("test", args.data)
+    WEIGHTS = weights_path(args.dataset)
+    flips = args.dataset == "fashion"  # a garment's class does not depend on left-right; a digit's does
+    xtr, ytr = data.load("train", args.data, dataset=args.dataset)
+    xte, yte = data.load("test", args.data, dataset=args.dataset)
     xtr, xte = data.to_model_space(xtr), data.to_model_space(xte)
     ytr, yte = torch.from_numpy(ytr), torch.from_numpy(yte)
     model = Classifier()
@@ -43,7 +47,7 @@ def main(argv=None) -> int:
         for i in range(len(xtr) // 128):
             idx = perm[i * 128 : (i + 1) * 128]
             x = xtr[idx]
-            flip = torch.rand(len(x), generator=g) < 0.5  # left-right flips: a garment's class does not depend on it
+            flip = (torch.rand(len(x), generator=g) < 0.5) & flips
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
             loss = torch.nn.functional.cross_entropy(model(x), ytr[idx])
             opt.zero_grad()
@@ -65,7 +69,15 @@ def main(argv=None) -> int:
     )
     os.replace(tmp, WEIGHTS)
     (WEIGHTS.parent / "classifier.json").write_text(
-        json.dumps({"test_accuracy": acc, "epochs": args.epochs, "seed": args.seed, "data": data.SHA256}, indent=2)
+        json.dumps(
+            {
+                "test_accuracy": acc,
+                "epochs": args.epochs,
+                "seed": args.seed,
+                "data": data.SHA256 if args.dataset == "fashion" else data.DIGITS_SHA256,
+            },
+            indent=2,
+        )
     )
     print(f"wrote {WEIGHTS} (test accuracy {acc:.2%})")
     return 0

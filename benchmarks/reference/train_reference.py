@@ -1,7 +1,12 @@
-"""Train the embedded reference model (class-conditional UNet on Fashion-MNIST 32x32) — resumable.
+"""Train the embedded reference models (class-conditional UNets on Fashion-MNIST or MNIST digits) — resumable.
 
     python benchmarks/reference/train_reference.py --minutes 80          # train (resumes from the checkpoint)
     python benchmarks/reference/train_reference.py --export              # write the shipped weights
+
+Each batch is drawn at one size from ``--sizes`` (default 16, 24 and 32 px, as Stable Diffusion is trained at
+several resolutions): the lower sizes are area-downsampled from the 32x32 padded images, so the model can
+denoise the low-resolution phase of a mixed-resolution plan. ``--init CKPT`` starts a new run from another
+run's weights (v2 was fine-tuned from v1's checkpoint).
 
 The exact command, seed and loss curve of the shipped weights are in benchmarks/reference/README.md and
 loss.csv. Training is split into sittings: every ``--ckpt-every`` iterations the model, its EMA, the optimiser,
@@ -15,19 +20,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from postdiff import data
 from postdiff.reference import model as ref
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CKPT = HERE / "checkpoint.pt"
-WEIGHTS = Path(ref.__file__).resolve().parent / "weights"
+WEIGHTS = {name: Path(ref.__file__).resolve().parent / folder for name, folder in ref.WEIGHT_FOLDERS.items()}
 
 
 def ddpm_alphas(device) -> torch.Tensor:
@@ -35,6 +42,13 @@ def ddpm_alphas(device) -> torch.Tensor:
 
     sch = DDPMScheduler(**{k: v for k, v in ref.SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one", "steps_offset")})
     return sch.alphas_cumprod.to(device)
+
+
+def parse_sizes(text: str) -> list[int]:
+    sizes = sorted({int(s) for s in text.split(",") if s.strip()})
+    if not sizes or any(s < 8 or s > 32 or s % 4 for s in sizes):
+        raise SystemExit(f"--sizes must be multiples of 4 between 8 and 32 (the UNet halves the size twice), got {text!r}")
+    return sizes
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -46,7 +60,8 @@ def save_atomic(obj, path: Path) -> None:
 def train(args) -> None:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    images, labels = data.load("train", args.data)
+    sizes = parse_sizes(args.sizes)
+    images, labels = data.load("train", args.data, dataset=args.dataset)
     x_all = data.to_model_space(images).to(device)
     y_all = torch.from_numpy(labels).to(device)
     n = len(x_all)
@@ -58,6 +73,12 @@ def train(args) -> None:
     ema_unet, ema_enc = copy.deepcopy(unet).eval(), copy.deepcopy(enc).eval()
     step = 0
     ckpt = Path(args.ckpt)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    if not ckpt.exists() and args.init:
+        init = torch.load(args.init, map_location=device, weights_only=True)
+        for name, module in (("unet", unet), ("enc", enc), ("ema_unet", ema_unet), ("ema_enc", ema_enc)):
+            module.load_state_dict(init[name])
+        print(f"initialised from {args.init} (iteration {init['step']}, sha256 {data.sha256(Path(args.init))[:12]})", flush=True)
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
         unet.load_state_dict(state["unet"])
@@ -66,6 +87,7 @@ def train(args) -> None:
         ema_enc.load_state_dict(state["ema_enc"])
         opt.load_state_dict(state["opt"])
         step = int(state["step"])
+        args.init_sha256 = state["args"].get("init_sha256")  # the run's origin, whatever this sitting was given
         print(f"resumed from {ckpt} at iteration {step}", flush=True)
     alphas = ddpm_alphas(device)
 
@@ -73,9 +95,9 @@ def train(args) -> None:
         modules = {"unet": unet, "enc": enc, "ema_unet": ema_unet, "ema_enc": ema_enc, "opt": opt}
         save_atomic({**{k: m.state_dict() for k, m in modules.items()}, "step": at, "args": vars(args)}, ckpt)
 
-    log = open(HERE / "loss.csv", "a")
+    log = open(ckpt.with_name("loss.csv"), "a" if step else "w")
     if step == 0:
-        log.write("iteration,loss,elapsed_s,lr\n")
+        log.write("iteration,loss,elapsed_s,lr,size\n")
     deadline = time.time() + 60 * args.minutes
     t0 = time.time()
     running, count = 0.0, 0
@@ -85,10 +107,15 @@ def train(args) -> None:
         t = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
         noise = torch.randn(args.batch, 1, 32, 32, generator=g).to(device)
         drop = torch.rand(args.batch, generator=g).to(device) < args.cfg_dropout
+        size = sizes[int(torch.randint(0, len(sizes), (1,), generator=g))]  # one size per batch
         x0, y = x_all[idx], torch.where(drop, torch.full_like(y_all[idx], ref.NULL_CLASS), y_all[idx])
+        if size != 32:  # area-downsampled images; noise of the batch's own size, from the same generator stream
+            x0, noise = F.interpolate(x0, size=(size, size), mode="area"), noise[..., :size, :size].contiguous()
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        if args.cosine:  # cosine decay to 0 at --iters
+            lr *= 0.5 * (1 + math.cos(math.pi * min(step, args.iters) / args.iters))
         for group in opt.param_groups:
             group["lr"] = lr
         pred = unet(xt, t, enc(y)).sample
@@ -105,7 +132,7 @@ def train(args) -> None:
         running += loss.item()
         count += 1
         if step % args.log_every == 0:
-            log.write(f"{step},{running / count:.5f},{time.time() - t0:.1f},{lr:.2e}\n")
+            log.write(f"{step},{running / count:.5f},{time.time() - t0:.1f},{lr:.2e},{size}\n")
             log.flush()
             print(f"it {step} loss {running / count:.4f} ({(time.time() - t0) / 60:.1f} min this sitting)", flush=True)
             running, count = 0.0, 0
@@ -116,39 +143,49 @@ def train(args) -> None:
 
 
 def export(args) -> None:
-    """EMA weights → packages/postdiff-core/src/postdiff/reference/weights (safetensors + config)."""
+    """EMA weights → packages/postdiff-core/src/postdiff/reference/weights[_digits] (safetensors + config)."""
     from safetensors.torch import save_file
 
     state = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    weights = WEIGHTS[state["args"].get("dataset", "fashion")]
     tensors = {f"unet.{k}": v.contiguous() for k, v in state["ema_unet"].items()}
     tensors |= {f"class_encoder.{k}": v.contiguous() for k, v in state["ema_enc"].items()}
-    WEIGHTS.mkdir(parents=True, exist_ok=True)
-    tmp = WEIGHTS / "model.safetensors.tmp"
+    weights.mkdir(parents=True, exist_ok=True)
+    tmp = weights / "model.safetensors.tmp"
     save_file(
         {k: v.float() for k, v in tensors.items()}, str(tmp), metadata={"iterations": str(state["step"]), "ema": str(state["args"]["ema"])}
     )
-    os.replace(tmp, WEIGHTS / "model.safetensors")
+    os.replace(tmp, weights / "model.safetensors")
+    run = state["args"]
     meta = {
+        "dataset": run.get("dataset", "fashion"),
+        "sizes": parse_sizes(run.get("sizes", "32")),
         "iterations": int(state["step"]),
         "batch": state["args"]["batch"],
         "seed": state["args"]["seed"],
         "lr": state["args"]["lr"],
         "ema": state["args"]["ema"],
         "cfg_dropout": state["args"]["cfg_dropout"],
-        "data": {f: data.SHA256[f] for f in data.FILES["train"]},
+        "cosine_to": run["iters"] if run.get("cosine") else None,
+        "init_from": run.get("init_sha256"),
+        "data": data.train_hashes(run.get("dataset", "fashion")),
         "unet": ref.UNET_CONFIG,
         "scheduler": ref.SCHEDULER_CONFIG,
         "class_tokens": {"tokens": ref.TOKENS, "dim": ref.TOKEN_DIM, "null_class": ref.NULL_CLASS},
     }
-    (WEIGHTS / "training.json").write_text(json.dumps(meta, indent=2))
-    size = (WEIGHTS / "model.safetensors").stat().st_size
-    print(f"wrote {WEIGHTS / 'model.safetensors'} ({size / 1e6:.1f} MB, iteration {state['step']})")
+    (weights / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+    size = (weights / "model.safetensors").stat().st_size
+    print(f"wrote {weights / 'model.safetensors'} ({size / 1e6:.1f} MB, iteration {state['step']})")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files (default: Debian's)")
-    ap.add_argument("--ckpt", default=str(DEFAULT_CKPT))
+    ap.add_argument("--dataset", choices=sorted(data.DATASETS), default="fashion")
+    ap.add_argument("--data", default=None, help="where the dataset's files are (default: see postdiff/data.py)")
+    ap.add_argument("--ckpt", default=None, help="checkpoint to resume and write (default: checkpoint.pt, digits/checkpoint.pt)")
+    ap.add_argument("--init", default=None, help="start a new run from this checkpoint's weights (ignored when resuming)")
+    ap.add_argument("--sizes", default="16,24,32", help="training sizes in px, one drawn per batch")
+    ap.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 0 at --iters")
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this sitting")
     ap.add_argument("--iters", type=int, default=1_000_000, help="stop at this total iteration count")
     ap.add_argument("--batch", type=int, default=64)
@@ -163,6 +200,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--export", action="store_true", help="export the checkpoint's EMA weights and stop")
     args = ap.parse_args(argv)
+    if args.ckpt is None:
+        args.ckpt = str(DEFAULT_CKPT if args.dataset == "fashion" else HERE / args.dataset / "checkpoint.pt")
+    args.init_sha256 = data.sha256(Path(args.init)) if args.init else None
     if args.export:
         export(args)
     else:

@@ -101,3 +101,61 @@ def test_local_diffusers_folder_as_model(tmp_path, capsys):
     (folder / "model_index.json").write_text("{broken")
     assert main(["plan", "show", "baseline", "--model", str(folder)]) == 2
     assert "cannot load the diffusers pipeline" in capsys.readouterr().err
+
+
+def test_untrained_size_warning_in_plan_show_generate_and_eval(tmp_path, capsys):
+    """The shipped reference model was trained at 16, 24 and 32 px: its plans run quietly; a plan that goes to
+    8x8 gets one warning line naming the size and the check to run, and still runs."""
+    quarter = tmp_path / "quarter.json"
+    quarter.write_text(json.dumps({"name": "quarter", "low_res": {"scale": 0.25, "until": 0.5}}))
+    assert main(["plan", "show", "mixed-res"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    for args in (
+        ["plan", "show", str(quarter)],
+        ["generate", "--plan", str(quarter), "--steps", "4", "-o", str(tmp_path / "q.png")],
+    ):
+        assert main(args) == 0
+        err = capsys.readouterr().err
+        assert "postdiff: warning: plan quarter runs steps at latent 8x8" in err and "--sizes 8,16,24,32" in err
+    if not (tmp_path / "q.png").is_file():
+        pytest.fail("generate did not write its image after the warning")
+    if _have_fashion():
+        args = ["eval", "--plans", f"baseline,{quarter}", "--samples", "2", "--grid", str(tmp_path / "g.png"), "--no-progress"]
+        assert main(args) == 0
+        assert capsys.readouterr().err.count("postdiff: warning: plan quarter") == 1
+
+
+def _have_fashion() -> bool:
+    from postdiff import data
+
+    return data.have("fashion")
+
+
+def test_eval_sizes_table_and_json(tmp_path, capsys):
+    if not _have_fashion():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    out, grid = tmp_path / "sizes.json", tmp_path / "sizes.png"
+    assert main(["eval", "--sizes", "16,32", "--samples", "4", "--json", str(out), "--grid", str(grid), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "| 16x16" in text and "| 32x32" in text and "trained there" in text
+    result = json.loads(out.read_text())
+    assert [r["size"] for r in result["sizes"]] == [16, 32] and grid.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["eval", "--sizes", "16,32", "--plans", "postdiff"], "leave out --plans"),
+        (["eval", "--sizes", "0"], "positive image sizes"),
+        (["eval", "--sizes", "x"], "comma-separated integers"),
+        (["eval", "--sizes", "30"], "30"),
+        (["eval", "--plans", ","], "--plans is empty"),
+        (["demo", "--seeds", "0"], "--seeds must be at least 1"),
+        (["demo", "--plans", "baseline,nosuch"], "unknown plan 'nosuch'"),
+        (["generate", "--model", "digits", "--prompt", "Sneaker", "-o", "x.png"], "unknown digit"),
+    ],
+)
+def test_sizes_and_demo_bad_input(args, fragment, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("postdiff: error:") and fragment in err and "\n" not in err

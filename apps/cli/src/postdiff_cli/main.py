@@ -9,6 +9,7 @@
     postdiff plan search --budget 0.4 [--model M] [--calibration N] [-o FILE]
     postdiff bench [--model M] [--plans P1,P2] [--backends torch,onnx,coreml] [--runs N --warmup W] [--json FILE]
     postdiff sweep [--model M] [--budgets 0.3,0.4,0.5,0.6] [--json FILE] [--plot FILE]
+    postdiff eval [--model M] [--plans P1,P2] [--samples N] [--sizes 16,24,32] [--json FILE]
     postdiff demo
 
 User errors print one line (``postdiff: error: ...``) and exit with status 2; no traceback.
@@ -23,6 +24,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
+DEFAULT_EVAL_PLANS = "baseline,steps:8,deepcache,mixed-res,xattn-gate,postdiff"
+
+
+def _warn(message: str | None) -> None:
+    """One warning line on stderr (e.g. a plan that runs at a size the model was not trained at)."""
+    if message:
+        print(f"postdiff: warning: {message}", file=sys.stderr)
 
 
 def _common_model_args(p: argparse.ArgumentParser, *, steps: bool = True) -> None:
@@ -31,7 +39,7 @@ def _common_model_args(p: argparse.ArgumentParser, *, steps: bool = True) -> Non
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"toy-sd, toy-sdxl, arch:sd15|sd21|sdxl, a local diffusers folder or a Hub id (default: {DEFAULT_MODEL})",
+        help=f"reference, digits, toy-sd, toy-sdxl, arch:sd15|sd21|sdxl, a local diffusers folder or a Hub id (default: {DEFAULT_MODEL})",
     )
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
@@ -77,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--prompt",
         default=DEFAULT_PROMPT,
-        help="the prompt; for --model reference a Fashion-MNIST class name or index (default: Ankle boot)",
+        help="the prompt; for --model reference a Fashion-MNIST class name or index (default: Ankle boot), for --model digits a digit (default: 9)",
     )
     g.add_argument("--negative-prompt", default=None)
     g.add_argument(
@@ -167,13 +175,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job: baseline and postdiff side by side on the default model")
     _common_model_args(d)
-    d.add_argument("--plans", default="baseline,postdiff", help="comma-separated plans (default: baseline,postdiff)")
-    d.add_argument("--seeds", type=int, default=10, help="images per plan (default: 10; for the reference model one per class)")
+    d.add_argument(
+        "--plans",
+        default=None,
+        help="comma-separated plans (default: baseline, postdiff and, for the embedded models, the plan that "
+        "`postdiff plan search --budget 0.4` chose for them)",
+    )
+    d.add_argument(
+        "--seeds", type=int, default=None, help="images per plan (default: 100 for the embedded models, 10 classes in turn; 10 otherwise)"
+    )
     d.add_argument("-o", "--output", default="postdiff-demo.png", help="grid PNG to write")
 
     e = sub.add_parser("eval", help="cost, speed and quality of several plans from the same seeds")
     _common_model_args(e)
-    e.add_argument("--plans", default="baseline,steps:8,deepcache,mixed-res,xattn-gate,postdiff", help="comma-separated plans")
+    e.add_argument("--plans", default=None, help=f"comma-separated plans (default: {DEFAULT_EVAL_PLANS})")
+    e.add_argument(
+        "--sizes",
+        default=None,
+        help="per-size check instead of plans: baseline run entirely at each of these image sizes in pixels "
+        "(e.g. 16,24,32), with class accuracy and in-domain FID per size on the embedded models",
+    )
     e.add_argument("--samples", type=int, default=200, help="samples per plan (default: 200)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--guidance", type=float, default=None)
@@ -370,6 +391,7 @@ def cmd_plan(args) -> int:
     source = _source(args, need_pipeline=False)
     model = source.model
     plan = source.compile(args.plan, args.steps)
+    _warn(model.untrained_warning(plan))
     if args.plan_command == "show":
         if args.json:
             print(plan.to_json())
@@ -484,10 +506,13 @@ def _generate_from_bundle(args) -> int:
         load_bundle = backends.function("onnx", "load")
         pipe = load_bundle(args.bundle, provider=args.provider, threads=args.threads, static=args.static)
     plan = pipe.compile(args.plan, args.steps, args.scheduler)
+    from postdiff.models import untrained_warning
+
+    _warn(untrained_warning(pipe.info["name"], pipe.info.get("training_sizes"), plan, pipe.info.get("vae_scale_factor", 1)))
     if pipe.kind == "reference":
         from postdiff.reference.pipeline import parse_label
 
-        condition = parse_label(args.prompt if args.prompt != DEFAULT_PROMPT else 9)
+        condition = parse_label(args.prompt if args.prompt != DEFAULT_PROMPT else 9, pipe.info.get("dataset", "fashion"))
     else:
         condition = args.prompt
     start = time.perf_counter()
@@ -512,87 +537,177 @@ def cmd_generate(args) -> int:
         raise PostDiffError("--bundle is for exported runtimes; add --backend onnx or coreml (the torch backend runs --model)")
     source = _source(args)
     recipe = _recipe(args.plan or "postdiff", args.steps)
-    condition = parse_label(args.prompt if args.prompt != DEFAULT_PROMPT else 9) if source.model.name == "reference" else args.prompt
+    _warn(source.model.untrained_warning(source.compile(recipe)))
+    dataset = source.model.dataset
+    condition = parse_label(args.prompt if args.prompt != DEFAULT_PROMPT else 9, dataset) if dataset else args.prompt
     batch = source.generate(recipe, 1, args.seed, conditions=[condition])
     path = save_png(batch.images[0], args.output)
     print(f"wrote {path} ({source.model.name}, plan {recipe.label}, {recipe.steps} steps, seed {args.seed}, {batch.seconds:.2f} s)")
     return 0
 
 
-def cmd_demo(args) -> int:
-    from postdiff.images import save_grid
-    from postdiff.metrics import psnr
+def _demo_plans(args, model) -> list[tuple[str, str]]:
+    """(plan, row label) for --plans, or baseline, postdiff and the plan the 0.4-budget search chose for an
+    embedded model (shipped beside its weights as search-0.4.recipe.json by ``postdiff plan search --budget 0.4 -o``)."""
+    from postdiff.recipe import display_name
 
-    source = _source(args)
-    names = [n.strip() for n in args.plans.split(",") if n.strip()]
+    searched = None
+    if args.plans is not None:
+        names = [n.strip() for n in args.plans.split(",") if n.strip()]
+    else:
+        names = ["baseline", "postdiff"]
+        if model.dataset is not None:
+            from postdiff.reference.pipeline import weights_dir
+
+            searched = str(weights_dir(model.dataset) / "search-0.4.recipe.json")
+            if Path(searched).is_file():
+                names.append(searched)
     if "baseline" not in names:
         names.insert(0, "baseline")
-    source.generate(_recipe("baseline", 2), 1, 0)  # warm-up: the first plan measured pays no one-off costs
-    rows, labels, table, ref = [], [], [], None
+    out = []
     for name in names:
+        label = display_name(name, _recipe(name, None))  # an unknown plan fails before any generation
+        out.append((name, f"{label} (0.4 search)" if name == searched else label))
+    return out
+
+
+def cmd_demo(args) -> int:
+    from postdiff.errors import PostDiffError
+    from postdiff.evaluation import distribution_metrics, paired_fidelity
+    from postdiff.images import save_grid
+
+    if args.seeds is not None and args.seeds < 1:
+        raise PostDiffError(f"--seeds must be at least 1, got {args.seeds}")
+    source = _source(args)
+    model = source.model
+    plans = _demo_plans(args, model)
+    seeds = args.seeds if args.seeds is not None else (100 if model.dataset else 10)
+    test_features = None  # FID needs the test set, and enough samples for a full-rank covariance of 128-d features
+    if model.dataset and seeds >= 100 and _have_test_set(model.dataset):
+        from postdiff.reference.classifier import test_set_features
+
+        test_features = test_set_features(model.dataset)
+    source.generate(_recipe("baseline", 2), 1, 0)  # warm-up: the first plan measured pays no one-off costs
+    rows, table, ref = [], [], None
+    for name, label in plans:
         plan = source.compile(name, args.steps)
+        _warn(model.untrained_warning(plan))
         ratio = source.macs_ratio(plan)
-        batch = source.generate(plan.recipe, args.seeds, 0)
+        batch = source.generate(plan.recipe, seeds, 0)
         if ref is None:
             ref = batch
-        mean_psnr = sum(min(psnr(a, b), 100.0) for a, b in zip(batch.images, ref.images)) / len(batch.images)
-        table.append(
-            (
-                name,
-                f"{ratio:.3f}",
-                f"{batch.seconds:.2f}",
-                f"{ref.seconds / batch.seconds:.2f}x",
-                "identical" if mean_psnr >= 100 else f"{mean_psnr:.1f}",
-            )
-        )
+        fidelity = paired_fidelity(batch.images, ref.images)
+        base = batch is ref
+        row = [
+            label,
+            f"{ratio:.3f}",
+            f"{batch.seconds:.2f}",
+            f"{ref.seconds / batch.seconds:.2f}x",
+            "identical" if base else f"{fidelity['psnr']:.1f}",
+            "0" if base else f"{fidelity['lpips']:.3f}",
+        ]
+        if model.dataset:
+            from postdiff.reference.classifier import classify_samples
+
+            pred = classify_samples(batch.images, model.dataset)[0]
+            row.append(f"{(pred == batch.conditions).mean():.0%}")
+            if test_features is not None:
+                row.append(f"{distribution_metrics(batch, model.dataset, test_features)['fid_classifier']:.1f}")
+        table.append(row)
         rows.append(batch.images[:10])
-        labels.append(name)
-    path = save_grid(rows, args.output, row_labels=labels, scale=max(1, 64 // rows[0][0].shape[0]))
-    print(f"PostDiff demo on {source.model.name} ({args.seeds} images per plan, {plan.recipe.steps} steps, {plan.scheduler}, CPU)")
-    _print_table(["plan", "MACs vs baseline", "seconds", "speedup", "PSNR vs baseline (dB)"], table)
-    print(f"wrote {path}")
-    if source.model.name.startswith("toy"):
+    path = save_grid(rows, args.output, row_labels=[r[0] for r in table], scale=max(1, 64 // rows[0][0].shape[0]))
+    print(f"PostDiff demo on {model.name} ({seeds} images per plan, {plan.recipe.steps} steps, {plan.scheduler}, CPU)")
+    headers = ["plan", "MACs vs baseline", "seconds", "speedup", "PSNR vs baseline (dB)", "LPIPS vs baseline"]
+    if model.dataset:
+        headers.append("class accuracy")
+        if test_features is not None:
+            headers.append(f"FID (clf, N={seeds})")
+    _print_table(headers, table)
+    print(f"wrote {path} (the first 10 images of each plan)")
+    if model.dataset:
+        print(
+            "note: PSNR/LPIPS against the baseline image of the same seed; class accuracy and FID by the in-domain "
+            f"classifier; {f'FID at N={seeds} is biased upwards' if test_features is not None else 'FID needs the test set and --seeds 100 or more'}: "
+            "README has N=2,000"
+        )
+    if model.name.startswith("toy"):
         print("note: the toy model has random weights: speed and cost are real, the pictures are not meaningful")
     return 0
 
 
-def cmd_eval(args) -> int:
-    import json as _json
+def _have_test_set(dataset: str) -> bool:
+    from postdiff import data
 
+    return data.have(dataset)
+
+
+def cmd_eval(args) -> int:
     from postdiff.errors import PostDiffError
-    from postdiff.evaluation import evaluate, table_rows
+    from postdiff.evaluation import evaluate, evaluate_sizes, size_table_rows, table_rows
     from postdiff.images import save_grid
+    from postdiff.report import write_json
 
     if args.samples < 1:
         raise PostDiffError("--samples must be at least 1")
+    if args.sizes is not None and args.plans is not None:
+        raise PostDiffError("--sizes runs baseline at each size; leave out --plans (or run the plans without --sizes)")
     source = _source(args)
-    plans = [p.strip() for p in args.plans.split(",") if p.strip()]
-    for p in plans:
-        _recipe(p, None)  # unknown plans fail before any generation
-    result = evaluate(
-        source,
-        plans,
-        args.samples,
-        seed=args.seed,
-        inception=args.inception,
-        inception_reference=args.inception_reference,
-        log=lambda m: print(m, file=sys.stderr),
-        progress=not args.no_progress,
-    )
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if args.sizes is not None:
+        sizes = _floats(args.sizes, "--sizes", int)
+        for s in sizes:
+            if s < 1:
+                raise PostDiffError(f"--sizes values must be positive image sizes in pixels, got {s}")
+        result = evaluate_sizes(source, sizes, args.samples, seed=args.seed, log=log, progress=not args.no_progress)
+        headers, rows = size_table_rows(result)
+        trained = result["training_sizes"]
+        title = f"baseline at each size, {args.samples} samples per size, seed {args.seed}, {result['scheduler']}" + (
+            f"; trained at {', '.join(f'{s}x{s}' for s in trained)}" if trained else ""
+        )
+        labels = [f"{r['size']}px" for r in result["sizes"]]
+    else:
+        plans = [p.strip() for p in (args.plans or DEFAULT_EVAL_PLANS).split(",") if p.strip()]
+        if not plans:
+            raise PostDiffError(f"--plans is empty; give comma-separated plans, e.g. {DEFAULT_EVAL_PLANS}")
+        for p in plans:
+            _warn(source.model.untrained_warning(source.compile(p)))  # unknown plans fail before any generation
+        result = evaluate(
+            source,
+            plans,
+            args.samples,
+            seed=args.seed,
+            inception=args.inception,
+            inception_reference=args.inception_reference,
+            log=log,
+            progress=not args.no_progress,
+        )
+        headers, rows = table_rows(result)
+        title = f"{args.samples} samples per plan, seed {args.seed}, {result['scheduler']}"
+        labels = [r["plan"] for r in result["plans"]]
     result["command"] = args.command_line
     grid = result.pop("grid")
-    headers, rows = table_rows(result)
-    print(f"postdiff eval on {result['model']}: {args.samples} samples per plan, seed {args.seed}, {result['scheduler']}")
+    print(f"postdiff eval on {result['model']}: {title}")
     _print_table(headers, rows)
     for note in result["notes"]:
         print(f"- {note}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(_json.dumps(result, indent=2, default=float))
+        write_json(args.json, result)
         print(f"wrote {args.json}")
-    path = save_grid(grid, args.grid, row_labels=[r["plan"] for r in result["plans"]], scale=max(1, 64 // grid[0][0].shape[0]))
+    size = max(im.shape[0] for row in grid for im in row)
+    grid = [[_nearest(im, size) for im in row] for row in grid]  # rows of several sizes in one picture
+    path = save_grid(grid, args.grid, row_labels=labels, scale=max(1, 64 // size))
     print(f"wrote {path}")
     return 0
+
+
+def _nearest(image, size: int):
+    import numpy as np
+
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    rows, cols = (np.arange(size) * h // size), (np.arange(size) * w // size)
+    return image[rows][:, cols]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

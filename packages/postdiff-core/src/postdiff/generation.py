@@ -76,7 +76,8 @@ def baseline_steps(plan: Plan) -> int:
 
 
 class ReferenceSource(Source):
-    """The embedded Fashion-MNIST model; conditions are class labels (image i gets class i mod 10)."""
+    """An embedded reference model (Fashion-MNIST, digits); conditions are class labels (image i gets class i mod 10).
+    Non-square or other sizes than 32 px run the model at that pixel size (see ``postdiff eval --sizes``)."""
 
     def generate(self, recipe, n, seed=0, *, conditions=None, progress=False) -> Batch:
         from .reference.pipeline import DEFAULT_GUIDANCE
@@ -127,4 +128,4 @@ class DiffusersSource(Source):
 
 
 def source_for(model: Model, **kwargs) -> Source:
-    return ReferenceSource(model, **kwargs) if model.name == "reference" else DiffusersSource(model, **kwargs)
+    return ReferenceSource(model, **kwargs) if model.dataset is not None else DiffusersSource(model, **kwargs)

