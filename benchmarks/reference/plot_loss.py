@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     ax.set_xlabel("iteration (batch 64)")
     ax.set_ylabel("epsilon MSE (mean of 50 iterations)")
     name = "MNIST digits" if folder.name == "digits" else "Fashion-MNIST"
-    ax.set_title(f"{name} model, v2 fine-tuning loss (sizes 16, 24, 32 px)")
+    ax.set_title(f"{name} model: loss, batches at 16, 24, 32 px")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(folder / "loss.png")

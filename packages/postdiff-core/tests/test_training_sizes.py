@@ -62,6 +62,8 @@ def test_per_size_check_on_the_reference_model():
     assert [len(g) for g in result["grid"]] == [10, 10, 10] and result["grid"][0][0].shape == (16, 16, 1)
     for r in rows.values():
         assert 0 <= r["class_accuracy"] <= 1 and np.isfinite(r["fid_classifier"]) and r["seconds"] > 0
+    # the reference data at each size: the test set area-downsampled, classified like the samples
+    assert 0.5 < rows[16]["test_set_accuracy"] < rows[32]["test_set_accuracy"] <= 1
 
 
 def test_per_size_check_on_a_diffusers_model_reports_what_it_can():

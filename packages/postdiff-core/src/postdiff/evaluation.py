@@ -217,11 +217,6 @@ def evaluate_sizes(
     default = source.compile("baseline")
     default_macs = source.cost(default).total_macs
     dataset = model.dataset
-    test_features = None
-    if dataset is not None:
-        from .reference.classifier import test_set_features
-
-        test_features = test_set_features(dataset)
     result: dict[str, Any] = {
         "model": model.name,
         "kind": "sizes",
@@ -233,9 +228,18 @@ def evaluate_sizes(
         "training_sizes": list(model.training_sizes) if model.training_sizes else None,
         "notes": [
             "baseline run entirely at each size (no resolution switch); MACs ratio against the baseline at the model's default size",
-            _distribution_note(dataset, len(test_features) if dataset else 0),
         ]
-        + ([CLASS_NOTE, "samples under 32 px are resized bilinearly to 32 px before the classifier sees them"] if dataset else []),
+        + (
+            [
+                "FID/KID per size against the test images area-downsampled to that size (real data at the same "
+                "resolution); test-set acc: the classifier on those resampled test images, for scale",
+                _distribution_note(dataset, len(_test_features(dataset, 32))),
+                CLASS_NOTE,
+                "images under 32 px (samples and resampled test images alike) are resized bilinearly to 32 px before the classifier sees them",
+            ]
+            if dataset
+            else [_distribution_note(None, 0)]
+        ),
         "sizes": [],
         "grid": [],
     }
@@ -253,8 +257,11 @@ def evaluate_sizes(
             "macs_ratio": sized.cost(plan).total_macs / default_macs,
             "seconds": batch.seconds,
         }
-        if dataset is not None:
-            row.update(distribution_metrics(batch, dataset, test_features))
+        if dataset is not None and hw[0] == hw[1]:
+            from .reference.classifier import test_set_accuracy
+
+            row.update(distribution_metrics(batch, dataset, _test_features(dataset, hw[0])))
+            row["test_set_accuracy"] = test_set_accuracy(dataset, hw[0])
         result["sizes"].append(row)
         result["grid"].append(batch.images[: min(10, samples)])
         log(
@@ -265,11 +272,17 @@ def evaluate_sizes(
     return result
 
 
+def _test_features(dataset: str, size: int) -> np.ndarray:
+    from .reference.classifier import test_set_features
+
+    return test_set_features(dataset, size)
+
+
 def size_table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     reference = any("fid_classifier" in r for r in result["sizes"])
     headers = ["size", "latent", "trained there", "MACs ratio", "seconds"]
     if reference:
-        headers += ["class acc", "confidence", "FID (clf)", "KID (clf)"]
+        headers += ["class acc", "test-set acc at this size", "confidence", "FID (clf)", "KID (clf)"]
     rows = []
     for r in result["sizes"]:
         row = [
@@ -282,6 +295,7 @@ def size_table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]
         if reference:
             row += [
                 f"{r['class_accuracy']:.1%}",
+                f"{r['test_set_accuracy']:.1%}",
                 f"{r['class_confidence']:.3f}",
                 f"{r['fid_classifier']:.2f}",
                 f"{r['kid_classifier']:.2f}",

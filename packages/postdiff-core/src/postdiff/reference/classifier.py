@@ -79,10 +79,26 @@ def classify_samples(images: np.ndarray, dataset: str = "fashion") -> tuple[np.n
     return classify(np.round(np.asarray(images)[..., 0] * 255).astype(np.uint8), dataset=dataset)
 
 
-@lru_cache(maxsize=2)
-def test_set_features(dataset: str = "fashion") -> np.ndarray:
+def test_set_features(dataset: str = "fashion", size: int = 32) -> np.ndarray:
     """Features of the dataset's test images (padded to 32 px): the FID/KID reference set (10,000 Fashion-MNIST
-    test images; the 2,000 held-out digits)."""
+    test images; the 2,000 held-out digits). With ``size`` < 32 the test images are first area-downsampled to
+    that size, then classified like a sample of that size: the reference for a model run entirely at ``size``."""
+    return _test_set(dataset, size)[0]
+
+
+def test_set_accuracy(dataset: str = "fashion", size: int = 32) -> float:
+    """The classifier's accuracy on the test images put through the same resampling as ``test_set_features``."""
+    return _test_set(dataset, size)[1]
+
+
+@lru_cache(maxsize=8)
+def _test_set(dataset: str, size: int) -> tuple[np.ndarray, float]:
     from .. import data
 
-    return classify(data.pad32(data.load("test", dataset=dataset)[0]), dataset=dataset)[2]
+    images, labels = data.load("test", dataset=dataset)
+    images = data.pad32(images)
+    if size != images.shape[-1]:
+        x = torch.from_numpy(images).float()[:, None]
+        images = torch.nn.functional.interpolate(x, size=(size, size), mode="area").round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+    pred, _, feats = classify(images, dataset=dataset)
+    return feats, float((pred == labels).mean())
