@@ -583,7 +583,9 @@ def cmd_demo(args) -> int:
     plans = _demo_plans(args, model)
     seeds = args.seeds if args.seeds is not None else (100 if model.dataset else 10)
     test_features = None  # FID needs the test set, and enough samples for a full-rank covariance of 128-d features
-    if model.dataset and seeds >= 100 and _have_test_set(model.dataset):
+    from postdiff import data
+
+    if model.dataset and seeds >= 100 and data.have(model.dataset):
         from postdiff.reference.classifier import test_set_features
 
         test_features = test_set_features(model.dataset)
@@ -633,12 +635,6 @@ def cmd_demo(args) -> int:
     if model.name.startswith("toy"):
         print("note: the toy model has random weights: speed and cost are real, the pictures are not meaningful")
     return 0
-
-
-def _have_test_set(dataset: str) -> bool:
-    from postdiff import data
-
-    return data.have(dataset)
 
 
 def cmd_eval(args) -> int:
