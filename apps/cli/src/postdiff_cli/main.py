@@ -608,13 +608,14 @@ def cmd_demo(args) -> int:
             "identical" if base else f"{fidelity['psnr']:.1f}",
             "0" if base else f"{fidelity['lpips']:.3f}",
         ]
-        if model.dataset:
+        if test_features is not None:  # classified once: accuracy and FID from the same features
+            metrics = distribution_metrics(batch, model.dataset, test_features)
+            row += [f"{metrics['class_accuracy']:.0%}", f"{metrics['fid_classifier']:.1f}"]
+        elif model.dataset:
             from postdiff.reference.classifier import classify_samples
 
             pred = classify_samples(batch.images, model.dataset)[0]
             row.append(f"{(pred == batch.conditions).mean():.0%}")
-            if test_features is not None:
-                row.append(f"{distribution_metrics(batch, model.dataset, test_features)['fid_classifier']:.1f}")
         table.append(row)
         rows.append(batch.images[:10])
     path = save_grid(rows, args.output, row_labels=[r[0] for r in table], scale=max(1, 64 // rows[0][0].shape[0]))

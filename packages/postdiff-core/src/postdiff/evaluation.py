@@ -217,6 +217,8 @@ def evaluate_sizes(
     default = source.compile("baseline")
     default_macs = source.cost(default).total_macs
     dataset = model.dataset
+    from .reference.classifier import test_set_accuracy, test_set_features
+
     result: dict[str, Any] = {
         "model": model.name,
         "kind": "sizes",
@@ -233,7 +235,7 @@ def evaluate_sizes(
             [
                 "FID/KID per size against the test images area-downsampled to that size (real data at the same "
                 "resolution); test-set acc: the classifier on those resampled test images, for scale",
-                _distribution_note(dataset, len(_test_features(dataset, 32))),
+                _distribution_note(dataset, len(test_set_features(dataset, 32))),
                 CLASS_NOTE,
                 "images under 32 px (samples and resampled test images alike) are resized bilinearly to 32 px before the classifier sees them",
             ]
@@ -258,9 +260,7 @@ def evaluate_sizes(
             "seconds": batch.seconds,
         }
         if dataset is not None and hw[0] == hw[1]:
-            from .reference.classifier import test_set_accuracy
-
-            row.update(distribution_metrics(batch, dataset, _test_features(dataset, hw[0])))
+            row.update(distribution_metrics(batch, dataset, test_set_features(dataset, hw[0])))
             row["test_set_accuracy"] = test_set_accuracy(dataset, hw[0])
         result["sizes"].append(row)
         result["grid"].append(batch.images[: min(10, samples)])
@@ -270,12 +270,6 @@ def evaluate_sizes(
         )
     result["timestamp"] = time.strftime("%Y-%m-%d %H:%M:%S")
     return result
-
-
-def _test_features(dataset: str, size: int) -> np.ndarray:
-    from .reference.classifier import test_set_features
-
-    return test_set_features(dataset, size)
 
 
 def size_table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
