@@ -18,7 +18,8 @@ def install(session: nox.Session, *extra: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    install(session, "pytest")
+    install(session, "pytest", "-e", "packages/postdiff-coreml")
+    session.install("--no-deps", "DeepCache==0.1.1")  # the parity test's reference (see scripts/setup.sh)
     session.run("pytest", *session.posargs)
 
 

@@ -6,6 +6,7 @@ import math
 import platform
 
 import pytest
+from cli_helpers import strict_loads
 
 from postdiff_cli.main import main
 
@@ -26,10 +27,10 @@ def test_bench_reference_torch_and_onnx_then_cached_exports(tmp_path, capsys):
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "| onnx    | postdiff" in captured.out and "LPIPS" in captured.out and "| full_cached" in captured.out
-    result = json.loads(out.read_text())
+    result = strict_loads(out.read_text())
     rows = {(r["backend"], r["plan"]): r for r in result["results"]}
     assert set(rows) == {(b, p) for b in ("torch", "onnx") for p in ("baseline", "postdiff")}
-    assert rows[("torch", "baseline")]["psnr"] == math.inf  # the reference every row is paired with
+    assert rows[("torch", "baseline")]["psnr"] is None  # identical to the reference every row is paired with: infinite
     assert rows[("onnx", "baseline")]["psnr"] > 40  # the same images through ONNX Runtime
     for backend in ("torch", "onnx"):
         r = rows[(backend, "postdiff")]
@@ -47,7 +48,7 @@ def test_bench_reference_torch_and_onnx_then_cached_exports(tmp_path, capsys):
     # a second run finds both bundles in the cache: nothing is exported again
     assert main([*args[:6], "onnx", *args[7:]]) == 0
     assert "export:" not in capsys.readouterr().err
-    again = json.loads(out.read_text())["results"]
+    again = strict_loads(out.read_text())["results"]
     assert all(r["export_cached"] and r["export_s"] == 0 for r in again)
 
 
@@ -56,7 +57,7 @@ def test_plan_search_recipe_runs_and_fits_the_budget(tmp_path, capsys):
     args = ["plan", "search", "--budget", "0.4", "--metric", "lpips", "--calibration", "3", "--holdout", "4", "--top", "3"]
     assert main([*args, *SMALL_GRID, "-o", str(recipe), "--json", str(report)]) == 0
     capsys.readouterr()
-    data = json.loads(report.read_text())
+    data = strict_loads(report.read_text())
     assert data["candidates"] and all(c["macs_ratio"] <= 0.4 for c in data["candidates"])
     assert {c["family"] for c in data["candidates"]} == {"fewer-steps", "cheaper-steps"}
     assert len(data["agreement"]["compared"]) == 3 and data["agreement"]["chosen_holdout_rank"] >= 1
@@ -74,7 +75,7 @@ def test_sweep_writes_pareto_plot_and_json(tmp_path, capsys):
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "fewer steps" in text and "cheaper steps" in text
-    data = json.loads(out.read_text())
+    data = strict_loads(out.read_text())
     assert data["metric"] == "fid" and [r["budget"] for r in data["rows"]] == [0.3, 0.6]
     for row in data["rows"]:
         for family in ("fewer-steps", "cheaper-steps"):

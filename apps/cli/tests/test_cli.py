@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import strict_loads
 
 from postdiff_cli.main import main
 
@@ -42,10 +43,7 @@ def test_generate_writes_a_png(tmp_path, capsys):
         (["plan", "cost", "warp"], "unknown plan 'warp'"),
         (["plan", "cost", "postdiff", "--steps", "8"], "beyond the last step"),
         (["plan", "show", "baseline", "--model", "arch:sd99"], "unknown architecture"),
-        (
-            ["plan", "show", "mixed-res", "--model", "arch:sd15", "--height", "520", "--width", "512"],
-            "multiple of the UNet's downsampling factor",
-        ),
+        (["plan", "show", "mixed-res", "--model", "arch:sd15", "--height", "64", "--width", "64"], "gives no lower resolution"),
         (["generate", "--model", "arch:sd15"], "random weights and no text encoder"),
     ],
 )
@@ -75,7 +73,7 @@ def test_eval_writes_table_json_and_grid(tmp_path, capsys):
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "| postdiff" in text and "FID (clf)" in text
-    assert json.loads(out.read_text())["samples"] == 6 and grid.read_bytes()[:4] == b"\x89PNG"
+    assert strict_loads(out.read_text())["samples"] == 6 and grid.read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize(
@@ -138,7 +136,7 @@ def test_eval_sizes_table_and_json(tmp_path, capsys):
     assert main(["eval", "--sizes", "16,32", "--samples", "4", "--json", str(out), "--grid", str(grid), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "| 16x16" in text and "| 32x32" in text and "trained there" in text
-    result = json.loads(out.read_text())
+    result = strict_loads(out.read_text())
     assert [r["size"] for r in result["sizes"]] == [16, 32] and grid.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -148,7 +146,7 @@ def test_eval_sizes_table_and_json(tmp_path, capsys):
         (["eval", "--sizes", "16,32", "--plans", "postdiff"], "leave out --plans"),
         (["eval", "--sizes", "0"], "positive image sizes"),
         (["eval", "--sizes", "x"], "comma-separated integers"),
-        (["eval", "--sizes", "30"], "30"),
+        (["eval", "--sizes", "16,100000"], "--sizes values must be at most 16384"),
         (["eval", "--plans", ","], "--plans is empty"),
         (["demo", "--seeds", "0"], "--seeds must be at least 1"),
         (["demo", "--plans", "baseline,nosuch"], "unknown plan 'nosuch'"),
@@ -159,3 +157,14 @@ def test_sizes_and_demo_bad_input(args, fragment, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("postdiff: error:") and fragment in err and "\n" not in err
+
+
+@pytest.mark.parametrize("height, width, low", [(1216, 832, [116, 80]), (1344, 768, [128, 72]), (1024, 1024, [96, 96])])
+def test_postdiff_xl_compiles_at_common_sdxl_sizes_and_shows_its_low_resolution(height, width, low, capsys):
+    """beta = 3/4 of a 152x104 latent is 114x78, which SDXL's UNet (factor 4) cannot take: the nearest sides it can are used."""
+    args = ["plan", "show", "postdiff-xl", "--model", "arch:sdxl", "--height", str(height), "--width", str(width)]
+    assert main(args + ["--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["steps"][0]["latent_hw"] == low and data["latent_hw"] == [height // 8, width // 8]
+    assert main(args) == 0
+    assert f"| {low[0]}x{low[1]} " in capsys.readouterr().out

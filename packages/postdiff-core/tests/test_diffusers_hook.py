@@ -82,8 +82,8 @@ def test_errors_surface_before_the_unet_runs():
     postdiff.apply(pipe, {"steps": 4, "low_res": {"scale": 0.75}})  # 16 * 0.75 = 12: not a multiple of 8? factor is 2 here
     pipe("a cat", generator=gen(0), output_type="np")  # 12 is fine for the toy UNet (factor 2)
     calls.clear()
-    postdiff.apply(pipe, {"steps": 4, "low_res": {"scale": 0.3}})
-    with pytest.raises(RecipeError, match="downsampling factor 2"):
+    postdiff.apply(pipe, {"steps": 4, "low_res": {"scale": 0.97}})  # 15.5 rounds to 16, the full size
+    with pytest.raises(RecipeError, match="gives no lower resolution"):
         pipe("a cat", generator=gen(0), output_type="np")
     with pytest.raises(RecipeError, match="beyond the last step"):
         postdiff.apply(pipe, "xattn-gate")

@@ -115,11 +115,17 @@ def test_bad_recipes_are_refused_with_the_field_named(recipe, fragment):
     assert fragment in str(err.value)
 
 
-def test_low_res_latent_must_fit_the_unet():
-    with pytest.raises(RecipeError, match="multiple of its downsampling factor 8"):
-        compile_({"low_res": {"scale": 0.3}})
-    with pytest.raises(RecipeError, match="multiple of the UNet's downsampling factor"):
-        compile_("baseline", hw=(60, 64))
+def test_low_res_latent_is_the_nearest_size_the_unet_takes():
+    """Per side, the multiple of the downsampling factor (8 here) nearest to scale x side, at least the factor."""
+    low = {s.latent_hw for s in compile_({"low_res": {"scale": 0.3}}).steps} - {(64, 64)}
+    assert low == {(16, 16)}  # 19.2 -> 16
+    plan = compile_({"low_res": {"scale": 0.75}}, hw=(104, 152))
+    assert plan.steps[0].latent_hw == (80, 112)  # 78 and 114 round to the nearest multiples of 8, ties up
+    with pytest.raises(RecipeError, match="gives no lower resolution"):
+        compile_({"low_res": {"scale": 0.95}})  # 60.8 -> 64: the full size
+    # the full size need not be a multiple: the UNet upsamples to its skip connections there, as diffusers does
+    assert compile_("baseline", hw=(60, 64)).latent_hw == (60, 64)
+    assert {s.latent_hw for s in compile_("mixed-res", hw=(60, 68)).steps} == {(32, 32), (60, 68)}
 
 
 def test_gating_needs_cross_attention():

@@ -115,3 +115,25 @@ def test_conditioning_size_follows_the_stage():
     half = c.cond_half()
     assert half.batch == 1 and half.time_ids.shape[0] == 1 and not half.has_uncond
     assert c.at_size((128, 128), (128, 128)) is c
+
+
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "DDPMScheduler"])
+@pytest.mark.parametrize("option", [{"clip_sample": True}, {"clip_sample": True, "clip_sample_range": 0.5}, {"thresholding": True}])
+def test_the_switch_limits_x0_as_the_scheduler_does(scheduler, option):
+    """With clip_sample or thresholding configured, the x0 the switch upsamples is the scheduler's own x0."""
+    import diffusers
+
+    base = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    sch = getattr(diffusers, scheduler).from_config({**base, "clip_sample": False, **option})
+    sch.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    x, out = 3 * torch.randn(2, 4, 8, 8, generator=g), 3 * torch.randn(2, 4, 8, 8, generator=g)
+    i = 2
+    t = sch.timesteps[i]
+    theirs = sch.step(out, t, x, generator=torch.Generator().manual_seed(1)).pred_original_sample
+    ours = predict_x0(sch, x, out, i, float(t))
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    plain = getattr(diffusers, scheduler).from_config({**base, "clip_sample": False})
+    plain.set_timesteps(10)
+    unlimited = predict_x0(plain, x, out, i, float(t))
+    assert (unlimited - theirs).abs().max().item() > 0.1  # the option matters on this input: the check is not vacuous

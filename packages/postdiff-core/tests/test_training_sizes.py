@@ -86,7 +86,7 @@ def test_per_size_check_refuses_a_size_before_any_work():
     source = source_for(load_model("reference", need_pipeline=True))
     source.generate = lambda *a, **k: calls.append(a)
     with pytest.raises(PostDiffError):
-        evaluate_sizes(source, [32, 30], 2, log=lambda m: None, progress=False)  # 30 does not halve twice
+        evaluate_sizes(source, [32, 0], 2, log=lambda m: None, progress=False)  # no image of size 0
     assert calls == []
 
 

@@ -19,6 +19,7 @@ from postdiff.generation import source_for
 from postdiff.metrics import psnr, tensor_psnr
 from postdiff.models import load_model
 from postdiff.unet import UNetSplit
+from postdiff_cli.main import main as cli
 from postdiff_coreml.export import UNET_PACKAGE, export_coreml
 from postdiff_coreml.runtime import inspect_bundle, load_bundle
 
@@ -150,7 +151,9 @@ def test_runtime_needs_macos_and_known_compute_units(coreml_bundles, tmp_path):
     with pytest.raises(BundleError, match="unknown compute unit 'NPU'; use one of ALL, CPU_AND_NE, CPU_AND_GPU, CPU_ONLY"):
         load_bundle(coreml_bundles("reference"), compute_units="NPU")
     if not ON_MACOS:
-        with pytest.raises(BundleError, match=r"Core ML bundles run only on macOS \(this is .*\); use --backend onnx here"):
+        with pytest.raises(
+            BundleError, match=r"Core ML bundles run only on macOS \(this is .*\); here, export .* an ONNX bundle .* --backend onnx"
+        ):
             load_bundle(tmp_path / "not-even-there")  # refused before anything is loaded
 
 
@@ -199,6 +202,14 @@ def test_macos14_target_writes_one_package_per_function(tmp_path):
     assert files == ["unet_full_32x32.mlpackage", "unet_shallow_32x32.mlpackage"]
     assert all(g.function is None for g in manifest.graphs)
     assert not (folder / UNET_PACKAGE).exists()
+    # the export's compression step, on a single-function fp16 package (multifunction ones are compressed before
+    # merging): 4-bit k-means palettisation stores about half a byte per weight (the 6-bit export is tested end to end)
+    from postdiff_coreml.export import _compress
+
+    fp16 = ct.models.MLModel(str(folder / "unet_full_32x32.mlpackage"), skip_model_load=True)
+    _compress(ct, fp16, "4bit").save(str(tmp_path / "q4.mlpackage"))
+    blob = next((tmp_path / "q4.mlpackage").rglob("weight.bin")).stat().st_size
+    assert blob < (4 / 8 + 0.15) * _unet_params()
 
 
 # -- numerics: macOS only ----------------------------------------------------------------------------------------------
@@ -231,3 +242,18 @@ def test_end_to_end_image_matches_torch(coreml_bundles, name):
     )
     assert min(psnr(a, b) for a, b in zip(got, ref.images)) >= 35.0
     assert np.isfinite(got).all()
+
+
+def _unet_params() -> int:
+    return sum(p.numel() for p in load_model("reference", need_pipeline=True).pipeline.unet.parameters())
+
+
+def test_6bit_palettised_export_stores_about_three_quarters_of_a_byte_per_weight(tmp_path):
+    """k-means palettisation needs scikit-learn, a declared dependency of postdiff-coreml: end to end through the CLI
+    (4 bits: test_macos14_target_writes_one_package_per_function)."""
+    bits = 6
+    out = tmp_path / f"q{bits}"
+    assert cli(["export", "coreml", "--model", "reference", "--plan", "baseline", "--weights", f"{bits}bit", "-o", str(out)]) == 0
+    blob = next((out / UNET_PACKAGE).rglob("weight.bin")).stat().st_size
+    assert blob < (bits / 8 + 0.15) * _unet_params()  # fp16 would be 2 bytes per weight; lookup tables add a little
+    assert f"{bits}bit weights" in inspect_bundle(out)[1].precision

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 import postdiff_onnx.export as export_mod
 from postdiff.bundle import MANIFEST
@@ -147,3 +148,63 @@ def test_cli_errors_are_one_line(capsys, tmp_path, bundles):
     assert "already exists" in err and err.count("\n") == 1
     assert cli(["generate", "--backend", "onnx", "--bundle", str(bundles("reference_fp16")), "--plan", "postdiff"]) == 2
     assert "cannot run plan 'postdiff'" in capsys.readouterr().err
+
+
+# SIGTERM delivered to this process at three points of an export: a real signal, sent the way `kill` sends it,
+# arriving while the named step runs.
+_TERM_AT = {
+    "tracing": (torch.onnx, "export"),
+    "writing": (export_mod, "_group_norm_as_layer_norm"),
+    "checking": (export_mod, "_measure"),
+}
+
+
+def test_sigterm_during_export_leaves_nothing_and_the_next_export_succeeds(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "bundle"
+    # what an export killed outright (SIGKILL, which no process can catch) leaves: recognised by its dead process id
+    # and removed by the next export to the same target; a live export's staging folder is kept
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".bundle.partial-{dead}-abc123"
+    stale.mkdir()
+    (stale / "unet_full.onnx").write_bytes(b"half")
+    live = tmp_path / f".bundle.partial-{os.getpid() + 0}-def456"
+    live.mkdir()
+    for point, (owner, name) in _TERM_AT.items():
+        real = getattr(owner, name)
+
+        def hit(*args, _real=real, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return _real(*args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(owner, name, hit)
+            code = cli(["export", "onnx", "--model", "reference", "--plan", "baseline", "-o", str(target)])
+        err = capsys.readouterr().err
+        assert code == 128 + signal.SIGTERM and "terminated by signal 15" in err and "Traceback" not in err, (point, err)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [live.name], point  # no bundle, no staging folder
+    out = export_onnx("reference", "baseline", target, verify=False, log=lambda m: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bundle", live.name])
+    assert load_bundle(out).manifest.backend == "onnx"
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())  # not mkdtemp's 0700
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the export's handler is gone again
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_manifest_files_outside_the_bundle_are_refused(copy):
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["files"]["../outside.txt"] = "0" * 64
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="outside the bundle folder"):
+        load_bundle(copy)

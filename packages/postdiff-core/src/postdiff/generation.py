@@ -46,7 +46,7 @@ class Source:
 
     def compile(self, recipe: Recipe | str, steps: int | None = None) -> Plan:
         recipe = load_recipe(recipe)
-        if steps:
+        if steps is not None:
             recipe = recipe.with_steps(steps)
         latent = self.model.latent_hw(self.height, self.width)
         return compile_for_scheduler(recipe, self.model.scheduler(self.scheduler_name), latent, self.model.spec())
@@ -90,7 +90,7 @@ class ReferenceSource(Source):
             labels,
             plan,
             seed=seed,
-            guidance_scale=self.guidance or DEFAULT_GUIDANCE,
+            guidance_scale=DEFAULT_GUIDANCE if self.guidance is None else self.guidance,
             scheduler=self.scheduler_name or "DDIMScheduler",
             progress=progress,
         )
@@ -117,7 +117,7 @@ class DiffusersSource(Source):
                     prompt,
                     height=self.height,
                     width=self.width,
-                    guidance_scale=self.guidance or 7.5,
+                    guidance_scale=7.5 if self.guidance is None else self.guidance,
                     generator=torch.Generator().manual_seed(seed * 1_000_003 + i),
                     output_type="np",
                 )

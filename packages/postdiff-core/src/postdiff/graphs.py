@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .cost import MacCounter, step_batch
-from .errors import ModelError
+from .errors import ExportError, ModelError
 from .models import Model, load_model
 from .plan import Plan
 from .recipe import load_recipe
@@ -63,8 +63,32 @@ def prepare_export(model: str | Model, plan, *, height=None, width=None, steps=N
     if isinstance(model, str):
         model = load_model(model, need_pipeline=not model.startswith("arch:"))
     compiled = Source(model, scheduler=scheduler, height=height, width=width).compile(load_recipe(plan), steps)
+    _check_exportable_size(model, compiled)
     counter = MacCounter(model.unet_config, block=compiled.recipe.cache_block, text_len=model.text_len, pooled_dim=model.pooled_dim)
     return ExportJob(model, compiled, counter)
+
+
+def _check_exportable_size(model: Model, plan: Plan) -> None:
+    """Exported graphs take latent sides that are multiples of the UNet's downsampling factor (their dynamic shapes
+    are written that way; Core ML's fixed shapes follow the same rule). PyTorch runs other sizes, exports do not:
+    the error names the nearest image sizes that export."""
+    from .unet import downsample_factor
+
+    f = downsample_factor(unet_of(model))
+    h, w = plan.latent_hw
+    if h % f == 0 and w % f == 0:
+        return
+    px = f * model.vae_scale_factor
+
+    def near(side: int) -> str:
+        lo, hi = (side // f) * f, (side // f + 1) * f
+        return " or ".join(str(v * model.vae_scale_factor) for v in (lo, hi) if v > 0)
+
+    raise ExportError(
+        f"image size {h * model.vae_scale_factor}x{w * model.vae_scale_factor} gives a {h}x{w} latent; exported graphs take "
+        f"latent sides that are multiples of {f} (image sides that are multiples of {px}). PyTorch runs this size "
+        f"(postdiff generate); to export, use height {near(h)} and width {near(w)}"
+    )
 
 
 def model_kind(model: Model) -> str:

@@ -1,14 +1,17 @@
-"""Small image helpers: grids of labelled images, written as PNG (atomically)."""
+"""Small image helpers: grids of labelled images, written atomically as PNG or JPEG (by the file's suffix)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from postdiff.files import atomic_write
+
+# what an image output path may end in, and the format written for it
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
 
 def to_uint8(image) -> np.ndarray:
@@ -50,13 +53,5 @@ def save_grid(rows: Sequence[Sequence], path: str | Path, *, row_labels: Sequenc
 
 
 def _atomic_save(image: Image.Image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    fmt = IMAGE_FORMATS.get(path.suffix.lower(), "PNG")
+    return atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {})))

@@ -42,7 +42,10 @@ class Model:
         """Latent size for an image size (pixels); the model's default when not given."""
         f = self.vae_scale_factor
         default = self.default_latent * f
-        h, w = height or default, width or default
+        h = default if height is None else height
+        w = default if width is None else width
+        if h < 1 or w < 1:
+            raise ModelError(f"image size {h}x{w} must be positive (pixels)")
         if h % f or w % f:
             raise ModelError(f"image size {h}x{w} must be a multiple of {f} (the VAE's downsampling factor) for {self.name}")
         return h // f, w // f

@@ -167,21 +167,24 @@ class Plan:
         return cls.from_dict(parse_json(text, where, PlanError), where=where)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
+        from .files import atomic_write_text
+
+        atomic_write_text(path, self.to_json())
 
 
 # -- compilation ----------------------------------------------------------------------------------------------------
 def low_res_size(latent_hw: tuple[int, int], scale: float, factor: int, *, where: str = "recipe.low_res.scale") -> tuple[int, int]:
+    """The low-resolution latent for ``scale``: per side, the multiple of the UNet's downsampling ``factor`` nearest
+    to ``scale`` x the side (ties round up), at least ``factor`` and at most the side itself. So SDXL at 832x1216
+    (latent 104x152, factor 4) with scale 3/4 runs its low-resolution phase at 80x112, where 78x114 is not a size its
+    UNet takes. A multiple of the factor is what exported graphs take, and what keeps every skip connection aligned."""
     h, w = latent_hw
-    lh, lw = round(h * scale), round(w * scale)
-    if lh < factor or lw < factor or lh % factor or lw % factor or not math.isclose(lh / h, lw / w, rel_tol=0.05):
-        valid = sorted(
-            {k * factor / h for k in range(1, h // factor + 1) if (k * factor * w) % h == 0 and (k * factor * w // h) % factor == 0}
-        )
-        hint = ", ".join(f"{v:g}" for v in valid[-6:]) or "none at this size"
+    lh, lw = (min(side, max(factor, math.floor(side * scale / factor + 0.5) * factor)) for side in (h, w))
+    if (lh, lw) == (h, w):
         raise RecipeError(
-            f"{where}={scale:g} gives a {lh}x{lw} latent for the {h}x{w} one, which this UNet cannot take: each side "
-            f"must be a positive multiple of its downsampling factor {factor}. Scales that work here: {hint}"
+            f"{where}={scale:g} gives no lower resolution for the {h}x{w} latent: the nearest sides the UNet can take "
+            f"(multiples of its downsampling factor {factor}) are the full ones. Use a smaller scale, a larger image, or "
+            f"a plan without low_res"
         )
     return lh, lw
 
@@ -246,11 +249,10 @@ def compile_plan(
 
     factor = model.downsample_factor
     h, w = latent_hw
-    if h % factor or w % factor:
-        raise RecipeError(
-            f"latent size {h}x{w} is not a multiple of the UNet's downsampling factor {factor}; use an image size "
-            f"whose latent sides are multiples of {factor}"
-        )
+    if h < 1 or w < 1:
+        raise RecipeError(f"latent size {h}x{w} is not positive; use a larger image")
+    # Any full size the UNet runs (diffusers upsamples to the skip connections' sizes where a side is not a
+    # multiple of the factor, and so does UNetSplit): the baseline and caching-only plans run where vanilla does.
     full_hw = (h, w)
 
     switch_k = 0
@@ -334,7 +336,8 @@ def validate_plan(plan: Plan, model: ModelSpec | None = None) -> None:
                 raise PlanError(f"{where}: unknown event {e!r}; known events: {EVENTS}")
         if s.latent_hw[0] <= 0 or s.latent_hw[1] <= 0:
             raise PlanError(f"{where}: latent size {s.latent_hw} is not positive")
-        if model is not None and (s.latent_hw[0] % model.downsample_factor or s.latent_hw[1] % model.downsample_factor):
+        low = tuple(s.latent_hw) != tuple(plan.latent_hw)
+        if low and model is not None and (s.latent_hw[0] % model.downsample_factor or s.latent_hw[1] % model.downsample_factor):
             raise PlanError(
                 f"{where}: latent size {s.latent_hw[0]}x{s.latent_hw[1]} is not a multiple of the UNet's "
                 f"downsampling factor {model.downsample_factor}"

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError
+from .errors import RecipeError, brief
 
 DEFAULT_STEPS = 20
 
@@ -36,8 +37,11 @@ class DeepCache:
     """DeepCache-style reuse of the deep UNet features.
 
     ``interval``: a full UNet pass every ``interval`` steps, shallow passes in between (1 = always full).
-    ``block``: DeepCache's ``cache_block_id``; the shallow pass runs the first layer of down block ``block``
-    (and every block above it) and the mirrored up layers.
+    ``block``: where the UNet is cut. The shallow pass runs down block ``block``'s first layer and every layer
+    above it, and the mirrored up layers. In the official ``deepcache`` helper's terms (``DeepCacheSDHelper.
+    set_params``) ``block = b`` is ``cache_branch_id = 3b + 1`` (checked bit for bit in the test suite), **not**
+    ``cache_block_id = b``. A recipe may say ``"cache_branch_id": 3b + 1`` instead of ``"block"``; other branch ids
+    (DeepCache's default 0, a shallower cut) are cuts PostDiff's UNet split does not offer, and are refused.
     ``schedule``: ``uniform`` (every ``interval``-th step is full) or ``nonuniform`` (the DeepCache paper's
     schedule: the same number of full steps, placed densely around ``center`` (a fraction of the steps) and
     sparsely away from it, following a power curve of exponent ``power``).
@@ -134,10 +138,12 @@ def _check_keys(data: dict, allowed: set[str], where: str) -> None:
 def _number(value: Any, where: str, *, integer: bool) -> int | float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         kind = "an integer" if integer else "a number"
-        raise RecipeError(f"{where} must be {kind}, got {value!r}")
+        raise RecipeError(f"{where} must be {kind}, got {brief(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{where} must be a finite number, got {value}")
     if integer:
         if isinstance(value, float) and not value.is_integer():
-            raise RecipeError(f"{where} must be an integer, got {value!r}")
+            raise RecipeError(f"{where} must be an integer, got {brief(value)}")
         return int(value)
     return float(value)
 
@@ -146,7 +152,7 @@ def _parse_section(cls: type, data: Any, where: str):
     if data is None:
         return None
     if not isinstance(data, dict):
-        raise RecipeError(f"{where} must be an object (or null to turn it off), got {data!r}")
+        raise RecipeError(f"{where} must be an object (or null to turn it off), got {brief(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     _check_keys(data, set(fields), where)
     values: dict[str, Any] = {}
@@ -154,7 +160,7 @@ def _parse_section(cls: type, data: Any, where: str):
         default = fields[name].default
         if isinstance(default, str):
             if not isinstance(value, str):
-                raise RecipeError(f"{where}.{name} must be a string, got {value!r}")
+                raise RecipeError(f"{where}.{name} must be a string, got {brief(value)}")
             values[name] = value
         else:
             values[name] = _number(value, f"{where}.{name}", integer=isinstance(default, int))
@@ -167,10 +173,30 @@ def _parse_recipe(data: Any, where: str) -> Recipe:
     _check_keys(data, _TOP_KEYS, where)
     name = data.get("name")
     if name is not None and not isinstance(name, str):
-        raise RecipeError(f"{where}.name must be a string, got {name!r}")
+        raise RecipeError(f"{where}.name must be a string, got {brief(name)}")
     steps = _number(data.get("steps", DEFAULT_STEPS), f"{where}.steps", integer=True)
-    sections = {key: _parse_section(cls, data.get(key), f"{where}.{key}") for key, cls in _SECTIONS.items()}
+    sections = {key: _parse_section(cls, data.get(key), f"{where}.{key}") for key, cls in _SECTIONS.items() if key != "deepcache"}
+    sections["deepcache"] = _parse_section(
+        DeepCache, _branch_id_as_block(data.get("deepcache"), f"{where}.deepcache"), f"{where}.deepcache"
+    )
     return _validated(Recipe(steps=steps, name=name, **sections), where)
+
+
+def _branch_id_as_block(section: Any, where: str) -> Any:
+    """A ``deepcache`` section written with the official helper's ``cache_branch_id``, as PostDiff's ``block``."""
+    if not isinstance(section, dict) or "cache_branch_id" not in section:
+        return section
+    if "block" in section:
+        raise RecipeError(f"{where}: give block or cache_branch_id, not both (block b is cache_branch_id 3b + 1)")
+    section = dict(section)
+    branch = _number(section.pop("cache_branch_id"), f"{where}.cache_branch_id", integer=True)
+    if branch < 1 or (branch - 1) % 3:
+        raise RecipeError(
+            f"{where}.cache_branch_id={branch} is a cut PostDiff's UNet split does not offer: it offers branch ids 1, 4, 7, ... "
+            f"(3b + 1 for block b; DeepCache's default 0 is a shallower cut). Use cache_branch_id 1 (block 0)"
+        )
+    section["block"] = (branch - 1) // 3
+    return section
 
 
 def _validated(r: Recipe, where: str) -> Recipe:
@@ -260,11 +286,19 @@ def load_recipe(spec: str | Path | Recipe | dict) -> Recipe:
         if steps <= 0:
             raise RecipeError(f"plan {text!r}: steps must be at least 1")
         return Recipe(name=text, steps=steps)
-    path = Path(text)
+    path = Path(text).expanduser()
     if path.suffix == ".json" or path.exists():
+        shown = brief(text)
+        if path.is_dir():
+            raise RecipeError(f"plan {shown} is a folder; give a recipe JSON file or one of: {', '.join(builtin_names())}")
         if not path.is_file():
-            raise RecipeError(f"plan file {text!r} does not exist; give a JSON file or one of: {', '.join(builtin_names())}")
-        data = path.read_text()
+            raise RecipeError(f"plan file {shown} does not exist; give a JSON file or one of: {', '.join(builtin_names())}")
+        try:
+            data = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise RecipeError(f"plan file {shown} is not UTF-8 text (byte {exc.start}); a recipe is a JSON file") from None
+        except OSError as exc:
+            raise RecipeError(f"cannot read plan file {shown}: {exc.strerror}") from None
         recipe = Recipe.from_json(data, where=f"plan file {path.name}")
         return recipe if recipe.name else dataclasses.replace(recipe, name=path.stem)
-    raise RecipeError(f"unknown plan {text!r}; use one of: {', '.join(builtin_names())}, or a JSON file")
+    raise RecipeError(f"unknown plan {brief(text)}; use one of: {', '.join(builtin_names())}, or a JSON file")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from pathlib import Path
@@ -29,11 +30,24 @@ def machine_info() -> dict:
 
 
 def write_json(path: str | Path, data) -> None:
-    """Write ``data`` as JSON through a temporary file, so a reader (or a run cut short) never sees half a file."""
+    """Write ``data`` as strict JSON (RFC 8259: a non-finite number becomes null) through a temporary file, so a
+    reader, or a run cut short, never sees half a file."""
     import json
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    from postdiff.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(strict_json(data), indent=2, allow_nan=False))
+
+
+def strict_json(value):
+    """``value`` with every NaN or infinity replaced by None: Python's ``json`` writes them as ``NaN``/``Infinity``,
+    which JSON does not have and strict parsers (browsers, jq, Go, Rust) refuse."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy scalars
+        return strict_json(value.item())
+    return value

@@ -75,7 +75,20 @@ def predict_x0(scheduler, sample: torch.Tensor, model_output: torch.Tensor, inde
             x0 = alpha * x - sigma * out
         else:
             raise PlanError(f"mixed resolution: unsupported prediction_type {kind!r}")
-    return x0.to(sample.dtype)
+    return _as_the_scheduler_limits(scheduler, x0).to(sample.dtype)
+
+
+def _as_the_scheduler_limits(scheduler, x0: torch.Tensor) -> torch.Tensor:
+    """The scheduler's own treatment of its x0 prediction: dynamic thresholding (``thresholding``, Imagen's) or
+    clipping to ``clip_sample_range`` (``clip_sample``), as DDIM, DDPM and the DPM-Solvers apply them in ``step``;
+    schedulers without these options (Euler, Heun, ...) have neither in their config."""
+    config = scheduler.config
+    if config.get("thresholding", False) and hasattr(scheduler, "_threshold_sample"):
+        return scheduler._threshold_sample(x0)
+    if config.get("clip_sample", False):
+        limit = float(config.get("clip_sample_range", 1.0))
+        return x0.clamp(-limit, limit)
+    return x0
 
 
 def renoise(scheduler, x0: torch.Tensor, noise: torch.Tensor, index: int, timestep: float) -> torch.Tensor:

@@ -26,6 +26,12 @@ from .resolution import check_switchable, downsample_noise, predict_x0, renoise,
 
 def compile_for_scheduler(recipe: Recipe, scheduler, latent_hw: tuple[int, int], model: ModelSpec, device=None) -> Plan:
     """Set the scheduler's timesteps for ``recipe.steps`` and compile the recipe against them."""
+    trained = int(getattr(scheduler, "config", {}).get("num_train_timesteps", 1000))
+    if recipe.steps > trained:
+        raise PlanError(
+            f"{recipe.steps} steps is more than the {trained} timesteps {type(scheduler).__name__} was trained with; "
+            f"use at most {trained} steps"
+        )
     scheduler.set_timesteps(recipe.steps, device=device)
     return compile_plan(
         recipe,

@@ -55,6 +55,15 @@ class Grid:
             if m < 0:
                 raise PostDiffError(f"--gates values must be 0 (no gate) or a step number, got {m}")
 
+    def check_steps(self, steps: int) -> None:
+        """Refuse gates at or beyond the last step: they would silently drop every candidate that uses them."""
+        late = [m for m in self.gates if m >= steps]
+        if late:
+            raise PostDiffError(
+                f"--gates {','.join(map(str, late))} is at or beyond the last of the {steps} steps, so no plan could use it; "
+                f"give gates from 1 to {steps - 1} (or 0 for no gate)"
+            )
+
 
 @dataclass
 class Candidate:
@@ -157,9 +166,9 @@ def default_metric(source: Source) -> str:
     return "fid" if source.model.dataset is not None else "lpips"
 
 
-def check_budget(budget: float) -> None:
-    if not (isinstance(budget, (int, float)) and 0 < budget <= 1) or math.isnan(budget):
-        raise PostDiffError(f"a budget is a fraction of the baseline's MACs in (0, 1], got {budget}")
+def check_budget(budget: float, name: str = "a budget") -> None:
+    if isinstance(budget, bool) or not (isinstance(budget, (int, float)) and 0 < budget <= 1):  # NaN fails 0 < x
+        raise PostDiffError(f"{name} must be a fraction of the baseline's MACs in (0, 1], got {budget}")
 
 
 def _calibrate(pool: Sequence[Candidate], scorer: Scorer, n: int, seed: int, log: Callable[[str], None]) -> None:
@@ -198,6 +207,7 @@ def search(
         raise PostDiffError(f"--calibration must be at least 1 sample, got {calibration}")
     if holdout < 0 or top < 1:
         raise PostDiffError(f"--holdout must be 0 or more and --top at least 1, got {holdout} and {top}")
+    grid.check_steps(steps)
     scorer = Scorer(source, metric or default_metric(source), steps)
     pool = candidates(source, grid, steps, budget)
     if not pool:
@@ -255,6 +265,7 @@ def sweep(
     if calibration < 1 or samples < 1:
         raise PostDiffError(f"--calibration and --samples must be at least 1, got {calibration} and {samples}")
     budgets = sorted(set(budgets))
+    grid.check_steps(steps)
     scorer = Scorer(source, metric or default_metric(source), steps)
     pool = candidates(source, grid, steps, max(budgets))
     log(f"sweep: {len(pool)} plans within {max(budgets)} of the baseline's MACs, {calibration} calibration samples each ({scorer.metric})")

@@ -27,7 +27,10 @@ def check_compute_units(units: str) -> str:
 
 def require_macos() -> None:
     if platform.system() != "Darwin":
-        raise BundleError(f"Core ML bundles run only on macOS (this is {platform.system()}); use --backend onnx here")
+        raise BundleError(
+            f"Core ML bundles run only on macOS (this is {platform.system()}); here, export the model and plan as an ONNX "
+            "bundle (postdiff export onnx --model M --plan P -o DIR) and run that with --backend onnx --bundle DIR"
+        )
 
 
 class CoreMLRunner:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 import time
 import warnings
@@ -42,6 +43,10 @@ PSNR_GATE = 35.0  # dB, every output of every graph at every size (Apple's gate 
 # older runtimes. GroupNormalization is rewritten either way (_group_norm_as_layer_norm).
 DEFAULT_OPSET = 23
 OPSETS = range(17, 24)
+
+# torch.onnx's registry logs "torchvision is not installed. Skipping torchvision::nms" (and roi_align, roi_pool,
+# deform_conv2d) on every export: noise about operators no diffusion UNet uses.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 def export_onnx(
@@ -73,7 +78,9 @@ def export_onnx(
     unet = unet_of(model)
     start = time.perf_counter()
     with staged_bundle(output, overwrite=overwrite) as folder, UNetSplit(unet, block=compiled.recipe.cache_block) as split:
-        sources = unet_graphs(split, compiled, model) + pipeline_graphs(model)
+        # the small pipeline graphs (class or text encoders, VAE decoder) first: a bad option or an interruption
+        # shows up in seconds, before the long UNet traces
+        sources = pipeline_graphs(model) + unet_graphs(split, compiled, model)
         graphs: list[Graph] = []
         for i, src in enumerate(sources, 1):
             log(f"[{i}/{len(sources)}] {src.name}: exporting")

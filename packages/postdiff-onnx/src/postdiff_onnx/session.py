@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import weakref
 from pathlib import Path
 
@@ -42,8 +43,21 @@ def make_session(path: str | Path, *, provider: str = DEFAULT_PROVIDER, threads:
         raise BundleError(f"onnxruntime cannot load {Path(path).name}: {str(exc).splitlines()[0][:300]}; re-export the bundle") from None
 
 
+# torch.export names a dimension it cannot express in the named input dimensions (batch, h, w) with an internal
+# symbol such as ``s39`` (an output shape then reads ``2*s39``); the manifest names such a dimension after its
+# tensor and axis instead, so that nothing in a bundle depends on the exporter's internal numbering.
+_INTERNAL_SYMBOL = re.compile(r"\bs\d+\b")
+
+
+def _dim(d, name: str, axis: int):
+    if isinstance(d, int):
+        return d
+    text = str(d)
+    return f"{name}_dim{axis}" if (not text or text == "None" or _INTERNAL_SYMBOL.search(text)) else text
+
+
 def tensor_specs(args) -> list[TensorSpec]:
-    return [TensorSpec(a.name, [d if isinstance(d, int) else str(d) for d in a.shape], DTYPES.get(a.type, a.type)) for a in args]
+    return [TensorSpec(a.name, [_dim(d, a.name, i) for i, d in enumerate(a.shape)], DTYPES.get(a.type, a.type)) for a in args]
 
 
 # Each session's (input name, shape) pairs and output names, read once: a plan run calls small graphs hundreds of

@@ -19,7 +19,7 @@ import torch
 from .. import data
 from ..conditioning import Conditioning
 from ..denoiser import TorchDenoiser
-from ..errors import ModelError, RecipeError
+from ..errors import ModelError, RecipeError, brief
 from ..plan import Plan
 from ..recipe import Recipe, load_recipe
 from ..sampling import compile_for_scheduler, run_plan
@@ -55,8 +55,8 @@ def parse_label(text: str | int, dataset: str = "fashion") -> int:
         if key in names:
             return names[key]
     if dataset != "fashion":
-        raise RecipeError(f"unknown digit {text!r}; use 0-9")
-    raise RecipeError(f"unknown Fashion-MNIST class {text!r}; use 0-9 or one of: {', '.join(CLASSES)}")
+        raise RecipeError(f"unknown digit {brief(text)}; use 0-9")
+    raise RecipeError(f"unknown Fashion-MNIST class {brief(text)}; use 0-9 or one of: {', '.join(CLASSES)}")
 
 
 class ReferencePipeline:
@@ -99,7 +99,7 @@ class ReferencePipeline:
         self, plan: str | Recipe | dict, steps: int | None = None, scheduler: str = "DDIMScheduler", size: int = ref.IMAGE_SIZE
     ) -> Plan:
         recipe = load_recipe(plan)
-        if steps:
+        if steps is not None:
             recipe = recipe.with_steps(steps)
         return compile_for_scheduler(recipe, self.scheduler(scheduler), (size, size), self.spec)
 
