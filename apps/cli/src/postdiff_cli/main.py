@@ -786,14 +786,14 @@ def _flag_checks():
     }
 
 
-# (command, argument) -> the suffixes of a file output, or None for a folder output
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# (command, argument) -> what the output is: "image" (a suffix of images.IMAGE_FORMATS), a tuple of suffixes, or
+# None for a folder
 _OUTPUTS = {
-    ("generate", "output"): IMAGE_SUFFIXES,
-    ("demo", "output"): IMAGE_SUFFIXES,
-    ("eval", "grid"): IMAGE_SUFFIXES,
+    ("generate", "output"): "image",
+    ("demo", "output"): "image",
+    ("eval", "grid"): "image",
     ("eval", "json"): (".json",),
-    ("bench", "grid"): IMAGE_SUFFIXES,
+    ("bench", "grid"): "image",
     ("bench", "json"): (".json",),
     ("sweep", "plot"): (".png",),
     ("sweep", "json"): (".json",),
@@ -823,6 +823,10 @@ def _check_args(args) -> None:
         if args.command != command or value is None or isinstance(value, bool):
             continue
         flag = "-o" if name == "output" else "--" + name
+        if suffixes == "image":
+            from postdiff.images import IMAGE_FORMATS
+
+            suffixes = tuple(IMAGE_FORMATS)
         if suffixes is None:
             check_output_folder(value, flag)
         else:
