@@ -9,7 +9,7 @@ nox -s bench      # the torch CPU and ONNX Runtime benchmarks of benchmarks/ (sl
 import nox
 
 nox.options.sessions = ["tests", "lint"]
-PACKAGES = ["-e", "packages/postdiff-core", "-e", "packages/postdiff-onnx", "-e", "apps/cli"]
+PACKAGES = ["-e", "packages/postdiff-core", "-e", "packages/postdiff-lab", "-e", "packages/postdiff-onnx", "-e", "apps/cli"]
 
 
 def install(session: nox.Session, *extra: str) -> None:

@@ -31,7 +31,7 @@ from postdiff.bundle_runtime import GraphDenoiser
 from postdiff.cost import MacCounter, plan_cost, step_batch
 from postdiff.graphs import unet_of
 from postdiff.models import load_model
-from postdiff.report import machine_info, write_json
+from postdiff_lab.report import machine_info, write_json
 from postdiff_onnx.export import export_onnx
 from postdiff_onnx.runtime import OrtRunner
 
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         ap.error("--variant-runs, --rounds, --images and --threads must be at least 1, --plan-runs at least 0")
     torch.set_num_threads(args.threads)
 
-    model = load_model(args.model, need_pipeline=not args.model.startswith("arch:"))
+    model = load_model(args.model, need_pipeline=None)
     px = args.size or model.default_latent * model.vae_scale_factor
     latent = model.latent_hw(px, px)
     recipe = load_recipe(args.plan).with_steps(args.steps)
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
 
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "model": f"{model.name} ({'random weights, seed 0' if model.architecture or model.name.startswith('toy') else 'trained weights'})",
+        "model": f"{model.name} ({'random weights, seed 0' if model.weights == 'random' else model.weights + ' weights'})",
         "image_px": px,
         "latent": list(latent),
         "images_per_call": args.images,

@@ -24,8 +24,7 @@ import torch
 from postdiff import Conditioning, TorchDenoiser, UNetSplit, compile_for_scheduler, load_recipe, run_plan
 from postdiff.cost import MacCounter, plan_cost, step_batch
 from postdiff.models import load_model
-from postdiff.report import machine_info, write_json
-from postdiff.toy import build_unet
+from postdiff_lab.report import machine_info, write_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -80,14 +79,14 @@ def main(argv=None) -> int:
 
     model = load_model(args.model)
     t0 = time.perf_counter()
-    unet = model.pipeline.unet if model.pipeline is not None else build_unet(model.architecture, seed=0)
+    unet = model.pipeline.unet if model.pipeline is not None else model.build_unet()
     build_s = time.perf_counter() - t0
     recipe = load_recipe(args.plan).with_steps(args.steps)
     base_recipe = load_recipe("baseline").with_steps(args.steps)
     counter = MacCounter(model.unet_config, block=recipe.cache_block, text_len=model.text_len, pooled_dim=model.pooled_dim)
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "model": f"{model.name} ({'random weights, seed 0' if model.architecture or model.name.startswith('toy') else 'loaded weights'})",
+        "model": f"{model.name} ({'random weights, seed 0' if model.weights == 'random' else model.weights + ' weights'})",
         "plan": recipe.to_dict(),
         "scheduler": "DDIMScheduler",
         "machine": machine_info(),

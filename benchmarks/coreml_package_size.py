@@ -21,8 +21,8 @@ from pathlib import Path
 import coremltools as ct
 
 from postdiff.models import load_model
-from postdiff.report import machine_info
 from postdiff_coreml.export import UNET_PACKAGE, export_coreml
+from postdiff_lab.report import machine_info
 
 HERE = Path(__file__).resolve().parent
 
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     if args.out is None:
         stem = args.model.replace("arch:", "") + (f"_{args.size}" if args.size else "")
         args.out = str(HERE / "results" / f"coreml_package_size_{stem}.json")
-    model = load_model(args.model, need_pipeline=not args.model.startswith("arch:"))
+    model = load_model(args.model, need_pipeline=None)
     result = {
         "command": " ".join(["coreml_package_size.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine_info(),

@@ -13,6 +13,7 @@ echo "setup: installing PostDiff and its pinned dependencies (torch 2.13.0 CPU; 
 .venv/bin/python -m pip install --quiet -c constraints.txt \
   torch \
   -e packages/postdiff-core \
+  -e packages/postdiff-lab \
   -e packages/postdiff-onnx \
   -e packages/postdiff-coreml \
   -e apps/cli \

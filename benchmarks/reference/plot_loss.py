@@ -27,7 +27,9 @@ def main(argv=None) -> int:
     ax.set_yscale("log")
     ax.set_xlabel("iteration (batch 64)")
     ax.set_ylabel("epsilon MSE (mean of 50 iterations)")
-    name = "MNIST digits" if folder.name == "digits" else "Fashion-MNIST"
+    from postdiff_lab.data import SOURCES
+
+    name = SOURCES[folder.name if folder.name in SOURCES else "fashion"].title  # benchmarks/reference[/digits]
     ax.set_title(f"{name} model: loss, batches at 16, 24, 32 px")
     ax.grid(alpha=0.3)
     fig.tight_layout()

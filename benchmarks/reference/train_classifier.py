@@ -16,8 +16,8 @@ import sys
 
 import torch
 
-from postdiff import data
-from postdiff.reference.classifier import Classifier, weights_path
+from postdiff_lab import data
+from postdiff_lab.reference.classifier import Classifier, weights_path
 
 
 def main(argv=None) -> int:

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from postdiff import data
-from postdiff.reference import model as ref
+from postdiff_lab import data
+from postdiff_lab.reference import model as ref
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CKPT = HERE / "checkpoint.pt"

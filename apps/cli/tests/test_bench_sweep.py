@@ -14,7 +14,7 @@ SMALL_GRID = ["--betas", "1,0.5", "--intervals", "1,2", "--gates", "0,10"]
 
 
 def _need_fashion_mnist():
-    from postdiff import data
+    from postdiff_lab import data
 
     if not (data.DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")

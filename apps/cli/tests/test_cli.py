@@ -63,8 +63,8 @@ def test_console_script_runs_in_a_fresh_process(tmp_path):
 
 
 def test_eval_writes_table_json_and_grid(tmp_path, capsys):
-    pytest.importorskip("postdiff.reference.pipeline")
-    from postdiff import data
+    pytest.importorskip("postdiff_lab.reference.pipeline")
+    from postdiff_lab import data
 
     if not (data.DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
@@ -87,7 +87,7 @@ def test_eval_bad_input(args, fragment, capsys):
 
 def test_local_diffusers_folder_as_model(tmp_path, capsys):
     """The path a Hub id takes, offline: a pipeline saved in diffusers' folder format."""
-    from postdiff.toy import toy_pipeline
+    from postdiff_lab.toy import toy_pipeline
 
     folder = tmp_path / "tiny-sd"
     toy_pipeline("sd").save_pretrained(folder)
@@ -124,7 +124,7 @@ def test_untrained_size_warning_in_plan_show_generate_and_eval(tmp_path, capsys)
 
 
 def _have_fashion() -> bool:
-    from postdiff import data
+    from postdiff_lab import data
 
     return data.have("fashion")
 

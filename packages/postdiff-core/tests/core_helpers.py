@@ -12,7 +12,7 @@ SCHEDULERS = [
 
 
 def make_pipe(kind: str = "sd", scheduler: str = "DDIMScheduler"):
-    from postdiff.toy import toy_pipeline
+    from postdiff_lab.toy import toy_pipeline
 
     return toy_pipeline(kind, scheduler=scheduler)
 

@@ -6,10 +6,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from postdiff import UNetSplit, compile_plan, load_recipe
-from postdiff.architectures import SD15, TOY_SD, TOY_SDXL
 from postdiff.cost import MacCounter, plan_cost
 from postdiff.plan import ModelSpec
-from postdiff.toy import build_unet
+from postdiff_lab.architectures import SD15, TOY_SD, TOY_SDXL
+from postdiff_lab.toy import build_unet
 
 
 @pytest.mark.parametrize("arch", [TOY_SD, TOY_SDXL], ids=lambda a: a.name)

@@ -96,8 +96,8 @@ def test_gating_a_unet_without_cross_attention_is_refused():
 
     from diffusers import StableDiffusionPipeline
 
-    from postdiff.architectures import TOY_SD
-    from postdiff.toy import build_unet
+    from postdiff_lab.architectures import TOY_SD
+    from postdiff_lab.toy import build_unet
 
     arch = dataclasses.replace(
         TOY_SD,

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from postdiff import ModelError, UNetSplit, model_spec
-from postdiff.architectures import TOY_SD, TOY_SDXL
-from postdiff.toy import build_unet
+from postdiff_lab.architectures import TOY_SD, TOY_SDXL
+from postdiff_lab.toy import build_unet
 
 
 def inputs(arch, batch=2, hw=(16, 16)):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from postdiff_coreml.export import export_coreml
-
 BUNDLES = {
     "reference": ("reference", "postdiff", {}),
     "reference_single": ("reference", "baseline", {}),  # one function, the same weights: the size yardstick
@@ -15,13 +13,6 @@ BUNDLES = {
 
 
 @pytest.fixture(scope="session")
-def coreml_bundles(tmp_path_factory):
-    made: dict[str, object] = {}
-
-    def get(name: str):
-        if name not in made:
-            model, plan, opts = BUNDLES[name]
-            made[name] = export_coreml(model, plan, tmp_path_factory.mktemp("coreml") / name, log=lambda m: None, **opts)
-        return made[name]
-
-    return get
+def coreml_bundles(export_once):
+    """coreml_bundles(name) -> the folder of the bundle BUNDLES[name] (model, plan, options), exported once per session."""
+    return lambda name: export_once("coreml", BUNDLES[name][0], BUNDLES[name][1], **BUNDLES[name][2])

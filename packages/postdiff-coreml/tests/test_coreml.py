@@ -15,13 +15,13 @@ import torch
 from postdiff.bundle import UNET, read_manifest
 from postdiff.bundle_runtime import BundlePipeline
 from postdiff.errors import BundleError, ExportError, PlanError
-from postdiff.generation import source_for
-from postdiff.metrics import psnr, tensor_psnr
 from postdiff.models import load_model
 from postdiff.unet import UNetSplit
 from postdiff_cli.main import main as cli
 from postdiff_coreml.export import UNET_PACKAGE, export_coreml
 from postdiff_coreml.runtime import inspect_bundle, load_bundle
+from postdiff_lab.generation import source_for
+from postdiff_lab.metrics import psnr, tensor_psnr
 
 ct = pytest.importorskip("coremltools")
 ON_MACOS = platform.system() == "Darwin"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from postdiff_onnx.export import export_onnx
-
 BUNDLES = {
     # name: (model, plan, options)
     "reference": ("reference", "postdiff", {"static": True}),
@@ -16,13 +14,6 @@ BUNDLES = {
 
 
 @pytest.fixture(scope="session")
-def bundles(tmp_path_factory):
-    made: dict[str, object] = {}
-
-    def get(name: str):
-        if name not in made:
-            model, plan, opts = BUNDLES[name]
-            made[name] = export_onnx(model, plan, tmp_path_factory.mktemp("bundles") / name, log=lambda m: None, **opts)
-        return made[name]
-
-    return get
+def bundles(export_once):
+    """bundles(name) -> the folder of the bundle BUNDLES[name] (model, plan, options), exported once per session."""
+    return lambda name: export_once("onnx", BUNDLES[name][0], BUNDLES[name][1], **BUNDLES[name][2])

@@ -14,11 +14,10 @@ import torch
 
 from postdiff.bundle import UNET, read_manifest
 from postdiff.cost import MacCounter
-from postdiff.generation import source_for
-from postdiff.graphs import pipeline_graphs
-from postdiff.metrics import psnr, tensor_psnr
 from postdiff.models import load_model
 from postdiff.unet import UNetSplit
+from postdiff_lab.generation import source_for
+from postdiff_lab.metrics import psnr, tensor_psnr
 from postdiff_onnx.runtime import load_bundle
 from postdiff_onnx.session import make_session, run
 
@@ -30,7 +29,7 @@ def _graph_psnrs(bundle: Path) -> dict[tuple[str, str], float]:
     """Independent of the exporter's own check: PyTorch vs ORT for every dynamic graph at every latent size."""
     folder, manifest = read_manifest(bundle, "onnx")
     model = load_model(manifest.model["name"], need_pipeline=True)
-    others = {g.name: g for g in pipeline_graphs(model)}
+    others = {g.name: g for g in model.family.pipeline_graphs(model)}
     out = {}
     with UNetSplit(model.pipeline.unet, block=manifest.cache_block) as split:
         for graph in manifest.graphs:

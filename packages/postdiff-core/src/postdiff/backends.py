@@ -1,61 +1,125 @@
-"""The runtimes PostDiff can run a plan on, and whether each can run here.
+"""Runtimes as plug-ins: the ``Backend`` protocol, and the registry that finds the installed ones.
 
-``torch`` is the core itself. ``onnx`` and ``coreml`` are separate packages (``postdiff-onnx``,
-``postdiff-coreml``) that export a bundle and load it; the core reaches them by module name so that it never
-depends on them. One table, so the CLI, the benchmark and the error messages agree on names and reasons.
+``torch`` is the engine itself (``postdiff generate --backend torch``). Every other runtime is a package that
+declares a ``Backend`` under the entry-point group ``postdiff.backends``:
+
+    [project.entry-points."postdiff.backends"]
+    onnx = "postdiff_onnx.backend:OnnxBackend"
+
+and implements the steps only it knows: convert one graph (``convert``), finish a bundle (``finish``), open a
+runner over a bundle's graphs (``open_runner``), add its command-line options (``add_options``), and say why it
+cannot run here (``unavailable``). The engine does the rest once for every backend: option checks, staging,
+progress, tokenizers and the manifest (``postdiff.export.export_bundle``), the input checks of every graph call
+and the sampling loop (``postdiff.bundle_runtime``). The CLI, ``postdiff bench`` and ``postdiff export`` list
+what ``available()`` finds, so a new runtime needs no edit outside its own package.
 """
 
 from __future__ import annotations
 
-import importlib
 import platform
-from dataclasses import dataclass
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from .errors import PostDiffError
+from .errors import PostDiffError, brief
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .bundle import Graph, Manifest
+
+ENTRY_POINTS = "postdiff.backends"
+TORCH = "torch"  # the engine's own runtime: no bundle, no plug-in
 
 
-@dataclass(frozen=True)
 class Backend:
-    name: str
-    package: str = ""  # the pip package that provides it ("" for torch: the core)
-    export: str = ""  # "module:function" that writes a bundle
-    load: str = ""  # "module:function" that opens a bundle as a BundlePipeline
-    runs_on: str = ""  # platform.system() it needs to run a model ("" = any)
+    """The base of every runtime plug-in; a backend overrides what it does and keeps the defaults for the rest."""
+
+    name = ""
+    package = ""  # the pip package that provides it, for messages
+    runs_on: str | None = None  # the platform.system() it needs to run a model (None: any)
+    fixed_shapes = False  # True: its graphs take one batch size, chosen at export (``--batch``)
+    runner_options: tuple[str, ...] = ()  # names (argparse dests) of the run options ``add_options`` adds
+
+    # -- command line -----------------------------------------------------------------------------------------------
+    def add_options(self, parser, command: str) -> None:
+        """Add this backend's flags to ``command``'s parser: "export" (its own sub-command), "generate", "bench"."""
+
+    def options(self, args, command: str) -> dict[str, Any]:
+        """The keyword options of ``export_bundle`` (command "export") or ``open_runner`` ("generate", "bench")
+        from parsed arguments."""
+        return {}
+
+    # -- export ------------------------------------------------------------------------------------------------------
+    def check_export(self, **options) -> None:
+        """Refuse bad export option values before anything is loaded (raise ``ExportError``)."""
+
+    def convert(self, src, job, folder: Path, log: Callable[[str], None], **options) -> list[Graph]:
+        """Write the graph(s) of one ``GraphSource`` into ``folder``; the ``Graph`` entries of the manifest."""
+        raise NotImplementedError
+
+    def finish(self, folder: Path, job, graphs: list[Graph], log: Callable[[str], None], **options) -> dict[str, Any]:
+        """After every graph: packaging (Core ML merges its functions). Returns the manifest's ``precision`` and the
+        backend's ``tools`` entries (versions, settings)."""
+        return {"precision": "fp32", "tools": {}}
+
+    # -- running -----------------------------------------------------------------------------------------------------
+    def check_open(self, **options) -> None:
+        """Refuse bad runner options, or a machine that cannot run this backend, before the bundle is read."""
+
+    def open_runner(self, folder: Path, manifest: Manifest, **options):
+        """A ``GraphRunner`` over the bundle's graphs, and whether it runs the fixed-shape graphs: (runner, static)."""
+        raise NotImplementedError
+
+    def unavailable(self) -> str | None:
+        """Why this backend cannot run a model here, or None when it can."""
+        system = platform.system()
+        if self.runs_on and system != self.runs_on:
+            where = {"Darwin": "macOS"}.get(self.runs_on, self.runs_on)
+            return f"{self.name} runs models only on {where} (this is {system}); export works here (postdiff export {self.name}), prediction does not"
+        return None
 
 
-BACKENDS: dict[str, Backend] = {
-    "torch": Backend("torch"),
-    "onnx": Backend("onnx", "postdiff-onnx", "postdiff_onnx.export:export_onnx", "postdiff_onnx.runtime:load_bundle"),
-    "coreml": Backend("coreml", "postdiff-coreml", "postdiff_coreml.export:export_coreml", "postdiff_coreml.runtime:load_bundle", "Darwin"),
-}
+_FOUND: dict[str, Backend] | None = None
 
 
-def backend(name: str) -> Backend:
-    if name not in BACKENDS:
-        raise PostDiffError(f"unknown backend {name!r}; use one of: {', '.join(BACKENDS)}")
-    return BACKENDS[name]
+def available(*, refresh: bool = False) -> dict[str, Backend]:
+    """The installed backends by name, from the ``postdiff.backends`` entry points (read once; ``refresh`` reads
+    them again, for a plug-in installed in this process). A plug-in that fails to import is left out."""
+    global _FOUND
+    if _FOUND is None or refresh:
+        from importlib.metadata import entry_points
+
+        found: dict[str, Backend] = {}
+        for ep in sorted(entry_points(group=ENTRY_POINTS), key=lambda e: e.name):
+            try:
+                obj = ep.load()
+            except ImportError:
+                continue
+            backend = obj() if isinstance(obj, type) else obj
+            found[backend.name or ep.name] = backend
+        _FOUND = found
+    return dict(_FOUND)
 
 
-def function(name: str, which: str):
-    """The export or load function of backend ``name``, or an error that says how to install the package."""
-    b = backend(name)
-    module, func = getattr(b, which).split(":")
-    try:
-        return getattr(importlib.import_module(module), func)
-    except ImportError:
-        raise PostDiffError(f"the {name} backend is not installed; pip install -e packages/{b.package} (scripts/setup.sh does)") from None
+def names() -> list[str]:
+    """Every runtime name: torch and the installed backends."""
+    return [TORCH, *available()]
+
+
+def get(name: str) -> Backend:
+    """The installed backend ``name``, or an error that lists the installed ones and says how to add one."""
+    found = available()
+    if name in found:
+        return found[name]
+    hint = {"onnx": "packages/postdiff-onnx", "coreml": "packages/postdiff-coreml"}.get(name)
+    install = f"; pip install -e {hint} (scripts/setup.sh does)" if hint else ""
+    raise PostDiffError(f"unknown backend {brief(name)}; installed: {', '.join(names())}{install}")
 
 
 def unavailable(name: str) -> str | None:
-    """Why backend ``name`` cannot run a model on this machine, or None when it can."""
-    b = backend(name)
-    if not b.load:
+    """Why runtime ``name`` cannot run a model here (None: it can; torch always can)."""
+    if name == TORCH:
         return None
     try:
-        function(name, "load")
+        return get(name).unavailable()
     except PostDiffError as exc:
         return str(exc)
-    system = platform.system()
-    if b.runs_on and system != b.runs_on:
-        return f"{name} runs models only on macOS (this is {system}); export works here (postdiff export {name}), prediction does not"
-    return None

@@ -94,6 +94,7 @@ class Manifest:
     graphs: list[Graph]
     cache_tensors: list[TensorSpec] = field(default_factory=list)
     tools: dict[str, str] = field(default_factory=dict)
+    images_per_call: int = 1  # images per call of the fixed-shape graphs (batch 2N on CFG steps, N on the others)
     files: dict[str, str] = field(default_factory=dict)
     created: str = ""
     format: str = BUNDLE_FORMAT
@@ -152,8 +153,10 @@ class Manifest:
             d = dict(d)
             d["graphs"] = [Graph.from_dict(g) for g in d["graphs"]]
             d["cache_tensors"] = [TensorSpec(**t) for t in d.get("cache_tensors", [])]
+            if "images_per_call" not in d:  # bundles written before it was a field kept it in tools, as a string
+                d["images_per_call"] = int(d.get("tools", {}).get("images_per_call", 1))
             return cls(**d)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{where} is not a valid PostDiff manifest ({exc}); re-export the bundle") from None
 
 

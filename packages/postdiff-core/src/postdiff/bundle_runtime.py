@@ -1,11 +1,12 @@
 """Running a plan from an exported bundle, whatever the backend: the backend only runs graphs.
 
 A backend supplies a ``GraphRunner`` (ONNX Runtime sessions, Core ML functions); this module does the rest the
-same way for every backend and the same way the PyTorch path does it: ``GraphDenoiser`` maps each plan step to
-the bundle's graph for its variant and latent size and carries the cache tensors between steps (``StepCaches``);
-``BundlePipeline`` encodes the conditions, draws the noise from the seed exactly as the PyTorch pipelines do,
-runs the core loop (``run_plan``) and decodes. No PyTorch model is built: torch only does the scheduler
-arithmetic, through diffusers' schedulers.
+same way for every backend and the same way the PyTorch path does it: every graph call's inputs are checked
+against the manifest (``CheckedRunner``, the one place for it); ``GraphDenoiser`` maps each plan step to the
+bundle's graph for its variant and latent size and carries the cache tensors between steps (``StepCaches``);
+``BundlePipeline`` hands the conditions, the seed and the loop to the model's family (``postdiff.families``),
+which encodes and samples exactly as the PyTorch pipelines do. No PyTorch model is built: torch only does the
+scheduler arithmetic, through diffusers' schedulers. ``load_bundle`` opens a bundle with any installed backend.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .bundle import UNET, Graph, Manifest
+from .bundle import UNET, Graph, Manifest, read_manifest
 from .conditioning import Conditioning
 from .cost import step_batch
 from .denoiser import StepCaches
-from .errors import BundleError, ModelError, RecipeError
+from .errors import BundleError
+from .families import family_named
 from .plan import ModelSpec, Plan, Step
 from .profiling import timed_call
 from .recipe import Recipe, load_recipe
-from .sampling import compile_for_scheduler, run_plan
+from .sampling import compile_for_scheduler
 
 
 class GraphRunner(Protocol):
@@ -34,6 +36,37 @@ class GraphRunner(Protocol):
 
     def run(self, graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one graph of the bundle; inputs and outputs by name."""
+
+
+def check_feeds(graph: Graph, feeds: dict[str, np.ndarray]) -> None:
+    """Every input of ``graph`` given, with its rank and every fixed dimension the manifest records, so a wrong
+    shape is named here rather than deep in a runtime's trace."""
+    for spec in graph.inputs:
+        x = feeds.get(spec.name)
+        if x is None:
+            raise BundleError(f"graph input {spec.name!r} was not given")
+        shape = list(spec.shape)
+        if len(x.shape) != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(shape, x.shape)):
+            raise BundleError(f"graph input {spec.name!r} has shape {list(x.shape)}, the graph takes {shape} ({graph.name})")
+
+
+class CheckedRunner:
+    """A backend's ``GraphRunner`` behind the input checks of ``check_feeds``."""
+
+    def __init__(self, runner: GraphRunner) -> None:
+        self.inner = runner
+
+    def load(self, graph: Graph) -> None:
+        self.inner.load(graph)
+
+    def run(self, graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(graph, feeds)
+        return self.inner.run(graph, feeds)
+
+    def __getattr__(self, name: str):  # the backend's own attributes (sessions, compute units)
+        if name == "inner" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
 
 def _np(x) -> np.ndarray:
@@ -85,21 +118,30 @@ class GraphDenoiser:
 class BundlePipeline:
     """Generation from a bundle: ``generate(conditions, plan, seed)`` -> N x H x W x C floats in [0, 1].
 
-    Conditions are class labels (reference model) or prompts (SD, SDXL). Images pair with the PyTorch runs of
-    the same seed: the reference model's ``ReferencePipeline`` and a diffusers pipeline under ``postdiff.apply``.
+    Conditions are what the model's family takes: class labels (class-conditional models) or prompts (SD, SDXL).
+    Images pair with the PyTorch runs of the same seed (the family draws the noise the same way on both paths).
     """
 
-    def __init__(self, folder: Path, manifest: Manifest, runner: GraphRunner, *, static: bool = False, static_batch: int = 1) -> None:
-        self.folder, self.manifest, self.runner, self.static = Path(folder), manifest, runner, static
-        self.static_batch = static_batch
+    def __init__(
+        self, folder: Path, manifest: Manifest, runner: GraphRunner, *, static: bool = False, static_batch: int | None = None
+    ) -> None:
+        self.folder, self.manifest, self.runner, self.static = Path(folder), manifest, CheckedRunner(runner), static
+        self.static_batch = manifest.images_per_call if static_batch is None else static_batch
         self.info = manifest.model
-        self.kind = self.info["kind"]
-        if self.kind == "unet":
+        self.family = family_named(self.info["kind"])
+        if not self.family.generates:
             raise BundleError(
                 f"this bundle holds UNet graphs only ({self.info['name']} has no text encoder or VAE): it serves "
                 f"per-graph benchmarks, not generation. Export a pipeline model to generate"
             )
+        missing = [role for role in self.family.roles if not any(g.role == role for g in manifest.graphs)]
+        if missing:
+            raise BundleError(f"this {self.family.name} bundle lacks its {', '.join(missing)} graph(s); re-export it")
         self.spec = ModelSpec(**self.info["spec"])
+
+    @property
+    def kind(self) -> str:
+        return self.family.name
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -109,14 +151,15 @@ class BundlePipeline:
     def image_hw(self) -> tuple[int, int]:
         return tuple(self.info["image_hw"])
 
-    def scheduler(self, name: str | None = None):
-        import diffusers
+    def run(self, graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.runner.run(graph, feeds)
 
-        name = name or self.info.get("scheduler") or self.info["scheduler_config"].get("_class_name", "DDIMScheduler")
-        cls = getattr(diffusers, name, None)
-        if cls is None or not hasattr(cls, "from_config"):
-            raise ModelError(f"unknown scheduler {name!r}; use a diffusers scheduler class name such as DDIMScheduler")
-        return cls.from_config(self.info["scheduler_config"])
+    def scheduler(self, name: str | None = None):
+        return self.family.scheduler(name or self.info.get("scheduler"), self.info["scheduler_config"])
+
+    def parse_condition(self, text):
+        """A user's condition (``--prompt``; None: the family's default) as this bundle's model takes it."""
+        return self.family.parse_condition(text, self.info)
 
     def compile(self, recipe: str | Recipe | dict | None = None, steps: int | None = None, scheduler: str | None = None) -> Plan:
         """The plan for ``recipe`` (default: the one the bundle was exported for), refused if the bundle lacks a graph."""
@@ -153,39 +196,11 @@ class BundlePipeline:
         plan = plan if isinstance(plan, Plan) else self.compile(plan, scheduler=scheduler)
         guidance = float(guidance_scale if guidance_scale is not None else self.info.get("guidance", 1.0))
         denoiser = GraphDenoiser(self.manifest, self.runner, static=self.static)
-        if self.kind == "reference":
-            return self._generate_labels(conditions, plan, denoiser, seed, guidance, scheduler, batch_size, progress)
-        return self._generate_prompts(conditions, plan, denoiser, seed, guidance, scheduler, progress)
-
-    # -- reference model -------------------------------------------------------------------------------------------
-    def _generate_labels(self, labels, plan, denoiser, seed, guidance, scheduler, batch_size, progress) -> np.ndarray:
-        from .reference.pipeline import sample_labels
-
-        graph = self.manifest.graph("class_encoder")
-        if self.static:
-            if len(labels) % self.static_batch:
-                raise RecipeError(
-                    f"static graphs run exactly {self.static_batch} images per call; ask for a multiple of {self.static_batch}"
-                )
-            batch_size = self.static_batch
-
-        def encode(y: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(self.runner.run(graph, {"labels": y.numpy()})["encoder_hidden_states"])
-
-        images = sample_labels(
-            labels,
-            plan,
-            denoiser,
-            encode,
-            lambda: self.scheduler(scheduler),
-            seed=seed,
-            guidance_scale=guidance,
-            batch_size=batch_size,
-            progress=progress,
+        return self.family.generate_bundle(
+            self, conditions, plan, denoiser, seed=seed, guidance=guidance, scheduler=scheduler, batch_size=batch_size, progress=progress
         )
-        return images.astype(np.float32)[..., None] / 255.0
 
-    # -- SD / SDXL -------------------------------------------------------------------------------------------------
+    # -- prompt encoding, for the text families ---------------------------------------------------------------------
     def _tokenizer(self, name: str):
         cache = self.__dict__.setdefault("_tokenizers", {})
         if name not in cache:
@@ -197,11 +212,11 @@ class BundlePipeline:
             cache[name] = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         return cache[name]
 
-    def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hidden states, pooled text embeddings or None) for one prompt, as the diffusers pipeline computes them."""
+    def encode_prompt(self, text: str, roles: Sequence[str], tokenizers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states of the ``roles`` encoders concatenated, pooled text embeddings or None) for one prompt,
+        as the diffusers pipelines compute them."""
         hidden, pooled = [], None
-        roles = ["text_encoder", "text_encoder_2"] if self.kind == "sdxl" else ["text_encoder"]
-        for role, tok_name in zip(roles, ["tokenizer", "tokenizer_2"]):
+        for role, tok_name in zip(roles, tokenizers):
             tok = self._tokenizer(tok_name)
             ids = tok([text], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="np").input_ids
             out = self.runner.run(self.manifest.graph(role), {"input_ids": ids.astype(np.int64)})
@@ -210,42 +225,14 @@ class BundlePipeline:
                 pooled = torch.from_numpy(out["text_embeds"])
         return torch.cat(hidden, dim=-1), pooled
 
-    def _conditioning(self, prompt: str, cfg: bool) -> Conditioning:
-        ehs, pooled = self._encode(prompt)
-        time_ids = None
-        if self.kind == "sdxl":
-            h, w = self.image_hw
-            time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=ehs.dtype)
-        if not cfg:
-            return Conditioning(ehs, has_uncond=False, text_embeds=pooled, time_ids=time_ids)
-        if self.kind == "sdxl" and self.info.get("force_zeros_for_empty_prompt", True):
-            neg, neg_pooled = torch.zeros_like(ehs), torch.zeros_like(pooled)
-        else:
-            neg, neg_pooled = self._encode("")
-        return Conditioning(
-            torch.cat([neg, ehs]),
-            has_uncond=True,
-            text_embeds=None if pooled is None else torch.cat([neg_pooled, pooled]),
-            time_ids=None if time_ids is None else torch.cat([time_ids, time_ids]),
-        )
 
-    def _generate_prompts(self, prompts, plan, denoiser, seed, guidance, scheduler, progress) -> np.ndarray:
-        from diffusers.utils.torch_utils import randn_tensor
+def load_bundle(folder: str | Path, backend, *, verify: bool = True, **options) -> BundlePipeline:
+    """Open the bundle in ``folder`` with ``backend`` (a ``Backend`` or an installed backend's name), after checking
+    its manifest and the checksum of every file; ``options`` are the backend's runner options."""
+    from . import backends
 
-        if self.static and self.static_batch != 1:
-            raise BundleError(
-                f"SD bundles run one prompt per call; this one was exported for {self.static_batch} (re-export with --batch 1)"
-            )
-        vae = self.manifest.graph("vae_decoder")
-        images = []
-        for i, prompt in enumerate(prompts):
-            cond = self._conditioning(str(prompt), guidance > 1.0)
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # as DiffusersSource seeds image i
-            sch = self.scheduler(scheduler)
-            sch.set_timesteps(plan.recipe.steps)
-            latents = randn_tensor((1, self.info["in_channels"], *self.latent_hw), generator=gen, dtype=torch.float32)
-            latents = latents * sch.init_noise_sigma
-            latents = run_plan(plan, denoiser, sch, cond, guidance_scale=guidance, generator=gen, latents=latents, progress=progress)
-            image = self.runner.run(vae, {"latents": _np(latents)})["image"]
-            images.append(np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)[0])
-        return np.stack(images).astype(np.float32)
+    backend = backends.get(backend) if isinstance(backend, str) else backend
+    backend.check_open(**options)
+    folder, manifest = read_manifest(folder, backend.name, verify=verify)
+    runner, static = backend.open_runner(folder, manifest, **options)
+    return BundlePipeline(folder, manifest, runner, static=static)

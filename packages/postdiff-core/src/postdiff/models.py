@@ -1,19 +1,37 @@
-"""Resolving ``--model`` values: built-in toy pipelines, ``arch:`` architectures, local folders and Hub ids."""
+"""What PostDiff plans for (``Model``), and resolving ``--model`` values: named models, local folders, Hub ids.
+
+The engine loads diffusers pipeline folders, UNet folders and Hub ids itself. Named models (the lab's embedded
+reference models, toy pipelines and ``arch:`` architectures) come from resolvers that packages declare under the
+entry-point group ``postdiff.models``: a resolver takes the name and ``need_pipeline`` and returns a ``Model``, or
+None for a name it does not know; its ``names`` attribute (a list) says which names it offers, for messages and help.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .architectures import ARCHITECTURES, Architecture
 from .errors import ModelError
 
-TOY_MODELS = {"toy-sd": "sd", "toy-sdxl": "sdxl"}
-# the embedded, trained class-conditional models → the dataset each was trained on (postdiff.data.DATASETS)
-REFERENCE_MODELS = {"reference": "fashion", "digits": "digits"}
+MODEL_RESOLVERS = "postdiff.models"  # the entry-point group of named-model resolvers
+# the model the CLI uses without --model: the lab's embedded reference model when the lab is installed
 DEFAULT_MODEL = "reference"
+# SD 1.5's noise schedule: the scheduler of a bare UNet folder that has none
+SD_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
 
 
 @dataclass
@@ -27,9 +45,33 @@ class Model:
     text_len: int = 77
     pooled_dim: int | None = None
     pipeline: Any = None
-    architecture: Architecture | None = None
-    dataset: str | None = None  # an embedded reference model's dataset: class labels, in-domain classifier, test set
+    build_unet: Callable[[], Any] | None = None  # a UNet with (random, seeded) weights where there is no pipeline
+    dataset: str | None = None  # a dataset the lab can measure this model's samples against (in-domain metrics)
     training_sizes: tuple[int, ...] | None = None  # square latent sizes the weights were trained at, when known
+    weights: str = "as loaded"  # "trained", "random" or "as loaded": how benchmarks describe the weights
+    family_name: str | None = None  # the family, when the resolver knows it without a pipeline (else recognised)
+
+    @cached_property
+    def family(self):
+        """The model's family (``postdiff.families``): conditions, guidance, seeds, scheduler, bundle contents."""
+        from .families import family_named, family_of
+
+        return family_named(self.family_name) if self.family_name else family_of(self)
+
+    @property
+    def condition_info(self) -> dict[str, Any]:
+        """What the family needs to parse a condition (class names for a class-conditional model)."""
+        return self.family.condition_info(self.pipeline) if self.pipeline is not None else {}
+
+    def compile(self, recipe, steps: int | None = None, *, scheduler: str | None = None, height=None, width=None):
+        """The plan of ``recipe`` (a Recipe, a built-in name or a JSON path) for this model at an image size."""
+        from .recipe import load_recipe
+        from .sampling import compile_for_scheduler
+
+        recipe = load_recipe(recipe)
+        if steps is not None:
+            recipe = recipe.with_steps(steps)
+        return compile_for_scheduler(recipe, self.scheduler(scheduler), self.latent_hw(height, width), self.spec())
 
     def untrained_warning(self, plan) -> str | None:
         return untrained_warning(self.name, self.training_sizes, plan, self.vae_scale_factor)
@@ -66,16 +108,10 @@ class Model:
         return model_spec(self.meta_unet(), name=self.name)
 
     def scheduler(self, kind: str | None = None):
-        import diffusers
-
         current = getattr(self.pipeline, "scheduler", None)
         if kind is None and hasattr(current, "set_timesteps"):  # a diffusers pipeline's own scheduler
             return current
-        name = kind or self.scheduler_config.get("_class_name", "DDIMScheduler")
-        cls = getattr(diffusers, name, None)
-        if cls is None or not hasattr(cls, "from_config"):
-            raise ModelError(f"unknown scheduler {name!r}; use a diffusers scheduler class name such as DDIMScheduler")
-        return cls.from_config(self.scheduler_config)
+        return self.family.scheduler(kind, self.scheduler_config)
 
 
 def untrained_sizes(training_sizes, plan) -> list[tuple[int, int]]:
@@ -104,35 +140,8 @@ def untrained_warning(name: str, training_sizes, plan, vae_scale_factor: int = 1
     )
 
 
-def _reference(name: str, need_pipeline: bool) -> Model:
-    from .reference import model as ref
-    from .reference.pipeline import ReferencePipeline, training_sizes
-
-    dataset = REFERENCE_MODELS[name]
-    return Model(
-        name=name,
-        unet_config=dict(ref.UNET_CONFIG),
-        scheduler_config={"_class_name": "DDIMScheduler", **ref.SCHEDULER_CONFIG},
-        vae_scale_factor=1,
-        text_len=ref.TOKENS,
-        pipeline=ReferencePipeline.load(dataset=dataset) if need_pipeline else None,
-        dataset=dataset,
-        training_sizes=training_sizes(dataset),
-    )
-
-
-def _from_architecture(arch: Architecture) -> Model:
-    return Model(
-        name=f"arch:{arch.name}",
-        unet_config=dict(arch.unet),
-        scheduler_config={"_class_name": "DDIMScheduler", **arch.scheduler},
-        vae_scale_factor=arch.vae_scale_factor,
-        pooled_dim=arch.pooled_dim,
-        architecture=arch,
-    )
-
-
-def _from_pipeline(name: str, pipe) -> Model:
+def from_pipeline(name: str, pipe, **fields) -> Model:
+    """A ``Model`` for a loaded diffusers SD/SDXL pipeline."""
     pooled = None
     if getattr(pipe, "text_encoder_2", None) is not None:
         pooled = int(pipe.text_encoder_2.config.projection_dim)
@@ -145,42 +154,51 @@ def _from_pipeline(name: str, pipe) -> Model:
         text_len=int(getattr(tok, "model_max_length", 77) or 77) if tok is not None else 77,
         pooled_dim=pooled,
         pipeline=pipe,
+        **fields,
     )
 
 
-def load_model(spec: str | None = None, *, need_pipeline: bool = False) -> Model:
-    """``reference`` (the embedded, trained Fashion-MNIST model), ``digits`` (the same on MNIST digits), ``toy-sd``/``toy-sdxl`` (built in, random
-    weights), ``arch:sd15|sd21|sdxl`` (UNet architecture only,
-    random weights), a local diffusers pipeline or UNet folder, or a Hub id (needs the network)."""
-    spec = spec or DEFAULT_MODEL
-    if spec in REFERENCE_MODELS:
-        return _reference(spec, need_pipeline)
-    if spec in TOY_MODELS:
-        from .toy import toy_pipeline
+def _resolvers() -> list[Callable]:
+    from importlib.metadata import entry_points
 
-        return _from_pipeline(spec, toy_pipeline(TOY_MODELS[spec]))
-    if spec.startswith("arch:"):
-        name = spec[5:]
-        if name not in ARCHITECTURES:
-            raise ModelError(f"unknown architecture {spec!r}; use one of {', '.join('arch:' + a for a in ARCHITECTURES)}")
-        if need_pipeline:
-            raise ModelError(
-                f"{spec} is a UNet architecture with random weights and no text encoder or VAE; it serves "
-                f"`postdiff plan cost` and the benchmarks. Generate with a pipeline (--model toy-sd, a local folder or a Hub id)"
-            )
-        return _from_architecture(ARCHITECTURES[name])
+    found = []
+    for ep in sorted(entry_points(group=MODEL_RESOLVERS), key=lambda e: e.name):
+        try:
+            found.append(ep.load())
+        except ImportError:  # a broken plug-in: its names are unknown, the rest works
+            continue
+    return found
+
+
+def named_models() -> list[str]:
+    """The model names the installed resolvers offer (for help and error messages)."""
+    return [name for resolver in _resolvers() for name in getattr(resolver, "names", [])]
+
+
+def load_model(spec: str | None = None, *, need_pipeline: bool | None = False) -> Model:
+    """A named model (from the ``postdiff.models`` resolvers: ``reference``, ``digits``, ``toy-sd``, ``arch:sd15``
+    ... with the lab installed), a local diffusers pipeline or UNet folder, or a Hub id (needs the network).
+
+    ``need_pipeline``: True loads the whole pipeline and refuses a model that has none (generation); False plans
+    from the UNet's configuration alone where that is cheaper; None loads the pipeline where there is one (export)."""
+    spec = spec or DEFAULT_MODEL
+    for resolver in _resolvers():
+        model = resolver(spec, need_pipeline)
+        if model is not None:
+            return model
     path = Path(spec).expanduser()
     if path.exists():
         return _load_folder(path, need_pipeline)
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return _load_hub(spec)
+    names = named_models()
     raise ModelError(
-        f"unknown model {spec!r}: not a built-in ({', '.join(REFERENCE_MODELS)}, {', '.join(TOY_MODELS)}, arch:sd15, arch:sd21, arch:sdxl), "
+        f"unknown model {spec!r}: not a named model ({', '.join(names) or 'none installed; pip install -e packages/postdiff-lab'}), "
         f"not an existing folder, not a Hub id (owner/name)"
     )
 
 
-def _load_folder(path: Path, need_pipeline: bool) -> Model:
+def _load_folder(path: Path, need_pipeline: bool | None) -> Model:
     if (path / "model_index.json").is_file():
         from diffusers import DiffusionPipeline
 
@@ -189,21 +207,17 @@ def _load_folder(path: Path, need_pipeline: bool) -> Model:
         except Exception as exc:  # diffusers raises many types for broken folders
             raise ModelError(f"cannot load the diffusers pipeline in {path}: {exc}") from None
         pipe.set_progress_bar_config(disable=True)
-        return _from_pipeline(str(path), pipe)
+        return from_pipeline(str(path), pipe)
     unet_dir = path / "unet" if (path / "unet" / "config.json").is_file() else path
     cfg_file = unet_dir / "config.json"
     if cfg_file.is_file():
         config = json.loads(cfg_file.read_text())
         if config.get("_class_name") != "UNet2DConditionModel":
             raise ModelError(f"{cfg_file} describes a {config.get('_class_name')}, not a UNet2DConditionModel")
-        if need_pipeline:
+        if need_pipeline is True:
             raise ModelError(f"{path} holds a UNet only; generation needs a whole diffusers pipeline folder (model_index.json)")
         sched_file = path / "scheduler" / "scheduler_config.json"
-        sched = (
-            json.loads(sched_file.read_text())
-            if sched_file.is_file()
-            else {"_class_name": "DDIMScheduler", **ARCHITECTURES["sd15"].scheduler}
-        )
+        sched = json.loads(sched_file.read_text()) if sched_file.is_file() else dict(SD_SCHEDULER)
         return Model(name=str(path), unet_config=config, scheduler_config=sched)
     raise ModelError(f"{path} is neither a diffusers pipeline folder (model_index.json) nor a UNet folder (config.json)")
 
@@ -219,4 +233,4 @@ def _load_hub(repo_id: str) -> Model:
             f"download it elsewhere and pass the local folder"
         ) from None
     pipe.set_progress_bar_config(disable=True)
-    return _from_pipeline(repo_id, pipe)
+    return from_pipeline(repo_id, pipe)

@@ -77,6 +77,8 @@ class _XAttnProcessor:
         return out
 
     def __getattr__(self, name):  # diffusers inspects processors (e.g. for IP-Adapter scales)
+        if name == "inner" or name.startswith("__"):  # not set yet: copy and pickle build the object empty first
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
 

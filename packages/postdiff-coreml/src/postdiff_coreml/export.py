@@ -20,23 +20,23 @@ import contextlib
 import io
 import logging
 import shutil
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from postdiff.bundle import UNET, Graph, Manifest, TensorSpec, cache_tensors, hw_key, staged_bundle, tool_versions, write_manifest
+from postdiff.bundle import UNET, Graph, TensorSpec, hw_key, tool_versions
 from postdiff.errors import ExportError
-from postdiff.graphs import GraphSource, model_info, pipeline_graphs, prepare_export, save_tokenizers, unet_graphs, unet_of
+from postdiff.export import ExportJob, export_bundle
+from postdiff.graphs import GraphSource
 from postdiff.models import Model
-from postdiff.unet import UNetSplit
 
 TARGETS = ("macos15", "macos14")
 WEIGHTS = (None, "8bit", "6bit", "4bit")
 UNET_PACKAGE = "unet.mlpackage"
+FUNCTIONS = ".functions"  # where the UNet functions wait for finish() to merge them
+EXPORTER = "torch.export+coremltools"
 _INT_INPUTS = {"labels", "input_ids"}
 
 
@@ -45,48 +45,29 @@ def function_name(variant: str, hw, batch: int, images: int) -> str:
     return f"{variant}_{hw_key(hw)}" if batch in (images, 2 * images) else f"{variant}_{hw_key(hw)}_b{batch}"
 
 
-def export_coreml(
-    model: str | Model,
-    plan: str = "postdiff",
-    output: str | Path = "bundle-coreml",
-    *,
-    height: int | None = None,
-    width: int | None = None,
-    steps: int | None = None,
-    scheduler: str | None = None,
-    target: str = "macos15",
-    weights: str | None = None,
-    batch: int = 1,
-    overwrite: bool = False,
-    log: Callable[[str], None] = print,
-) -> Path:
+def check_options(*, target: str = "macos15", weights: str | None = None) -> None:
     if target not in TARGETS:
         raise ExportError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     if weights not in WEIGHTS:
         raise ExportError(f"--weights must be one of 8bit, 6bit, 4bit (or left out for fp16), got {weights!r}")
-    if batch < 1:
-        raise ExportError(f"--batch (images per call) must be at least 1, got {batch}")
+    _coremltools()
+
+
+def convert(src: GraphSource, job: ExportJob, folder: Path, log, *, target: str = "macos15", weights: str | None = None) -> list[Graph]:
+    """A pipeline graph as one fixed-shape package; a UNet variant as one function per latent size and batch the
+    plan calls it at, written under ``.functions/`` for ``finish`` to merge."""
     ct = _coremltools()
-    job = prepare_export(model, plan, height=height, width=width, steps=steps, scheduler=scheduler)
-    model, compiled = job.model, job.plan
-    start = time.perf_counter()
-    with staged_bundle(output, overwrite=overwrite) as folder, UNetSplit(unet_of(model), block=compiled.recipe.cache_block) as split:
-        work = folder / ".functions"
-        graphs: list[Graph] = []
-        units = []  # (GraphSource, latent size, batch, name)
-        for src in unet_graphs(split, compiled, model):
-            for hw in job.sizes:
-                for b in job.batches(src.variant, hw, batch):
-                    units.append((src, hw, b, function_name(src.variant, hw, b, batch)))
-        others = pipeline_graphs(model)
-        total = len(units) + len(others)
-        unet_files: dict[str, Path] = {}
-        for i, (src, hw, b, name) in enumerate(units, 1):
-            log(f"[{i}/{total}] {name}: converting")
-            t0 = time.perf_counter()
-            path = work / f"{name}.mlpackage"
-            spec_in, spec_out = _convert(ct, src, hw, b, path, target, weights)
-            unet_files[name] = path
+    if src.role != UNET:
+        b = 2 * job.images if src.role == "class_encoder" else job.images  # the class family encodes null + labels at once
+        path = folder / f"{src.name}.mlpackage"
+        spec_in, spec_out = _convert(ct, src, job.latent_hw, b, path, target, weights)
+        return [Graph(name=src.name, role=src.role, file=path.name, inputs=spec_in, outputs=spec_out, batch=b, exporter=EXPORTER)]
+    graphs = []
+    for hw in job.sizes:
+        for b in job.batches(src.variant, hw):
+            name = function_name(src.variant, hw, b, job.images)
+            log(f"  {name}: converting")
+            spec_in, spec_out = _convert(ct, src, hw, b, folder / FUNCTIONS / f"{name}.mlpackage", target, weights)
             graphs.append(
                 Graph(
                     name=name,
@@ -98,65 +79,50 @@ def export_coreml(
                     variant=src.variant,
                     latent_hw=list(hw),
                     batch=b,
-                    exporter="torch.export+coremltools",
+                    exporter=EXPORTER,
                     macs={hw_key(hw): job.counter.macs(src.variant, hw, 1)},
                 )
             )
-            log(f"[{i}/{total}] {name}: done in {time.perf_counter() - t0:.1f} s")
-        for j, src in enumerate(others, len(units) + 1):
-            log(f"[{j}/{total}] {src.name}: converting")
-            b = 2 * batch if src.role == "class_encoder" else batch  # the reference pipeline encodes null + labels at once
-            path = folder / f"{src.name}.mlpackage"
-            spec_in, spec_out = _convert(ct, src, job.latent_hw, b, path, target, weights)
-            graphs.append(
-                Graph(
-                    name=src.name,
-                    role=src.role,
-                    file=path.name,
-                    inputs=spec_in,
-                    outputs=spec_out,
-                    batch=b,
-                    exporter="torch.export+coremltools",
-                )
+    return graphs
+
+
+def finish(folder: Path, job: ExportJob, graphs: list[Graph], log, *, target: str = "macos15", weights: str | None = None) -> dict:
+    """macos15: every UNet function merged into one multifunction package (identical weights stored once);
+    macos14: one package per function."""
+    ct = _coremltools()
+    work = folder / FUNCTIONS
+    unet_files = {g.name: work / f"{g.name}.mlpackage" for g in graphs if g.role == UNET}
+    if target == "macos15":
+        log(f"merging {len(unet_files)} functions into {UNET_PACKAGE} (shared weights)")
+        desc = ct.utils.MultiFunctionDescriptor()
+        for name, path in unet_files.items():
+            desc.add_function(str(path), src_function_name="main", target_function_name=name)
+        desc.default_function_name = next(iter(unet_files))
+        with _quiet():
+            ct.utils.save_multifunction(desc, str(work / UNET_PACKAGE))
+            merged = ct.models.MLModel(str(work / UNET_PACKAGE), skip_model_load=True)
+            merged.user_defined_metadata.update(
+                {
+                    "postdiff.functions": ",".join(unet_files),
+                    "postdiff.plan": job.plan.name,
+                    "postdiff.cache_block": str(job.plan.recipe.cache_block),
+                }
             )
-        if target == "macos15":
-            log(f"merging {len(unet_files)} functions into {UNET_PACKAGE} (shared weights)")
-            desc = ct.utils.MultiFunctionDescriptor()
-            for name, path in unet_files.items():
-                desc.add_function(str(path), src_function_name="main", target_function_name=name)
-            desc.default_function_name = next(iter(unet_files))
-            with _quiet():
-                ct.utils.save_multifunction(desc, str(work / UNET_PACKAGE))
-                merged = ct.models.MLModel(str(work / UNET_PACKAGE), skip_model_load=True)
-                merged.user_defined_metadata.update(
-                    {
-                        "postdiff.functions": ",".join(unet_files),
-                        "postdiff.plan": compiled.name,
-                        "postdiff.cache_block": str(compiled.recipe.cache_block),
-                    }
-                )
-                merged.short_description = f"PostDiff UNet functions for plan {compiled.name}: {', '.join(unet_files)}"
-                merged.save(str(folder / UNET_PACKAGE))
-        else:
-            for name, path in unet_files.items():
-                shutil.move(str(path), str(folder / f"unet_{name}.mlpackage"))
-        shutil.rmtree(work, ignore_errors=True)
-        save_tokenizers(model, folder)
-        manifest = Manifest(
-            backend="coreml",
-            model=model_info(model, job.latent_hw, compiled),
-            recipe=compiled.recipe.to_dict(),
-            plan=compiled.to_dict(),
-            cache_block=compiled.recipe.cache_block,
-            latent_sizes=[list(hw) for hw in job.sizes],
-            precision=f"fp16 compute, {weights or 'fp16'} weights",
-            graphs=graphs,
-            cache_tensors=cache_tensors(graphs),
-            tools={**tool_versions("coremltools", "postdiff-coreml"), "target": target, "images_per_call": str(batch)},
-        )
-        write_manifest(folder, manifest)
-    log(f"bundle written to {Path(output).resolve()} in {time.perf_counter() - start:.0f} s ({len(graphs)} functions and models)")
-    return Path(output).resolve()
+            merged.short_description = f"PostDiff UNet functions for plan {job.plan.name}: {', '.join(unet_files)}"
+            merged.save(str(folder / UNET_PACKAGE))
+    else:
+        for name, path in unet_files.items():
+            shutil.move(str(path), str(folder / f"unet_{name}.mlpackage"))
+    shutil.rmtree(work, ignore_errors=True)
+    return {"precision": f"fp16 compute, {weights or 'fp16'} weights", "tools": {**tool_versions("coremltools"), "target": target}}
+
+
+def export_coreml(model: str | Model, plan: str = "postdiff", output: str | Path = "bundle-coreml", **options) -> Path:
+    """Export the plan's graphs for ``model`` as a Core ML bundle (any OS); returns its path. Options: height, width,
+    steps, scheduler, batch, overwrite, log (``postdiff.export.export_bundle``) and target, weights."""
+    from .backend import CoreMLBackend
+
+    return export_bundle(CoreMLBackend(), model, plan, output, **options)
 
 
 def _coremltools():

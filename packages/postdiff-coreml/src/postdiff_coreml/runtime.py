@@ -14,6 +14,7 @@ import numpy as np
 
 from postdiff.bundle import Graph, read_manifest
 from postdiff.bundle_runtime import BundlePipeline
+from postdiff.bundle_runtime import load_bundle as open_bundle
 from postdiff.errors import BundleError
 
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
@@ -59,12 +60,7 @@ class CoreMLRunner:
         self.model(graph)
 
     def run(self, graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for spec in graph.inputs:
-            x = feeds.get(spec.name)
-            if x is None:
-                raise BundleError(f"graph input {spec.name!r} was not given")
-            if list(x.shape) != list(spec.shape):
-                raise BundleError(f"graph input {spec.name!r} has shape {list(x.shape)}, {graph.name} takes {spec.shape}")
+        # inputs are checked against the manifest by postdiff.bundle_runtime.CheckedRunner
         cast = {t.name: (np.int32 if t.dtype == "int32" else np.float32) for t in graph.inputs}
         out = self.model(graph).predict({k: np.ascontiguousarray(v, dtype=cast[k]) for k, v in feeds.items() if k in cast})
         return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
@@ -96,8 +92,6 @@ def inspect_bundle(folder: str | Path, *, verify: bool = True):
 
 def load_bundle(folder: str | Path, *, compute_units: str = "ALL", verify: bool = True) -> BundlePipeline:
     """Open a Core ML bundle on macOS: compute units and platform are checked before anything is loaded."""
-    check_compute_units(compute_units)
-    require_macos()
-    folder, manifest = inspect_bundle(folder, verify=verify)
-    images = int(manifest.tools.get("images_per_call", "1"))
-    return BundlePipeline(folder, manifest, CoreMLRunner(folder, compute_units), static=True, static_batch=images)
+    from .backend import CoreMLBackend
+
+    return open_bundle(folder, CoreMLBackend(), verify=verify, compute_units=compute_units)

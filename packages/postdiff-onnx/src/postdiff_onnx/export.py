@@ -18,26 +18,22 @@ import contextlib
 import io
 import logging
 import math
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from postdiff.bundle import UNET, Graph, Manifest, cache_tensors, hw_key, staged_bundle, tool_versions, write_manifest
+from postdiff.bundle import UNET, Graph, hw_key
 from postdiff.errors import ExportError
-from postdiff.graphs import GraphSource, model_info, pipeline_graphs, prepare_export, save_tokenizers, unet_graphs, unet_of
-from postdiff.metrics import tensor_psnr
+from postdiff.export import PSNR_GATE, ExportJob, export_bundle, tensor_psnr
+from postdiff.graphs import GraphSource
 from postdiff.models import Model
-from postdiff.unet import UNetSplit
 
 from .session import make_session, run, tensor_specs
 
 PRECISIONS = ("fp32", "fp16")
-PSNR_GATE = 35.0  # dB, every output of every graph at every size (Apple's gate for converted models)
 # Opset 23 has the standard Attention and Gelu operators, which ONNX Runtime runs fused (arch:sd15 shallow pass
 # on this CPU: 0.19 s at opset 23 against 0.21 s at opset 18, where attention is MatMul/Softmax). --opset 18 for
 # older runtimes. GroupNormalization is rewritten either way (_group_norm_as_layer_norm).
@@ -49,76 +45,37 @@ OPSETS = range(17, 24)
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
-def export_onnx(
-    model: str | Model,
-    plan: str = "postdiff",
-    output: str | Path = "bundle",
-    *,
-    height: int | None = None,
-    width: int | None = None,
-    steps: int | None = None,
-    scheduler: str | None = None,
-    precision: str = "fp32",
-    static: bool = False,
-    batch: int = 1,
-    overwrite: bool = False,
-    verify: bool = True,
-    opset: int = DEFAULT_OPSET,
-    log: Callable[[str], None] = print,
-) -> Path:
-    """Export the graphs ``plan`` needs for ``model`` into the bundle folder ``output``; returns its path."""
+def check_options(*, precision: str = "fp32", opset: int = DEFAULT_OPSET, static: bool = False, verify: bool = True) -> None:
     if precision not in PRECISIONS:
         raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if opset not in OPSETS:
         raise ExportError(f"--opset must be from {OPSETS.start} to {OPSETS.stop - 1}, got {opset}")
-    if batch < 1:
-        raise ExportError(f"--batch (images per call of the static graphs) must be at least 1, got {batch}")
-    job = prepare_export(model, plan, height=height, width=width, steps=steps, scheduler=scheduler)
-    model, compiled, counter, latent_hw, sizes = job.model, job.plan, job.counter, job.latent_hw, job.sizes
-    unet = unet_of(model)
-    start = time.perf_counter()
-    with staged_bundle(output, overwrite=overwrite) as folder, UNetSplit(unet, block=compiled.recipe.cache_block) as split:
-        # the small pipeline graphs (class or text encoders, VAE decoder) first: a bad option or an interruption
-        # shows up in seconds, before the long UNet traces
-        sources = pipeline_graphs(model) + unet_graphs(split, compiled, model)
-        graphs: list[Graph] = []
-        for i, src in enumerate(sources, 1):
-            log(f"[{i}/{len(sources)}] {src.name}: exporting")
-            t0 = time.perf_counter()
-            graph = _export_graph(src, folder, precision, opset)
-            check_sizes = sizes if src.role == UNET else [latent_hw]
-            if src.role == UNET:  # the core's cost model, so manifest and `postdiff plan cost` agree
-                graph.macs = {hw_key(hw): counter.macs(src.variant, hw, 1) for hw in sizes}
-            _measure(src, graph, folder, check_sizes, verify)
-            psnr = ", ".join(f"{k} {v:.1f} dB" for k, v in graph.psnr.items())
-            log(
-                f"[{i}/{len(sources)}] {src.name}: done in {time.perf_counter() - t0:.1f} s" + (f" (PSNR vs torch: {psnr})" if psnr else "")
-            )
-            graphs.append(graph)
-            if static and src.role == UNET:
-                for hw in sizes:
-                    for b in job.batches(src.variant, hw, batch):
-                        graphs.append(_static_copy(src, graph, folder, hw, b, verify))
-        save_tokenizers(model, folder)
-        manifest = Manifest(
-            backend="onnx",
-            model=model_info(model, latent_hw, compiled),
-            recipe=compiled.recipe.to_dict(),
-            plan=compiled.to_dict(),
-            cache_block=compiled.recipe.cache_block,
-            latent_sizes=[list(hw) for hw in sizes],
-            precision=precision,
-            graphs=graphs,
-            cache_tensors=cache_tensors(graphs),
-            tools={
-                **tool_versions("onnx", "onnxruntime", "onnxscript", "postdiff-onnx"),
-                "opset": str(opset),
-                "images_per_call": str(batch),
-            },
-        )
-        write_manifest(folder, manifest)
-    log(f"bundle written to {Path(output).resolve()} in {time.perf_counter() - start:.0f} s ({len(graphs)} graphs)")
-    return Path(output).resolve()
+
+
+def convert(
+    src: GraphSource, job: ExportJob, folder: Path, *, precision="fp32", static=False, verify=True, opset=DEFAULT_OPSET
+) -> list[Graph]:
+    """One graph as ONNX with dynamic batch and latent size, checked against PyTorch at every latent size the plan
+    uses; with ``static``, a fixed-shape copy per latent size and batch the plan calls a UNet variant at."""
+    graph = _export_graph(src, folder, precision, opset)
+    if src.role == UNET:  # the core's cost model, so manifest and `postdiff plan cost` agree
+        graph.macs = {hw_key(hw): job.counter.macs(src.variant, hw, 1) for hw in job.sizes}
+    _measure(src, graph, folder, job.sizes if src.role == UNET else [job.latent_hw], verify)
+    graphs = [graph]
+    if static and src.role == UNET:
+        for hw in job.sizes:
+            for b in job.batches(src.variant, hw):
+                graphs.append(_static_copy(src, graph, folder, hw, b, verify))
+    return graphs
+
+
+def export_onnx(model: str | Model, plan: str = "postdiff", output: str | Path = "bundle", **options) -> Path:
+    """Export the graphs ``plan`` needs for ``model`` into the ONNX bundle folder ``output``; returns its path.
+    Options: height, width, steps, scheduler, batch, overwrite, log (``postdiff.export.export_bundle``) and
+    precision ("fp32" | "fp16"), static, verify, opset."""
+    from .backend import OnnxBackend
+
+    return export_bundle(OnnxBackend(), model, plan, output, **options)
 
 
 def _export_graph(src: GraphSource, folder: Path, precision: str, opset: int) -> Graph:

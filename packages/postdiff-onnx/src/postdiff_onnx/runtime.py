@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from postdiff.bundle import Graph, read_manifest
+from postdiff.bundle import Graph
 from postdiff.bundle_runtime import BundlePipeline
-from postdiff.errors import BundleError
+from postdiff.bundle_runtime import load_bundle as open_bundle
 
 from .session import DEFAULT_PROVIDER, make_session, run
 
@@ -40,10 +40,6 @@ def load_bundle(
     folder: str | Path, *, provider: str = DEFAULT_PROVIDER, threads: int | None = None, static: bool = False, verify: bool = True
 ) -> BundlePipeline:
     """Open an ONNX bundle after checking its manifest and the checksum of every file."""
-    folder, manifest = read_manifest(folder, "onnx", verify=verify)
-    if static and not any(g.batch is not None for g in manifest.graphs):
-        raise BundleError(f"{folder} has no static graphs; export it with --static, or run it without --static")
-    runner = OrtRunner(folder, provider=provider, threads=threads)
-    # static graphs take N images per call (batch 2N on CFG steps, N on conditional-only ones), N set at export
-    images = int(manifest.tools.get("images_per_call", "1"))
-    return BundlePipeline(folder, manifest, runner, static=static, static_batch=images)
+    from .backend import OnnxBackend
+
+    return open_bundle(folder, OnnxBackend(), verify=verify, provider=provider, threads=threads, static=static)

@@ -60,26 +60,14 @@ def tensor_specs(args) -> list[TensorSpec]:
     return [TensorSpec(a.name, [_dim(d, a.name, i) for i, d in enumerate(a.shape)], DTYPES.get(a.type, a.type)) for a in args]
 
 
-# Each session's (input name, shape) pairs and output names, read once: a plan run calls small graphs hundreds of
-# times, and asking the session again builds new Python objects on every call.
-_SIGNATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _signature(session) -> tuple[list[tuple[str, list]], list[str]]:
-    sig = _SIGNATURES.get(session)
-    if sig is None:
-        sig = _SIGNATURES[session] = ([(a.name, list(a.shape)) for a in session.get_inputs()], [o.name for o in session.get_outputs()])
-    return sig
+# Each session's output names, read once: a plan run calls small graphs hundreds of times, and asking the session
+# again builds new Python objects on every call.
+_OUTPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def run(session, feeds: dict[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Run with inputs checked against the graph first, so a wrong shape is named rather than an ORT trace."""
-    inputs, outputs = _signature(session)
-    for name, shape in inputs:
-        if name not in feeds:
-            raise BundleError(f"graph input {name!r} was not given")
-        x = feeds[name]
-        if len(x.shape) != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(shape, x.shape)):
-            raise BundleError(f"graph input {name!r} has shape {list(x.shape)}, the graph takes {shape}")
-    names = output_names or outputs
+    """Run a session (inputs are checked against the manifest by ``postdiff.bundle_runtime.CheckedRunner``)."""
+    names = output_names or _OUTPUTS.get(session)
+    if names is None:
+        names = _OUTPUTS[session] = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))

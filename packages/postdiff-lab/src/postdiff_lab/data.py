@@ -17,11 +17,13 @@ import hashlib
 import json
 import os
 import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import PostDiffError
+from postdiff.errors import PostDiffError
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -53,13 +55,13 @@ class DataError(PostDiffError):
 
 def train_hashes(dataset: str = "fashion") -> dict[str, str]:
     """sha256 of the files a model of ``dataset`` is trained from (recorded in training.json)."""
-    return dict(DIGITS_SHA256) if dataset == "digits" else {f: SHA256[f] for f in FILES["train"]}
+    return SOURCES[dataset].train_hashes()
 
 
 def have(dataset: str = "fashion") -> bool:
     """Whether ``dataset``'s files are where ``load`` looks by default."""
     try:
-        digits_tarball() if dataset == "digits" else data_root()
+        SOURCES[dataset].locate()
     except DataError:
         return False
     return True
@@ -137,8 +139,10 @@ def load(
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; use one of: {', '.join(DATASETS)}")
-    if dataset == "digits":
-        return _load_digits(split, root, verify)
+    return SOURCES[dataset].load(split, root, verify)
+
+
+def _load_fashion(split: str, root: str | Path | None, verify: bool) -> tuple[np.ndarray, np.ndarray]:
     root = data_root(root)
     images_file, labels_file = (root / f for f in FILES[split])
     if verify:
@@ -164,8 +168,17 @@ def to_model_space(images: np.ndarray):
     return torch.from_numpy(pad32(images)).float().div_(127.5).sub_(1.0)[:, None]
 
 
-def to_uint8(x) -> np.ndarray:
-    """Model space N x 1 x 32 x 32 in [-1, 1] → uint8 N x 32 x 32 (the padding kept: samples are 32 x 32)."""
-    import torch
+@dataclass(frozen=True)
+class Source:
+    """Where a dataset comes from and how it is read."""
 
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].cpu().numpy()
+    title: str
+    locate: Callable[[], Path]  # its files where ``load`` looks by default (DataError when they are missing)
+    load: Callable[[str, str | Path | None, bool], tuple[np.ndarray, np.ndarray]]  # (split, root, verify)
+    train_hashes: Callable[[], dict[str, str]]
+
+
+SOURCES = {
+    "fashion": Source("Fashion-MNIST", lambda: data_root(), _load_fashion, lambda: {f: SHA256[f] for f in FILES["train"]}),
+    "digits": Source("MNIST digits", lambda: digits_tarball(), _load_digits, lambda: dict(DIGITS_SHA256)),
+}

@@ -8,12 +8,12 @@ import pytest
 
 from postdiff import backends
 from postdiff.errors import PostDiffError
-from postdiff.export_cache import bundle_key, cache_root
-from postdiff.generation import source_for
 from postdiff.models import load_model
-from postdiff.profiling import PeakMemory, StepTimes
 from postdiff.recipe import Recipe, load_recipe
-from postdiff.search import Grid, candidates
+from postdiff_lab.export_cache import bundle_key, cache_root
+from postdiff_lab.generation import source_for
+from postdiff_lab.profiling import PeakMemory, StepTimes
+from postdiff_lab.search import Grid, candidates
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_peak_memory_sees_an_allocation_made_inside():
 
 def test_backend_table_names_and_reasons():
     with pytest.raises(PostDiffError, match="unknown backend 'tpu'"):
-        backends.backend("tpu")
+        backends.get("tpu")
     assert backends.unavailable("torch") is None and backends.unavailable("onnx") is None
     reason = backends.unavailable("coreml")
     assert (reason is None) == (platform.system() == "Darwin")

@@ -89,17 +89,17 @@ def build_unet(arch: Architecture, seed: int = 0, device: str | torch.device = "
 
 
 def build_scheduler(arch: Architecture, kind: str = "DDIMScheduler"):
-    import diffusers
+    from postdiff.families import scheduler_from_config
 
-    return getattr(diffusers, kind).from_config(dict(arch.scheduler))
+    return scheduler_from_config(kind, arch.scheduler)
 
 
 def toy_pipeline(kind: str = "sd", seed: int = 0, scheduler: str = "DDIMScheduler"):
     """A complete tiny ``StableDiffusionPipeline`` (kind="sd") or ``StableDiffusionXLPipeline`` (kind="sdxl")."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if kind == "sd":
-        pipe = StableDiffusionPipeline(
+    def sd():
+        return StableDiffusionPipeline(
             vae=_vae(seed + 1),
             text_encoder=_text_encoder(seed + 2, with_projection=False),
             tokenizer=toy_tokenizer(),
@@ -109,8 +109,9 @@ def toy_pipeline(kind: str = "sd", seed: int = 0, scheduler: str = "DDIMSchedule
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    elif kind == "sdxl":
-        pipe = StableDiffusionXLPipeline(
+
+    def sdxl():
+        return StableDiffusionXLPipeline(
             vae=_vae(seed + 1),
             text_encoder=_text_encoder(seed + 2, with_projection=False),
             text_encoder_2=_text_encoder(seed + 3, with_projection=True),
@@ -120,7 +121,10 @@ def toy_pipeline(kind: str = "sd", seed: int = 0, scheduler: str = "DDIMSchedule
             scheduler=build_scheduler(TOY_SDXL, scheduler),
             force_zeros_for_empty_prompt=False,
         )
-    else:
+
+    builders = {"sd": sd, "sdxl": sdxl}
+    if kind not in builders:
         raise ValueError(f"toy pipeline kind must be 'sd' or 'sdxl', got {kind!r}")
+    pipe = builders[kind]()
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -7,9 +7,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from postdiff import RecipeError, data
-from postdiff.generation import source_for
+from postdiff import RecipeError
 from postdiff.models import load_model
+from postdiff_lab import data
+from postdiff_lab.generation import source_for
 
 needs_fashion = pytest.mark.skipif(
     not data.have("fashion"), reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)"
@@ -51,7 +52,7 @@ def test_models_without_known_training_sizes_never_warn():
 
 @needs_fashion
 def test_per_size_check_on_the_reference_model():
-    from postdiff.evaluation import evaluate_sizes
+    from postdiff_lab.evaluation import evaluate_sizes
 
     source = source_for(load_model("reference", need_pipeline=True))
     result = evaluate_sizes(source, [16, 20, 32], 10, log=lambda m: None, progress=False)
@@ -67,7 +68,7 @@ def test_per_size_check_on_the_reference_model():
 
 
 def test_per_size_check_on_a_diffusers_model_reports_what_it_can():
-    from postdiff.evaluation import evaluate_sizes
+    from postdiff_lab.evaluation import evaluate_sizes
 
     model = load_model("toy-sd", need_pipeline=True)
     result = evaluate_sizes(source_for(model), [32, 64], 1, log=lambda m: None, progress=False)
@@ -80,7 +81,7 @@ def test_per_size_check_on_a_diffusers_model_reports_what_it_can():
 
 def test_per_size_check_refuses_a_size_before_any_work():
     from postdiff.errors import PostDiffError
-    from postdiff.evaluation import evaluate_sizes
+    from postdiff_lab.evaluation import evaluate_sizes
 
     calls = []
     source = source_for(load_model("reference", need_pipeline=True))
@@ -92,7 +93,7 @@ def test_per_size_check_refuses_a_size_before_any_work():
 
 # -- the digits model ------------------------------------------------------------------------------------------------
 def test_digits_model_generates_with_its_own_weights_and_labels():
-    from postdiff.reference.pipeline import parse_label
+    from postdiff_lab.reference.pipeline import parse_label
 
     digits, fashion = load_model("digits", need_pipeline=True), load_model("reference", need_pipeline=True)
     assert digits.dataset == "digits" and fashion.dataset == "fashion"
@@ -127,7 +128,7 @@ def test_digits_split_is_fixed_disjoint_and_hash_checked(tmp_path):
 
 @needs_digits
 def test_digits_classifier_reaches_90_percent():
-    from postdiff.reference.classifier import classify
+    from postdiff_lab.reference.classifier import classify
 
     x, y = data.load("test", dataset="digits")
     pred, _, feats = classify(data.pad32(x), dataset="digits")

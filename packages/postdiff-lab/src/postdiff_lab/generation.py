@@ -1,5 +1,6 @@
-"""One way to generate a batch of images under a plan, whatever the model: the reference pipeline or a diffusers
-SD/SDXL pipeline. The CLI (generate, demo, eval) and the benchmarks use this instead of knowing each model.
+"""One way to generate a batch of images under a plan, whatever the model: a class-conditional pipeline (the
+embedded reference models) or a diffusers SD/SDXL pipeline. The CLI (generate, demo, eval) and the benchmarks
+use this instead of knowing each model; what differs between models is the family's (``postdiff.families``).
 
 Image ``i`` of a request depends only on (seed, i): the same seed gives paired images under every plan.
 """
@@ -11,15 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from .cost import MacCounter, PlanCost, plan_cost
-from .models import Model
-from .plan import Plan
-from .recipe import Recipe, load_recipe
-from .sampling import compile_for_scheduler
-
-DEFAULT_PROMPTS = ("a red apple on a table", "a lighthouse at dusk", "a cat wearing sunglasses", "a bowl of ramen")
+from postdiff.cost import MacCounter, PlanCost, plan_cost
+from postdiff.models import Model
+from postdiff.plan import Plan
+from postdiff.recipe import Recipe, load_recipe
 
 
 @dataclass
@@ -41,15 +38,19 @@ class Source:
     ) -> None:
         self.model = model
         self.scheduler_name = scheduler
-        self.guidance = guidance
+        self.guidance = model.family.guidance(guidance)  # the family's default when not given
         self.height, self.width = height, width
 
     def compile(self, recipe: Recipe | str, steps: int | None = None) -> Plan:
-        recipe = load_recipe(recipe)
-        if steps is not None:
-            recipe = recipe.with_steps(steps)
-        latent = self.model.latent_hw(self.height, self.width)
-        return compile_for_scheduler(recipe, self.model.scheduler(self.scheduler_name), latent, self.model.spec())
+        return self.model.compile(recipe, steps, scheduler=self.scheduler_name, height=self.height, width=self.width)
+
+    def default_conditions(self, n: int) -> list:
+        """The conditions of image 0..n-1 when none are given (classes in turn, or the family's prompts)."""
+        return self.model.family.default_conditions(n, self.model.condition_info)
+
+    def parse_condition(self, text):
+        """A user's ``--prompt`` (None: the family's default) as the model takes it."""
+        return self.model.family.parse_condition(text, self.model.condition_info)
 
     def cost(self, plan: Plan) -> PlanCost:
         """MACs of every step of ``plan`` and of the baseline it is compared with."""
@@ -69,28 +70,26 @@ class Source:
 def baseline_steps(plan: Plan) -> int:
     """The baseline a plan is compared with: 20 steps, or the plan's own count for plans that are not
     "fewer steps" plans (``steps:N`` is compared with the 20-step baseline, its whole point)."""
-    from .recipe import DEFAULT_STEPS
+    from postdiff.recipe import DEFAULT_STEPS
 
     name = plan.recipe.name or ""
     return DEFAULT_STEPS if name.startswith("steps:") else plan.recipe.steps
 
 
-class ReferenceSource(Source):
-    """An embedded reference model (Fashion-MNIST, digits); conditions are class labels (image i gets class i mod 10).
-    Non-square or other sizes than 32 px run the model at that pixel size (see ``postdiff eval --sizes``)."""
+class ClassSource(Source):
+    """A class-conditional pipeline (the embedded Fashion-MNIST and digits models); conditions are class labels
+    (image i gets class i mod 10). Other sizes than 32 px run the model at that pixel size (``postdiff eval --sizes``)."""
 
     def generate(self, recipe, n, seed=0, *, conditions=None, progress=False) -> Batch:
-        from .reference.pipeline import DEFAULT_GUIDANCE
-
         pipe = self.model.pipeline
-        labels = list(conditions) if conditions is not None else [i % 10 for i in range(n)]
+        labels = list(conditions) if conditions is not None else self.default_conditions(n)
         plan = self.compile(recipe)
         start = time.perf_counter()
         images = pipe.generate(
             labels,
             plan,
             seed=seed,
-            guidance_scale=DEFAULT_GUIDANCE if self.guidance is None else self.guidance,
+            guidance_scale=self.guidance,
             scheduler=self.scheduler_name or "DDIMScheduler",
             progress=progress,
         )
@@ -102,12 +101,12 @@ class DiffusersSource(Source):
     """A diffusers SD/SDXL pipeline run through ``postdiff.apply``; conditions are prompts."""
 
     def generate(self, recipe, n, seed=0, *, conditions=None, progress=False) -> Batch:
-        from . import diffusers_hook
+        from postdiff import diffusers_hook
 
         pipe = self.model.pipeline
         if self.scheduler_name:
             pipe.scheduler = self.model.scheduler(self.scheduler_name)
-        prompts = list(conditions) if conditions is not None else [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(n)]
+        prompts = list(conditions) if conditions is not None else self.default_conditions(n)
         diffusers_hook.apply(pipe, load_recipe(recipe))
         images = []
         start = time.perf_counter()
@@ -117,8 +116,8 @@ class DiffusersSource(Source):
                     prompt,
                     height=self.height,
                     width=self.width,
-                    guidance_scale=7.5 if self.guidance is None else self.guidance,
-                    generator=torch.Generator().manual_seed(seed * 1_000_003 + i),
+                    guidance_scale=self.guidance,
+                    generator=self.model.family.generator(seed, i),
                     output_type="np",
                 )
                 images.append(out.images[0])
@@ -127,5 +126,8 @@ class DiffusersSource(Source):
         return Batch(np.stack(images), prompts, time.perf_counter() - start)
 
 
+SOURCES = {"label": ClassSource, "prompt": DiffusersSource}  # by the kind of condition the model's family takes
+
+
 def source_for(model: Model, **kwargs) -> Source:
-    return ReferenceSource(model, **kwargs) if model.dataset is not None else DiffusersSource(model, **kwargs)
+    return SOURCES[model.family.condition](model, **kwargs)

@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from postdiff.export import tensor_psnr  # noqa: F401  (the engine's export check, re-exported with the metrics)
+
 
 def _pair(image, reference) -> tuple[np.ndarray, np.ndarray]:
     a = np.asarray(image, dtype=np.float64)
@@ -22,19 +24,6 @@ def psnr(image, reference, data_range: float = 1.0) -> float:
     if mse == 0.0:
         return math.inf
     return 10.0 * math.log10(data_range**2 / mse)
-
-
-def tensor_psnr(output, reference) -> float:
-    """PSNR of a model output against the reference output, in dB: 20·log10(max|reference| / RMSE).
-
-    The signal peak is the reference's largest magnitude, the gate Apple's Core ML converter and its peers use
-    (35 dB) to accept a converted model; ``inf`` when the outputs are identical."""
-    a, b = _pair(output, reference)
-    rmse = float(np.sqrt(np.mean((a - b) ** 2)))
-    if rmse == 0.0:
-        return math.inf
-    peak = float(np.abs(b).max())
-    return 20.0 * math.log10(max(peak, 1e-12) / rmse)
 
 
 def ssim(image, reference, data_range: float = 1.0) -> float:

@@ -11,16 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-_SD_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-}
+from postdiff.models import SD_SCHEDULER
+
+_SD_SCHEDULER = {k: v for k, v in SD_SCHEDULER.items() if k != "_class_name"}  # SD 1.5's, as the engine knows it
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import backends
-from .bundle import tool_versions
-from .recipe import Recipe
+from postdiff import backends
+from postdiff.bundle import tool_versions
+from postdiff.recipe import Recipe
 
 HASH_LIMIT = 64 << 20  # bytes; larger files enter the key by size and mtime
-_CODE = ("postdiff.graphs", "postdiff.unet", "postdiff.bundle", "postdiff.cost")
+_CODE = ("postdiff.graphs", "postdiff.unet", "postdiff.bundle", "postdiff.cost", "postdiff.export", "postdiff.families")
 
 
 def cache_root(explicit: str | Path | None = None) -> Path:
@@ -56,7 +56,7 @@ def model_identity(model: str) -> str:
     reference model by its shipped files), folders by their files, Hub ids by name."""
     h = hashlib.sha256(model.encode())
     folder: Path | None = None
-    from .models import REFERENCE_MODELS
+    from .builtin_models import REFERENCE_MODELS
 
     if model in REFERENCE_MODELS:
         from .reference.pipeline import weights_dir
@@ -72,17 +72,24 @@ def model_identity(model: str) -> str:
 
 
 def _code_identity(backend: str) -> str:
+    """The engine's graph, split, bundle and cost modules and every module of the backend's own package."""
     h = hashlib.sha256()
-    module = backends.backend(backend).export.split(":")[0]
-    for name in (*_CODE, module):
+    files = []
+    for name in _CODE:
         spec = importlib.util.find_spec(name)
         if spec and spec.origin:
-            h.update(Path(spec.origin).read_bytes())
+            files.append(Path(spec.origin))
+    package = importlib.util.find_spec(type(backends.get(backend)).__module__.split(".")[0])
+    if package and package.submodule_search_locations:
+        for folder in package.submodule_search_locations:
+            files += sorted(Path(folder).rglob("*.py"))
+    for path in files:
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 
 def bundle_key(backend: str, model: str, recipe: Recipe, options: dict[str, Any]) -> str:
-    b = backends.backend(backend)
+    b = backends.get(backend)
     payload = {
         "backend": backend,
         "model": model_identity(model),
@@ -113,8 +120,9 @@ def cached_export(
     folder = cache_root(cache_dir) / "bundles" / f"{_slug(Path(model).name or model)}-{_slug(recipe.label)}-{backend}-{key[:16]}"
     if (folder / "manifest.json").is_file():
         return folder, True, 0.0
-    export = backends.function(backend, "export")
+    from postdiff.export import export_bundle
+
     log(f"export: {backend} bundle for {model}, plan {recipe.label} -> {folder}")
     start = time.perf_counter()
-    export(model, recipe, folder, overwrite=folder.exists(), log=log, **options)
+    export_bundle(backend, model, recipe, folder, overwrite=folder.exists(), log=log, **options)
     return folder, False, time.perf_counter() - start

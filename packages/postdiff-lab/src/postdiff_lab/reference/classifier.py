@@ -46,7 +46,7 @@ class Classifier(nn.Module):
 def load_classifier(dataset: str = "fashion") -> Classifier:
     from safetensors.torch import load_file
 
-    from ..errors import ModelError
+    from postdiff.errors import ModelError
 
     weights = weights_path(dataset)
     if not weights.is_file():

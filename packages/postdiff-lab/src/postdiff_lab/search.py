@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PlanError, PostDiffError, RecipeError
+from postdiff.errors import PlanError, PostDiffError, RecipeError
+from postdiff.recipe import DeepCache, LowRes, Recipe, XAttnGate
+
 from .generation import Source
-from .recipe import DeepCache, LowRes, Recipe, XAttnGate
 
 FAMILIES = ("fewer-steps", "cheaper-steps")
 METRICS = ("fid", "kid", "lpips")

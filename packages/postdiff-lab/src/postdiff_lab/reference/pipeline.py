@@ -10,23 +10,25 @@ the text embeddings: ``uncond`` is the null class, ``cond`` the requested one.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from postdiff.denoiser import TorchDenoiser
+from postdiff.errors import ModelError
+from postdiff.families import family_named
+from postdiff.plan import Plan
+from postdiff.recipe import Recipe, load_recipe
+from postdiff.sampling import compile_for_scheduler
+from postdiff.unet import UNetSplit, model_spec
+
 from .. import data
-from ..conditioning import Conditioning
-from ..denoiser import TorchDenoiser
-from ..errors import ModelError, RecipeError, brief
-from ..plan import Plan
-from ..recipe import Recipe, load_recipe
-from ..sampling import compile_for_scheduler, run_plan
-from ..unet import UNetSplit, model_spec
 from . import model as ref
 
-DEFAULT_GUIDANCE = 3.0
+FAMILY = family_named("class-conditional")  # conditions, guidance, seeds and sampling loop of class-conditional models
+DEFAULT_GUIDANCE = FAMILY.default_guidance
 
 
 def weights_dir(dataset: str = "fashion") -> Path:
@@ -40,23 +42,31 @@ def training_sizes(dataset: str = "fashion", folder: str | Path | None = None) -
     return tuple(int(s) for s in (sizes or [ref.IMAGE_SIZE]))
 
 
+# What the class-conditional family needs to read a condition, per dataset: the noun of its error messages,
+# extra names, and the default class of `postdiff generate`
+_CLASS_WORDS = {
+    "fashion": {"noun": "Fashion-MNIST class", "aliases": {"t-shirt": 0, "tshirt": 0, "top": 0, "boot": 9}},
+    "digits": {"noun": "digit", "aliases": {}},
+}
+DEFAULT_CLASS = 9  # Ankle boot; the digit 9
+
+
+def class_info(dataset: str = "fashion") -> dict:
+    """The class-conditional family's condition info for a dataset's model (see ``ClassConditional.parse_condition``)."""
+    words = _CLASS_WORDS[dataset]
+    return {
+        "num_classes": ref.NUM_CLASSES,
+        "class_names": list(data.DATASETS[dataset]),
+        "class_aliases": dict(words["aliases"]),
+        "class_noun": words["noun"],
+        "default_class": DEFAULT_CLASS,
+        "dataset": dataset,
+    }
+
+
 def parse_label(text: str | int, dataset: str = "fashion") -> int:
     """A class index (0-9), or a class name for Fashion-MNIST ("Sneaker", "ankle boot")."""
-    from ..data import CLASSES
-
-    if isinstance(text, int) or str(text).strip().isdigit():
-        label = int(text)
-        if 0 <= label < ref.NUM_CLASSES:
-            return label
-    elif dataset == "fashion":
-        names = {c.lower(): i for i, c in enumerate(CLASSES)} | {c.lower().replace("/", " "): i for i, c in enumerate(CLASSES)}
-        names |= {"t-shirt": 0, "tshirt": 0, "top": 0, "boot": 9}
-        key = str(text).strip().lower()
-        if key in names:
-            return names[key]
-    if dataset != "fashion":
-        raise RecipeError(f"unknown digit {brief(text)}; use 0-9")
-    raise RecipeError(f"unknown Fashion-MNIST class {brief(text)}; use 0-9 or one of: {', '.join(CLASSES)}")
+    return FAMILY.parse_condition(text, class_info(dataset))
 
 
 class ReferencePipeline:
@@ -67,7 +77,11 @@ class ReferencePipeline:
         self.class_encoder = class_encoder.eval().requires_grad_(False)
         self.scheduler_config = dict(scheduler_config or ref.SCHEDULER_CONFIG)
         self.dataset = dataset
-        self.name = "reference" if dataset == "fashion" else dataset
+        info = class_info(dataset)
+        self.num_classes, self.null_class = ref.NUM_CLASSES, ref.NULL_CLASS
+        self.class_names, self.class_aliases, self.class_noun = info["class_names"], info["class_aliases"], info["class_noun"]
+        self.default_class = info["default_class"]
+        self.name = {"fashion": "reference"}.get(dataset, dataset)
         self.spec = model_spec(self.unet, name=self.name)
 
     @classmethod
@@ -88,12 +102,7 @@ class ReferencePipeline:
 
     # -- plans -----------------------------------------------------------------------------------------------------
     def scheduler(self, kind: str = "DDIMScheduler"):
-        import diffusers
-
-        cls = getattr(diffusers, kind, None)
-        if cls is None or not hasattr(cls, "from_config"):
-            raise ModelError(f"unknown scheduler {kind!r}; use a diffusers scheduler class name such as DDIMScheduler")
-        return cls.from_config(self.scheduler_config)
+        return FAMILY.scheduler(kind, self.scheduler_config)
 
     def compile(
         self, plan: str | Recipe | dict, steps: int | None = None, scheduler: str = "DDIMScheduler", size: int = ref.IMAGE_SIZE
@@ -121,51 +130,16 @@ class ReferencePipeline:
         on (seed, i), so the same seed gives the same noise under every plan and batch size: outputs are paired."""
         compiled = plan if isinstance(plan, Plan) else self.compile(plan, steps, scheduler)
         with UNetSplit(self.unet, block=compiled.recipe.cache_block) as split:
-            return sample_labels(
+            return FAMILY.sample(
                 labels,
                 compiled,
                 TorchDenoiser(split),
                 self.class_encoder,
                 lambda: self.scheduler(scheduler),
+                null_class=self.null_class,
+                num_classes=self.num_classes,
                 seed=seed,
                 guidance_scale=guidance_scale,
                 batch_size=batch_size,
                 progress=progress,
             )
-
-
-def sample_labels(
-    labels: Sequence[int],
-    plan: Plan,
-    denoiser,
-    encode: Callable[[torch.Tensor], torch.Tensor],
-    make_scheduler: Callable[[], object],
-    *,
-    seed: int,
-    guidance_scale: float,
-    batch_size: int,
-    progress: bool = False,
-) -> np.ndarray:
-    """The reference model's sampling loop, whatever runs the networks (PyTorch here, a bundle's graphs in
-    ``postdiff.bundle_runtime``): ``encode`` maps class indices to tokens, ``denoiser`` runs plan steps."""
-    labels = torch.as_tensor(list(labels), dtype=torch.long)
-    h, w = plan.latent_hw  # pixel space: the image size (32 x 32, or another size the plan was compiled for)
-    if len(labels) == 0:
-        return np.zeros((0, h, w), dtype=np.uint8)
-    if labels.min() < 0 or labels.max() >= ref.NUM_CLASSES:
-        raise RecipeError(f"labels must be class indices 0-{ref.NUM_CLASSES - 1}")
-    noise = torch.stack([torch.randn(1, h, w, generator=torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in range(len(labels))])
-    out = []
-    for start in range(0, len(labels), batch_size):
-        y = labels[start : start + batch_size]
-        if guidance_scale > 1.0:  # null class first, as diffusers lays out CFG batches
-            cond = Conditioning(encode(torch.cat([torch.full_like(y, ref.NULL_CLASS), y])), has_uncond=True)
-        else:
-            cond = Conditioning(encode(y), has_uncond=False)
-        sch = make_scheduler()
-        # per-sample generators for the noise drawn later (resolution switch, ancestral samplers)
-        g = [torch.Generator().manual_seed(seed * 7919 + i) for i in range(start, start + len(y))]
-        x = noise[start : start + batch_size] * sch.init_noise_sigma
-        latents = run_plan(plan, denoiser, sch, cond, guidance_scale=guidance_scale, generator=g, latents=x, channels=1, progress=progress)
-        out.append(data.to_uint8(latents))
-    return np.concatenate(out)

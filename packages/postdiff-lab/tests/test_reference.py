@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from postdiff import RecipeError
-from postdiff import data as fmnist
-from postdiff.reference.pipeline import ReferencePipeline, parse_label
+from postdiff_lab import data as fmnist
+from postdiff_lab.reference.pipeline import ReferencePipeline, parse_label
 
 HAVE_DATA = all((fmnist.DEFAULT_ROOT / f).is_file() for pair in fmnist.FILES.values() for f in pair)
 needs_data = pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
@@ -19,7 +19,7 @@ def pipe():
 
 
 def test_shipped_weights_are_small_safetensors():
-    weights = Path(__file__).resolve().parents[1] / "src/postdiff/reference/weights"
+    weights = Path(__file__).resolve().parents[1] / "src/postdiff_lab/reference/weights"
     assert (weights / "model.safetensors").stat().st_size < 20e6
     assert (weights / "classifier.safetensors").is_file()
 
@@ -73,7 +73,7 @@ def test_data_loads_with_checked_hashes():
 
 @needs_data
 def test_classifier_reaches_90_percent_on_the_test_set():
-    from postdiff.reference.classifier import classify
+    from postdiff_lab.reference.classifier import classify
 
     x, y = fmnist.load("test")
     pred, probs, feats = classify(fmnist.pad32(x))
@@ -83,9 +83,9 @@ def test_classifier_reaches_90_percent_on_the_test_set():
 
 @needs_data
 def test_evaluate_reports_every_metric():
-    from postdiff.evaluation import evaluate
-    from postdiff.generation import source_for
     from postdiff.models import load_model
+    from postdiff_lab.evaluation import evaluate
+    from postdiff_lab.generation import source_for
 
     result = evaluate(
         source_for(load_model("reference", need_pipeline=True)), ["steps:8", "postdiff"], 20, log=lambda m: None, progress=False

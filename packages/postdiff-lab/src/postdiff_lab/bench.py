@@ -22,14 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from . import backends
-from .errors import PostDiffError
+from postdiff import backends
+from postdiff.errors import PostDiffError
+from postdiff.models import load_model
+from postdiff.recipe import load_recipe
+
 from .evaluation import LPIPS_NOTE, paired_fidelity
 from .export_cache import cached_export
-from .generation import DEFAULT_PROMPTS, source_for
-from .models import load_model
+from .generation import source_for
 from .profiling import PeakMemory, StepTimes
-from .recipe import load_recipe
 from .report import machine_info
 
 
@@ -37,7 +38,7 @@ from .report import machine_info
 class BenchConfig:
     model: str = "reference"
     plans: list[str] = field(default_factory=lambda: ["baseline", "postdiff"])
-    backends: list[str] = field(default_factory=lambda: ["torch", "onnx"])
+    backends: list[str] = field(default_factory=lambda: backends.names())  # torch and every installed backend
     runs: int = 3
     warmup: int = 1
     images: int = 10
@@ -49,7 +50,7 @@ class BenchConfig:
     guidance: float | None = None
     threads: int | None = None
     cache_dir: str | None = None
-    compute_units: str = "ALL"
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # backend name -> its runner options
 
     def check(self) -> None:
         """Every input error before anything is loaded or exported."""
@@ -64,9 +65,10 @@ class BenchConfig:
         if not self.plans:
             raise PostDiffError("--plans is empty; name at least one plan, e.g. --plans baseline,postdiff")
         if not self.backends:
-            raise PostDiffError("--backends is empty; name at least one of: " + ", ".join(backends.BACKENDS))
+            raise PostDiffError("--backends is empty; name at least one of: " + ", ".join(backends.names()))
         for name in self.backends:
-            backends.backend(name)
+            if name != backends.TORCH:
+                backends.get(name)
         for name in self.plans:
             load_recipe(name)
         if "baseline" not in self.plans:  # speedups are against it
@@ -114,18 +116,15 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, load_s = _timed_load(lambda: load_model(cfg.model, need_pipeline=True))
-    reference = model.dataset is not None
-    guidance = (3.0 if reference else 7.5) if cfg.guidance is None else cfg.guidance
-    source = source_for(model, scheduler=cfg.scheduler, guidance=guidance, height=cfg.height, width=cfg.width)
+    source = source_for(model, scheduler=cfg.scheduler, guidance=cfg.guidance, height=cfg.height, width=cfg.width)
+    guidance = source.guidance
     compiled = {name: source.compile(name, cfg.steps) for name in cfg.plans}
     costs = {name: source.cost(plan) for name, plan in compiled.items()}
-    conditions = (
-        [i % 10 for i in range(cfg.images)] if reference else [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(cfg.images)]
-    )
+    conditions = source.default_conditions(cfg.images)
     base_plan = compiled["baseline"]
     result: dict[str, Any] = {
         "model": model.name,
-        "weights": "trained" if reference else ("random" if model.name.startswith(("toy", "arch:")) else "as loaded"),
+        "weights": model.weights,
         "image_hw": [x * model.vae_scale_factor for x in base_plan.latent_hw],
         "steps": base_plan.recipe.steps,
         "scheduler": base_plan.scheduler,
@@ -152,7 +151,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             continue
         for name in cfg.plans:
             t = _Target(backend, name)
-            if backend == "torch":
+            if backend == backends.TORCH:
                 t.row.update(load_s=load_s, load_warm_s=load_warm_s, load_note="load_model (weights into a PyTorch pipeline)")
                 recipe = compiled[name].recipe
                 t.generate = lambda r=recipe: source.generate(r, cfg.images, cfg.seed, conditions=conditions).images
@@ -208,19 +207,20 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
 
 
 def _prepare_bundle(t: _Target, cfg: BenchConfig, plan, conditions, guidance, log) -> None:
+    from postdiff.bundle_runtime import load_bundle
+
+    backend = backends.get(t.backend)
     options: dict[str, Any] = {"height": cfg.height, "width": cfg.width, "steps": plan.recipe.steps, "scheduler": cfg.scheduler}
-    load_options: dict[str, Any] = {}
-    if t.backend == "coreml":  # Core ML shapes are fixed: export for the bench's images per call
+    if backend.fixed_shapes:  # graphs of one batch size: export for the bench's images per call
         options["batch"] = cfg.images
-        load_options["compute_units"] = cfg.compute_units
-    else:
+    load_options: dict[str, Any] = dict(cfg.options.get(t.backend, {}))
+    if "threads" in backend.runner_options:
         load_options["threads"] = cfg.threads
     folder, cached, seconds = cached_export(t.backend, cfg.model, plan.recipe, cache_dir=cfg.cache_dir, log=log, **options)
     t.row.update({"bundle": str(folder), "export_cached": cached, "export_s": seconds})
-    load = backends.function(t.backend, "load")
 
     def opened():
-        pipe = load(folder, **load_options)
+        pipe = load_bundle(folder, backend, **load_options)
         pipe.open(pipe.compile(plan.recipe, scheduler=cfg.scheduler))
         return pipe
 
@@ -229,71 +229,3 @@ def _prepare_bundle(t: _Target, cfg: BenchConfig, plan, conditions, guidance, lo
     t.row["load_note"] = "manifest and checksums read, every graph the plan runs opened"
     bundle_plan = pipe.compile(plan.recipe, scheduler=cfg.scheduler)
     t.generate = lambda: pipe.generate(conditions, bundle_plan, seed=cfg.seed, guidance_scale=guidance, scheduler=cfg.scheduler)
-
-
-def _fmt(x: float, digits: int = 2) -> str:
-    return f"{x:.{digits}f}"
-
-
-def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    headers = [
-        "backend",
-        "plan",
-        "GMACs",
-        "MACs ratio",
-        "export s",
-        "load s (first/warm)",
-        "first run s",
-        "median s",
-        "min-max s",
-        "speedup",
-        "peak MB",
-        "PSNR dB",
-        "SSIM",
-        "LPIPS",
-    ]
-    rows = []
-    for r in result["results"]:
-        same = r["psnr"] == float("inf")
-        rows.append(
-            [
-                r["backend"],
-                r["plan"],
-                _fmt(r["macs"] / 1e9, 1),
-                _fmt(r["macs_ratio"], 3),
-                "-" if "export_s" not in r else ("cached" if r["export_cached"] else _fmt(r["export_s"], 1)),
-                f"{_fmt(r['load_s'])}/{_fmt(r['load_warm_s'])}",
-                _fmt(r["first_run_s"]),
-                _fmt(r["median_s"], 3),
-                f"{_fmt(r['min_s'], 3)}-{_fmt(r['max_s'], 3)}",
-                f"{r['speedup']:.2f}x",
-                f"{r['memory']['peak_rss_mb']:.0f}",
-                "identical" if same else _fmt(r["psnr"]),
-                _fmt(r["ssim"], 3),
-                _fmt(r["lpips"], 3),
-            ]
-        )
-    for s in result["skipped"]:
-        rows.append([s["backend"], "skipped (reason below)", *["-"] * (len(headers) - 2)])
-    return headers, rows
-
-
-def step_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    headers = ["backend", "plan", "UNet variant", "latent", "batch", "calls", "median ms", "min ms", "max ms"]
-    rows = []
-    for r in result["results"]:
-        for c in r["unet_calls"]:
-            rows.append(
-                [
-                    r["backend"],
-                    r["plan"],
-                    c["variant"],
-                    c["latent"],
-                    str(c["batch"]),
-                    str(c["calls"]),
-                    _fmt(c["median_ms"], 1),
-                    _fmt(c["min_ms"], 1),
-                    _fmt(c["max_ms"], 1),
-                ]
-            )
-    return headers, rows

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from postdiff.metrics import frechet_distance, kernel_inception_distance, lpips_distance, psnr, ssim
+from postdiff_lab.metrics import frechet_distance, kernel_inception_distance, lpips_distance, psnr, ssim
 
 EXAMPLE = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "lpips-example"
 

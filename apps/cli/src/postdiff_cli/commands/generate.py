@@ -1,0 +1,101 @@
+"""``postdiff generate``: one image under a plan, with PyTorch or from an exported bundle on any installed backend."""
+
+from __future__ import annotations
+
+import time
+
+from ..common import guidance_arg, make_source, model_args, plans_help, recipe, warn
+
+
+def add_parser(sub) -> None:
+    from postdiff import backends
+
+    g = sub.add_parser("generate", help="generate an image with a plan")
+    model_args(g)
+    g.add_argument(
+        "--prompt",
+        default=None,
+        help="the prompt; for a class-conditional model a class name or index (--model reference: a Fashion-MNIST class, "
+        "default Ankle boot; --model digits: a digit, default 9)",
+    )
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument(
+        "--plan",
+        default=None,
+        help=f"built-in plan ({plans_help()}) or a recipe JSON file (default: postdiff; with --bundle, the bundle's plan)",
+    )
+    g.add_argument("--backend", default=backends.TORCH, choices=backends.names(), help="runtime (default: torch)")
+    g.add_argument("--bundle", default=None, help="exported bundle folder (any backend but torch); the bundle defines the model")
+    for backend in backends.available().values():  # each backend's runner flags (--provider, --compute-units, ...)
+        backend.add_options(g, "generate")
+    guidance_arg(g)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("-o", "--output", default="postdiff.png", help="image file to write, PNG or JPEG by suffix (default: postdiff.png)")
+
+
+def run(args) -> int:
+    from postdiff import backends
+    from postdiff.errors import PostDiffError
+    from postdiff_lab.images import save_png
+
+    given = [flag for flag in _runner_flags(args) if args.backend == backends.TORCH or flag[1] != args.backend]
+    if given:
+        flag, owner = given[0]
+        raise PostDiffError(f"{flag} is for exported runtimes ({owner}); add --backend {owner} and --bundle DIR")
+    if args.backend != backends.TORCH:
+        return _from_bundle(args)
+    if args.bundle:
+        raise PostDiffError("--bundle is for exported runtimes; add --backend onnx (or another installed backend) and --bundle DIR")
+    src = make_source(args)
+    plan_recipe = recipe(args.plan or "postdiff", args.steps)
+    warn(src.model.untrained_warning(src.compile(plan_recipe)))
+    batch = src.generate(plan_recipe, 1, args.seed, conditions=[src.parse_condition(args.prompt)])
+    path = save_png(batch.images[0], args.output)
+    print(f"wrote {path} ({src.model.name}, plan {plan_recipe.label}, {plan_recipe.steps} steps, seed {args.seed}, {batch.seconds:.2f} s)")
+    return 0
+
+
+def _runner_flags(args) -> list[tuple[str, str]]:
+    """(flag, backend) for every runner flag given on the command line (a value other than its default)."""
+    from postdiff import backends
+
+    out = []
+    for name, backend in backends.available().items():
+        for dest in backend.runner_options:
+            if getattr(args, dest, None) not in (None, False):
+                out.append(("--" + dest.replace("_", "-"), name))
+    return out
+
+
+def _from_bundle(args) -> int:
+    """Generation that builds no PyTorch model: every network runs in the bundle's runtime."""
+    from postdiff import backends
+    from postdiff.bundle_runtime import load_bundle
+    from postdiff.errors import PostDiffError
+    from postdiff.models import untrained_warning
+    from postdiff_lab.images import save_png
+
+    if not args.bundle:
+        raise PostDiffError(
+            f"--backend {args.backend} runs an exported bundle: pass --bundle DIR (make one with postdiff export {args.backend})"
+        )
+    fixed = [flag for flag, given in (("--model", args.model_given), ("--height", args.height), ("--width", args.width)) if given]
+    if fixed:
+        raise PostDiffError(
+            f"{', '.join(fixed)} cannot be used with --bundle: the bundle fixes the model and image size it was exported for. "
+            "Leave them out, or export a bundle for another model or size"
+        )
+    backend = backends.get(args.backend)
+    pipe = load_bundle(args.bundle, backend, **backend.options(args, "generate"))
+    plan = pipe.compile(args.plan, args.steps, args.scheduler)
+    info = pipe.info
+    warn(untrained_warning(info["name"], info.get("training_sizes"), plan, info.get("vae_scale_factor", 1)))
+    condition = pipe.parse_condition(args.prompt)
+    start = time.perf_counter()
+    images = pipe.generate([condition] * (pipe.static_batch if pipe.static else 1), plan, seed=args.seed, guidance_scale=args.guidance)
+    seconds = time.perf_counter() - start
+    path = save_png(images[0], args.output)
+    print(
+        f"wrote {path} ({info['name']} bundle, {args.backend}, plan {plan.name}, {plan.recipe.steps} steps, seed {args.seed}, {seconds:.2f} s)"
+    )
+    return 0

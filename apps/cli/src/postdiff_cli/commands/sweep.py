@@ -1,0 +1,50 @@
+"""``postdiff sweep``: fewer steps or cheaper steps? The best plan of each family at each MACs budget."""
+
+from __future__ import annotations
+
+from ..common import grid_args, log, make_source, numbers, search_args, search_grid
+from ..render import print_table
+
+
+def add_parser(sub) -> None:
+    w = sub.add_parser("sweep", help="fewer steps or cheaper steps? The best plan of each family at each MACs budget")
+    search_args(w)
+    w.add_argument(
+        "--budgets", default="0.3,0.4,0.5,0.6", help="comma-separated fractions of the baseline's MACs (default: 0.3,0.4,0.5,0.6)"
+    )
+    w.add_argument("--calibration", type=int, default=100, help="calibration samples per candidate plan (default: 100)")
+    w.add_argument("--samples", type=int, default=500, help="held-out samples for each budget's winners and the baseline (default: 500)")
+    grid_args(w)
+    w.add_argument("--json", default="postdiff-sweep.json", help="JSON results file (default: postdiff-sweep.json)")
+    w.add_argument("--plot", default="postdiff-sweep.png", help="Pareto plot PNG (default: postdiff-sweep.png)")
+
+
+def run(args) -> int:
+    from postdiff_lab.report import machine_info, write_json
+    from postdiff_lab.search import check_budget, pareto_plot, sweep
+
+    budgets = numbers(args.budgets, "--budgets")
+    for b in budgets:
+        check_budget(b)
+    grid = search_grid(args)
+    source = make_source(args)
+    result = sweep(
+        source, budgets, grid=grid, calibration=args.calibration, samples=args.samples, metric=args.metric, seed=args.seed, log=log
+    )
+    result.update({"command": args.command_line, "machine": machine_info(), "grid": grid.__dict__})
+    print(
+        f"postdiff sweep on {result['model']}: {result['metric']} on {args.samples} held-out samples (plans chosen on {args.calibration} "
+        f"calibration samples); baseline {result['baseline']['holdout']:.4g}"
+    )
+
+    def cell(c):
+        return "-" if not c else f"{c['name']} ({c['macs_ratio']:.3f}): {c['holdout']:.4g}"
+
+    print_table(
+        ["budget", "fewer steps (MACs): quality", "cheaper steps (MACs): quality", "better"],
+        [(f"{r['budget']:g}", cell(r["fewer-steps"]), cell(r["cheaper-steps"]), r["winner"] or "-") for r in result["rows"]],
+    )
+    write_json(args.json, result)
+    pareto_plot(result, args.plot)
+    print(f"wrote {args.json} and {args.plot}")
+    return 0

@@ -1,0 +1,126 @@
+"""What several ``postdiff`` commands share: the argparse class, the model and grid flags, and small helpers."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+GUIDANCE_HELP = (
+    "classifier-free guidance scale, 0 to 100; at most 1 means none (default: the model family's: 3 for the embedded models, 7.5 for SD)"
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with errors in postdiff's one-line form (``postdiff: error: ...``, exit status 2), not usage + error."""
+
+    def error(self, message: str):
+        from postdiff.errors import brief
+
+        # argparse echoes a bad value whole ("invalid choice: '<100k characters>'"): keep the line short
+        message = re.sub(r"'([^']{80,})'", lambda m: brief(m.group(1)), message.replace("\n", " "))
+        self.exit(2, f"postdiff: error: {self.prog.removeprefix('postdiff ')}: {message} (see {self.prog} --help)\n")
+
+
+def warn(message: str | None) -> None:
+    """One warning line on stderr (e.g. a plan that runs at a size the model was not trained at)."""
+    if message:
+        print(f"postdiff: warning: {message}", file=sys.stderr)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def plans_help() -> str:
+    from postdiff.recipe import builtin_names
+
+    return ", ".join(builtin_names())
+
+
+def model_args(p: argparse.ArgumentParser, *, steps: bool = True) -> None:
+    from postdiff.models import DEFAULT_MODEL, named_models
+
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"{', '.join(named_models())}, a local diffusers folder or a Hub id (default: {DEFAULT_MODEL})",
+    )
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    if steps:
+        p.add_argument("--steps", type=int, default=None, help="number of inference steps (overrides the plan's)")
+    p.add_argument(
+        "--scheduler", default=None, help="diffusers scheduler class, e.g. DDIMScheduler, EulerDiscreteScheduler (default: the model's)"
+    )
+
+
+def guidance_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP)
+
+
+def search_args(p: argparse.ArgumentParser) -> None:
+    """--model, size and scheduler, metric, guidance, seed: for search and sweep (20 steps, the baseline's)."""
+    model_args(p, steps=False)
+    p.add_argument(
+        "--metric",
+        default=None,
+        choices=["fid", "kid", "lpips"],
+        help="quality measure (default: fid for the embedded models, lpips otherwise)",
+    )
+    guidance_arg(p)
+    p.add_argument("--seed", type=int, default=0, help="calibration seed; held-out samples use seed + 1")
+
+
+def grid_args(p: argparse.ArgumentParser) -> None:
+    from postdiff_lab.search import Grid
+
+    g = Grid()
+    for flag, values, text in (
+        ("--betas", g.betas, "low-resolution scales beta (1 = no low-resolution phase)"),
+        ("--switches", g.switches, "switch points s, fractions of the steps at low resolution"),
+        ("--intervals", g.intervals, "DeepCache intervals k (1 = no DeepCache)"),
+        ("--gates", g.gates, "steps m after which CFG is gated off (0 = no gate)"),
+    ):
+        p.add_argument(flag, default=",".join(f"{v:g}" for v in values), help=f"{text} (default: %(default)s)")
+
+
+def recipe(spec: str, steps: int | None):
+    from postdiff import load_recipe
+
+    r = load_recipe(spec)
+    return r.with_steps(steps) if steps is not None else r
+
+
+def numbers(text: str, flag: str, kind=float) -> tuple:
+    from postdiff.errors import PostDiffError
+
+    try:
+        values = tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise PostDiffError(f"{flag} takes comma-separated {'integers' if kind is int else 'numbers'}, got {text!r}") from None
+    if not values:
+        raise PostDiffError(f"{flag} is empty")
+    return values
+
+
+def search_grid(args):
+    from postdiff.recipe import DEFAULT_STEPS
+    from postdiff_lab.search import Grid
+
+    g = Grid(
+        betas=numbers(args.betas, "--betas"),
+        switches=numbers(args.switches, "--switches"),
+        intervals=numbers(args.intervals, "--intervals", int),
+        gates=numbers(args.gates, "--gates", int),
+    )
+    g.check_steps(DEFAULT_STEPS)  # search and sweep run the baseline's 20 steps
+    return g
+
+
+def make_source(args, need_pipeline=True):
+    from postdiff.models import load_model
+    from postdiff_lab.generation import source_for
+
+    model = load_model(args.model, need_pipeline=need_pipeline)
+    return source_for(model, scheduler=args.scheduler, guidance=getattr(args, "guidance", None), height=args.height, width=args.width)

@@ -1,0 +1,23 @@
+"""Fixtures every test folder may use."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def export_once(tmp_path_factory):
+    """Bundles exported once per test session (an export takes 0.5-2.5 minutes on 2 cores):
+    ``export_once(backend, model, plan, **options)`` -> the bundle folder."""
+    made: dict[tuple, object] = {}
+
+    def get(backend: str, model: str, plan: str, **options):
+        key = (backend, model, plan, tuple(sorted(options.items())))
+        if key not in made:
+            from postdiff.export import export_bundle
+
+            folder = tmp_path_factory.mktemp(backend) / f"{model}-{plan}"
+            made[key] = export_bundle(backend, model, plan, folder, log=lambda m: None, **options)
+        return made[key]
+
+    return get

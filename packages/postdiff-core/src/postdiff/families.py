@@ -1,0 +1,401 @@
+"""Model families: everything that depends on what kind of model a run or a bundle holds, in one object per kind.
+
+A ``Family`` owns the decisions that used to be checks of a model's name: how a condition is parsed and encoded,
+the default guidance, the per-image random generator for a seed, the scheduler by name, which graphs an exported
+bundle holds around the UNet and what its manifest records, and how a bundle's graphs are driven to make images.
+The PyTorch path (``postdiff.models.Model.family``) and the bundle path (``BundlePipeline.family``, from the
+manifest's ``kind``) ask the same object, so a torch run and a bundle run of one seed stay paired.
+
+Families are registered by name, the way diffusers registers per-model hooks and cache-dit its per-model adapters:
+
+    @register_family
+    class MyFamily(Family):
+        name = "my-dit"
+        def matches(self, model): return hasattr(model.pipeline, "transformer")
+        ...
+
+``family_of(model)`` returns the first registered family whose ``matches`` accepts the model (the most specific
+are registered first); ``family_named(kind)`` the one a manifest names. Torch is imported inside the methods that
+need it: the manifest and plan half of the engine stays importable without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .errors import BundleError, ModelError, RecipeError, brief
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models import Model
+
+# Image i of a request with seed s draws its noise from a generator seeded with image_seed(s, i), on every path
+# (PyTorch pipelines, bundles, every backend): the same seed gives paired images under every plan and batch size.
+SEED_STRIDE = 1_000_003
+
+
+def image_seed(seed: int, index: int) -> int:
+    return int(seed) * SEED_STRIDE + int(index)
+
+
+def scheduler_from_config(name: str, config: dict[str, Any]):
+    """A diffusers scheduler class by name, built from a scheduler configuration (the one lookup of the engine)."""
+    import diffusers
+
+    cls = getattr(diffusers, str(name), None)
+    if cls is None or not hasattr(cls, "from_config") or not hasattr(cls, "set_timesteps"):
+        raise ModelError(f"unknown scheduler {brief(name)}; use a diffusers scheduler class name such as DDIMScheduler")
+    return cls.from_config(dict(config))
+
+
+class Family:
+    """The base: what every family shares. Subclasses set ``name`` and override what differs."""
+
+    name = "base"
+    aliases: tuple[str, ...] = ()  # older manifest kinds that mean this family
+    default_guidance = 7.5  # diffusers' default for SD pipelines
+    condition = "prompt"  # what a condition is: "prompt" (text) or "label" (class index)
+    roles: tuple[str, ...] = ()  # the graphs a bundle holds besides its UNet graphs
+    tokenizers: tuple[str, ...] = ()  # tokenizer folders a bundle holds
+    generates = True  # False: a bundle of this family serves per-graph benchmarks only
+
+    # -- recognising a model -------------------------------------------------------------------------------------
+    def matches(self, model: Model) -> bool:
+        raise NotImplementedError
+
+    # -- conditions ----------------------------------------------------------------------------------------------
+    def parse_condition(self, text: str | int | None, info: dict[str, Any]) -> Any:
+        """A user's condition (``--prompt``) as this family takes it; None gives the family's default."""
+        return "a photograph of an astronaut riding a horse" if text is None else str(text)
+
+    def default_conditions(self, n: int, info: dict[str, Any]) -> list:
+        prompts = ("a red apple on a table", "a lighthouse at dusk", "a cat wearing sunglasses", "a bowl of ramen")
+        return [prompts[i % len(prompts)] for i in range(n)]
+
+    # -- randomness and schedulers -------------------------------------------------------------------------------
+    def generator(self, seed: int, index: int):
+        import torch
+
+        return torch.Generator().manual_seed(image_seed(seed, index))
+
+    def scheduler(self, name: str | None, config: dict[str, Any]):
+        return scheduler_from_config(name or config.get("_class_name", "DDIMScheduler"), config)
+
+    def condition_info(self, pipe) -> dict[str, Any]:
+        """What ``parse_condition`` needs from a loaded pipeline (also recorded in a bundle's manifest)."""
+        return {}
+
+    def guidance(self, value: float | None) -> float:
+        return self.default_guidance if value is None else float(value)
+
+    # -- export ---------------------------------------------------------------------------------------------------
+    def pipeline_graphs(self, model: Model) -> list:
+        """The graphs (``postdiff.graphs.GraphSource``) around the UNet that generation from a bundle needs."""
+        return []
+
+    def bundle_info(self, model: Model) -> dict[str, Any]:
+        """What the manifest's ``model`` records for this family beyond the common fields."""
+        return {"guidance": self.default_guidance}
+
+    # -- generation from a bundle -------------------------------------------------------------------------------
+    def generate_bundle(self, pipe, conditions: Sequence, plan, denoiser, *, seed, guidance, scheduler, batch_size, progress):
+        raise BundleError(f"{self.name} bundles cannot generate images")
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(cls: type[Family]) -> type[Family]:
+    """Register a family class (decorator); a later registration of the same name replaces the earlier one."""
+    family = cls()
+    FAMILIES[family.name] = family
+    return cls
+
+
+def family_named(kind: str) -> Family:
+    for family in FAMILIES.values():
+        if kind == family.name or kind in family.aliases:
+            return family
+    raise BundleError(f"unknown model family {brief(kind)} in the bundle; known: {', '.join(FAMILIES)}. Re-export it with this version")
+
+
+def family_of(model: Model) -> Family:
+    for family in FAMILIES.values():
+        if family.matches(model):
+            return family
+    raise ModelError(f"{model.name}: no model family recognises it (known: {', '.join(FAMILIES)})")
+
+
+@register_family
+class ClassConditional(Family):
+    """A class-conditional UNet whose class tokens come from a class encoder (the embedded reference models):
+    the class tokens play the text embeddings' role, the null class is the empty condition for CFG."""
+
+    name = "class-conditional"
+    aliases = ("reference",)
+    default_guidance = 3.0
+    condition = "label"
+    roles = ("class_encoder",)
+
+    def matches(self, model) -> bool:
+        return hasattr(model.pipeline, "class_encoder")
+
+    def parse_condition(self, text, info) -> int:
+        """A class index, or a class name from the model's ``class_names`` (case and "/" ignored, plus its aliases)."""
+        n = int(info.get("num_classes", 10))
+        if text is None:
+            return int(info.get("default_class", n - 1))
+        if isinstance(text, int) or str(text).strip().isdigit():
+            label = int(text)
+            if 0 <= label < n:
+                return label
+        else:
+            names = {c.lower(): i for i, c in enumerate(info.get("class_names") or ())}
+            names |= {c.lower().replace("/", " "): i for i, c in enumerate(info.get("class_names") or ())}
+            names |= {k.lower(): int(v) for k, v in (info.get("class_aliases") or {}).items()}
+            key = str(text).strip().lower()
+            if key in names and not key.isdigit():
+                return names[key]
+        noun = info.get("class_noun", "class")
+        named = [c for c in info.get("class_names") or () if not c.isdigit()]
+        return self._unknown(text, noun, n, named)
+
+    @staticmethod
+    def _unknown(text, noun: str, n: int, named: list[str]):
+        raise RecipeError(f"unknown {noun} {brief(text)}; use 0-{n - 1}" + (f" or one of: {', '.join(named)}" if named else ""))
+
+    def default_conditions(self, n, info) -> list:
+        return [i % int(info.get("num_classes", 10)) for i in range(n)]
+
+    def pipeline_graphs(self, model) -> list:
+        import torch
+
+        from .graphs import ClassEncoderGraph, GraphSource, batch_dim
+
+        def labels(hw, b):
+            return {"labels": torch.arange(b) % int(model.pipeline.num_classes)}
+
+        enc = ClassEncoderGraph(model.pipeline.class_encoder).eval()
+        return [GraphSource("class_encoder", "class_encoder", enc, ["labels"], ["encoder_hidden_states"], labels, ({0: batch_dim()},))]
+
+    def bundle_info(self, model) -> dict[str, Any]:
+        pipe = model.pipeline
+        return {
+            "guidance": self.default_guidance,
+            "null_class": int(pipe.null_class),
+            "num_classes": int(pipe.num_classes),
+            **{k: v for k, v in self.condition_info(pipe).items() if k != "num_classes"},
+            "training_sizes": list(model.training_sizes or ()),
+        }
+
+    def condition_info(self, pipe) -> dict[str, Any]:
+        """What ``parse_condition`` needs from a class-conditional pipeline (also stored in the manifest)."""
+        return {
+            "num_classes": int(pipe.num_classes),
+            "class_names": list(getattr(pipe, "class_names", ()) or ()),
+            "class_aliases": dict(getattr(pipe, "class_aliases", {}) or {}),
+            "class_noun": getattr(pipe, "class_noun", "class"),
+            "default_class": int(getattr(pipe, "default_class", int(pipe.num_classes) - 1)),
+            "dataset": getattr(pipe, "dataset", None),
+        }
+
+    def sample(
+        self,
+        labels: Sequence[int],
+        plan,
+        denoiser,
+        encode: Callable,
+        make_scheduler: Callable[[], object],
+        *,
+        null_class: int,
+        num_classes: int,
+        channels: int = 1,
+        seed: int,
+        guidance_scale: float,
+        batch_size: int,
+        progress: bool = False,
+    ):
+        """The class-conditional sampling loop, whatever runs the networks (PyTorch, a bundle's graphs): ``encode``
+        maps class indices to tokens, ``denoiser`` runs plan steps. uint8 images N x H x W (pixel space)."""
+        import numpy as np
+        import torch
+
+        from .conditioning import Conditioning
+        from .sampling import run_plan
+
+        labels = torch.as_tensor(list(labels), dtype=torch.long)
+        h, w = plan.latent_hw  # pixel space: the image size
+        if len(labels) == 0:
+            return np.zeros((0, h, w), dtype=np.uint8)
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise RecipeError(f"labels must be class indices 0-{num_classes - 1}")
+        noise = torch.stack([torch.randn(channels, h, w, generator=self.generator(seed, i)) for i in range(len(labels))])
+        out = []
+        for start in range(0, len(labels), batch_size):
+            y = labels[start : start + batch_size]
+            if guidance_scale > 1.0:  # null class first, as diffusers lays out CFG batches
+                cond = Conditioning(encode(torch.cat([torch.full_like(y, null_class), y])), has_uncond=True)
+            else:
+                cond = Conditioning(encode(y), has_uncond=False)
+            sch = make_scheduler()
+            # per-sample generators for the noise drawn later (resolution switch, ancestral samplers)
+            g = [torch.Generator().manual_seed(seed * 7919 + i) for i in range(start, start + len(y))]
+            x = noise[start : start + batch_size] * sch.init_noise_sigma
+            x = run_plan(
+                plan, denoiser, sch, cond, guidance_scale=guidance_scale, generator=g, latents=x, channels=channels, progress=progress
+            )
+            out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].cpu().numpy())
+        return np.concatenate(out)
+
+    def generate_bundle(self, pipe, conditions, plan, denoiser, *, seed, guidance, scheduler, batch_size, progress):
+        import numpy as np
+        import torch
+
+        info = pipe.info
+        graph = pipe.manifest.graph("class_encoder")
+        if pipe.static:
+            if len(conditions) % pipe.static_batch:
+                raise RecipeError(
+                    f"static graphs run exactly {pipe.static_batch} images per call; ask for a multiple of {pipe.static_batch}"
+                )
+            batch_size = pipe.static_batch
+
+        def encode(y: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(pipe.run(graph, {"labels": y.numpy()})["encoder_hidden_states"])
+
+        images = self.sample(
+            conditions,
+            plan,
+            denoiser,
+            encode,
+            lambda: pipe.scheduler(scheduler),
+            null_class=int(info.get("null_class", 10)),
+            num_classes=int(info.get("num_classes", 10)),
+            channels=int(info.get("in_channels", 1)),
+            seed=seed,
+            guidance_scale=guidance,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        return images.astype(np.float32)[..., None] / 255.0
+
+
+@register_family
+class StableDiffusionXL(Family):
+    """SDXL: two text encoders (the penultimate layer of each, concatenated; the second's pooled projection) and
+    the size conditioning ``time_ids``."""
+
+    name = "sdxl"
+    roles = ("text_encoder", "text_encoder_2", "vae_decoder")
+    tokenizers = ("tokenizer", "tokenizer_2")
+
+    def matches(self, model) -> bool:
+        return getattr(model.pipeline, "text_encoder_2", None) is not None
+
+    def pipeline_graphs(self, model) -> list:
+        from .graphs import text_encoder_graph, vae_decoder_graph
+
+        pipe = model.pipeline
+        return [
+            text_encoder_graph("text_encoder", pipe.text_encoder, pipe.tokenizer, penultimate=True, pooled=False),
+            text_encoder_graph("text_encoder_2", pipe.text_encoder_2, pipe.tokenizer_2, penultimate=True, pooled=True),
+            vae_decoder_graph(pipe.vae),
+        ]
+
+    def bundle_info(self, model) -> dict[str, Any]:
+        return {
+            "guidance": self.default_guidance,
+            "force_zeros_for_empty_prompt": bool(model.pipeline.config.get("force_zeros_for_empty_prompt", True)),
+        }
+
+    def conditioning(self, pipe, prompt: str, cfg: bool):
+        import torch
+
+        from .conditioning import Conditioning
+
+        ehs, pooled = pipe.encode_prompt(prompt, self.roles[:-1], self.tokenizers)
+        h, w = pipe.image_hw
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=ehs.dtype)
+        if not cfg:
+            return Conditioning(ehs, has_uncond=False, text_embeds=pooled, time_ids=time_ids)
+        if pipe.info.get("force_zeros_for_empty_prompt", True):
+            neg, neg_pooled = torch.zeros_like(ehs), torch.zeros_like(pooled)
+        else:
+            neg, neg_pooled = pipe.encode_prompt("", self.roles[:-1], self.tokenizers)
+        return Conditioning(
+            torch.cat([neg, ehs]), has_uncond=True, text_embeds=torch.cat([neg_pooled, pooled]), time_ids=torch.cat([time_ids, time_ids])
+        )
+
+    def generate_bundle(self, pipe, conditions, plan, denoiser, *, seed, guidance, scheduler, batch_size, progress):
+        import numpy as np
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        from .sampling import run_plan
+
+        if pipe.static and pipe.static_batch != 1:
+            raise BundleError(
+                f"SD bundles run one prompt per call; this one was exported for {pipe.static_batch} (re-export with --batch 1)"
+            )
+        vae = pipe.manifest.graph("vae_decoder")
+        images = []
+        for i, prompt in enumerate(conditions):
+            cond = self.conditioning(pipe, str(prompt), guidance > 1.0)
+            gen = self.generator(seed, i)
+            sch = pipe.scheduler(scheduler)
+            sch.set_timesteps(plan.recipe.steps)
+            latents = randn_tensor((1, pipe.info["in_channels"], *pipe.latent_hw), generator=gen, dtype=torch.float32)
+            latents = latents * sch.init_noise_sigma
+            latents = run_plan(plan, denoiser, sch, cond, guidance_scale=guidance, generator=gen, latents=latents, progress=progress)
+            image = pipe.run(vae, {"latents": latents.numpy()})["image"]
+            images.append(np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)[0])
+        return np.stack(images).astype(np.float32)
+
+
+@register_family
+class StableDiffusion(StableDiffusionXL):
+    """SD 1.x / 2.x: one text encoder (its last layer), no pooled embedding or size conditioning."""
+
+    name = "sd"
+    roles = ("text_encoder", "vae_decoder")
+    tokenizers = ("tokenizer",)
+
+    def matches(self, model) -> bool:
+        return hasattr(model.pipeline, "text_encoder") and hasattr(model.pipeline, "vae")
+
+    def pipeline_graphs(self, model) -> list:
+        from .graphs import text_encoder_graph, vae_decoder_graph
+
+        pipe = model.pipeline
+        return [
+            text_encoder_graph("text_encoder", pipe.text_encoder, pipe.tokenizer, penultimate=False, pooled=False),
+            vae_decoder_graph(pipe.vae),
+        ]
+
+    def bundle_info(self, model) -> dict[str, Any]:
+        return {"guidance": self.default_guidance}
+
+    def conditioning(self, pipe, prompt: str, cfg: bool):
+        import torch
+
+        from .conditioning import Conditioning
+
+        ehs, _ = pipe.encode_prompt(prompt, self.roles[:-1], self.tokenizers)
+        if not cfg:
+            return Conditioning(ehs, has_uncond=False)
+        neg, _ = pipe.encode_prompt("", self.roles[:-1], self.tokenizers)
+        return Conditioning(torch.cat([neg, ehs]), has_uncond=True)
+
+
+@register_family
+class UNetOnly(Family):
+    """A bare UNet (an ``arch:`` architecture, a UNet folder): plans, costs and per-graph benchmarks, no images."""
+
+    name = "unet"
+    generates = False
+
+    def matches(self, model) -> bool:
+        return model.pipeline is None
+
+    def bundle_info(self, model) -> dict[str, Any]:
+        return {}

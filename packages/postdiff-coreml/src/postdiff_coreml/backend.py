@@ -1,0 +1,71 @@
+"""The Core ML backend, as the engine's ``Backend`` plug-in (entry point ``postdiff.backends: coreml``).
+
+Exports on any OS; runs models only on macOS (coremltools cannot predict elsewhere).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from postdiff.backends import Backend
+from postdiff.bundle import Manifest
+
+from . import export
+
+
+class CoreMLBackend(Backend):
+    name = "coreml"
+    package = "postdiff-coreml"
+    runs_on = "Darwin"
+    fixed_shapes = True  # every Core ML function has fixed shapes: bench exports for its images per run
+    runner_options = ("compute_units",)
+
+    def add_options(self, parser, command: str) -> None:
+        from .runtime import COMPUTE_UNITS
+
+        if command == "export":
+            parser.add_argument(
+                "--target",
+                dest="target_version",
+                default="macos15",
+                choices=list(export.TARGETS),
+                help="macos15: one multifunction package; macos14: one package per function",
+            )
+            parser.add_argument(
+                "--weights", default=None, choices=[w for w in export.WEIGHTS if w], help="compress the weights (default: fp16)"
+            )
+        else:  # generate, bench
+            parser.add_argument("--compute-units", default=None, help=f"Core ML compute units: {', '.join(COMPUTE_UNITS)} (default: ALL)")
+
+    def options(self, args, command: str) -> dict:
+        if command == "export":
+            return {"target": args.target_version, "weights": args.weights}
+        return {"compute_units": getattr(args, "compute_units", None) or "ALL"}
+
+    def check_export(self, **options) -> None:
+        export.check_options(**options)
+
+    def convert(self, src, job, folder: Path, log, **options) -> list:
+        return export.convert(src, job, folder, log, **options)
+
+    def finish(self, folder: Path, job, graphs: list, log, **options) -> dict:
+        return export.finish(folder, job, graphs, log, **options)
+
+    def check_open(self, *, compute_units: str = "ALL") -> None:
+        from .runtime import check_compute_units, require_macos
+
+        check_compute_units(compute_units)
+        require_macos()
+
+    def open_runner(self, folder: Path, manifest: Manifest, *, compute_units: str = "ALL"):
+        from .runtime import CoreMLRunner, inspect_bundle
+
+        inspect_bundle(folder, verify=False)  # every package opens and has its functions (checksums: read_manifest)
+        return CoreMLRunner(folder, compute_units), True  # Core ML graphs are all fixed-shape
+
+    def unavailable(self) -> str | None:
+        try:
+            import coremltools  # noqa: F401
+        except ImportError:
+            return "coremltools is not installed; pip install -e packages/postdiff-coreml"
+        return super().unavailable()

@@ -1,0 +1,76 @@
+"""The lab's named models, offered to every PostDiff command through the ``postdiff.models`` entry point.
+
+``reference`` (the embedded, trained Fashion-MNIST model, the default), ``digits`` (the same recipe on MNIST
+digits), ``toy-sd`` / ``toy-sdxl`` (tiny SD and SDXL pipelines with random weights) and ``arch:sd15`` /
+``arch:sd21`` / ``arch:sdxl`` (published UNet architectures with random weights, for costs and timings).
+"""
+
+from __future__ import annotations
+
+from postdiff.errors import ModelError
+from postdiff.models import Model, from_pipeline
+
+from .architectures import ARCHITECTURES, Architecture
+
+# the embedded, trained class-conditional models -> the dataset each was trained on (postdiff_lab.data.DATASETS)
+REFERENCE_MODELS = {"reference": "fashion", "digits": "digits"}
+TOY_MODELS = {"toy-sd": "sd", "toy-sdxl": "sdxl"}
+
+
+def _reference(name: str, need_pipeline: bool | None) -> Model:
+    from .reference import model as ref
+    from .reference.pipeline import ReferencePipeline, training_sizes
+
+    dataset = REFERENCE_MODELS[name]
+    return Model(
+        name=name,
+        unet_config=dict(ref.UNET_CONFIG),
+        scheduler_config={"_class_name": "DDIMScheduler", **ref.SCHEDULER_CONFIG},
+        vae_scale_factor=1,
+        text_len=ref.TOKENS,
+        pipeline=ReferencePipeline.load(dataset=dataset) if need_pipeline is not False else None,
+        dataset=dataset,
+        training_sizes=training_sizes(dataset),
+        weights="trained",
+        family_name="class-conditional",
+    )
+
+
+def _from_architecture(arch: Architecture) -> Model:
+    from .toy import build_unet
+
+    return Model(
+        name=f"arch:{arch.name}",
+        unet_config=dict(arch.unet),
+        scheduler_config={"_class_name": "DDIMScheduler", **arch.scheduler},
+        vae_scale_factor=arch.vae_scale_factor,
+        pooled_dim=arch.pooled_dim,
+        build_unet=lambda: build_unet(arch),
+        weights="random",
+        family_name="unet",
+    )
+
+
+def resolve(spec: str, need_pipeline: bool | None = False) -> Model | None:
+    """The named model ``spec``, or None when it is not one of the lab's names (``need_pipeline`` as in
+    ``postdiff.models.load_model``)."""
+    if spec in REFERENCE_MODELS:
+        return _reference(spec, need_pipeline)
+    if spec in TOY_MODELS:
+        from .toy import toy_pipeline
+
+        return from_pipeline(spec, toy_pipeline(TOY_MODELS[spec]), weights="random")
+    if spec.startswith("arch:"):
+        name = spec[5:]
+        if name not in ARCHITECTURES:
+            raise ModelError(f"unknown architecture {spec!r}; use one of {', '.join('arch:' + a for a in ARCHITECTURES)}")
+        if need_pipeline is True:
+            raise ModelError(
+                f"{spec} is a UNet architecture with random weights and no text encoder or VAE; it serves "
+                f"`postdiff plan cost` and the benchmarks. Generate with a pipeline (--model toy-sd, a local folder or a Hub id)"
+            )
+        return _from_architecture(ARCHITECTURES[name])
+    return None
+
+
+resolve.names = [*REFERENCE_MODELS, *TOY_MODELS, "arch:sd15", "arch:sd21", "arch:sdxl"]

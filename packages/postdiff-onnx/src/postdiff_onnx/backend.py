@@ -1,0 +1,69 @@
+"""The ONNX Runtime backend, as the engine's ``Backend`` plug-in (entry point ``postdiff.backends: onnx``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from postdiff.backends import Backend
+from postdiff.bundle import Manifest
+from postdiff.errors import BundleError
+
+from . import export
+from .session import DEFAULT_PROVIDER
+
+
+class OnnxBackend(Backend):
+    name = "onnx"
+    package = "postdiff-onnx"
+    runner_options = ("provider", "threads", "static")
+
+    def add_options(self, parser, command: str) -> None:
+        if command == "export":
+            parser.add_argument(
+                "--precision", default="fp32", choices=list(export.PRECISIONS), help="weights and compute precision (default: fp32)"
+            )
+            parser.add_argument(
+                "--static", action="store_true", help="also one fixed-shape copy of each UNet graph per latent size and batch"
+            )
+            parser.add_argument(
+                "--opset",
+                type=int,
+                default=export.DEFAULT_OPSET,
+                help="ONNX opset (default: 23, with fused Attention; 18 for older runtimes)",
+            )
+            parser.add_argument("--no-verify", action="store_true", help="skip the PSNR check of every graph against PyTorch")
+        elif command == "generate":
+            parser.add_argument("--provider", default=None, help=f"ONNX Runtime execution provider (default: {DEFAULT_PROVIDER})")
+            parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")
+            parser.add_argument(
+                "--static", action="store_true", default=None, help="run the bundle's fixed-shape graphs (exported with --static)"
+            )
+
+    def options(self, args, command: str) -> dict:
+        if command == "export":
+            return {"precision": args.precision, "static": args.static, "opset": args.opset, "verify": not args.no_verify}
+        return {
+            "provider": getattr(args, "provider", None) or DEFAULT_PROVIDER,
+            "threads": args.threads,
+            "static": bool(getattr(args, "static", False)),
+        }
+
+    def check_export(self, **options) -> None:
+        export.check_options(**options)
+
+    def convert(self, src, job, folder: Path, log, **options) -> list:
+        return export.convert(src, job, folder, **options)
+
+    def finish(self, folder: Path, job, graphs: list, log, *, precision="fp32", opset=export.DEFAULT_OPSET, **options) -> dict:
+        from postdiff.bundle import tool_versions
+
+        return {"precision": precision, "tools": {**tool_versions("onnx", "onnxruntime", "onnxscript"), "opset": str(opset)}}
+
+    def open_runner(
+        self, folder: Path, manifest: Manifest, *, provider: str = DEFAULT_PROVIDER, threads: int | None = None, static: bool = False
+    ):
+        from .runtime import OrtRunner
+
+        if static and not any(g.batch is not None for g in manifest.graphs):
+            raise BundleError(f"{folder} has no static graphs; export it with --static, or run it without --static")
+        return OrtRunner(folder, provider=provider, threads=threads), static
