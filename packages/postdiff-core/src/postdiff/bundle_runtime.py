@@ -24,7 +24,7 @@ from .cost import step_batch
 from .denoiser import StepCaches
 from .errors import BundleError
 from .families import family_named
-from .plan import ModelSpec, Plan, Step
+from .plan import ModelSpec, Plan, Step, validate_plan
 from .profiling import timed_call
 from .recipe import Recipe, load_recipe
 from .sampling import compile_for_scheduler
@@ -127,6 +127,7 @@ class BundlePipeline:
     ) -> None:
         self.folder, self.manifest, self.runner, self.static = Path(folder), manifest, CheckedRunner(runner), static
         self.static_batch = manifest.images_per_call if static_batch is None else static_batch
+        self.plan_note: str | None = None  # set by compile() when the plan run is not the stored one
         self.info = manifest.model
         self.family = family_named(self.info["kind"])
         if not self.family.generates:
@@ -162,11 +163,25 @@ class BundlePipeline:
         return self.family.parse_condition(text, self.info)
 
     def compile(self, recipe: str | Recipe | dict | None = None, steps: int | None = None, scheduler: str | None = None) -> Plan:
-        """The plan for ``recipe`` (default: the one the bundle was exported for), refused if the bundle lacks a graph."""
-        recipe = load_recipe(recipe) if recipe is not None else Recipe.from_dict(self.manifest.recipe)
+        """The plan to run. With no change asked for, the bundle's stored plan (``manifest.plan``, the steps an app
+        executes), validated; a recipe, step count or scheduler other than the stored ones recompiles it from the
+        recipe, and ``plan_note`` says so. Refused, before any graph runs, if invalid or if the bundle lacks a graph."""
+        stored = Recipe.from_dict(self.manifest.recipe)
+        wanted = load_recipe(recipe) if recipe is not None else stored
         if steps is not None:
-            recipe = recipe.with_steps(steps)
-        plan = compile_for_scheduler(recipe, self.scheduler(scheduler), self.latent_hw, self.spec)
+            wanted = wanted.with_steps(steps)
+        same_scheduler = scheduler in (None, self.info.get("scheduler"))
+        if wanted.to_dict() == stored.to_dict() and same_scheduler:
+            plan = Plan.from_dict(self.manifest.plan, where=f"{self.folder / 'manifest.json'}: plan")
+            validate_plan(plan, self.spec)
+            self.plan_note = None
+        else:
+            plan = compile_for_scheduler(wanted, self.scheduler(scheduler), self.latent_hw, self.spec)
+            changed = [
+                what for what, differs in (("plan", wanted.label != stored.label), ("steps", wanted.steps != stored.steps)) if differs
+            ]
+            changed += [] if same_scheduler else ["scheduler"]
+            self.plan_note = f"{', '.join(changed) or 'recipe'} differ from the bundle's: plan {plan.name} recompiled from its recipe instead of the stored plan"
         images, cfg = self.static_batch, self.info.get("guidance", 1.0) > 1.0
         self.manifest.check_plan(plan, static=self.static, batch_of=lambda s: step_batch(s.guidance, images, cfg))
         return plan

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ..common import guidance_arg, make_source, model_args, plans_help, recipe, warn
+from ..common import guidance_arg, log, make_source, model_args, plans_help, recipe, warn
 
 
 def add_parser(sub) -> None:
@@ -88,6 +88,8 @@ def _from_bundle(args) -> int:
     backend = backends.get(args.backend)
     pipe = load_bundle(args.bundle, backend, **backend.options(args, "generate"))
     plan = pipe.compile(args.plan, args.steps, args.scheduler)
+    if pipe.plan_note:
+        log(f"postdiff: note: {pipe.plan_note}")
     info = pipe.info
     warn(untrained_warning(info["name"], info.get("training_sizes"), plan, info.get("vae_scale_factor", 1)))
     condition = pipe.parse_condition(args.prompt)
