@@ -162,3 +162,30 @@ def test_bundle_plan_sizes_and_psnr_are_finite(bundles):
     assert all(math.isfinite(v) for g in manifest.graphs for v in g.psnr.values())
     data = json.loads((bundles("sdxl") / "manifest.json").read_text())
     assert data["model"]["kind"] == "sdxl" and data["model"]["pooled_dim"] == 32
+
+
+def test_every_tensor_of_every_graph_is_stored_once_in_one_file(bundles):
+    """A postdiff bundle with --static copies: 5 dynamic UNet graphs, 4 static ones and the class encoder all read
+    one weights file, in which no tensor's bytes appear twice; its size is the model's weights, not 10 times them."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    from postdiff.models import load_model
+    from postdiff_onnx.weights import WEIGHTS_FILE
+
+    folder = bundles("reference")
+    assert sorted(p.name for p in folder.glob("*.data")) == [WEIGHTS_FILE]
+    places = {}
+    for graph in sorted(folder.glob("*.onnx")):
+        for t in _get_all_tensors(onnx.load(str(graph), load_external_data=False)):
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                info = {e.key: e.value for e in t.external_data}
+                assert info["location"] == WEIGHTS_FILE
+                places.setdefault((info["offset"], info["length"]), set()).add(graph.name)
+    assert max(len(graphs) for graphs in places.values()) >= 9  # the same bytes serve every UNet graph
+    data = (folder / WEIGHTS_FILE).read_bytes()
+    chunks = [data[int(o) : int(o) + int(n)] for o, n in places]
+    assert len(set(chunks)) == len(chunks)  # each distinct tensor once
+    pipe = load_model("reference", need_pipeline=True).pipeline
+    weights = sum(p.numel() * 4 for m in (pipe.unet, pipe.class_encoder) for p in m.parameters())
+    assert len(data) <= 1.05 * weights

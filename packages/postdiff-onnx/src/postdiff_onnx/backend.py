@@ -57,6 +57,10 @@ class OnnxBackend(Backend):
     def finish(self, folder: Path, job, graphs: list, log, *, precision="fp32", opset=export.DEFAULT_OPSET, **options) -> dict:
         from postdiff.bundle import tool_versions
 
+        from .weights import WEIGHTS_FILE, share_weights
+
+        size = share_weights(folder, [g.file for g in graphs])
+        log(f"weights: every tensor of the {len(graphs)} graphs stored once in {WEIGHTS_FILE} ({size / 1e6:.1f} MB)")
         return {"precision": precision, "tools": {**tool_versions("onnx", "onnxruntime", "onnxscript"), "opset": str(opset)}}
 
     def open_runner(

@@ -3,9 +3,8 @@
 Each graph is traced with ``torch.onnx.export(..., dynamo=True)`` with a dynamic batch and latent height and
 width (multiples of the UNet's downsampling factor); the legacy TorchScript exporter is used only if the dynamo
 route fails. Only standard ONNX operators are emitted (no ``onnxruntime.transformers`` fusions: they produce
-CUDA-only operators that fail on CPU and NPU providers). Weights sit in one external-data file per graph
-(``<graph>.onnx.data``), which ``--static`` copies (one per latent size and batch the plan uses, for NPU
-execution providers) share instead of duplicating.
+CUDA-only operators that fail on CPU and NPU providers). When every graph is written, ``weights.share_weights``
+stores each distinct tensor of all of them once, in ``weights.onnx.data`` (``--static`` copies included).
 
 Every graph is checked at export: PyTorch and ONNX Runtime run the same inputs at every latent size the plan
 uses, and the export fails unless the PSNR of every output is at least ``PSNR_GATE`` dB. The measured values go

@@ -15,6 +15,7 @@ from postdiff.bundle_runtime import BundlePipeline
 from postdiff.bundle_runtime import load_bundle as open_bundle
 
 from .session import DEFAULT_PROVIDER, make_session, run
+from .weights import SharedInitializers
 
 
 class OrtRunner:
@@ -23,10 +24,14 @@ class OrtRunner:
     def __init__(self, folder: Path, *, provider: str = DEFAULT_PROVIDER, threads: int | None = None) -> None:
         self.folder, self.provider, self.threads = Path(folder), provider, threads
         self.sessions: dict[str, object] = {}
+        self.shared = SharedInitializers(self.folder)  # one copy of the weights for all the sessions
 
     def session(self, graph: Graph):
         if graph.file not in self.sessions:
-            self.sessions[graph.file] = make_session(self.folder / graph.file, provider=self.provider, threads=self.threads)
+            path = self.folder / graph.file
+            self.sessions[graph.file] = make_session(
+                path, provider=self.provider, threads=self.threads, initializers=self.shared.for_graph(path)
+            )
         return self.sessions[graph.file]
 
     def load(self, graph: Graph) -> None:

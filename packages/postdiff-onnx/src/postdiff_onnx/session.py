@@ -21,7 +21,9 @@ DTYPES = {
 DEFAULT_PROVIDER = "CPUExecutionProvider"
 
 
-def make_session(path: str | Path, *, provider: str = DEFAULT_PROVIDER, threads: int | None = None):
+def make_session(path: str | Path, *, provider: str = DEFAULT_PROVIDER, threads: int | None = None, initializers: dict | None = None):
+    """An ONNX Runtime session for one graph; ``initializers`` ({name: OrtValue}) are weights shared with the
+    other sessions of the bundle instead of loaded from the file again (``weights.SharedInitializers``)."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -37,6 +39,8 @@ def make_session(path: str | Path, *, provider: str = DEFAULT_PROVIDER, threads:
     # sessions, and the spinning workers of the idle ones take the cores of the one running (measured on the
     # reference model, 10 images per call, 2 cores: a whole postdiff run 1.7x slower with spinning on).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for name, value in (initializers or {}).items():
+        opts.add_initializer(name, value)
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
