@@ -13,9 +13,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .bundle import Manifest, cache_tensors, staged_bundle, tool_versions, write_manifest
 from .cost import MacCounter, step_batch
@@ -52,7 +51,6 @@ class ExportJob:
     plan: Plan
     counter: MacCounter
     images: int = 1  # images per call of fixed-shape graphs
-    notes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def latent_hw(self) -> tuple[int, int]:
