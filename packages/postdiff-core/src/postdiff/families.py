@@ -280,8 +280,41 @@ class ClassConditional(Family):
         return images.astype(np.float32)[..., None] / 255.0
 
 
+class TextToImage(Family):
+    """What the diffusers text-to-image families share: one prompt per image, the prompt's conditioning from the
+    bundle's text encoder graphs (``conditioning``), a VAE decoder at the end."""
+
+    def conditioning(self, pipe, prompt: str, cfg: bool):
+        raise NotImplementedError
+
+    def generate_bundle(self, pipe, conditions, plan, denoiser, *, seed, guidance, scheduler, batch_size, progress):
+        import numpy as np
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        from .sampling import run_plan
+
+        if pipe.static and pipe.static_batch != 1:
+            raise BundleError(
+                f"SD bundles run one prompt per call; this one was exported for {pipe.static_batch} (re-export with --batch 1)"
+            )
+        vae = pipe.manifest.graph("vae_decoder")
+        images = []
+        for i, prompt in enumerate(conditions):
+            cond = self.conditioning(pipe, str(prompt), guidance > 1.0)
+            gen = self.generator(seed, i)
+            sch = pipe.scheduler(scheduler)
+            sch.set_timesteps(plan.recipe.steps)
+            latents = randn_tensor((1, pipe.info["in_channels"], *pipe.latent_hw), generator=gen, dtype=torch.float32)
+            latents = latents * sch.init_noise_sigma
+            latents = run_plan(plan, denoiser, sch, cond, guidance_scale=guidance, generator=gen, latents=latents, progress=progress)
+            image = pipe.run(vae, {"latents": latents.numpy()})["image"]
+            images.append(np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)[0])
+        return np.stack(images).astype(np.float32)
+
+
 @register_family
-class StableDiffusionXL(Family):
+class StableDiffusionXL(TextToImage):
     """SDXL: two text encoders (the penultimate layer of each, concatenated; the second's pooled projection) and
     the size conditioning ``time_ids``."""
 
@@ -326,34 +359,9 @@ class StableDiffusionXL(Family):
             torch.cat([neg, ehs]), has_uncond=True, text_embeds=torch.cat([neg_pooled, pooled]), time_ids=torch.cat([time_ids, time_ids])
         )
 
-    def generate_bundle(self, pipe, conditions, plan, denoiser, *, seed, guidance, scheduler, batch_size, progress):
-        import numpy as np
-        import torch
-        from diffusers.utils.torch_utils import randn_tensor
-
-        from .sampling import run_plan
-
-        if pipe.static and pipe.static_batch != 1:
-            raise BundleError(
-                f"SD bundles run one prompt per call; this one was exported for {pipe.static_batch} (re-export with --batch 1)"
-            )
-        vae = pipe.manifest.graph("vae_decoder")
-        images = []
-        for i, prompt in enumerate(conditions):
-            cond = self.conditioning(pipe, str(prompt), guidance > 1.0)
-            gen = self.generator(seed, i)
-            sch = pipe.scheduler(scheduler)
-            sch.set_timesteps(plan.recipe.steps)
-            latents = randn_tensor((1, pipe.info["in_channels"], *pipe.latent_hw), generator=gen, dtype=torch.float32)
-            latents = latents * sch.init_noise_sigma
-            latents = run_plan(plan, denoiser, sch, cond, guidance_scale=guidance, generator=gen, latents=latents, progress=progress)
-            image = pipe.run(vae, {"latents": latents.numpy()})["image"]
-            images.append(np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)[0])
-        return np.stack(images).astype(np.float32)
-
 
 @register_family
-class StableDiffusion(StableDiffusionXL):
+class StableDiffusion(TextToImage):
     """SD 1.x / 2.x: one text encoder (its last layer), no pooled embedding or size conditioning."""
 
     name = "sd"
