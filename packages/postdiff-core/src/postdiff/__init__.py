@@ -54,6 +54,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'postdiff' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:  # the lazy names too, for completion and help()
+    return sorted({*globals(), *_EXPORTS})
+
+
 if TYPE_CHECKING:  # pragma: no cover
     from .conditioning import Conditioning
     from .denoiser import Denoiser, TorchDenoiser
