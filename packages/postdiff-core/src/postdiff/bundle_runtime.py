@@ -182,16 +182,18 @@ class BundlePipeline:
             ]
             changed += [] if same_scheduler else ["scheduler"]
             self.plan_note = f"{', '.join(changed) or 'recipe'} differ from the bundle's: plan {plan.name} recompiled from its recipe instead of the stored plan"
-        images, cfg = self.static_batch, self.info.get("guidance", 1.0) > 1.0
-        self.manifest.check_plan(plan, static=self.static, batch_of=lambda s: step_batch(s.guidance, images, cfg))
+        self.manifest.check_plan(plan, static=self.static, batch_of=self._static_batch_of)
         return plan
+
+    def _static_batch_of(self, step: Step) -> int:
+        """The batch of a fixed-shape graph call at ``step``: 2N on CFG steps of a bundle exported with CFG, else N."""
+        return step_batch(step.guidance, self.static_batch, self.info.get("guidance", 1.0) > 1.0)
 
     def open(self, plan: Plan) -> None:
         """Load every graph ``plan`` runs (its UNet graphs and the encoders and decoder around them) now, so that
         the first generation pays no loading cost."""
-        images, cfg = self.static_batch, self.info.get("guidance", 1.0) > 1.0
         for step in plan.steps:
-            batch = step_batch(step.guidance, images, cfg) if self.static else None
+            batch = self._static_batch_of(step) if self.static else None
             self.runner.load(self.manifest.unet_graph(step.variant, step.latent_hw, batch, static=self.static))
         for graph in self.manifest.graphs:
             if graph.role != UNET:

@@ -158,10 +158,6 @@ class ClassConditional(Family):
                 return names[key]
         noun = info.get("class_noun", "class")
         named = [c for c in info.get("class_names") or () if not c.isdigit()]
-        return self._unknown(text, noun, n, named)
-
-    @staticmethod
-    def _unknown(text, noun: str, n: int, named: list[str]):
         raise RecipeError(f"unknown {noun} {brief(text)}; use 0-{n - 1}" + (f" or one of: {', '.join(named)}" if named else ""))
 
     def default_conditions(self, n, info) -> list:
