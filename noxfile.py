@@ -4,12 +4,26 @@ nox -s tests      # the test suite (what CI runs, via .ci/run)
 nox -s lint       # ruff check + format check
 nox -s demo       # the main job: baseline vs postdiff on the default model
 nox -s bench      # the torch CPU and ONNX Runtime benchmarks of benchmarks/ (slow: tens of minutes)
+nox -s runtime    # the ONNX runtime without PyTorch: a venv with postdiff-core and postdiff-onnx only (CI runs it)
 """
+
+from pathlib import Path
 
 import nox
 
 nox.options.sessions = ["tests", "lint"]
-PACKAGES = ["-e", "packages/postdiff-core", "-e", "packages/postdiff-lab", "-e", "packages/postdiff-onnx", "-e", "apps/cli"]
+PACKAGES = [
+    "-e",
+    "packages/postdiff-core[torch]",
+    "-e",
+    "packages/postdiff-lab",
+    "-e",
+    "packages/postdiff-onnx[export]",
+    "-e",
+    "packages/postdiff-openvino",
+    "-e",
+    "apps/cli",
+]
 
 
 def install(session: nox.Session, *extra: str) -> None:
@@ -18,7 +32,7 @@ def install(session: nox.Session, *extra: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    install(session, "pytest", "-e", "packages/postdiff-coreml")
+    install(session, "pytest", "-e", "packages/postdiff-coreml[export]")
     session.install("--no-deps", "DeepCache==0.1.1")  # the parity test's reference (see scripts/setup.sh)
     session.run("pytest", *session.posargs)
 
@@ -51,3 +65,24 @@ def bench(session: nox.Session) -> None:
         "--out",
         "benchmarks/results/onnx_cpu_reference.json",
     )
+
+
+@nox.session
+def runtime(session: nox.Session) -> None:
+    """A bundle exported in the main venv (.venv, made by scripts/setup.sh), run in a venv that has only the runtime:
+    postdiff-core and postdiff-onnx without extras (no PyTorch, diffusers or transformers). The tests there check
+    that, the install size, the images against the main venv's PyTorch-backed run of the bundle, and the command."""
+    main = Path(".venv/bin")
+    if not (main / "postdiff").exists():
+        session.error("the main venv is missing: run bash scripts/setup.sh first (it exports the bundle this session runs)")
+    work = Path(session.create_tmp()).resolve()
+    bundle, reference = work / "reference-postdiff", work / "reference-images.npz"
+    # the main suite checks every exported graph against PyTorch; here the bundle only needs to exist
+    export = ["export", "onnx", "--model", "reference", "--plan", "postdiff", "-o", str(bundle), "--overwrite", "--no-verify"]
+    session.run(str(main / "postdiff"), *export, external=True)
+    session.run(
+        str(main / "python"), "packages/postdiff-onnx/runtime_tests/reference_images.py", str(bundle), str(reference), external=True
+    )
+    session.install("-c", "constraints.txt", "./packages/postdiff-core", "./packages/postdiff-onnx", "pytest")
+    env = {"POSTDIFF_RUNTIME_BUNDLE": str(bundle), "POSTDIFF_RUNTIME_REFERENCE": str(reference)}
+    session.run("pytest", "-q", "-s", "--noconftest", "-p", "no:cacheprovider", "packages/postdiff-onnx/runtime_tests", env=env)

@@ -12,10 +12,11 @@ fi
 echo "setup: installing PostDiff and its pinned dependencies (torch 2.13.0 CPU; see README to use another build)"
 .venv/bin/python -m pip install --quiet -c constraints.txt \
   torch \
-  -e packages/postdiff-core \
+  -e "packages/postdiff-core[torch]" \
   -e packages/postdiff-lab \
-  -e packages/postdiff-onnx \
-  -e packages/postdiff-coreml \
+  -e "packages/postdiff-onnx[export]" \
+  -e "packages/postdiff-coreml[export]" \
+  -e packages/postdiff-openvino \
   -e apps/cli \
   pytest ruff nox
 # The official DeepCache 0.1.1 (pure Python), the reference the DeepCache parity test compares against. --no-deps:

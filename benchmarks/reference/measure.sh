@@ -11,7 +11,7 @@ shift || true
 STEPS=${*:-sizes search eval sweep bench}
 R=benchmarks/results
 PD=.venv/bin/postdiff
-W=$(.venv/bin/python -c "from postdiff.models import REFERENCE_MODELS as M; from postdiff_lab.reference.pipeline import weights_dir; print(weights_dir(M['$MODEL']))")
+W=$(.venv/bin/python -c "from postdiff_lab.builtin_models import REFERENCE_MODELS as M; from postdiff_lab.reference.pipeline import weights_dir; print(weights_dir(M['$MODEL']))")
 run() { local out=$1; shift; echo "== $(date -u +%H:%M:%S) $* > $out" >&2; /usr/bin/time -f "(%e s)" "$@" > "$out.tmp" && mv "$out.tmp" "$out"; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 

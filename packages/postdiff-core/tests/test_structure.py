@@ -33,6 +33,12 @@ def _loaded_after(code: str) -> set[str]:
 def test_importing_the_engine_loads_no_evaluation_library_and_no_weights():
     plan_half = _loaded_after("import postdiff, postdiff.recipe, postdiff.plan, postdiff.bundle, postdiff.families, postdiff.backends")
     assert not plan_half & {"torch", "diffusers", "numpy", "scipy", "skimage", "matplotlib", "PIL", "postdiff_lab"}
+    # the runtime half: a bundle's sampling loop on numpy, without PyTorch, diffusers or transformers
+    runtime_half = _loaded_after(
+        "import postdiff.bundle_runtime, postdiff.sampling, postdiff.numpy_schedulers, postdiff.torch_random, "
+        "postdiff.conditioning, postdiff.resolution, postdiff.denoiser, postdiff.arrays"
+    )
+    assert not runtime_half & {"torch", "diffusers", "transformers", "scipy", "postdiff_lab"}
     # the torch half: torch and diffusers (which itself imports pillow), nothing of the lab
     torch_half = _loaded_after(
         "import postdiff.sampling, postdiff.unet, postdiff.export, postdiff.bundle_runtime, postdiff.graphs, postdiff.models, "
@@ -45,6 +51,10 @@ def test_engine_package_declares_no_evaluation_dependency_and_ships_no_weights()
     project = tomllib.loads((ENGINE / "pyproject.toml").read_text())
     deps = {re.split(r"[<>=\[ ]", d)[0].lower() for d in project["project"]["dependencies"]}
     assert not deps & {"scipy", "scikit-image", "pillow", "matplotlib", "safetensors"}
+    # PyTorch and its libraries are an extra: the base install runs bundles
+    assert not deps & {"torch", "diffusers", "transformers"}
+    torch_extra = {re.split(r"[<>=\[ ]", d)[0].lower() for d in project["project"]["optional-dependencies"]["torch"]}
+    assert {"torch", "diffusers", "transformers"} <= torch_extra
     assert "package-data" not in project.get("tool", {}).get("setuptools", {})
     assert not [p for p in (ENGINE / "src").rglob("*") if p.suffix in {".safetensors", ".pt", ".bin", ".onnx"}]
 

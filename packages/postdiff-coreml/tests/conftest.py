@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 BUNDLES = {
-    "reference": ("reference", "postdiff", {}),
+    "reference": ("reference", "postdiff", {"golden": True}),
     "reference_single": ("reference", "baseline", {}),  # one function, the same weights: the size yardstick
     "sd": ("toy-sd", "postdiff", {}),
     "sdxl": ("toy-sdxl", "deepcache", {}),  # SDXL's low-res and gating paths are exercised by the ONNX tests

@@ -257,3 +257,34 @@ def test_6bit_palettised_export_stores_about_three_quarters_of_a_byte_per_weight
     blob = next((out / UNET_PACKAGE).rglob("weight.bin")).stat().st_size
     assert blob < (bits / 8 + 0.15) * _unet_params()  # fp16 would be 2 bytes per weight; lookup tables add a little
     assert f"{bits}bit weights" in inspect_bundle(out)[1].precision
+
+
+def test_golden_file_records_every_function_of_the_plan(coreml_bundles):
+    """Exported with --golden (on any OS): each function's first inputs and outputs, by the PyTorch modules."""
+    from postdiff.golden import read_golden
+
+    folder, manifest = read_manifest(coreml_bundles("reference"), "coreml")
+    entry, golden = manifest.golden, read_golden(folder)
+    unet = {g.name for g in manifest.graphs if g.role == UNET}
+    assert "class_encoder" in entry["graphs"] and set(entry["graphs"]) - {"class_encoder"} == unet  # every function runs
+    for name, io in entry["graphs"].items():
+        for k in io["inputs"]:
+            assert golden[f"graph/{name}/in/{k}"].shape[0] >= 1
+        for k in io["outputs"]:
+            assert np.isfinite(golden[f"graph/{name}/out/{k}"]).all()
+    assert golden["final_latent"].shape == (1, 1, 32, 32)
+
+
+@NEEDS_MACOS
+def test_coreml_runtime_passes_its_bundles_golden_file(coreml_bundles):
+    from postdiff.golden import read_golden
+
+    folder, manifest = read_manifest(coreml_bundles("reference"), "coreml")
+    golden, pipe = read_golden(folder), load_bundle(folder, compute_units="CPU_ONLY")
+    by_name = {g.name: g for g in manifest.graphs}
+    for name, io in manifest.golden["graphs"].items():
+        out = pipe.runner.run(by_name[name], {k: golden[f"graph/{name}/in/{k}"] for k in io["inputs"]})
+        for k in io["outputs"]:
+            assert tensor_psnr(out[k], golden[f"graph/{name}/out/{k}"]) >= 35.0, (name, k)
+    pipe.generate([manifest.golden["condition"]], seed=manifest.golden["seed"])
+    assert tensor_psnr(pipe.final_latents, golden["final_latent"]) >= 35.0

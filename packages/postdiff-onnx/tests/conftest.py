@@ -6,7 +6,7 @@ import pytest
 
 BUNDLES = {
     # name: (model, plan, options)
-    "reference": ("reference", "postdiff", {"static": True}),
+    "reference": ("reference", "postdiff", {"static": True, "golden": True}),
     "sd": ("toy-sd", "postdiff", {}),
     "sdxl": ("toy-sdxl", "postdiff-xl", {}),
     "reference_fp16": ("reference", "deepcache", {"precision": "fp16"}),

@@ -189,3 +189,76 @@ def test_every_tensor_of_every_graph_is_stored_once_in_one_file(bundles):
     pipe = load_model("reference", need_pipeline=True).pipeline
     weights = sum(p.numel() * 4 for m in (pipe.unet, pipe.class_encoder) for p in m.parameters())
     assert len(data) <= 1.05 * weights
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("scheduler", [None, "EulerAncestralDiscreteScheduler"])
+def test_numpy_loop_matches_the_torch_loop_on_the_same_bundle(bundles, name, scheduler):
+    """The runtime without PyTorch (numpy schedulers, PyTorch-equal noise) against the same graphs driven by
+    diffusers' schedulers on tensors: the stored plan, and an ancestral sampler that draws noise at every step."""
+    pipe = load_bundle(bundles(name))
+    plan = pipe.compile(scheduler=scheduler)
+    conditions = [3, 9] if name == "reference" else ["a red apple on a table"]
+    a = pipe.generate(conditions, plan, seed=4, scheduler=scheduler, loop="numpy")
+    b = pipe.generate(conditions, plan, seed=4, scheduler=scheduler, loop="torch")
+    scores = [psnr(x, y) for x, y in zip(a, b)]
+    assert min(scores) >= 60.0, scores
+
+
+def test_bundle_tokenizer_gives_the_ids_transformers_gives(bundles):
+    from transformers import AutoTokenizer
+
+    from postdiff.bundle_runtime import BundleTokenizer
+
+    folder = bundles("sdxl")
+    for name in ("tokenizer", "tokenizer_2"):
+        ours, theirs = BundleTokenizer(folder / name), AutoTokenizer.from_pretrained(str(folder / name))
+        for text in ("", "a red apple on a table", "Ünïcode, punctuation!? and  spaces", " ".join(["word"] * 120)):
+            expected = theirs([text], padding="max_length", max_length=theirs.model_max_length, truncation=True).input_ids
+            np.testing.assert_array_equal(ours.ids(text), np.asarray(expected))
+
+
+def test_sessions_share_weights_from_the_index_without_the_onnx_package(bundles, monkeypatch):
+    """The runtime reads which initializers sit where from weights.index.json; the onnx package (absent from a
+    runtime-only install) gives the same answer for the same graph."""
+    from postdiff_onnx.weights import WEIGHTS_INDEX, SharedInitializers
+
+    folder = bundles("reference")
+    graph = folder / "unet_full.onnx"
+    assert (folder / WEIGHTS_INDEX).is_file()
+    from_index = SharedInitializers(folder).for_graph(graph)
+    (folder / WEIGHTS_INDEX).rename(folder / "index.moved")
+    try:
+        from_onnx = SharedInitializers(folder).for_graph(graph)
+        monkeypatch.setitem(sys.modules, "onnx", None)  # what a runtime-only install sees
+        assert SharedInitializers(folder).for_graph(graph) == {}  # old bundle, no onnx: each session loads its own
+    finally:
+        (folder / "index.moved").rename(folder / WEIGHTS_INDEX)
+    assert len(from_index) > 10 and set(from_index) == set(from_onnx)
+    for name, value in from_index.items():
+        np.testing.assert_array_equal(value.numpy(), from_onnx[name].numpy())
+
+
+def test_ort_runtime_passes_its_bundles_golden_file(bundles):
+    """What an app does with golden.npz: each graph's recorded first inputs through its runtime, outputs compared;
+    then the whole plan for the recorded seed, final latent compared."""
+    from postdiff.golden import GOLDEN_FILE, read_golden
+
+    folder, manifest = read_manifest(bundles("reference"), "onnx")
+    entry = manifest.golden
+    assert entry and entry["file"] == GOLDEN_FILE and entry["seed"] == 0
+    golden = read_golden(folder)
+    pipe = load_bundle(folder)
+    assert {"unet_full", "unet_full_capture", "unet_shallow_cached", "class_encoder"} <= set(entry["graphs"])
+    by_name = {g.name: g for g in manifest.graphs}
+    for name, io in entry["graphs"].items():
+        feeds = {k: golden[f"graph/{name}/in/{k}"] for k in io["inputs"]}
+        out = pipe.runner.run(by_name[name], feeds)
+        for k in io["outputs"]:
+            assert tensor_psnr(out[k], golden[f"graph/{name}/out/{k}"]) >= 60.0, (name, k)
+    images = pipe.generate([entry["condition"]], seed=entry["seed"])
+    assert tensor_psnr(pipe.final_latents, golden["final_latent"]) >= 60.0
+    assert psnr(images[0], golden["image"]) >= 60.0
+    # the golden values are specific: another seed's final latent is far from them
+    pipe.generate([entry["condition"]], seed=1)
+    assert tensor_psnr(pipe.final_latents, golden["final_latent"]) < 30.0

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "Conditioning": "conditioning",
     "Denoiser": "denoiser",
-    "TorchDenoiser": "denoiser",
+    "TorchDenoiser": "torch_denoiser",
     "applied_recipe": "diffusers_hook",
     "apply": "diffusers_hook",
     "remove": "diffusers_hook",
@@ -60,12 +60,13 @@ def __dir__() -> list[str]:  # the lazy names too, for completion and help()
 
 if TYPE_CHECKING:  # pragma: no cover
     from .conditioning import Conditioning
-    from .denoiser import Denoiser, TorchDenoiser
+    from .denoiser import Denoiser
     from .diffusers_hook import applied_recipe, apply, remove
     from .errors import ModelError, PlanError, PostDiffError, RecipeError
     from .plan import ModelSpec, Plan, Step, compile_plan, validate_plan
     from .recipe import BUILTIN_PLANS, DeepCache, LowRes, Recipe, XAttnGate, builtin_names, load_recipe
     from .sampling import PlanRun, compile_for_scheduler, run_plan
+    from .torch_denoiser import TorchDenoiser
     from .unet import UNetSplit, model_spec
 
 __version__ = "0.1.0"

@@ -16,6 +16,8 @@ what ``available()`` finds, so a new runtime needs no edit outside its own packa
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +40,24 @@ class Backend:
     runs_on: str | None = None  # the platform.system() it needs to run a model (None: any)
     fixed_shapes = False  # True: its graphs take one batch size, chosen at export (``--batch``)
     runner_options: tuple[str, ...] = ()  # names (argparse dests) of the run options ``add_options`` adds
+    bundle_format = ""  # the backend whose bundles it runs, when not its own (OpenVINO runs ONNX bundles)
+    exports = True  # False: it runs another backend's bundles and has no export of its own
+    # the exporter: its module, imported only to export, and the modules it needs (the package's ``[export]`` extra);
+    # a runtime-only install runs bundles without them
+    export_module = ""
+    export_needs: tuple[str, ...] = ("torch", "diffusers", "transformers")
+
+    def exporter(self):
+        """The exporter module, after checking that the ``[export]`` extra is installed (one clear line if not)."""
+        missing = [name for name in self.export_needs if importlib.util.find_spec(name) is None]
+        if missing:
+            from .errors import BundleError
+
+            raise BundleError(
+                f"exporting to {self.name} needs {', '.join(missing)}, which this install lacks: "
+                f"pip install '{self.package}[export]' (the runtime alone runs bundles)"
+            )
+        return importlib.import_module(self.export_module)
 
     # -- command line -----------------------------------------------------------------------------------------------
     def add_options(self, parser, command: str) -> None:
@@ -123,3 +143,21 @@ def unavailable(name: str) -> str | None:
         return get(name).unavailable()
     except PostDiffError as exc:
         return str(exc)
+
+
+def lazy_package(package: str, exports: dict[str, str], backend: Callable[[], Backend]):
+    """``(__getattr__, __dir__)`` for a backend package whose public names load on first use (``exports``: name ->
+    submodule), so that importing it loads no PyTorch; a name from the backend's exporter module first checks the
+    ``[export]`` extra (``Backend.exporter``), so a runtime-only install gets one clear line."""
+
+    def __getattr__(name: str):
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        if f"{package}.{exports[name]}" == backend().export_module:
+            backend().exporter()
+        return getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+
+    def __dir__() -> list[str]:
+        return sorted({*vars(importlib.import_module(package)), *exports})
+
+    return __getattr__, __dir__

@@ -95,6 +95,7 @@ class Manifest:
     cache_tensors: list[TensorSpec] = field(default_factory=list)
     tools: dict[str, str] = field(default_factory=dict)
     images_per_call: int = 1  # images per call of the fixed-shape graphs (batch 2N on CFG steps, N on the others)
+    golden: dict[str, Any] | None = None  # what golden.npz holds (postdiff.golden), when exported with --golden
     files: dict[str, str] = field(default_factory=dict)
     created: str = ""
     format: str = BUNDLE_FORMAT

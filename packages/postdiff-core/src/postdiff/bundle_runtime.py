@@ -5,8 +5,13 @@ same way for every backend and the same way the PyTorch path does it: every grap
 against the manifest (``CheckedRunner``, the one place for it); ``GraphDenoiser`` maps each plan step to the
 bundle's graph for its variant and latent size and carries the cache tensors between steps (``StepCaches``);
 ``BundlePipeline`` hands the conditions, the seed and the loop to the model's family (``postdiff.families``),
-which encodes and samples exactly as the PyTorch pipelines do. No PyTorch model is built: torch only does the
-scheduler arithmetic, through diffusers' schedulers. ``load_bundle`` opens a bundle with any installed backend.
+which encodes and samples exactly as the PyTorch pipelines do.
+
+No PyTorch is needed: by default the loop runs on numpy arrays with the numpy schedulers
+(``postdiff.numpy_schedulers``) and PyTorch-equal random numbers (``postdiff.torch_random``), and prompts are
+tokenized with the ``tokenizers`` package. ``generate(..., loop="torch")`` runs the same loop on PyTorch tensors
+with diffusers' schedulers instead, the reference the numpy loop is measured against. ``load_bundle`` opens a
+bundle with any installed backend.
 """
 
 from __future__ import annotations
@@ -16,15 +21,14 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import torch
 
+from .arrays import NUMPY, TORCH, is_tensor
 from .bundle import UNET, Graph, Manifest, read_manifest
 from .conditioning import Conditioning
-from .cost import step_batch
 from .denoiser import StepCaches
 from .errors import BundleError
 from .families import family_named
-from .plan import ModelSpec, Plan, Step, validate_plan
+from .plan import ModelSpec, Plan, Step, step_batch, validate_plan
 from .profiling import timed_call
 from .recipe import Recipe, load_recipe
 from .sampling import compile_for_scheduler
@@ -70,7 +74,10 @@ class CheckedRunner:
 
 
 def _np(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+    return x.detach().cpu().numpy() if is_tensor(x) else np.asarray(x)
+
+
+LOOPS = {"numpy": NUMPY, "torch": TORCH}  # what holds the arrays between graph calls
 
 
 def _xattn_indices(names: list[str]) -> list[int]:
@@ -87,7 +94,8 @@ class GraphDenoiser:
     def reset(self) -> None:
         self.caches.clear()
 
-    def __call__(self, step: Step, sample: torch.Tensor, timestep, cond: Conditioning) -> torch.Tensor:
+    def __call__(self, step: Step, sample, timestep, cond: Conditioning):
+        """The graph's ``eps`` for this step: a numpy array, or a tensor when ``sample`` is one."""
         caches = self.caches
         caches.begin(step, tuple(sample.shape[-2:]))
         batch = int(sample.shape[0])
@@ -112,7 +120,8 @@ class GraphDenoiser:
         if step.xattn == "capture":
             got = _xattn_indices(graph.output_names)
             caches.keep_xattn(step, got, [out[f"xattn_{i}"] for i in got], cond)
-        return torch.from_numpy(np.ascontiguousarray(out["eps"]))
+        eps = np.ascontiguousarray(out["eps"])
+        return TORCH.asarray(eps) if is_tensor(sample) else eps
 
 
 class BundlePipeline:
@@ -128,6 +137,7 @@ class BundlePipeline:
         self.folder, self.manifest, self.runner, self.static = Path(folder), manifest, CheckedRunner(runner), static
         self.static_batch = manifest.images_per_call if static_batch is None else static_batch
         self.plan_note: str | None = None  # set by compile() when the plan run is not the stored one
+        self.final_latents: np.ndarray | None = None  # the latents the last generate() ended with
         self.info = manifest.model
         self.family = family_named(self.info["kind"])
         if not self.family.generates:
@@ -155,8 +165,9 @@ class BundlePipeline:
     def run(self, graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.runner.run(graph, feeds)
 
-    def scheduler(self, name: str | None = None):
-        return self.family.scheduler(name or self.info.get("scheduler"), self.info["scheduler_config"])
+    def scheduler(self, name: str | None = None, ops=NUMPY):
+        """The bundle's scheduler (or ``name``): numpy's by default, diffusers' with ``ops=TORCH``."""
+        return self.family.scheduler(name or self.info.get("scheduler"), self.info["scheduler_config"], ops)
 
     def parse_condition(self, text):
         """A user's condition (``--prompt``; None: the family's default) as this bundle's model takes it."""
@@ -209,38 +220,80 @@ class BundlePipeline:
         scheduler: str | None = None,
         batch_size: int = 100,
         progress: bool = False,
+        loop: str = "numpy",
     ) -> np.ndarray:
+        """Images N x H x W x C, floats in [0, 1], one per condition. ``loop``: "numpy" (no PyTorch needed) or
+        "torch" (diffusers' schedulers on tensors; the reference the numpy loop matches)."""
+        if loop not in LOOPS:
+            raise BundleError(f"unknown loop {loop!r}; use one of {', '.join(LOOPS)}")
         plan = plan if isinstance(plan, Plan) else self.compile(plan, scheduler=scheduler)
         guidance = float(guidance_scale if guidance_scale is not None else self.info.get("guidance", 1.0))
         denoiser = GraphDenoiser(self.manifest, self.runner, static=self.static)
         return self.family.generate_bundle(
-            self, conditions, plan, denoiser, seed=seed, guidance=guidance, scheduler=scheduler, batch_size=batch_size, progress=progress
+            self,
+            conditions,
+            plan,
+            denoiser,
+            seed=seed,
+            guidance=guidance,
+            scheduler=scheduler,
+            batch_size=batch_size,
+            progress=progress,
+            ops=LOOPS[loop],
         )
 
     # -- prompt encoding, for the text families ---------------------------------------------------------------------
     def _tokenizer(self, name: str):
         cache = self.__dict__.setdefault("_tokenizers", {})
         if name not in cache:
-            from transformers import AutoTokenizer
-
-            folder = self.folder / name
-            if not folder.is_dir():
-                raise BundleError(f"the bundle has no {name}/ folder; re-export it")
-            cache[name] = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            cache[name] = BundleTokenizer(self.folder / name)
         return cache[name]
 
-    def encode_prompt(self, text: str, roles: Sequence[str], tokenizers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_prompt(self, text: str, roles: Sequence[str], tokenizers: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """(hidden states of the ``roles`` encoders concatenated, pooled text embeddings or None) for one prompt,
         as the diffusers pipelines compute them."""
         hidden, pooled = [], None
         for role, tok_name in zip(roles, tokenizers):
-            tok = self._tokenizer(tok_name)
-            ids = tok([text], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="np").input_ids
-            out = self.runner.run(self.manifest.graph(role), {"input_ids": ids.astype(np.int64)})
-            hidden.append(torch.from_numpy(out["hidden_states"]))
+            ids = self._tokenizer(tok_name).ids(text)
+            out = self.runner.run(self.manifest.graph(role), {"input_ids": ids})
+            hidden.append(out["hidden_states"])
             if "text_embeds" in out:
-                pooled = torch.from_numpy(out["text_embeds"])
-        return torch.cat(hidden, dim=-1), pooled
+                pooled = out["text_embeds"]
+        return np.concatenate(hidden, axis=-1), pooled
+
+
+class BundleTokenizer:
+    """A bundle's tokenizer folder (``tokenizer.json`` and ``tokenizer_config.json``, as transformers saves a fast
+    tokenizer), read with the ``tokenizers`` package: ids padded and truncated to the model's length, as the
+    diffusers pipelines ask transformers for them."""
+
+    def __init__(self, folder: Path) -> None:
+        import json
+
+        folder = Path(folder)
+        if not (folder / "tokenizer.json").is_file():
+            raise BundleError(f"the bundle has no {folder.name}/tokenizer.json; re-export it with this version")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise BundleError("prompts need the tokenizers package: pip install tokenizers") from None
+        config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        length = int(config.get("model_max_length", 77))
+        if length > 100_000:  # transformers' "no limit" sentinel
+            length = 77
+        pad = config.get("pad_token") or "<|endoftext|>"
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        pad_id = self.tokenizer.token_to_id(pad)
+        if pad_id is None:
+            raise BundleError(f"{folder.name}: pad token {pad!r} is not in the vocabulary; re-export the bundle")
+        self.tokenizer.enable_truncation(max_length=length)
+        self.tokenizer.enable_padding(length=length, pad_id=pad_id, pad_token=pad)
+        self.length = length
+
+    def ids(self, text: str) -> np.ndarray:
+        """1 x length int64 token ids of ``text``."""
+        return np.asarray([self.tokenizer.encode(text).ids], dtype=np.int64)
 
 
 def load_bundle(folder: str | Path, backend, *, verify: bool = True, **options) -> BundlePipeline:
@@ -250,6 +303,6 @@ def load_bundle(folder: str | Path, backend, *, verify: bool = True, **options) 
 
     backend = backends.get(backend) if isinstance(backend, str) else backend
     backend.check_open(**options)
-    folder, manifest = read_manifest(folder, backend.name, verify=verify)
+    folder, manifest = read_manifest(folder, backend.bundle_format or backend.name, verify=verify)
     runner, static = backend.open_runner(folder, manifest, **options)
     return BundlePipeline(folder, manifest, runner, static=static)

@@ -1,4 +1,5 @@
-"""What a UNet call is conditioned on, and how it changes with guidance and resolution."""
+"""What a UNet call is conditioned on, and how it changes with guidance and resolution: PyTorch tensors on the
+PyTorch paths, numpy arrays in the runtime without PyTorch (the same code for both)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+from .arrays import ops_for
+
+Array = Any  # a torch.Tensor or a numpy.ndarray
 
 
-def _second_half(x: torch.Tensor | None, full_batch: int) -> torch.Tensor | None:
+def _second_half(x: Array | None, full_batch: int) -> Array | None:
     if x is None or x.ndim == 0 or x.shape[0] != full_batch:
         return x
     return x[full_batch // 2 :]
@@ -24,11 +27,11 @@ class Conditioning:
     ``text_embeds``/``time_ids`` are SDXL's added conditioning; ``time_ids`` refer to the full-resolution image.
     """
 
-    encoder_hidden_states: torch.Tensor
+    encoder_hidden_states: Array
     has_uncond: bool = True
-    text_embeds: torch.Tensor | None = None
-    time_ids: torch.Tensor | None = None
-    timestep_cond: torch.Tensor | None = None
+    text_embeds: Array | None = None
+    time_ids: Array | None = None
+    timestep_cond: Array | None = None
     cross_attention_kwargs: dict[str, Any] | None = None
 
     @property
@@ -56,10 +59,13 @@ class Conditioning:
         if self.time_ids is None or tuple(latent_hw) == tuple(full_hw):
             return self
         rh, rw = latent_hw[0] / full_hw[0], latent_hw[1] / full_hw[1]
-        scale = torch.tensor([rh, rw, rh, rw, rh, rw], dtype=self.time_ids.dtype, device=self.time_ids.device)
-        return dataclasses.replace(self, time_ids=torch.round(self.time_ids * scale))
+        ops = ops_for(self.time_ids)
+        scale = ops.like(ops.asarray([rh, rw, rh, rw, rh, rw]), self.time_ids)
+        if ops.name == "torch":
+            scale = scale.to(self.time_ids.device)
+        return dataclasses.replace(self, time_ids=ops.round(self.time_ids * scale))
 
-    def added_cond_kwargs(self) -> dict[str, torch.Tensor] | None:
+    def added_cond_kwargs(self) -> dict[str, Array] | None:
         if self.text_embeds is None and self.time_ids is None:
             return None
         return {"text_embeds": self.text_embeds, "time_ids": self.time_ids}

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .plan import Plan
+from .plan import Plan, step_batch
 from .unet import UNetSplit
 
 _CACHE: dict[tuple, int] = {}
@@ -96,11 +96,6 @@ class PlanCost:
             "reduction": self.reduction,
             "steps": [{**asdict(s), "latent_hw": list(s.latent_hw)} for s in self.steps],
         }
-
-
-def step_batch(guidance: str, images: int = 1, cfg: bool = True) -> int:
-    """UNet batch of a step: two branches per image under CFG, one when CFG is dropped (or off)."""
-    return 2 * images if cfg and guidance == "cfg" else images
 
 
 def plan_cost(plan: Plan, counter: MacCounter, baseline: Plan, *, images: int = 1, cfg: bool = True) -> PlanCost:

@@ -1,21 +1,18 @@
-"""The Denoiser interface, and the PyTorch reference Denoiser.
+"""The Denoiser interface and the caches every Denoiser keeps (no PyTorch here).
 
 A Denoiser runs one plan step: one UNet variant at one latent size. It keeps the caches a plan refers to
 (the DeepCache feature and the captured cross-attention outputs) for the duration of one generation, keyed by
-latent size; a resolution switch empties them. Backends (ONNX Runtime, Core ML) implement the same interface.
+latent size; a resolution switch empties them. The PyTorch reference is ``postdiff.torch_denoiser.TorchDenoiser``;
+bundle runtimes (ONNX Runtime, Core ML, OpenVINO) use ``postdiff.bundle_runtime.GraphDenoiser``.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
-
-import torch
+from typing import Any, Protocol, runtime_checkable
 
 from .conditioning import Conditioning
 from .errors import PlanError
 from .plan import Step
-from .profiling import timed_call
-from .unet import UNetSplit
 
 
 @runtime_checkable
@@ -23,7 +20,7 @@ class Denoiser(Protocol):
     def reset(self) -> None:
         """Forget every cache (called at the start of each generation)."""
 
-    def __call__(self, step: Step, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def __call__(self, step: Step, sample: Any, timestep: Any, cond: Conditioning) -> Any:
         """The model output for ``sample`` (whose batch matches ``cond``) at plan step ``step``."""
 
 
@@ -82,39 +79,9 @@ class StepCaches:
         self.xattn[step.latent_hw] = {i: cond_only(x) for i, x in zip(indices, outputs)}
 
 
-class TorchDenoiser:
-    """Runs plan steps with the PyTorch UNet split (the reference every backend is compared with)."""
+def __getattr__(name: str):  # TorchDenoiser lived here; it needs PyTorch, so it is loaded only when asked for
+    if name == "TorchDenoiser":
+        from .torch_denoiser import TorchDenoiser
 
-    def __init__(self, split: UNetSplit) -> None:
-        self.split = split
-        self.caches = StepCaches()
-
-    def reset(self) -> None:
-        self.caches.clear()
-
-    @torch.no_grad()
-    def __call__(self, step: Step, sample: torch.Tensor, timestep, cond: Conditioning) -> torch.Tensor:
-        caches = self.caches
-        caches.begin(step, tuple(sample.shape[-2:]))
-        variant = step.variant
-        indices = self.split.xattn_indices(variant)
-        deep = caches.deep_for(step, cond) if step.unet == "shallow" else None
-        xattn = caches.xattn_for(step, indices) if step.xattn == "cached" else ()
-        with timed_call(variant, step.latent_hw, sample.shape[0]):
-            out = self.split.forward(
-                variant,
-                sample,
-                timestep,
-                cond.encoder_hidden_states,
-                cond.text_embeds,
-                cond.time_ids,
-                deep,
-                xattn,
-                cond.timestep_cond,
-                cond.cross_attention_kwargs,
-            )
-        if step.unet == "full":
-            caches.keep_deep(step, out[1], cond)
-        if step.xattn == "capture":
-            caches.keep_xattn(step, indices, out[2:], cond)
-        return out[0]
+        return TorchDenoiser
+    raise AttributeError(name)

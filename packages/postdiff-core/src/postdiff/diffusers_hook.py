@@ -24,11 +24,11 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .conditioning import Conditioning
-from .denoiser import TorchDenoiser
 from .errors import ModelError, PlanError
 from .plan import Plan, compile_plan
 from .recipe import Recipe, load_recipe
 from .sampling import PlanRun, initial_latents
+from .torch_denoiser import TorchDenoiser
 from .unet import UNetSplit, model_spec
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")

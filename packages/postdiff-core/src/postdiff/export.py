@@ -111,11 +111,13 @@ def export_bundle(
     scheduler: str | None = None,
     batch: int = 1,
     overwrite: bool = False,
+    golden: bool = False,
     log: Callable[[str], None] = print,
     **options,
 ) -> Path:
     """Export the graphs ``plan`` needs for ``model`` with ``backend`` (a ``Backend`` or its name) into the bundle
-    folder ``output``; returns its path. ``options`` are the backend's own (``--precision``, ``--target``, ...)."""
+    folder ``output``; returns its path. ``options`` are the backend's own (``--precision``, ``--target``, ...).
+    ``golden``: also save each graph's first inputs and outputs and the final latent for seed 0 (``postdiff.golden``)."""
     from . import backends
     from .graphs import model_info, save_tokenizers, unet_graphs, unet_of
     from .unet import UNetSplit
@@ -143,21 +145,26 @@ def export_bundle(
             graphs += made
         facts = backend.finish(folder, job, graphs, log, **options)
         save_tokenizers(model, folder)
-        write_manifest(
-            folder,
-            Manifest(
-                backend=backend.name,
-                model=model_info(model, job.latent_hw, compiled),
-                recipe=compiled.recipe.to_dict(),
-                plan=compiled.to_dict(),
-                cache_block=compiled.recipe.cache_block,
-                latent_sizes=[list(hw) for hw in job.sizes],
-                precision=facts["precision"],
-                graphs=graphs,
-                cache_tensors=cache_tensors(graphs),
-                tools={**tool_versions(*([backend.package] if backend.package else [])), **facts.get("tools", {})},
-                images_per_call=batch,
-            ),
+        manifest = Manifest(
+            backend=backend.name,
+            model=model_info(model, job.latent_hw, compiled),
+            recipe=compiled.recipe.to_dict(),
+            plan=compiled.to_dict(),
+            cache_block=compiled.recipe.cache_block,
+            latent_sizes=[list(hw) for hw in job.sizes],
+            precision=facts["precision"],
+            graphs=graphs,
+            cache_tensors=cache_tensors(graphs),
+            tools={**tool_versions(*([backend.package] if backend.package else [])), **facts.get("tools", {})},
+            images_per_call=batch,
         )
+        if golden:
+            if not model.family.generates:
+                raise ExportError(f"--golden runs the whole plan; {model.name} is a bare UNet with no pipeline to generate with")
+            from .golden import GOLDEN_FILE, write_golden
+
+            log(f"golden: running the plan once on the PyTorch modules (seed 0) into {GOLDEN_FILE}")
+            manifest.golden = write_golden(folder, manifest, sources)
+        write_manifest(folder, manifest)
     log(f"bundle written to {Path(output).resolve()} in {time.perf_counter() - start:.0f} s ({len(graphs)} graphs)")
     return Path(output).resolve()

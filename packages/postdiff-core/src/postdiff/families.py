@@ -73,13 +73,20 @@ class Family:
         return [prompts[i % len(prompts)] for i in range(n)]
 
     # -- randomness and schedulers -------------------------------------------------------------------------------
-    def generator(self, seed: int, index: int):
-        import torch
+    def generator(self, seed: int, index: int, ops=None):
+        """Image ``index``'s generator for ``seed``: a torch.Generator, or its numpy twin with ``ops=NUMPY``."""
+        from .arrays import TORCH
 
-        return torch.Generator().manual_seed(image_seed(seed, index))
+        return (ops or TORCH).generator(image_seed(seed, index))
 
-    def scheduler(self, name: str | None, config: dict[str, Any]):
-        return scheduler_from_config(name or config.get("_class_name", "DDIMScheduler"), config)
+    def scheduler(self, name: str | None, config: dict[str, Any], ops=None):
+        """The scheduler by name: diffusers' class, or with ``ops=NUMPY`` its numpy twin (``postdiff.numpy_schedulers``)."""
+        name = name or config.get("_class_name", "DDIMScheduler")
+        if ops is not None and ops.name == "numpy":
+            from .numpy_schedulers import numpy_scheduler
+
+            return numpy_scheduler(name, config)
+        return scheduler_from_config(name, config)
 
     def condition_info(self, pipe) -> dict[str, Any]:
         """What ``parse_condition`` needs from a loaded pipeline (also recorded in a bundle's manifest)."""
@@ -98,7 +105,8 @@ class Family:
         return {"guidance": self.default_guidance}
 
     # -- generation from a bundle -------------------------------------------------------------------------------
-    def generate_bundle(self, pipe, conditions: Sequence, plan, denoiser, *, seed, guidance, scheduler, batch_size, progress):
+    def generate_bundle(self, pipe, conditions: Sequence, plan, denoiser, *, seed, guidance, scheduler, batch_size, progress, ops):
+        """Images N x H x W x C floats in [0, 1] from a bundle's graphs (``pipe``), arrays held by ``ops``."""
         raise BundleError(f"{self.name} bundles cannot generate images")
 
 
@@ -210,42 +218,47 @@ class ClassConditional(Family):
         guidance_scale: float,
         batch_size: int,
         progress: bool = False,
+        ops=None,
+        latents_out: list | None = None,
     ):
-        """The class-conditional sampling loop, whatever runs the networks (PyTorch, a bundle's graphs): ``encode``
-        maps class indices to tokens, ``denoiser`` runs plan steps. uint8 images N x H x W (pixel space)."""
+        """The class-conditional sampling loop, whatever runs the networks (PyTorch, a bundle's graphs) and whatever
+        holds the arrays (``ops``: ``postdiff.arrays.TORCH`` by default, ``NUMPY`` for the runtime without PyTorch):
+        ``encode`` maps class indices to tokens, ``denoiser`` runs plan steps. uint8 images N x H x W (pixel space)."""
         import numpy as np
-        import torch
 
+        from .arrays import TORCH
         from .conditioning import Conditioning
         from .sampling import run_plan
 
-        labels = torch.as_tensor(list(labels), dtype=torch.long)
+        ops = ops or TORCH
+        labels = [int(y) for y in labels]
         h, w = plan.latent_hw  # pixel space: the image size
         if len(labels) == 0:
             return np.zeros((0, h, w), dtype=np.uint8)
-        if labels.min() < 0 or labels.max() >= num_classes:
+        if min(labels) < 0 or max(labels) >= num_classes:
             raise RecipeError(f"labels must be class indices 0-{num_classes - 1}")
-        noise = torch.stack([torch.randn(channels, h, w, generator=self.generator(seed, i)) for i in range(len(labels))])
+        noise = ops.cat([ops.randn((1, channels, h, w), self.generator(seed, i, ops)) for i in range(len(labels))])
         out = []
         for start in range(0, len(labels), batch_size):
             y = labels[start : start + batch_size]
             if guidance_scale > 1.0:  # null class first, as diffusers lays out CFG batches
-                cond = Conditioning(encode(torch.cat([torch.full_like(y, null_class), y])), has_uncond=True)
+                cond = Conditioning(encode(ops.asarray([null_class] * len(y) + y, dtype="int64")), has_uncond=True)
             else:
-                cond = Conditioning(encode(y), has_uncond=False)
+                cond = Conditioning(encode(ops.asarray(y, dtype="int64")), has_uncond=False)
             sch = make_scheduler()
             # per-sample generators for the noise drawn later (resolution switch, ancestral samplers)
-            g = [torch.Generator().manual_seed(seed * 7919 + i) for i in range(start, start + len(y))]
+            g = [ops.generator(seed * 7919 + i) for i in range(start, start + len(y))]
             x = noise[start : start + batch_size] * sch.init_noise_sigma
             x = run_plan(
                 plan, denoiser, sch, cond, guidance_scale=guidance_scale, generator=g, latents=x, channels=channels, progress=progress
             )
-            out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].cpu().numpy())
+            out.append(ops.to_uint8_images(x)[:, 0])
+            if latents_out is not None:  # the final latents too (golden tensors)
+                latents_out.append(ops.numpy(x))
         return np.concatenate(out)
 
-    def generate_bundle(self, pipe, conditions, plan, denoiser, *, seed, guidance, scheduler, batch_size, progress):
+    def generate_bundle(self, pipe, conditions, plan, denoiser, *, seed, guidance, scheduler, batch_size, progress, ops):
         import numpy as np
-        import torch
 
         info = pipe.info
         graph = pipe.manifest.graph("class_encoder")
@@ -256,15 +269,17 @@ class ClassConditional(Family):
                 )
             batch_size = pipe.static_batch
 
-        def encode(y: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(pipe.run(graph, {"labels": y.numpy()})["encoder_hidden_states"])
+        def encode(y):
+            tokens = pipe.run(graph, {"labels": np.asarray(ops.numpy(y), dtype=np.int64)})["encoder_hidden_states"]
+            return ops.asarray(tokens)
 
+        latents: list = []
         images = self.sample(
             conditions,
             plan,
             denoiser,
             encode,
-            lambda: pipe.scheduler(scheduler),
+            lambda: pipe.scheduler(scheduler, ops),
             null_class=int(info.get("null_class", 10)),
             num_classes=int(info.get("num_classes", 10)),
             channels=int(info.get("in_channels", 1)),
@@ -272,7 +287,10 @@ class ClassConditional(Family):
             guidance_scale=guidance,
             batch_size=batch_size,
             progress=progress,
+            ops=ops,
+            latents_out=latents,
         )
+        pipe.final_latents = np.concatenate(latents) if latents else None
         return images.astype(np.float32)[..., None] / 255.0
 
 
@@ -280,13 +298,12 @@ class TextToImage(Family):
     """What the diffusers text-to-image families share: one prompt per image, the prompt's conditioning from the
     bundle's text encoder graphs (``conditioning``), a VAE decoder at the end."""
 
-    def conditioning(self, pipe, prompt: str, cfg: bool):
+    def conditioning(self, pipe, prompt: str, cfg: bool, ops):
+        """The ``Conditioning`` of one prompt (with the negative half first when ``cfg``), in ``ops``' arrays."""
         raise NotImplementedError
 
-    def generate_bundle(self, pipe, conditions, plan, denoiser, *, seed, guidance, scheduler, batch_size, progress):
+    def generate_bundle(self, pipe, conditions, plan, denoiser, *, seed, guidance, scheduler, batch_size, progress, ops):
         import numpy as np
-        import torch
-        from diffusers.utils.torch_utils import randn_tensor
 
         from .sampling import run_plan
 
@@ -295,17 +312,18 @@ class TextToImage(Family):
                 f"SD bundles run one prompt per call; this one was exported for {pipe.static_batch} (re-export with --batch 1)"
             )
         vae = pipe.manifest.graph("vae_decoder")
-        images = []
+        images, finals = [], []
         for i, prompt in enumerate(conditions):
-            cond = self.conditioning(pipe, str(prompt), guidance > 1.0)
-            gen = self.generator(seed, i)
-            sch = pipe.scheduler(scheduler)
+            cond = self.conditioning(pipe, str(prompt), guidance > 1.0, ops)
+            gen = self.generator(seed, i, ops)
+            sch = pipe.scheduler(scheduler, ops)
             sch.set_timesteps(plan.recipe.steps)
-            latents = randn_tensor((1, pipe.info["in_channels"], *pipe.latent_hw), generator=gen, dtype=torch.float32)
-            latents = latents * sch.init_noise_sigma
+            latents = ops.randn((1, pipe.info["in_channels"], *pipe.latent_hw), gen) * sch.init_noise_sigma
             latents = run_plan(plan, denoiser, sch, cond, guidance_scale=guidance, generator=gen, latents=latents, progress=progress)
-            image = pipe.run(vae, {"latents": latents.numpy()})["image"]
+            finals.append(np.asarray(ops.numpy(latents), dtype=np.float32))
+            image = pipe.run(vae, {"latents": finals[-1]})["image"]
             images.append(np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)[0])
+        pipe.final_latents = np.concatenate(finals) if finals else None
         return np.stack(images).astype(np.float32)
 
 
@@ -337,22 +355,20 @@ class StableDiffusionXL(TextToImage):
             "force_zeros_for_empty_prompt": bool(model.pipeline.config.get("force_zeros_for_empty_prompt", True)),
         }
 
-    def conditioning(self, pipe, prompt: str, cfg: bool):
-        import torch
-
+    def conditioning(self, pipe, prompt: str, cfg: bool, ops):
         from .conditioning import Conditioning
 
-        ehs, pooled = pipe.encode_prompt(prompt, self.roles[:-1], self.tokenizers)
+        ehs, pooled = (ops.asarray(x) for x in pipe.encode_prompt(prompt, self.roles[:-1], self.tokenizers))
         h, w = pipe.image_hw
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=ehs.dtype)
+        time_ids = ops.like(ops.asarray([[h, w, 0, 0, h, w]]), ehs)
         if not cfg:
             return Conditioning(ehs, has_uncond=False, text_embeds=pooled, time_ids=time_ids)
         if pipe.info.get("force_zeros_for_empty_prompt", True):
-            neg, neg_pooled = torch.zeros_like(ehs), torch.zeros_like(pooled)
+            neg, neg_pooled = ops.zeros_like(ehs), ops.zeros_like(pooled)
         else:
-            neg, neg_pooled = pipe.encode_prompt("", self.roles[:-1], self.tokenizers)
+            neg, neg_pooled = (ops.asarray(x) for x in pipe.encode_prompt("", self.roles[:-1], self.tokenizers))
         return Conditioning(
-            torch.cat([neg, ehs]), has_uncond=True, text_embeds=torch.cat([neg_pooled, pooled]), time_ids=torch.cat([time_ids, time_ids])
+            ops.cat([neg, ehs]), has_uncond=True, text_embeds=ops.cat([neg_pooled, pooled]), time_ids=ops.cat([time_ids, time_ids])
         )
 
 
@@ -379,16 +395,14 @@ class StableDiffusion(TextToImage):
     def bundle_info(self, model) -> dict[str, Any]:
         return {"guidance": self.default_guidance}
 
-    def conditioning(self, pipe, prompt: str, cfg: bool):
-        import torch
-
+    def conditioning(self, pipe, prompt: str, cfg: bool, ops):
         from .conditioning import Conditioning
 
-        ehs, _ = pipe.encode_prompt(prompt, self.roles[:-1], self.tokenizers)
+        ehs = ops.asarray(pipe.encode_prompt(prompt, self.roles[:-1], self.tokenizers)[0])
         if not cfg:
             return Conditioning(ehs, has_uncond=False)
-        neg, _ = pipe.encode_prompt("", self.roles[:-1], self.tokenizers)
-        return Conditioning(torch.cat([neg, ehs]), has_uncond=True)
+        neg = ops.asarray(pipe.encode_prompt("", self.roles[:-1], self.tokenizers)[0])
+        return Conditioning(ops.cat([neg, ehs]), has_uncond=True)
 
 
 @register_family

@@ -374,3 +374,8 @@ def validate_plan(plan: Plan, model: ModelSpec | None = None) -> None:
         prev_hw = s.latent_hw
     if plan.steps[-1].latent_hw != plan.latent_hw:
         raise PlanError(f"the last step runs at {plan.steps[-1].latent_hw}, not at the plan's size {plan.latent_hw}")
+
+
+def step_batch(guidance: str, images: int = 1, cfg: bool = True) -> int:
+    """UNet batch of a step: two branches per image under CFG, one when CFG is dropped (or off)."""
+    return 2 * images if cfg and guidance == "cfg" else images

@@ -6,13 +6,13 @@
 The arithmetic depends on the scheduler's sample space: variance-preserving schedulers (DDIM, DPM-Solver, ...)
 keep x = sqrt(abar) x0 + sqrt(1 - abar) eps; sigma-space schedulers (Euler, Heun, ...) keep x = x0 + sigma eps
 and scale the UNet input themselves. Noise levels are looked up by plan index, never by searching timesteps.
+The arithmetic is written once for PyTorch tensors and numpy arrays (``postdiff.arrays``), with diffusers'
+schedulers or the numpy ones (``postdiff.numpy_schedulers``), which expose the same attributes.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
+from .arrays import ops_for
 from .errors import PlanError
 
 # Schedulers whose history is fully reset by set_timesteps() and that can restart at any step index.
@@ -53,10 +53,11 @@ def _vp_coefficients(scheduler, index: int, timestep: float) -> tuple[float, flo
     return abar**0.5, (1.0 - abar) ** 0.5
 
 
-def predict_x0(scheduler, sample: torch.Tensor, model_output: torch.Tensor, index: int, timestep: float) -> torch.Tensor:
+def predict_x0(scheduler, sample, model_output, index: int, timestep: float):
     """The clean sample predicted by ``model_output`` at plan step ``index`` (sample in scheduler space)."""
     kind = scheduler.config.get("prediction_type", "epsilon")
-    x, out = sample.float(), model_output.float()
+    ops = ops_for(sample)
+    x, out = ops.float32(sample), ops.float32(model_output)
     if kind == "sample":
         x0 = out
     elif _sigma_space(scheduler):
@@ -75,10 +76,10 @@ def predict_x0(scheduler, sample: torch.Tensor, model_output: torch.Tensor, inde
             x0 = alpha * x - sigma * out
         else:
             raise PlanError(f"mixed resolution: unsupported prediction_type {kind!r}")
-    return _as_the_scheduler_limits(scheduler, x0).to(sample.dtype)
+    return ops.like(_as_the_scheduler_limits(scheduler, x0), sample)
 
 
-def _as_the_scheduler_limits(scheduler, x0: torch.Tensor) -> torch.Tensor:
+def _as_the_scheduler_limits(scheduler, x0):
     """The scheduler's own treatment of its x0 prediction: dynamic thresholding (``thresholding``, Imagen's) or
     clipping to ``clip_sample_range`` (``clip_sample``), as DDIM, DDPM and the DPM-Solvers apply them in ``step``;
     schedulers without these options (Euler, Heun, ...) have neither in their config."""
@@ -87,11 +88,11 @@ def _as_the_scheduler_limits(scheduler, x0: torch.Tensor) -> torch.Tensor:
         return scheduler._threshold_sample(x0)
     if config.get("clip_sample", False):
         limit = float(config.get("clip_sample_range", 1.0))
-        return x0.clamp(-limit, limit)
+        return ops_for(x0).clip(x0, -limit, limit)
     return x0
 
 
-def renoise(scheduler, x0: torch.Tensor, noise: torch.Tensor, index: int, timestep: float) -> torch.Tensor:
+def renoise(scheduler, x0, noise, index: int, timestep: float):
     """Forward-diffuse ``x0`` to the noise level of plan step ``index`` with the given fresh ``noise``."""
     if _sigma_space(scheduler):
         return x0 + float(scheduler.sigmas[index]) * noise
@@ -99,12 +100,12 @@ def renoise(scheduler, x0: torch.Tensor, noise: torch.Tensor, index: int, timest
     return alpha * x0 + sigma * noise
 
 
-def upsample(x0: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """Bilinear upsampling of the predicted clean latent (the paper's choice)."""
-    return F.interpolate(x0, size=tuple(latent_hw), mode="bilinear", align_corners=False)
+def upsample(x0, latent_hw: tuple[int, int]):
+    """Bilinear upsampling of the predicted clean latent (the paper's choice; ``align_corners=False``)."""
+    return ops_for(x0).resize(x0, tuple(latent_hw), "bilinear")
 
 
-def downsample_noise(noise: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+def downsample_noise(noise, latent_hw: tuple[int, int]):
     """Initial noise for a plan that starts at a lower resolution, derived from the full-resolution noise
     of the same seed (so a mixed-resolution image shares its baseline's low frequencies and stays paired with it).
 
@@ -113,5 +114,5 @@ def downsample_noise(noise: torch.Tensor, latent_hw: tuple[int, int]) -> torch.T
     h, w = noise.shape[-2:]
     if (h, w) == tuple(latent_hw):
         return noise
-    low = F.interpolate(noise, size=tuple(latent_hw), mode="area")
+    low = ops_for(noise).resize(noise, tuple(latent_hw), "area")
     return low * ((h * w) / (latent_hw[0] * latent_hw[1])) ** 0.5

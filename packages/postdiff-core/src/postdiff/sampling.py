@@ -4,6 +4,9 @@
 switches resolution, the switch itself (predict x0, upsample, re-noise with fresh noise from the generator,
 reset the scheduler's history). ``run_plan`` is the loop every exported backend uses; the diffusers
 integration (diffusers_hook.py) lets the pipeline's own loop drive the same ``PlanRun``.
+
+Both work on PyTorch tensors with diffusers' schedulers and on numpy arrays with ``postdiff.numpy_schedulers``
+(the runtime without PyTorch): the array operations come from ``postdiff.arrays`` for the kind of latent given.
 """
 
 from __future__ import annotations
@@ -12,10 +15,9 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-import torch
-from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from .arrays import ops_for
 from .conditioning import Conditioning
 from .denoiser import Denoiser
 from .errors import PlanError
@@ -67,13 +69,13 @@ class PlanRun:
         i = self.index + 1
         return self.plan.steps[i] if i < len(self.plan.steps) else None
 
-    def advance(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, **step_kwargs) -> torch.Tensor:
+    def advance(self, model_output, timestep, sample, **step_kwargs):
         """The latent for the next step: a scheduler step, or the resolution switch."""
         step, nxt = self.step, self.next_step
         if nxt is not None and nxt.switches_resolution:
             x0 = predict_x0(self.scheduler, sample, model_output, step.index, step.timestep)
             x0 = upsample(x0, nxt.latent_hw)
-            noise = randn_tensor(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
+            noise = _fresh_noise(x0, self.generator)
             self._restart(nxt.index)
             out = renoise(self.scheduler, x0, noise, nxt.index, nxt.timestep)
         else:
@@ -89,7 +91,24 @@ class PlanRun:
             self.scheduler.set_begin_index(index)
 
 
-def initial_latents(plan: Plan, latents: torch.Tensor) -> torch.Tensor:
+def same_timesteps(a: list[float], b: list[float]) -> bool:
+    """The same schedule: equal to 1e-5 relative (timesteps derived from Karras sigmas are floats, which the numpy
+    schedulers reproduce to about 5e-6 of diffusers': their float32 betas round a few values the other way)."""
+    return len(a) == len(b) and all(abs(x - y) <= 1e-5 * max(1.0, abs(y)) for x, y in zip(a, b))
+
+
+def _fresh_noise(like, generator):
+    """Noise shaped as ``like`` from ``generator`` (one per batch item, or one for all), as diffusers'
+    ``randn_tensor`` draws it; on the tensor's device and dtype."""
+    ops = ops_for(like)
+    if ops.name == "numpy":
+        return ops.randn(like.shape, generator)
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def initial_latents(plan: Plan, latents):
     """The plan's starting latent from noise drawn at full size (or already at the first step's size)."""
     first_hw = tuple(plan.steps[0].latent_hw)
     shape = tuple(latents.shape[-2:])
@@ -121,24 +140,26 @@ def run_plan(
     cond: Conditioning,
     *,
     guidance_scale: float = 7.5,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-    latents: torch.Tensor | None = None,
+    generator=None,
+    latents=None,
     channels: int = 4,
     eta: float = 0.0,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
+    device=None,
+    dtype=None,
     progress: bool = True,
-    on_step: Callable[[Step, torch.Tensor], None] | None = None,
-) -> torch.Tensor:
+    on_step: Callable[[Step, Any], None] | None = None,
+):
     """Denoise from noise to the final latent following ``plan``.
 
     ``cond`` holds the unconditional half first when ``cond.has_uncond`` (CFG with ``guidance_scale``).
     The initial noise is drawn from ``generator`` at the plan's first latent size; the switch draws fresh noise
-    from the same generator, so one seed gives one image, run after run.
+    from the same generator, so one seed gives one image, run after run. Tensors in, tensors out (drawn on
+    ``device`` in ``dtype``, float32 by default); numpy arrays in (``latents`` given, ``postdiff.torch_random``
+    generators, a ``postdiff.numpy_schedulers`` scheduler), numpy arrays out.
     """
     scheduler.set_timesteps(plan.recipe.steps, device=device)
     timesteps = scheduler.timesteps
-    if [float(t) for t in timesteps] != plan.timesteps:
+    if not same_timesteps([float(t) for t in timesteps], plan.timesteps):
         raise PlanError(
             f"plan {plan.name!r} was compiled for other timesteps ({plan.scheduler or 'unknown scheduler'}); "
             f"recompile it for {type(scheduler).__name__}"
@@ -147,19 +168,25 @@ def run_plan(
     denoiser.reset()
     batch = cond.batch // 2 if cond.has_uncond else cond.batch
     if latents is None:
-        latents = randn_tensor((batch, channels, *plan.latent_hw), generator=generator, device=device, dtype=dtype)
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (batch, channels, *plan.latent_hw)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype or torch.float32)
         latents = latents * scheduler.init_noise_sigma
+    ops = ops_for(latents)
     latents = initial_latents(plan, latents)
     step_kwargs = scheduler_step_kwargs(scheduler, generator, eta)
     for step in tqdm(plan.steps, desc=f"postdiff {plan.name}", disable=not progress, leave=False):
         t = timesteps[step.index]
         with_cfg = cond.has_uncond and step.guidance == "cfg"
         c = (cond if with_cfg else cond.cond_half()).at_size(step.latent_hw, plan.latent_hw)
-        x = torch.cat([latents] * 2) if with_cfg else latents
+        x = ops.cat([latents] * 2) if with_cfg else latents
         x = scheduler.scale_model_input(x, t)
         out = denoiser(step, x, t, c)
         if with_cfg:
-            uncond, text = out.chunk(2)
+            half = out.shape[0] // 2
+            uncond, text = out[:half], out[half:]
             out = uncond + guidance_scale * (text - uncond)
         if on_step is not None:
             on_step(step, latents)

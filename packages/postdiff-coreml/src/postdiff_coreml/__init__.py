@@ -6,11 +6,17 @@
 
 ``export`` converts each (UNet variant, latent size) the plan needs through ``torch.export`` and coremltools and
 merges them into one multifunction ``.mlpackage`` with shared weights; ``runtime`` runs bundles on macOS through
-``postdiff.bundle_runtime``.
+``postdiff.bundle_runtime`` (its numpy loop: a Mac needs coremltools and numpy, no PyTorch). Names load on first
+use; exporting needs the ``postdiff-coreml[export]`` extra.
 """
 
-from .export import export_coreml
-from .runtime import COMPUTE_UNITS, load_bundle
+from __future__ import annotations
+
+from postdiff.backends import lazy_package
+
+from .backend import CoreMLBackend
 
 __version__ = "0.1.0"
 __all__ = ["COMPUTE_UNITS", "export_coreml", "load_bundle"]
+_EXPORTS = {"export_coreml": "export", "COMPUTE_UNITS": "runtime", "load_bundle": "runtime"}
+__getattr__, __dir__ = lazy_package(__name__, _EXPORTS, CoreMLBackend)

@@ -10,8 +10,6 @@ from pathlib import Path
 from postdiff.backends import Backend
 from postdiff.bundle import Manifest
 
-from . import export
-
 
 class CoreMLBackend(Backend):
     name = "coreml"
@@ -19,11 +17,14 @@ class CoreMLBackend(Backend):
     runs_on = "Darwin"
     fixed_shapes = True  # every Core ML function has fixed shapes: bench exports for its images per run
     runner_options = ("compute_units",)
+    export_module = "postdiff_coreml.export"
+    export_needs = (*Backend.export_needs, "coremltools")
 
     def add_options(self, parser, command: str) -> None:
         from .runtime import COMPUTE_UNITS
 
         if command == "export":
+            export = self.exporter()
             parser.add_argument(
                 "--target",
                 dest="target_version",
@@ -43,13 +44,13 @@ class CoreMLBackend(Backend):
         return {"compute_units": getattr(args, "compute_units", None) or "ALL"}
 
     def check_export(self, **options) -> None:
-        export.check_options(**options)
+        self.exporter().check_options(**options)
 
     def convert(self, src, job, folder: Path, log, **options) -> list:
-        return export.convert(src, job, folder, log, **options)
+        return self.exporter().convert(src, job, folder, log, **options)
 
     def finish(self, folder: Path, job, graphs: list, log, **options) -> dict:
-        return export.finish(folder, job, graphs, log, **options)
+        return self.exporter().finish(folder, job, graphs, log, **options)
 
     def check_open(self, *, compute_units: str = "ALL") -> None:
         from .runtime import check_compute_units, require_macos

@@ -216,7 +216,8 @@ def _prepare_bundle(t: _Target, cfg: BenchConfig, plan, conditions, guidance, lo
     load_options: dict[str, Any] = dict(cfg.options.get(t.backend, {}))
     if "threads" in backend.runner_options:
         load_options["threads"] = cfg.threads
-    folder, cached, seconds = cached_export(t.backend, cfg.model, plan.recipe, cache_dir=cfg.cache_dir, log=log, **options)
+    exporter = backend.bundle_format or t.backend  # OpenVINO runs ONNX bundles
+    folder, cached, seconds = cached_export(exporter, cfg.model, plan.recipe, cache_dir=cfg.cache_dir, log=log, **options)
     t.row.update({"bundle": str(folder), "export_cached": cached, "export_s": seconds})
 
     def opened():

@@ -5,25 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
+from postdiff.arrays import to_uint8
 from postdiff.files import atomic_write
 
 # what an image output path may end in, and the format written for it
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
-
-
-def to_uint8(image) -> np.ndarray:
-    """HxWxC float in [0, 1] (diffusers ``output_type="np"``) or uint8 → uint8 HxWx3."""
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8:
-        arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    return arr
 
 
 def save_png(image, path: str | Path) -> Path:

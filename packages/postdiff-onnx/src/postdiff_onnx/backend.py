@@ -8,7 +8,6 @@ from postdiff.backends import Backend
 from postdiff.bundle import Manifest
 from postdiff.errors import BundleError
 
-from . import export
 from .session import DEFAULT_PROVIDER
 
 
@@ -16,9 +15,12 @@ class OnnxBackend(Backend):
     name = "onnx"
     package = "postdiff-onnx"
     runner_options = ("provider", "threads", "static")
+    export_module = "postdiff_onnx.export"
+    export_needs = (*Backend.export_needs, "onnx", "onnxscript")
 
     def add_options(self, parser, command: str) -> None:
         if command == "export":
+            export = self.exporter()
             parser.add_argument(
                 "--precision", default="fp32", choices=list(export.PRECISIONS), help="weights and compute precision (default: fp32)"
             )
@@ -49,18 +51,19 @@ class OnnxBackend(Backend):
         }
 
     def check_export(self, **options) -> None:
-        export.check_options(**options)
+        self.exporter().check_options(**options)
 
     def convert(self, src, job, folder: Path, log, **options) -> list:
-        return export.convert(src, job, folder, **options)
+        return self.exporter().convert(src, job, folder, **options)
 
-    def finish(self, folder: Path, job, graphs: list, log, *, precision="fp32", opset=export.DEFAULT_OPSET, **options) -> dict:
+    def finish(self, folder: Path, job, graphs: list, log, *, precision="fp32", opset=None, **options) -> dict:
         from postdiff.bundle import tool_versions
 
         from .weights import WEIGHTS_FILE, share_weights
 
         size = share_weights(folder, [g.file for g in graphs])
         log(f"weights: every tensor of the {len(graphs)} graphs stored once in {WEIGHTS_FILE} ({size / 1e6:.1f} MB)")
+        opset = self.exporter().DEFAULT_OPSET if opset is None else opset
         return {"precision": precision, "tools": {**tool_versions("onnx", "onnxruntime", "onnxscript"), "opset": str(opset)}}
 
     def open_runner(

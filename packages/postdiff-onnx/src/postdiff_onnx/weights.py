@@ -4,18 +4,21 @@ The exporter writes a data file per graph (``torch.onnx`` saves each graph alone
 UNet share nearly all their weights: ``full`` and ``full_capture`` hold the same tensors, ``shallow`` a subset.
 ``share_weights`` rewrites the bundle's graphs so that each tensor's bytes sit once in one file, at an offset
 the graphs' external-data entries point at (the ONNX external-data format: ``location``, ``offset``, ``length``),
-aligned to a page so that a runtime can map them. ``shared_initializers`` gives a runtime one ``OrtValue`` per
+aligned to a page so that a runtime can map them. ``SharedInitializers`` gives a runtime one ``OrtValue`` per
 stored tensor, mapped from that file, to hand every session (``SessionOptions.add_initializer``), so the
-sessions of a bundle hold one copy of the weights in memory too.
+sessions of a bundle hold one copy of the weights in memory too. ``WEIGHTS_INDEX`` lists, per graph, each
+initializer's name, offset, length, dtype and shape, so that the runtime needs no ``onnx`` package to read them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 WEIGHTS_FILE = "weights.onnx.data"
+WEIGHTS_INDEX = "weights.index.json"
 ALIGN = 4096  # bytes: page-aligned offsets, so each tensor can be memory-mapped in place
 MIN_BYTES = 1024  # smaller tensors stay inside their graph (as torch.onnx leaves them)
 
@@ -38,6 +41,7 @@ def share_weights(folder: Path, files: list[str]) -> int:
     from onnx import TensorProto
 
     stored: dict[tuple, tuple[int, int]] = {}  # (dtype, sha256) -> (offset, length)
+    index: dict[str, list] = {}  # graph file -> [[initializer, offset, length, numpy dtype, dims], ...]
     old: set[str] = set()
     tmp = folder / (WEIGHTS_FILE + ".partial")
     with open(tmp, "wb") as out:
@@ -67,10 +71,13 @@ def share_weights(folder: Path, files: list[str]) -> int:
                 for k, v in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
                     entry = tensor.external_data.add()
                     entry.key, entry.value = k, v
+
+            index[name] = _shared_entries(proto)
             _strip_exporter_metadata(proto)
             onnx.save_model(proto, str(path))  # the graph only: its tensors have no raw data left to write
         size = out.tell()
     os.replace(tmp, folder / WEIGHTS_FILE)
+    (folder / WEIGHTS_INDEX).write_text(json.dumps(index, separators=(",", ":")))
     for name in old - {WEIGHTS_FILE}:
         (folder / name).unlink(missing_ok=True)
     return size
@@ -97,32 +104,52 @@ class SharedInitializers:
         self.folder = Path(folder)
         self.values: dict[tuple, object] = {}
         self._map = None
+        self._index: dict | None = None
 
     def for_graph(self, path: Path) -> dict[str, object]:
         """{initializer name: OrtValue} for the graph file ``path`` (empty when it does not use the shared file)."""
         if not (self.folder / WEIGHTS_FILE).is_file():
             return {}
         import numpy as np
-        import onnx
         import onnxruntime as ort
-        from onnx import TensorProto, helper
 
         if self._map is None:
             self._map = np.memmap(self.folder / WEIGHTS_FILE, dtype=np.uint8, mode="r")
-        try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except Exception:  # a damaged graph: the session that opens it next reports it (postdiff_onnx.session)
-            return {}
         out = {}
-        for tensor in proto.graph.initializer:
-            if tensor.data_location != TensorProto.EXTERNAL or _external(tensor).get("location") != WEIGHTS_FILE:
-                continue
-            info = _external(tensor)
-            offset, length = int(info["offset"]), int(info["length"])
-            key = (offset, length, tensor.data_type, tuple(tensor.dims))
+        for name, offset, length, dtype, dims in self._entries(Path(path)):
+            key = (offset, length, dtype, tuple(dims))
             if key not in self.values:
-                dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-                array = self._map[offset : offset + length].view(dtype).reshape(tuple(tensor.dims))
+                array = self._map[offset : offset + length].view(np.dtype(dtype)).reshape(tuple(dims))
                 self.values[key] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
-            out[tensor.name] = self.values[key]
+            out[name] = self.values[key]
         return out
+
+    def _entries(self, path: Path) -> list:
+        """The graph's shared initializers: from ``WEIGHTS_INDEX``, or, for bundles written before it, read from
+        the graph with the ``onnx`` package when it is installed (without it, each session loads its own)."""
+        index_file = self.folder / WEIGHTS_INDEX
+        if index_file.is_file():
+            if self._index is None:
+                self._index = json.loads(index_file.read_text())
+            return self._index.get(path.name, [])
+        try:
+            import onnx
+        except ImportError:
+            return []
+        try:
+            return _shared_entries(onnx.load(str(path), load_external_data=False))
+        except Exception:  # a damaged graph: the session that opens it next reports it (postdiff_onnx.session)
+            return []
+
+
+def _shared_entries(proto) -> list:
+    """[[name, offset, length, numpy dtype, dims], ...] of the graph's initializers stored in ``WEIGHTS_FILE``."""
+    from onnx import TensorProto, helper
+
+    entries = []
+    for tensor in proto.graph.initializer:
+        info = _external(tensor)
+        if tensor.data_location == TensorProto.EXTERNAL and info.get("location") == WEIGHTS_FILE:
+            dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type).str
+            entries.append([tensor.name, int(info["offset"]), int(info["length"]), dtype, list(tensor.dims)])
+    return entries

@@ -11,6 +11,8 @@ def add_parser(sub) -> None:
     x = sub.add_parser("export", help="export the graphs a plan needs as a bundle for another runtime")
     xsub = x.add_subparsers(dest="target", required=True)
     for name, backend in backends.available().items():
+        if not backend.exports:  # it runs another backend's bundles (OpenVINO: ONNX ones)
+            continue
         p = xsub.add_parser(name, help=(backend.__doc__ or f"a {name} bundle").strip().splitlines()[0])
         model_args(p)
         p.add_argument("--plan", default="postdiff", help=f"built-in plan ({plans_help()}) or a recipe JSON file (default: postdiff)")
@@ -23,6 +25,11 @@ def add_parser(sub) -> None:
             + ("; every graph of this backend has fixed shapes" if backend.fixed_shapes else ""),
         )
         p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at -o (only once the new one is complete)")
+        p.add_argument(
+            "--golden",
+            action="store_true",
+            help="also save golden.npz: each graph's first inputs and outputs and the final latent for seed 0, to test an app against",
+        )
         backend.add_options(p, "export")
 
 
@@ -42,6 +49,7 @@ def run(args) -> int:
         scheduler=args.scheduler,
         batch=args.batch,
         overwrite=args.overwrite,
+        golden=args.golden,
         log=log,
         **backend.options(args, "export"),
     )

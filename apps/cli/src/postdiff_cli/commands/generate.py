@@ -38,10 +38,10 @@ def run(args) -> int:
     from postdiff.errors import PostDiffError
     from postdiff_lab.images import save_png
 
-    given = [flag for flag in _runner_flags(args) if args.backend == backends.TORCH or flag[1] != args.backend]
+    given = [(flag, owners) for flag, owners in _runner_flags(args).items() if args.backend not in owners]
     if given:
-        flag, owner = given[0]
-        raise PostDiffError(f"{flag} is for exported runtimes ({owner}); add --backend {owner} and --bundle DIR")
+        flag, owners = given[0]
+        raise PostDiffError(f"{flag} is for exported runtimes ({', '.join(owners)}); add --backend {owners[0]} and --bundle DIR")
     if args.backend != backends.TORCH:
         return _from_bundle(args)
     if args.bundle:
@@ -55,15 +55,16 @@ def run(args) -> int:
     return 0
 
 
-def _runner_flags(args) -> list[tuple[str, str]]:
-    """(flag, backend) for every runner flag given on the command line (a value other than its default)."""
+def _runner_flags(args) -> dict[str, list[str]]:
+    """{flag: the backends that take it} for every runner flag given on the command line (a value other than its
+    default); a flag such as --static can belong to several backends."""
     from postdiff import backends
 
-    out = []
+    out: dict[str, list[str]] = {}
     for name, backend in backends.available().items():
         for dest in backend.runner_options:
             if getattr(args, dest, None) not in (None, False):
-                out.append(("--" + dest.replace("_", "-"), name))
+                out.setdefault("--" + dest.replace("_", "-"), []).append(name)
     return out
 
 

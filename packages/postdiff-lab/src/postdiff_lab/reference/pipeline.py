@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from postdiff.denoiser import TorchDenoiser
 from postdiff.errors import ModelError
 from postdiff.families import family_named
 from postdiff.plan import Plan
 from postdiff.recipe import Recipe, load_recipe
 from postdiff.sampling import compile_for_scheduler
+from postdiff.torch_denoiser import TorchDenoiser
 from postdiff.unet import UNetSplit, model_spec
 
 from .. import data

@@ -1,0 +1,575 @@
+"""The schedulers bundles name, in numpy: a bundle runs without PyTorch or diffusers.
+
+Each class follows its diffusers namesake (diffusers 0.42) step for step, with the same configuration keys, the
+same float32 arithmetic, the same timesteps and sigmas, and the same ``step_index``/``set_begin_index`` behaviour
+that the resolution switch relies on; ``tests/test_numpy_schedulers.py`` holds each to 1e-5 of diffusers over
+20-step runs, restarts included. Options a class does not implement are refused by name when it is built, never
+ignored. Noise (ancestral steps, LCM) comes from ``postdiff.torch_random`` generators, so that a seed draws what
+PyTorch draws.
+
+    DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+    DPMSolverMultistepScheduler (DPM-Solver++ 2M, Karras sigmas too), HeunDiscreteScheduler, LCMScheduler
+
+Why our own and not a library's: diffusers' schedulers are the reference but need PyTorch; the runtime this module
+serves is for machines without it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .errors import ModelError, brief
+from .torch_random import randn
+
+F32 = np.float32
+
+
+class SchedulerConfig(dict):
+    """A scheduler's configuration: a dict whose keys also read as attributes, like diffusers' ``FrozenDict``."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _betas(config) -> np.ndarray:
+    n = int(config.num_train_timesteps)
+    if config.get("trained_betas") is not None:
+        return np.asarray(config.trained_betas, dtype=F32)
+    if config.beta_schedule == "linear":
+        return np.linspace(config.beta_start, config.beta_end, n, dtype=np.float64).astype(F32)
+    if config.beta_schedule == "scaled_linear":
+        return np.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=np.float64).astype(F32) ** 2
+    if config.beta_schedule == "squaredcos_cap_v2":
+
+        def alpha_bar(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)], dtype=F32)
+    raise ModelError(f"beta_schedule {brief(config.beta_schedule)} is not implemented; use linear, scaled_linear or squaredcos_cap_v2")
+
+
+def _spaced_timesteps(config, n: int, dtype) -> np.ndarray:
+    """The inference timesteps of the Euler-family schedulers for ``timestep_spacing``."""
+    train = int(config.num_train_timesteps)
+    spacing = config.timestep_spacing
+    if spacing == "linspace":
+        return np.linspace(0, train - 1, n, dtype=np.float32)[::-1].copy().astype(dtype)
+    if spacing == "leading":
+        t = (np.arange(0, n) * (train // n)).round()[::-1].copy().astype(dtype)
+        return t + dtype(config.steps_offset)
+    if spacing == "trailing":
+        return np.arange(train, 0, -train / n).round().copy().astype(dtype) - dtype(1)
+    raise ModelError(f"timestep_spacing {brief(spacing)} is not supported; use linspace, leading or trailing")
+
+
+def _sigma_to_t(sigma, log_sigmas: np.ndarray):
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high = low + 1
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
+    return ((1 - w) * low + w * high).reshape(np.shape(sigma))
+
+
+def _karras(config, in_sigmas: np.ndarray, n: int) -> np.ndarray:
+    sigma_min = config.get("sigma_min") if config.get("sigma_min") is not None else float(in_sigmas[-1])
+    sigma_max = config.get("sigma_max") if config.get("sigma_max") is not None else float(in_sigmas[0])
+    rho = 7.0
+    ramp = np.linspace(0, 1, n)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+class NumpyScheduler:
+    """What the schedulers share: configuration, betas and ``alphas_cumprod``, and the step index."""
+
+    name = "base"
+    order = 1
+    defaults: dict[str, Any] = {}
+    # configuration values this implementation does not follow, refused when the scheduler is built: {key: allowed}
+    unsupported: dict[str, Any] = {
+        "rescale_betas_zero_snr": False,
+        "thresholding": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+    }
+
+    def __init__(self, **config) -> None:
+        # diffusers' from_config gives a key the new class's default when the source config only held its own
+        # class's default for it (``_use_default_values``): a DDIM config's "leading" spacing is not Euler's
+        defaulted = set(config.get("_use_default_values") or ())
+        given = {k: v for k, v in config.items() if not k.startswith("_") and k not in defaulted}
+        self.config = SchedulerConfig({**self.defaults, **given})
+        for key, allowed in self.unsupported.items():
+            value = self.config.get(key, allowed)
+            if value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
+                raise ModelError(
+                    f"{self.name}: {key}={value!r} is not implemented by PostDiff's numpy schedulers; run this bundle with "
+                    f"the PyTorch-backed runtime (install postdiff-core[torch]) or export it with another scheduler"
+                )
+        self.betas = _betas(self.config)
+        self.alphas = F32(1.0) - self.betas
+        # torch.cumprod accumulates float32 in double on CPU; so does this, to the same float32 values
+        self.alphas_cumprod = np.cumprod(self.alphas.astype(np.float64)).astype(F32)
+        self.num_inference_steps: int | None = None
+        self.timesteps = np.zeros(0)
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+
+    @classmethod
+    def from_config(cls, config: dict, **overrides) -> NumpyScheduler:
+        return cls(**{**dict(config), **overrides})
+
+    # -- the step index, as diffusers keeps it -------------------------------------------------------------------
+    @property
+    def step_index(self) -> int | None:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        self._begin_index = int(begin_index)
+
+    def index_for_timestep(self, timestep) -> int:
+        indices = np.nonzero(self.timesteps == timestep)[0]
+        if len(indices) == 0:
+            raise ModelError(f"{self.name}: timestep {timestep} is not one of this run's timesteps")
+        return int(indices[1 if len(indices) > 1 else 0])
+
+    def _init_step_index(self, timestep) -> None:
+        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+
+    def _reset(self) -> None:
+        self._step_index = None
+        self._begin_index = None
+
+    def scale_model_input(self, sample: np.ndarray, timestep=None) -> np.ndarray:
+        return sample
+
+    def _check_prediction(self, kinds=("epsilon", "sample", "v_prediction")) -> str:
+        kind = self.config.prediction_type
+        if kind not in kinds:
+            raise ModelError(f"{self.name}: prediction_type {brief(kind)} is not supported; use one of {', '.join(kinds)}")
+        return kind
+
+
+class DDIMScheduler(NumpyScheduler):
+    name = "DDIMScheduler"
+    defaults = dict(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None, clip_sample=True,
+        set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon", thresholding=False, clip_sample_range=1.0,
+        timestep_spacing="leading", rescale_betas_zero_snr=False,
+    )  # fmt: skip
+    init_noise_sigma = 1.0
+
+    def __init__(self, **config) -> None:
+        super().__init__(**config)
+        self.final_alpha_cumprod = F32(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
+        self._check_prediction()
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        n, train = int(num_inference_steps), int(self.config.num_train_timesteps)
+        if n > train:
+            raise ModelError(f"{n} steps is more than the {train} timesteps {self.name} was trained with")
+        self.num_inference_steps = n
+        spacing = self.config.timestep_spacing
+        if spacing == "linspace":
+            t = np.linspace(0, train - 1, n).round()[::-1].copy().astype(np.int64)
+        elif spacing == "leading":
+            t = (np.arange(0, n) * (train // n)).round()[::-1].copy().astype(np.int64) + int(self.config.steps_offset)
+        elif spacing == "trailing":
+            t = np.round(np.arange(train, 0, -train / n)).astype(np.int64) - 1
+        else:
+            raise ModelError(f"timestep_spacing {brief(spacing)} is not supported; use linspace, leading or trailing")
+        self.timesteps = t
+
+    def _variance(self, t: int, prev: int):
+        a_t = self.alphas_cumprod[t]
+        a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
+        return ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)
+
+    def step(self, model_output, timestep, sample, eta: float = 0.0, generator=None, return_dict: bool = False):
+        if self.num_inference_steps is None:
+            raise ModelError("set_timesteps must be called before step")
+        t = int(timestep)
+        prev = t - int(self.config.num_train_timesteps) // self.num_inference_steps
+        a_t = self.alphas_cumprod[t]
+        a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
+        b_t = 1 - a_t
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            x0 = (sample - b_t ** (0.5) * model_output) / a_t ** (0.5)
+            eps = model_output
+        elif kind == "sample":
+            x0 = model_output
+            eps = (sample - a_t ** (0.5) * x0) / b_t ** (0.5)
+        else:
+            x0 = (a_t**0.5) * sample - (b_t**0.5) * model_output
+            eps = (a_t**0.5) * model_output + (b_t**0.5) * sample
+        if self.config.clip_sample:
+            limit = self.config.clip_sample_range
+            x0 = np.clip(x0, -limit, limit)
+        std = eta * self._variance(t, prev) ** (0.5)
+        prev_sample = a_prev ** (0.5) * x0 + (1 - a_prev - std**2) ** (0.5) * eps
+        if eta > 0:
+            prev_sample = prev_sample + std * randn(model_output.shape, generator)
+        return prev_sample, x0
+
+
+class _SigmaScheduler(NumpyScheduler):
+    """Euler, Euler ancestral and Heun: samples in sigma space, the UNet input scaled by 1/sqrt(sigma^2 + 1)."""
+
+    predictions = ("epsilon", "sample", "v_prediction")
+
+    def __init__(self, **config) -> None:
+        super().__init__(**config)
+        self._check_prediction(self.predictions)
+        self.sigmas = np.concatenate([self._train_sigmas()[::-1], [0.0]]).astype(F32)
+
+    def _inference_sigmas(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(timesteps, sigmas) of an ``n``-step run: spaced timesteps, sigmas interpolated at them, or Karras sigmas
+        and the timesteps they fall at."""
+        timesteps = _spaced_timesteps(self.config, n, np.float32)
+        sigmas = self._train_sigmas()
+        log_sigmas = np.log(sigmas)
+        sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
+        if self.config.get("use_karras_sigmas"):
+            sigmas = _karras(self.config, sigmas, n)
+            timesteps = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
+        return timesteps, sigmas
+
+    @property
+    def init_noise_sigma(self):
+        top = self.sigmas.max()
+        return top if self.config.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
+
+    def _train_sigmas(self) -> np.ndarray:
+        return np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5)
+
+    def scale_model_input(self, sample, timestep=None):
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        sigma = self.sigmas[self._step_index]
+        return sample / (sigma**2 + 1) ** 0.5
+
+
+class EulerDiscreteScheduler(_SigmaScheduler):
+    name = "EulerDiscreteScheduler"
+    defaults = dict(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
+        prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False, use_exponential_sigmas=False,
+        use_beta_sigmas=False, sigma_min=None, sigma_max=None, timestep_spacing="linspace", timestep_type="discrete",
+        steps_offset=0, rescale_betas_zero_snr=False, final_sigmas_type="zero",
+    )  # fmt: skip
+    unsupported = {**NumpyScheduler.unsupported, "timestep_type": "discrete", "interpolation_type": "linear"}
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        n = self.num_inference_steps = int(num_inference_steps)
+        timesteps, sigmas = self._inference_sigmas(n)
+        last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5 if self.config.final_sigmas_type == "sigma_min" else 0
+        self.sigmas = np.concatenate([sigmas, [last]]).astype(F32)
+        self.timesteps = timesteps.astype(np.float32)
+        self._reset()
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = False):
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        sample = sample.astype(F32, copy=False)
+        sigma = self.sigmas[self._step_index]
+        kind = self.config.prediction_type
+        if kind == "sample":
+            x0 = model_output
+        elif kind == "epsilon":
+            x0 = sample - sigma * model_output
+        else:
+            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+        derivative = (sample - x0) / sigma
+        prev_sample = sample + derivative * (self.sigmas[self._step_index + 1] - sigma)
+        self._step_index += 1
+        return prev_sample.astype(model_output.dtype, copy=False), x0
+
+
+class EulerAncestralDiscreteScheduler(_SigmaScheduler):
+    name = "EulerAncestralDiscreteScheduler"
+    defaults = dict(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
+        prediction_type="epsilon", timestep_spacing="linspace", steps_offset=0, rescale_betas_zero_snr=False,
+    )  # fmt: skip
+
+    predictions = ("epsilon", "v_prediction")
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        n = self.num_inference_steps = int(num_inference_steps)
+        timesteps, sigmas = self._inference_sigmas(n)
+        self.sigmas = np.concatenate([sigmas, [0.0]]).astype(F32)
+        self.timesteps = timesteps
+        self._reset()
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = False):
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        sigma = self.sigmas[self._step_index]
+        sample = sample.astype(F32, copy=False)
+        if self.config.prediction_type == "epsilon":
+            x0 = sample - sigma * model_output
+        else:
+            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+        sigma_to = self.sigmas[self._step_index + 1]
+        sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        prev_sample = sample + (sample - x0) / sigma * (sigma_down - sigma)
+        prev_sample = prev_sample + randn(model_output.shape, generator) * sigma_up
+        self._step_index += 1
+        return prev_sample.astype(model_output.dtype, copy=False), x0
+
+
+class HeunDiscreteScheduler(_SigmaScheduler):
+    name = "HeunDiscreteScheduler"
+    order = 2
+    defaults = dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="linear", trained_betas=None,
+        prediction_type="epsilon", use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+        clip_sample=False, clip_sample_range=1.0, timestep_spacing="linspace", steps_offset=0,
+    )  # fmt: skip
+
+    def __init__(self, **config) -> None:
+        super().__init__(**config)
+        self.dt = None
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        n = self.num_inference_steps = int(num_inference_steps)
+        timesteps, sigmas = self._inference_sigmas(n)
+        sigmas = np.concatenate([sigmas, [0.0]]).astype(F32)
+        self.sigmas = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])
+        timesteps = np.asarray(timesteps, dtype=np.float32)
+        self.timesteps = np.concatenate([timesteps[:1], np.repeat(timesteps[1:], 2)])
+        self.prev_derivative = self.dt = self.sample = None
+        self._reset()
+
+    @property
+    def state_in_first_order(self) -> bool:
+        return self.dt is None
+
+    def step(self, model_output, timestep, sample, return_dict: bool = False):
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        first = self.state_in_first_order
+        i = self._step_index
+        sigma, sigma_next = (self.sigmas[i], self.sigmas[i + 1]) if first else (self.sigmas[i - 1], self.sigmas[i])
+        sigma_input = sigma if first else sigma_next
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            x0 = sample - sigma_input * model_output
+        elif kind == "v_prediction":
+            x0 = model_output * (-sigma_input / (sigma_input**2 + 1) ** 0.5) + sample / (sigma_input**2 + 1)
+        else:
+            x0 = model_output
+        if self.config.clip_sample:
+            x0 = np.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
+        if first:
+            derivative = (sample - x0) / sigma
+            dt = sigma_next - sigma
+            self.prev_derivative, self.dt, self.sample = derivative, dt, sample
+        else:
+            derivative = (self.prev_derivative + (sample - x0) / sigma_next) / 2
+            dt, sample = self.dt, self.sample
+            self.prev_derivative = self.dt = self.sample = None
+        self._step_index += 1
+        return sample + derivative * dt, x0
+
+
+class DPMSolverMultistepScheduler(NumpyScheduler):
+    """DPM-Solver++ of order 1 or 2 (the "2M" sampler), with Karras sigmas as an option."""
+
+    name = "DPMSolverMultistepScheduler"
+    defaults = dict(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None, solver_order=2,
+        prediction_type="epsilon", thresholding=False, algorithm_type="dpmsolver++", solver_type="midpoint",
+        lower_order_final=True, euler_at_final=False, use_karras_sigmas=False, use_exponential_sigmas=False,
+        use_beta_sigmas=False, use_lu_lambdas=False, use_flow_sigmas=False, final_sigmas_type="zero",
+        lambda_min_clipped=-float("inf"), variance_type=None, timestep_spacing="linspace", steps_offset=0,
+        rescale_betas_zero_snr=False, use_dynamic_shifting=False,
+    )  # fmt: skip
+    unsupported = {
+        **NumpyScheduler.unsupported,
+        "algorithm_type": "dpmsolver++",
+        "solver_order": (1, 2),
+        "use_lu_lambdas": False,
+        "use_flow_sigmas": False,
+        "variance_type": None,
+        "lambda_min_clipped": -float("inf"),
+        "use_dynamic_shifting": False,
+    }
+    init_noise_sigma = 1.0
+
+    def __init__(self, **config) -> None:
+        super().__init__(**config)
+        self._check_prediction()
+        self.order = int(self.config.solver_order)
+        self.sigmas = np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5)
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        n, train = int(num_inference_steps), int(self.config.num_train_timesteps)
+        spacing = self.config.timestep_spacing
+        if spacing == "linspace":
+            t = np.linspace(0, train - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+        elif spacing == "leading":
+            t = (np.arange(0, n + 1) * (train // (n + 1))).round()[::-1][:-1].copy().astype(np.int64) + int(self.config.steps_offset)
+        elif spacing == "trailing":
+            t = np.arange(train, 0, -train / n).round().copy().astype(np.int64) - 1
+        else:
+            raise ModelError(f"timestep_spacing {brief(spacing)} is not supported; use linspace, leading or trailing")
+        sigmas = np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5)
+        log_sigmas = np.log(sigmas)
+        if self.config.use_karras_sigmas:
+            sigmas = _karras(self.config, np.flip(sigmas).copy(), n)
+            t = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
+            if self.config.beta_schedule != "squaredcos_cap_v2":
+                t = t.round()
+        else:
+            sigmas = np.interp(t, np.arange(0, len(sigmas)), sigmas)
+        last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5 if self.config.final_sigmas_type == "sigma_min" else 0
+        self.sigmas = np.concatenate([sigmas, [last]]).astype(F32)
+        self.timesteps = np.asarray(t).astype(np.int64)
+        self.num_inference_steps = len(self.timesteps)
+        self.model_outputs = [None] * self.order
+        self.lower_order_nums = 0
+        self._reset()
+
+    def _sigma_to_alpha_sigma_t(self, sigma):
+        alpha_t = 1 / (sigma**2 + 1) ** 0.5
+        return alpha_t, sigma * alpha_t
+
+    def _lambda(self, i: int):
+        alpha, sigma = self._sigma_to_alpha_sigma_t(self.sigmas[i])
+        with np.errstate(divide="ignore"):  # the final sigma is 0: lambda is +inf and the step returns x0, as in torch
+            return alpha, sigma, np.log(alpha) - np.log(sigma)
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = False):
+        if self.num_inference_steps is None:
+            raise ModelError("set_timesteps must be called before step")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        i, last = self._step_index, len(self.timesteps)
+        lower_final = i == last - 1 and (
+            self.config.euler_at_final or (self.config.lower_order_final and last < 15) or self.config.final_sigmas_type == "zero"
+        )
+        # the data prediction (DPM-Solver++ works on x0)
+        kind = self.config.prediction_type
+        alpha_s0, sigma_s0, lambda_s0 = self._lambda(i)
+        if kind == "epsilon":
+            x0 = (sample - sigma_s0 * model_output) / alpha_s0
+        elif kind == "sample":
+            x0 = model_output
+        else:
+            x0 = alpha_s0 * sample - sigma_s0 * model_output
+        self.model_outputs = [*self.model_outputs[1:], x0]
+        sample = sample.astype(F32, copy=False)
+        alpha_t, sigma_t, lambda_t = self._lambda(i + 1)
+        h = lambda_t - lambda_s0
+        if self.order == 1 or self.lower_order_nums < 1 or lower_final:
+            prev_sample = sigma_t / sigma_s0 * sample - alpha_t * (np.exp(-h) - 1.0) * x0
+        else:
+            _, _, lambda_s1 = self._lambda(i - 1)
+            m0, m1 = self.model_outputs[-1], self.model_outputs[-2]
+            r0 = (lambda_s0 - lambda_s1) / h
+            d1 = 1.0 / r0 * (m0 - m1)
+            if self.config.solver_type == "midpoint":
+                prev_sample = sigma_t / sigma_s0 * sample - alpha_t * (np.exp(-h) - 1.0) * m0 - 0.5 * (alpha_t * (np.exp(-h) - 1.0)) * d1
+            else:
+                prev_sample = (
+                    sigma_t / sigma_s0 * sample - alpha_t * (np.exp(-h) - 1.0) * m0 + alpha_t * ((np.exp(-h) - 1.0) / h + 1.0) * d1
+                )
+        if self.lower_order_nums < self.order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        return prev_sample.astype(model_output.dtype, copy=False), x0
+
+
+class LCMScheduler(NumpyScheduler):
+    name = "LCMScheduler"
+    defaults = dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", trained_betas=None,
+        original_inference_steps=50, clip_sample=False, clip_sample_range=1.0, set_alpha_to_one=True, steps_offset=0,
+        prediction_type="epsilon", thresholding=False, timestep_spacing="leading", timestep_scaling=10.0,
+        rescale_betas_zero_snr=False,
+    )  # fmt: skip
+    init_noise_sigma = 1.0
+
+    def __init__(self, **config) -> None:
+        super().__init__(**config)
+        self._check_prediction()
+        self.final_alpha_cumprod = F32(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        n, train = int(num_inference_steps), int(self.config.num_train_timesteps)
+        original = int(self.config.original_inference_steps)
+        if original > train or n > original:
+            raise ModelError(f"{self.name}: {n} steps needs at most {original} steps (original_inference_steps) of {train}")
+        origin = (np.asarray(list(range(1, original + 1))) * (train // original) - 1)[::-1].copy()
+        indices = np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)
+        self.timesteps = origin[indices].astype(np.int64)
+        self.num_inference_steps = n
+        self._reset()
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = False):
+        if self.num_inference_steps is None:
+            raise ModelError("set_timesteps must be called before step")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        t = int(timestep)
+        nxt = self._step_index + 1
+        prev_t = int(self.timesteps[nxt]) if nxt < len(self.timesteps) else t
+        a_t = self.alphas_cumprod[t]
+        a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        b_t = 1 - a_t
+        scaled = t * self.config.timestep_scaling
+        c_skip = 0.5**2 / (scaled**2 + 0.5**2)
+        c_out = scaled / (scaled**2 + 0.5**2) ** 0.5
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            x0 = (sample - np.sqrt(b_t) * model_output) / np.sqrt(a_t)
+        elif kind == "sample":
+            x0 = model_output
+        else:
+            x0 = np.sqrt(a_t) * sample - np.sqrt(b_t) * model_output
+        if self.config.clip_sample:
+            x0 = np.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
+        denoised = c_out * x0 + c_skip * sample
+        if self._step_index != self.num_inference_steps - 1:
+            prev_sample = np.sqrt(a_prev) * denoised + np.sqrt(1 - a_prev) * randn(model_output.shape, generator)
+        else:
+            prev_sample = denoised
+        self._step_index += 1
+        return prev_sample.astype(np.float32, copy=False), denoised
+
+
+SCHEDULERS: dict[str, type[NumpyScheduler]] = {
+    cls.name: cls
+    for cls in (
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        EulerAncestralDiscreteScheduler,
+        DPMSolverMultistepScheduler,
+        HeunDiscreteScheduler,
+        LCMScheduler,
+    )
+}
+
+
+def numpy_scheduler(name: str, config: dict) -> NumpyScheduler:
+    """The numpy scheduler of diffusers class ``name``, from a diffusers scheduler configuration."""
+    cls = SCHEDULERS.get(str(name))
+    if cls is None:
+        raise ModelError(
+            f"scheduler {brief(name)} has no numpy implementation; the runtime without PyTorch has {', '.join(SCHEDULERS)}. "
+            f"Export with one of them, or run with the PyTorch-backed runtime (install postdiff-core[torch])"
+        )
+    return cls.from_config(config)

@@ -1,0 +1,49 @@
+"""The PyTorch reference Denoiser: plan steps run with the PyTorch UNet split (every backend is compared with it)."""
+
+from __future__ import annotations
+
+import torch
+
+from .conditioning import Conditioning
+from .denoiser import StepCaches
+from .plan import Step
+from .profiling import timed_call
+from .unet import UNetSplit
+
+
+class TorchDenoiser:
+    """Runs plan steps with the PyTorch UNet split (the reference every backend is compared with)."""
+
+    def __init__(self, split: UNetSplit) -> None:
+        self.split = split
+        self.caches = StepCaches()
+
+    def reset(self) -> None:
+        self.caches.clear()
+
+    @torch.no_grad()
+    def __call__(self, step: Step, sample: torch.Tensor, timestep, cond: Conditioning) -> torch.Tensor:
+        caches = self.caches
+        caches.begin(step, tuple(sample.shape[-2:]))
+        variant = step.variant
+        indices = self.split.xattn_indices(variant)
+        deep = caches.deep_for(step, cond) if step.unet == "shallow" else None
+        xattn = caches.xattn_for(step, indices) if step.xattn == "cached" else ()
+        with timed_call(variant, step.latent_hw, sample.shape[0]):
+            out = self.split.forward(
+                variant,
+                sample,
+                timestep,
+                cond.encoder_hidden_states,
+                cond.text_embeds,
+                cond.time_ids,
+                deep,
+                xattn,
+                cond.timestep_cond,
+                cond.cross_attention_kwargs,
+            )
+        if step.unet == "full":
+            caches.keep_deep(step, out[1], cond)
+        if step.xattn == "capture":
+            caches.keep_xattn(step, indices, out[2:], cond)
+        return out[0]

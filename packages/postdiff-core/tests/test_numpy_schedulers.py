@@ -1,0 +1,110 @@
+"""The numpy schedulers of the runtime without PyTorch against their diffusers namesakes: every step of 20-step runs
+within 1e-5, including a restart at a plan index (``set_timesteps`` + ``set_begin_index``, the resolution switch)."""
+
+from __future__ import annotations
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+from postdiff.errors import ModelError
+from postdiff.numpy_schedulers import SCHEDULERS, numpy_scheduler
+from postdiff.torch_random import TorchGenerator
+
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+CASES = [
+    ("DDIMScheduler", SD),
+    ("DDIMScheduler", dict(SD, prediction_type="v_prediction", timestep_spacing="trailing")),
+    ("DDIMScheduler", dict(beta_schedule="squaredcos_cap_v2", clip_sample=True)),
+    ("EulerDiscreteScheduler", SD),
+    ("EulerDiscreteScheduler", dict(SD, use_karras_sigmas=True, prediction_type="v_prediction")),
+    ("EulerDiscreteScheduler", dict(SD, timestep_spacing="leading")),
+    ("EulerAncestralDiscreteScheduler", SD),
+    ("EulerAncestralDiscreteScheduler", dict(SD, timestep_spacing="trailing")),
+    ("DPMSolverMultistepScheduler", SD),
+    ("DPMSolverMultistepScheduler", dict(SD, use_karras_sigmas=True)),
+    ("DPMSolverMultistepScheduler", dict(SD, prediction_type="v_prediction", solver_type="heun", timestep_spacing="trailing")),
+    ("HeunDiscreteScheduler", SD),
+    ("HeunDiscreteScheduler", dict(SD, use_karras_sigmas=True)),
+    ("LCMScheduler", dict(SD, timestep_spacing="leading")),
+]
+
+
+def fake_unet(x: np.ndarray, t: float) -> np.ndarray:
+    """A smooth function of the sample and the timestep, standing in for a UNet (the same for both sides)."""
+    return np.tanh(0.7 * x + np.float32(t / 1000.0)).astype(np.float32)
+
+
+def run(scheduler, steps: int, restart: int | None, generator, to_array, from_array):
+    scheduler.set_timesteps(steps)
+    n = len(scheduler.timesteps)
+    x = to_array(np.linspace(-2, 2, 2 * 4 * 6 * 6, dtype=np.float32).reshape(2, 4, 6, 6)) * scheduler.init_noise_sigma
+    out = []
+    for i in range(n):
+        if restart is not None and i == restart:
+            scheduler.set_timesteps(steps)
+            if hasattr(scheduler, "set_begin_index"):  # as PlanRun restarts (DDIM steps by timestep and has none)
+                scheduler.set_begin_index(i)
+        t = scheduler.timesteps[i]
+        model_in = scheduler.scale_model_input(x, t)
+        eps = to_array(fake_unet(from_array(model_in), float(t)))
+        kwargs = {"generator": generator} if "generator" in scheduler.step.__code__.co_varnames else {}
+        x = scheduler.step(eps, t, x, **kwargs, return_dict=False)[0]
+        out.append(from_array(x).copy())
+    return out
+
+
+@pytest.mark.parametrize("name,config", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+@pytest.mark.parametrize("restart", [None, 7])
+def test_numpy_scheduler_matches_diffusers(name, config, restart):
+    ref = getattr(diffusers, name).from_config(config)
+    ours = numpy_scheduler(name, dict(ref.config))
+    ref.set_timesteps(20)
+    ours.set_timesteps(20)
+    # torch.linspace (the betas) rounds a few float32 values the other way: timesteps derived from sigmas (Karras)
+    # agree to about 5e-6 relative, the rest exactly
+    np.testing.assert_allclose(ours.timesteps.astype(np.float64), ref.timesteps.numpy().astype(np.float64), rtol=1e-5)
+    if hasattr(ref, "sigmas") and hasattr(ours, "sigmas"):
+        np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=1e-5)
+    assert float(ours.init_noise_sigma) == pytest.approx(float(ref.init_noise_sigma), rel=1e-5)
+    a = run(ref, 20, restart, torch.Generator().manual_seed(3), torch.from_numpy, lambda x: x.numpy())
+    b = run(ours, 20, restart, TorchGenerator(3), lambda x: x, lambda x: x)
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        scale = max(1.0, float(np.abs(x).max()))
+        assert np.abs(x - y).max() <= 1e-5 * scale, f"{name} step {i}: {np.abs(x - y).max()}"
+
+
+def test_every_named_scheduler_is_tested():
+    assert {name for name, _ in CASES} == set(SCHEDULERS)
+
+
+def test_unknown_and_unsupported_schedulers_are_refused_by_name():
+    with pytest.raises(ModelError, match="PNDMScheduler.*no numpy implementation"):
+        numpy_scheduler("PNDMScheduler", {})
+    with pytest.raises(ModelError, match="thresholding"):
+        numpy_scheduler("DDIMScheduler", {"thresholding": True})
+    with pytest.raises(ModelError, match="algorithm_type"):
+        numpy_scheduler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"})
+
+
+def test_torch_generator_draws_what_torch_draws():
+    for seed in (0, 7, 5_000_015, 2**33 + 5):
+        g, h = torch.Generator().manual_seed(seed), TorchGenerator(seed)
+        for shape in ((1, 4, 8, 8), (3, 5, 7), (2, 1, 13, 9)):
+            np.testing.assert_allclose(h.randn(shape), torch.randn(shape, generator=g).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_a_config_saved_by_another_scheduler_class_reads_as_diffusers_reads_it(name):
+    """A bundle stores its pipeline's scheduler config (DDIM's, say); switching to another class must give the
+    keys that config only held as DDIM defaults (``_use_default_values``) the new class's defaults, as diffusers does."""
+    saved = dict(diffusers.DDIMScheduler(**SD).config)
+    saved["_use_default_values"] = ["timestep_spacing", "clip_sample_range"]
+    saved["timestep_spacing"] = "leading"
+    ref, ours = getattr(diffusers, name).from_config(saved), numpy_scheduler(name, saved)
+    assert ours.config.get("timestep_spacing") == ref.config.get("timestep_spacing")
+    ref.set_timesteps(10)
+    ours.set_timesteps(10)
+    np.testing.assert_allclose(ours.timesteps.astype(np.float64), ref.timesteps.numpy().astype(np.float64), rtol=1e-5)

@@ -1,0 +1,90 @@
+"""OpenVINO as a ``GraphRunner`` over an ONNX bundle's graphs: one compiled model per graph file, compiled on first
+use for the chosen device and precision. Everything above "run this graph" is ``postdiff.bundle_runtime``.
+
+Precision: OpenVINO's CPU plugin computes in bf16 by default on CPUs that have it, which moves a whole image by
+up to 3e-2; PostDiff asks for f32 unless ``precision="bf16"`` is chosen, so that an OpenVINO image equals the
+ONNX Runtime one. NPUs compile fixed shapes only: they need the bundle's ``--static`` graphs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from postdiff.bundle import Graph
+from postdiff.bundle_runtime import BundlePipeline
+from postdiff.bundle_runtime import load_bundle as open_bundle
+from postdiff.errors import BundleError
+
+DEVICES = ("CPU", "GPU", "NPU")
+PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}  # --precision -> INFERENCE_PRECISION_HINT
+
+
+def check_options(device: str = "CPU", precision: str = "f32", static: bool = False) -> None:
+    if device.split(".")[0] not in DEVICES:
+        raise BundleError(f"unknown OpenVINO device {device!r}; use one of {', '.join(DEVICES)} (GPU.1 picks a second GPU)")
+    if precision not in PRECISIONS:
+        raise BundleError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)} (default f32)")
+    if device.startswith("NPU") and not static:
+        raise BundleError(
+            "the NPU compiles fixed shapes only: run the bundle's static graphs with --static (export it with "
+            "postdiff export onnx --static)"
+        )
+
+
+def core():
+    import openvino as ov
+
+    return ov.Core()
+
+
+class OpenVINORunner:
+    """One ``CompiledModel`` per graph file of an ONNX bundle, on ``device`` with ``precision``."""
+
+    def __init__(self, folder: Path, *, device: str = "CPU", precision: str = "f32", threads: int | None = None) -> None:
+        self.folder, self.device, self.precision, self.threads = Path(folder), device, precision, threads
+        self.core = core()
+        if device.split(".")[0] not in {d.split(".")[0] for d in self.core.available_devices}:
+            raise BundleError(f"OpenVINO has no {device} device here (it has {', '.join(self.core.available_devices) or 'none'})")
+        self.compiled: dict[str, object] = {}
+
+    def config(self) -> dict:
+        config = {"INFERENCE_PRECISION_HINT": PRECISIONS[self.precision]}
+        if self.threads and self.device == "CPU":
+            config["INFERENCE_NUM_THREADS"] = int(self.threads)
+        return config
+
+    def model(self, graph: Graph):
+        if graph.file not in self.compiled:
+            try:
+                self.compiled[graph.file] = self.core.compile_model(str(self.folder / graph.file), self.device, self.config())
+            except Exception as exc:  # openvino raises RuntimeError with multi-line messages
+                raise BundleError(
+                    f"OpenVINO cannot compile {graph.file} for {self.device}: {str(exc).strip().splitlines()[0][:300]}"
+                ) from None
+        return self.compiled[graph.file]
+
+    def load(self, graph: Graph) -> None:
+        self.model(graph)
+
+    def run(self, graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # inputs are checked against the manifest by postdiff.bundle_runtime.CheckedRunner
+        compiled = self.model(graph)
+        result = compiled(feeds)
+        return {name: np.asarray(result[compiled.output(name)]) for name in graph.output_names}
+
+
+def load_bundle(
+    folder: str | Path,
+    *,
+    device: str = "CPU",
+    precision: str = "f32",
+    static: bool = False,
+    threads: int | None = None,
+    verify: bool = True,
+) -> BundlePipeline:
+    """Open an ONNX bundle with OpenVINO after checking its manifest and the checksum of every file."""
+    from .backend import OpenVINOBackend
+
+    return open_bundle(folder, OpenVINOBackend(), verify=verify, device=device, precision=precision, static=static, threads=threads)

@@ -1,0 +1,74 @@
+"""OpenVINO running ONNX bundles: each graph and the whole image against ONNX Runtime (f32 by default), the
+precision and device options, and the NPU's need for static graphs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino", reason="the openvino runtime is not installed (pip install -e packages/postdiff-openvino)")
+
+from postdiff_openvino import OpenVINORunner, load_bundle  # noqa: E402
+
+from postdiff.bundle import read_manifest  # noqa: E402
+from postdiff.errors import BundleError, PostDiffError  # noqa: E402
+from postdiff_lab.metrics import psnr, tensor_psnr  # noqa: E402
+from postdiff_onnx.runtime import OrtRunner  # noqa: E402
+from postdiff_onnx.runtime import load_bundle as load_onnx  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bundle(export_once):
+    return export_once("onnx", "reference", "postdiff", static=True, golden=True)  # the ONNX tests' bundle, exported once
+
+
+class BothRunners:
+    """Runs every graph call of a generation in ONNX Runtime and OpenVINO on the same inputs; keeps the lowest PSNR
+    per graph and hands ONNX Runtime's outputs on."""
+
+    def __init__(self, folder):
+        self.ov, self.ort = OpenVINORunner(folder), OrtRunner(folder)
+        self.scores: dict[str, float] = {}
+
+    def load(self, graph):
+        self.ov.load(graph)
+        self.ort.load(graph)
+
+    def run(self, graph, feeds):
+        a, b = self.ov.run(graph, feeds), self.ort.run(graph, feeds)
+        score = min(tensor_psnr(a[n], b[n]) for n in graph.output_names)
+        self.scores[graph.name] = min(score, self.scores.get(graph.name, float("inf")))
+        return b
+
+
+def test_every_graph_agrees_with_onnx_runtime_at_f32(bundle):
+    """Each graph the postdiff plan runs (full, capture, shallow, cached, at both sizes; the class encoder), on the
+    inputs a real generation feeds it."""
+    from postdiff.bundle_runtime import BundlePipeline
+
+    folder, manifest = read_manifest(bundle, "onnx")
+    both = BothRunners(folder)
+    BundlePipeline(folder, manifest, both).generate([3, 9], seed=2)
+    assert len(both.scores) >= 5, both.scores
+    assert min(both.scores.values()) >= 60.0, both.scores
+
+
+def test_whole_image_agrees_with_onnx_runtime_and_bf16_is_opt_in(bundle):
+    a = load_bundle(bundle).generate([3, 9], seed=2)
+    b = load_onnx(bundle).generate([3, 9], seed=2)
+    scores = [psnr(x, y) for x, y in zip(a, b)]
+    assert min(scores) >= 60.0, scores
+    c = load_bundle(bundle, precision="bf16").generate([3], seed=2)
+    assert np.isfinite(c).all() and c.shape == a[:1].shape
+
+
+def test_static_graphs_run_and_npu_needs_them(bundle):
+    a = load_bundle(bundle, static=True).generate([3], seed=1)
+    b = load_onnx(bundle, static=True).generate([3], seed=1)
+    assert psnr(a[0], b[0]) >= 60.0
+    with pytest.raises(BundleError, match="NPU compiles fixed shapes only.*--static"):
+        load_bundle(bundle, device="NPU")
+    with pytest.raises(BundleError, match="unknown OpenVINO device 'TPU'"):
+        load_bundle(bundle, device="TPU")
+    with pytest.raises(PostDiffError, match="unknown precision 'fp8'"):
+        load_bundle(bundle, precision="fp8")
