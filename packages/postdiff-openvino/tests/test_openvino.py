@@ -72,3 +72,17 @@ def test_static_graphs_run_and_npu_needs_them(bundle):
         load_bundle(bundle, device="TPU")
     with pytest.raises(PostDiffError, match="unknown precision 'fp8'"):
         load_bundle(bundle, precision="fp8")
+
+
+def test_command_line(bundle, tmp_path, capsys):
+    from postdiff_cli.main import main as cli
+
+    out = tmp_path / "boot.png"
+    assert cli(["generate", "--backend", "openvino", "--bundle", str(bundle), "--prompt", "Ankle boot", "-o", str(out)]) == 0
+    assert out.is_file() and "openvino" in capsys.readouterr().out
+    assert cli(["generate", "--backend", "openvino", "--bundle", str(bundle), "--device", "NPU", "-o", str(tmp_path / "n.png")]) == 2
+    assert "--static" in capsys.readouterr().err and not (tmp_path / "n.png").exists()
+    # --static belongs to both ONNX backends; --provider to ONNX Runtime only
+    assert cli(["generate", "--backend", "openvino", "--bundle", str(bundle), "--static", "-o", str(tmp_path / "s.png")]) == 0
+    assert cli(["generate", "--backend", "openvino", "--bundle", str(bundle), "--provider", "CPUExecutionProvider"]) == 2
+    assert "--provider is for exported runtimes (onnx)" in capsys.readouterr().err

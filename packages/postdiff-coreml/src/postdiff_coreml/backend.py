@@ -12,6 +12,8 @@ from postdiff.bundle import Manifest
 
 
 class CoreMLBackend(Backend):
+    """a Core ML bundle: one multifunction .mlpackage with shared weights (runs on macOS)"""
+
     name = "coreml"
     package = "postdiff-coreml"
     runs_on = "Darwin"

@@ -12,6 +12,8 @@ from .session import DEFAULT_PROVIDER
 
 
 class OnnxBackend(Backend):
+    """an ONNX bundle: graphs with cache inputs and outputs, one weights file (ONNX Runtime, OpenVINO)"""
+
     name = "onnx"
     package = "postdiff-onnx"
     runner_options = ("provider", "threads", "static")
