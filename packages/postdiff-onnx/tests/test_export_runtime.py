@@ -262,3 +262,14 @@ def test_ort_runtime_passes_its_bundles_golden_file(bundles):
     # the golden values are specific: another seed's final latent is far from them
     pipe.generate([entry["condition"]], seed=1)
     assert tensor_psnr(pipe.final_latents, golden["final_latent"]) < 30.0
+
+
+def test_low_memory_sessions_give_the_same_images(bundles):
+    """--low-memory (no per-session weight re-layout or pre-packing) changes where the weights live, not the result."""
+    a = load_bundle(bundles("reference")).generate([3, 9], seed=8)
+    low = load_bundle(bundles("reference"), low_memory=True)
+    b = low.generate([3, 9], seed=8)
+    assert min(psnr(x, y) for x, y in zip(a, b)) >= 60.0
+    assert low.runner.low_memory and all(
+        s.get_session_options().graph_optimization_level.name == "ORT_ENABLE_EXTENDED" for s in low.runner.sessions.values()
+    )

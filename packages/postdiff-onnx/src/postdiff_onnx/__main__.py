@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")
     r.add_argument("--provider", default=None, help="ONNX Runtime execution provider (default: CPUExecutionProvider)")
     r.add_argument("--static", action="store_true", help="run the bundle's fixed-shape graphs (exported with --static)")
+    r.add_argument(
+        "--low-memory", action="store_true", help="sessions keep to the bundle's one copy of the weights (slower kernels may result)"
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -55,7 +58,9 @@ def run(args) -> int:
     output = Path(args.output)
     if output.suffix.lower() != ".png":
         raise PostDiffError(f"{output}: the output is a PNG file; give a name ending in .png")
-    pipe = load_bundle(args.bundle, provider=args.provider or DEFAULT_PROVIDER, threads=args.threads, static=args.static)
+    pipe = load_bundle(
+        args.bundle, provider=args.provider or DEFAULT_PROVIDER, threads=args.threads, static=args.static, low_memory=args.low_memory
+    )
     plan = pipe.compile(args.plan, args.steps, args.scheduler)
     if pipe.plan_note:
         print(f"postdiff_onnx: note: {pipe.plan_note}", file=sys.stderr)

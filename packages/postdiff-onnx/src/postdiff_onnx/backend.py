@@ -16,7 +16,7 @@ class OnnxBackend(Backend):
 
     name = "onnx"
     package = "postdiff-onnx"
-    runner_options = ("provider", "threads", "static")
+    runner_options = ("provider", "threads", "static", "low_memory")
     export_module = "postdiff_onnx.export"
     export_needs = (*Backend.export_needs, "onnx", "onnxscript")
 
@@ -42,6 +42,12 @@ class OnnxBackend(Backend):
             parser.add_argument(
                 "--static", action="store_true", default=None, help="run the bundle's fixed-shape graphs (exported with --static)"
             )
+            parser.add_argument(
+                "--low-memory",
+                action="store_true",
+                default=None,
+                help="ONNX Runtime sessions keep to the bundle's one copy of the weights (no per-session re-layout or pre-packing)",
+            )
 
     def options(self, args, command: str) -> dict:
         if command == "export":
@@ -50,6 +56,7 @@ class OnnxBackend(Backend):
             "provider": getattr(args, "provider", None) or DEFAULT_PROVIDER,
             "threads": args.threads,
             "static": bool(getattr(args, "static", False)),
+            "low_memory": bool(getattr(args, "low_memory", False)),
         }
 
     def check_export(self, **options) -> None:
@@ -69,10 +76,17 @@ class OnnxBackend(Backend):
         return {"precision": precision, "tools": {**tool_versions("onnx", "onnxruntime", "onnxscript"), "opset": str(opset)}}
 
     def open_runner(
-        self, folder: Path, manifest: Manifest, *, provider: str = DEFAULT_PROVIDER, threads: int | None = None, static: bool = False
+        self,
+        folder: Path,
+        manifest: Manifest,
+        *,
+        provider: str = DEFAULT_PROVIDER,
+        threads: int | None = None,
+        static: bool = False,
+        low_memory: bool = False,
     ):
         from .runtime import OrtRunner
 
         if static and not any(g.batch is not None for g in manifest.graphs):
             raise BundleError(f"{folder} has no static graphs; export it with --static, or run it without --static")
-        return OrtRunner(folder, provider=provider, threads=threads), static
+        return OrtRunner(folder, provider=provider, threads=threads, low_memory=low_memory), static

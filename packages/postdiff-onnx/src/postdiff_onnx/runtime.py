@@ -21,8 +21,8 @@ from .weights import SharedInitializers
 class OrtRunner:
     """One ONNX Runtime session per graph file, opened on first use and kept."""
 
-    def __init__(self, folder: Path, *, provider: str = DEFAULT_PROVIDER, threads: int | None = None) -> None:
-        self.folder, self.provider, self.threads = Path(folder), provider, threads
+    def __init__(self, folder: Path, *, provider: str = DEFAULT_PROVIDER, threads: int | None = None, low_memory: bool = False) -> None:
+        self.folder, self.provider, self.threads, self.low_memory = Path(folder), provider, threads, low_memory
         self.sessions: dict[str, object] = {}
         self.shared = SharedInitializers(self.folder)  # one copy of the weights for all the sessions
 
@@ -30,7 +30,7 @@ class OrtRunner:
         if graph.file not in self.sessions:
             path = self.folder / graph.file
             self.sessions[graph.file] = make_session(
-                path, provider=self.provider, threads=self.threads, initializers=self.shared.for_graph(path)
+                path, provider=self.provider, threads=self.threads, initializers=self.shared.for_graph(path), low_memory=self.low_memory
             )
         return self.sessions[graph.file]
 
@@ -42,9 +42,16 @@ class OrtRunner:
 
 
 def load_bundle(
-    folder: str | Path, *, provider: str = DEFAULT_PROVIDER, threads: int | None = None, static: bool = False, verify: bool = True
+    folder: str | Path,
+    *,
+    provider: str = DEFAULT_PROVIDER,
+    threads: int | None = None,
+    static: bool = False,
+    low_memory: bool = False,
+    verify: bool = True,
 ) -> BundlePipeline:
-    """Open an ONNX bundle after checking its manifest and the checksum of every file."""
+    """Open an ONNX bundle after checking its manifest and the checksum of every file (``low_memory``: see
+    ``session.make_session``)."""
     from .backend import OnnxBackend
 
-    return open_bundle(folder, OnnxBackend(), verify=verify, provider=provider, threads=threads, static=static)
+    return open_bundle(folder, OnnxBackend(), verify=verify, provider=provider, threads=threads, static=static, low_memory=low_memory)
