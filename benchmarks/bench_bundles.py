@@ -229,7 +229,9 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     for item, row in result["models"].items():
         if "agreement" in row:
-            print(f"{item}: " + ", ".join(f"{k} {v:.1f}" for k, v in row["agreement"].items() if isinstance(v, float)) + " (inf: identical)")
+            print(
+                f"{item}: " + ", ".join(f"{k} {v:.1f}" for k, v in row["agreement"].items() if isinstance(v, float)) + " (inf: identical)"
+            )
     print(f"wrote {args.out}")
     return 0
 
