@@ -61,6 +61,16 @@ class NumpyOps:
         return torch_random.randn(shape, generator)
 
     @staticmethod
+    def randn_like(like, generator):
+        return torch_random.randn(like.shape, generator)
+
+    @staticmethod
+    def scheduler(name: str, config: dict):
+        from .numpy_schedulers import numpy_scheduler
+
+        return numpy_scheduler(name, config)
+
+    @staticmethod
     def cat(arrays):
         return np.concatenate(list(arrays))
 
@@ -119,6 +129,18 @@ class TorchOps:
         from diffusers.utils.torch_utils import randn_tensor
 
         return randn_tensor(tuple(shape), generator=generator)
+
+    @staticmethod
+    def randn_like(like, generator):
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+    @staticmethod
+    def scheduler(name: str, config: dict):
+        from .families import scheduler_from_config
+
+        return scheduler_from_config(name, config)
 
     @staticmethod
     def cat(arrays):

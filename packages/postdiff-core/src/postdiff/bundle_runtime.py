@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .arrays import NUMPY, TORCH, is_tensor
+from .arrays import NUMPY, TORCH, is_tensor, ops_for
 from .bundle import UNET, Graph, Manifest, read_manifest
 from .conditioning import Conditioning
 from .denoiser import StepCaches
@@ -74,7 +74,7 @@ class CheckedRunner:
 
 
 def _np(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if is_tensor(x) else np.asarray(x)
+    return ops_for(x).numpy(x)
 
 
 LOOPS = {"numpy": NUMPY, "torch": TORCH}  # what holds the arrays between graph calls

@@ -81,12 +81,9 @@ class Family:
 
     def scheduler(self, name: str | None, config: dict[str, Any], ops=None):
         """The scheduler by name: diffusers' class, or with ``ops=NUMPY`` its numpy twin (``postdiff.numpy_schedulers``)."""
-        name = name or config.get("_class_name", "DDIMScheduler")
-        if ops is not None and ops.name == "numpy":
-            from .numpy_schedulers import numpy_scheduler
+        from .arrays import TORCH
 
-            return numpy_scheduler(name, config)
-        return scheduler_from_config(name, config)
+        return (ops or TORCH).scheduler(name or config.get("_class_name", "DDIMScheduler"), config)
 
     def condition_info(self, pipe) -> dict[str, Any]:
         """What ``parse_condition`` needs from a loaded pipeline (also recorded in a bundle's manifest)."""

@@ -75,7 +75,7 @@ class PlanRun:
         if nxt is not None and nxt.switches_resolution:
             x0 = predict_x0(self.scheduler, sample, model_output, step.index, step.timestep)
             x0 = upsample(x0, nxt.latent_hw)
-            noise = _fresh_noise(x0, self.generator)
+            noise = ops_for(x0).randn_like(x0, self.generator)  # as diffusers' randn_tensor draws it
             self._restart(nxt.index)
             out = renoise(self.scheduler, x0, noise, nxt.index, nxt.timestep)
         else:
@@ -95,17 +95,6 @@ def same_timesteps(a: list[float], b: list[float]) -> bool:
     """The same schedule: equal to 1e-5 relative (timesteps derived from Karras sigmas are floats, which the numpy
     schedulers reproduce to about 5e-6 of diffusers': their float32 betas round a few values the other way)."""
     return len(a) == len(b) and all(abs(x - y) <= 1e-5 * max(1.0, abs(y)) for x, y in zip(a, b))
-
-
-def _fresh_noise(like, generator):
-    """Noise shaped as ``like`` from ``generator`` (one per batch item, or one for all), as diffusers'
-    ``randn_tensor`` draws it; on the tensor's device and dtype."""
-    ops = ops_for(like)
-    if ops.name == "numpy":
-        return ops.randn(like.shape, generator)
-    from diffusers.utils.torch_utils import randn_tensor
-
-    return randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
 def initial_latents(plan: Plan, latents):
