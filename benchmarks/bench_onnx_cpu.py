@@ -13,6 +13,9 @@ speedup x MACs ratio; 1.0 means the wall clock follows the MACs) and the same fr
 runs"). JSON is rewritten after every measurement; a Markdown table goes to stdout.
 
     python benchmarks/bench_onnx_cpu.py --model reference --images 10 --plan-runs 9 --out benchmarks/results/onnx_cpu_reference_b20.json
+
+--low-memory adds a third backend to the whole runs, ORT sessions made with the runtime's ``--low-memory`` options
+(no per-session weight re-layout or pre-packing), so that its cost in speed is measured beside the default's.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plan-runs", type=int, default=3, help="timed whole runs per plan and backend (alternating); 0: none")
     ap.add_argument("--graphs", default=None, help="comma-separated UNet variants to time per call (default: every one)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--low-memory", action="store_true", help="also time whole runs on ORT --low-memory sessions ('onnx-low-memory')")
     ap.add_argument("--bundle", default=None, help="bundle folder (default: benchmarks/.bundles/<model>-<plan>-<size>)")
     ap.add_argument("--out", default=str(HERE / "results" / "onnx_cpu_sd15_256.json"))
     args = ap.parse_args(argv)
@@ -114,6 +118,7 @@ def main(argv=None) -> int:
         "scheduler": "DDIMScheduler",
         "machine": machine_info(),
         "threads": args.threads,
+        "low_memory_sessions_timed": args.low_memory,
         "onnxruntime_provider": "CPUExecutionProvider",
         "bundle": str(bundle),
         "export_s": round(export_s, 1),
@@ -172,6 +177,8 @@ def main(argv=None) -> int:
 
         cond = conditioning(model, args.images, latent)
         denoisers = {"torch": TorchDenoiser(split), "onnx": GraphDenoiser(manifest, runner)}
+        if args.low_memory:
+            denoisers["onnx-low-memory"] = GraphDenoiser(manifest, OrtRunner(folder, threads=args.threads, low_memory=True))
         # a scheduler per backend and plan, made before the clock starts (building one, its beta table, is not
         # denoising); run_plan sets its timesteps afresh on every run
         schedulers = {(b, n): model.scheduler("DDIMScheduler") for b in denoisers for n in ("baseline", plan.name)}
@@ -220,7 +227,7 @@ def main(argv=None) -> int:
     print()
     print(f"| backend | baseline s | {recipe.label} s | speedup | MACs speedup | efficiency | fastest runs | runs |")
     print("|---|---|---|---|---|---|---|---|")
-    for backend in ("torch", "onnx"):
+    for backend in denoisers:
         w = result["whole"]
         print(
             f"| {backend} | {w[f'{backend}/baseline']['median_s']:.2f} | {w[f'{backend}/{plan.name}']['median_s']:.2f} | "

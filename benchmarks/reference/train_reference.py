@@ -143,7 +143,7 @@ def train(args) -> None:
 
 
 def export(args) -> None:
-    """EMA weights → packages/postdiff-core/src/postdiff/reference/weights[_digits] (safetensors + config)."""
+    """EMA weights → packages/postdiff-lab/src/postdiff_lab/reference/weights[_digits] (safetensors + config)."""
     from safetensors.torch import save_file
 
     state = torch.load(args.ckpt, map_location="cpu", weights_only=True)

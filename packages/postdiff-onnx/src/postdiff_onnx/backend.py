@@ -70,8 +70,13 @@ class OnnxBackend(Backend):
 
         from .weights import WEIGHTS_FILE, share_weights
 
-        size = share_weights(folder, [g.file for g in graphs])
-        log(f"weights: every tensor of the {len(graphs)} graphs stored once in {WEIGHTS_FILE} ({size / 1e6:.1f} MB)")
+        size, same = share_weights(folder, [g.file for g in graphs])
+        for g in graphs:
+            g.file = same.get(g.file, g.file)
+        log(
+            f"weights: every tensor of the {len(graphs)} graphs stored once in {WEIGHTS_FILE} ({size / 1e6:.1f} MB)"
+            + (f"; {', '.join(same)} kept once as {', '.join(same.values())} (identical graphs)" if same else "")
+        )
         opset = self.exporter().DEFAULT_OPSET if opset is None else opset
         return {"precision": precision, "tools": {**tool_versions("onnx", "onnxruntime", "onnxscript"), "opset": str(opset)}}
 
