@@ -31,7 +31,8 @@ def test_bench_reference_torch_and_onnx_then_cached_exports(tmp_path, capsys):
     rows = {(r["backend"], r["plan"]): r for r in result["results"]}
     assert set(rows) == {(b, p) for b in ("torch", "onnx") for p in ("baseline", "postdiff")}
     assert rows[("torch", "baseline")]["psnr"] is None  # identical to the reference every row is paired with: infinite
-    assert rows[("onnx", "baseline")]["psnr"] > 40  # the same images through ONNX Runtime
+    onnx_psnr = rows[("onnx", "baseline")]["psnr"]  # the same images through ONNX Runtime: 8-bit images can match exactly
+    assert onnx_psnr is None or onnx_psnr > 40
     for backend in ("torch", "onnx"):
         r = rows[(backend, "postdiff")]
         assert 0 < r["lpips"] < 1 and r["macs_ratio"] < 0.25 and r["speedup"] > 0

@@ -171,7 +171,7 @@ def test_every_tensor_of_every_graph_is_stored_once_in_one_file(bundles):
     from onnx.external_data_helper import _get_all_tensors
 
     from postdiff.models import load_model
-    from postdiff_onnx.weights import WEIGHTS_FILE
+    from postdiff_onnx.weights import WEIGHTS_FILE, WEIGHTS_INDEX
 
     folder = bundles("reference")
     assert sorted(p.name for p in folder.glob("*.data")) == [WEIGHTS_FILE]
@@ -189,6 +189,9 @@ def test_every_tensor_of_every_graph_is_stored_once_in_one_file(bundles):
     variants = {g["variant"]: g["file"] for g in manifest["graphs"] if g["variant"] and g["batch"] is None}
     assert variants["shallow_cached"] == variants["shallow"] == "unet_shallow.onnx"  # ... and named by both variants
     assert {g["file"] for g in manifest["graphs"]} == {f.name for f in files}
+    originals = json.loads((folder / WEIGHTS_INDEX).read_text())["names"]  # short initializer name -> exporter's
+    graph = onnx.load(str(folder / "unet_full.onnx"), load_external_data=False).graph
+    assert {originals[t.name] for t in graph.initializer} >= {"unet.conv_in.weight", "unet.conv_out.bias"}
     data = (folder / WEIGHTS_FILE).read_bytes()
     chunks = [data[int(o) : int(o) + int(n)] for o, n in places]
     assert len(set(chunks)) == len(chunks)  # each distinct tensor once

@@ -15,15 +15,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from itertools import count
 from pathlib import Path
 
 WEIGHTS_FILE = "weights.onnx.data"
 WEIGHTS_INDEX = "weights.index.json"
 ALIGN = 4096  # bytes: page-aligned offsets, so each tensor can be memory-mapped in place
-# Smaller tensors stay inside their graph, as torch.onnx leaves them. Moving biases and norms (64 to 1,023 bytes)
-# out too was measured on the reference bundle: each graph shrank 21 kB but weights.index.json grew 14 kB per graph
-# and the file 140 kB in alignment, so a pointer to a small tensor costs more than the tensor.
+# Tensors under MIN_BYTES (biases, norms) are packed at SMALL_ALIGN after the large ones and left out of
+# WEIGHTS_INDEX: each session reads its own copy of them from the file (under 40 kB a graph on the reference model).
+# Page-aligning them and listing them in the index, measured on the reference bundle, cost more bytes (140 kB of
+# padding, 14 kB of index a graph) than keeping them inside every graph. Under INLINE_BYTES (shape constants) the
+# tensor is smaller than a pointer to it (about 60 bytes of external-data entries) and stays in the graph.
 MIN_BYTES = 1024
+SMALL_ALIGN = 16
+INLINE_BYTES = 64
 
 
 def _tensors(proto):
@@ -38,23 +43,22 @@ def _external(tensor) -> dict[str, str]:
 
 def share_weights(folder: Path, files: list[str]) -> tuple[int, dict[str, str]]:
     """Rewrite the graphs ``files`` of the bundle in ``folder`` to read every tensor from ``WEIGHTS_FILE``, each
-    distinct tensor stored once, without the exporter's debugging metadata; remove the per-graph data files.
+    distinct tensor stored once (small ones too, packed tightly), without the exporter's debugging metadata; remove
+    the per-graph data files.
     Graph files that come out byte-identical (a cached variant whose shallow part has no cross-attention to cache
     is the plain shallow graph) are kept once. Returns the bytes of the shared file and {removed file: the
     identical file kept}, for the manifest to point at."""
     import onnx
     from onnx import TensorProto
 
-    stored: dict[tuple, tuple[int, int]] = {}  # (dtype, sha256) -> (offset, length)
-    index: dict[str, list] = {}  # graph file -> [[initializer, offset, length, numpy dtype, dims], ...]
+    stored: dict[tuple, tuple[bool, int, int]] = {}  # (dtype, sha256) -> (small?, offset, length)
+    small = bytearray()  # tensors under MIN_BYTES, packed after the large ones (their offsets known at the end)
+    protos: dict[str, object] = {}
     old: set[str] = set()
-    kept: dict[str, str] = {}  # sha256 of a rewritten graph -> its file
-    same: dict[str, str] = {}  # graph file removed as a copy -> the file kept
     tmp = folder / (WEIGHTS_FILE + ".partial")
     with open(tmp, "wb") as out:
         for name in dict.fromkeys(files):
-            path = folder / name
-            proto = onnx.load(str(path), load_external_data=False)
+            proto = protos[name] = onnx.load(str(folder / name), load_external_data=False)
             for tensor in _tensors(proto):
                 if tensor.data_location == TensorProto.EXTERNAL:
                     info = _external(tensor)
@@ -62,51 +66,107 @@ def share_weights(folder: Path, files: list[str]) -> tuple[int, dict[str, str]]:
                     with open(folder / info["location"], "rb") as f:
                         f.seek(int(info.get("offset", 0)))
                         data = f.read(int(info["length"])) if "length" in info else f.read()
-                elif tensor.HasField("raw_data") and len(tensor.raw_data) >= MIN_BYTES:
+                elif tensor.HasField("raw_data") and len(tensor.raw_data) >= INLINE_BYTES:
                     data = tensor.raw_data
                 else:
                     continue
                 key = (tensor.data_type, hashlib.sha256(data).hexdigest())
                 if key not in stored:
-                    out.write(b"\0" * (-out.tell() % ALIGN))
-                    stored[key] = (out.tell(), len(data))
-                    out.write(data)
-                offset, length = stored[key]
+                    if len(data) >= MIN_BYTES:
+                        out.write(b"\0" * (-out.tell() % ALIGN))
+                        stored[key] = (False, out.tell(), len(data))
+                        out.write(data)
+                    else:
+                        small.extend(b"\0" * (-len(small) % SMALL_ALIGN))
+                        stored[key] = (True, len(small), len(data))
+                        small.extend(data)
                 tensor.ClearField("raw_data")
                 tensor.data_location = TensorProto.EXTERNAL
                 del tensor.external_data[:]
-                for k, v in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = k, v
-
-            _strip_exporter_metadata(proto)
-            graph_bytes = proto.SerializeToString()  # the graph only: its tensors have no raw data left to write
-            digest = hashlib.sha256(graph_bytes).hexdigest()
-            if digest in kept:
-                same[name] = kept[digest]
-                path.unlink()
-                continue
-            kept[digest] = name
-            index[name] = _shared_entries(proto)
-            path.write_bytes(graph_bytes)
+                tensor.external_data.add().CopyFrom(_entry("location", WEIGHTS_FILE))
+                tensor.external_data.add().CopyFrom(_entry("key", ":".join(map(str, key))))  # until offsets are known
+        out.write(b"\0" * (-out.tell() % ALIGN))
+        base = out.tell()
+        out.write(small)
         size = out.tell()
+
+    index: dict[str, list] = {}  # graph file -> [[initializer, offset, length, numpy dtype, dims], ...]
+    names: dict[tuple, str] = {}  # (exporter's initializer name, its bytes' key) -> short name, bundle-wide
+    kept: dict[str, str] = {}  # sha256 of a rewritten graph -> its file
+    same: dict[str, str] = {}  # graph file removed as a copy -> the file kept
+    for name, proto in protos.items():
+        for tensor in _tensors(proto):
+            if tensor.data_location == TensorProto.EXTERNAL and _external(tensor).get("key"):
+                dtype, digest = _external(tensor)["key"].split(":")
+                is_small, offset, length = stored[(int(dtype), digest)]
+                del tensor.external_data[1:]
+                tensor.external_data.add().CopyFrom(_entry("offset", str(offset + base * is_small)))
+                tensor.external_data.add().CopyFrom(_entry("length", str(length)))
+        _compact(proto, names)
+        graph_bytes = proto.SerializeToString()  # the graph only: its tensors have no raw data left to write
+        digest = hashlib.sha256(graph_bytes).hexdigest()
+        if digest in kept:
+            same[name] = kept[digest]
+            (folder / name).unlink()
+            continue
+        kept[digest] = name
+        index[name] = _shared_entries(proto)
+        (folder / name).write_bytes(graph_bytes)
     os.replace(tmp, folder / WEIGHTS_FILE)
-    (folder / WEIGHTS_INDEX).write_text(json.dumps(index, separators=(",", ":")))
+    originals = {short: original for (original, _), short in names.items()}
+    (folder / WEIGHTS_INDEX).write_text(json.dumps({"graphs": index, "names": originals}, separators=(",", ":")))
     for name in old - {WEIGHTS_FILE}:
         (folder / name).unlink(missing_ok=True)
     return size, same
 
 
-def _strip_exporter_metadata(proto) -> None:
-    """torch.onnx records, per node, the FX node, module stack and stack trace it came from, and the exported
-    program's signature: debugging aids that made up about 75% of each reference-model graph file (0.9 of 1.2 MB)
-    and would be repeated in every variant graph; and the shapes of intermediate values. Runtimes need none of them."""
-    for node in proto.graph.node:
+def _entry(key: str, value: str):
+    from onnx import StringStringEntryProto
+
+    return StringStringEntryProto(key=key, value=value)
+
+
+def _compact(proto, names: dict[tuple, str]) -> None:
+    """Drop what runtimes do not need from a graph, which made up about 85% of each reference-model graph file and
+    would be repeated in every variant graph. torch.onnx records, per node, the FX node, module stack and stack trace
+    it came from, on the graph the exported program's signature (42 kB a reference graph), and the shapes of
+    intermediate values: debugging aids, all removed. Nodes lose their names (optional in ONNX); intermediate values
+    and initializers get short ones (the exporter's long names were half of what was left). ``names`` gives one
+    short name per (exporter's name, bytes) across the bundle's graphs, and WEIGHTS_INDEX keeps the originals
+    ("names": short -> exporter's name). Graph inputs and outputs keep their names: they are the graph's interface."""
+    graph = proto.graph
+    for node in graph.node:
         del node.metadata_props[:]
-    del proto.graph.value_info[:]  # intermediate shape annotations: runtimes infer them again (about 9% of a graph)
-    kept = [m for m in proto.metadata_props if not m.key.startswith("pkg.torch.")]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
+    del graph.value_info[:]  # intermediate shape annotations: runtimes infer them again (about 9% of a graph)
+    for props in (proto.metadata_props, graph.metadata_props):
+        kept = [m for m in props if not m.key.startswith("pkg.torch.")]
+        del props[:]
+        props.extend(kept)
+    if any(a.HasField("g") or len(a.graphs) for node in graph.node for a in node.attribute):
+        return  # a subgraph may name outer values: leave the names as they are
+    interface = {v.name for v in (*graph.input, *graph.output)} | {""}
+    short: dict[str, str] = {}
+    for tensor in graph.initializer:
+        if tensor.name not in interface:
+            info = _external(tensor)
+            key = (tensor.name, f"{info['offset']}:{info['length']}" if info else hashlib.sha256(tensor.SerializeToString()).hexdigest())
+            if key not in names:
+                names[key] = _fresh("w", len(names), interface)
+            short[tensor.name] = names[key]
+            tensor.name = names[key]
+    for node in graph.node:  # every produced value first: nodes need not come in topological order (fp16 casts)
+        for name in node.output:
+            if name not in interface and name not in short:
+                short[name] = _fresh("v", len(short), interface)
+    for node in graph.node:
+        node.name = ""
+        for values in (node.input, node.output):
+            for i, name in enumerate(values):
+                values[i] = short.get(name, name)
+
+
+def _fresh(prefix: str, start: int, taken: set[str]) -> str:
+    return next(n for k in count(start) if (n := f"{prefix}{k:x}") not in taken)
 
 
 class SharedInitializers:
@@ -144,7 +204,8 @@ class SharedInitializers:
         index_file = self.folder / WEIGHTS_INDEX
         if index_file.is_file():
             if self._index is None:
-                self._index = json.loads(index_file.read_text())
+                index = json.loads(index_file.read_text())
+                self._index = index.get("graphs", index)  # bundles of 2026-12-03 and before: {graph file: entries}
             return self._index.get(path.name, [])
         try:
             import onnx
@@ -163,7 +224,7 @@ def _shared_entries(proto) -> list:
     entries = []
     for tensor in proto.graph.initializer:
         info = _external(tensor)
-        if tensor.data_location == TensorProto.EXTERNAL and info.get("location") == WEIGHTS_FILE:
+        if tensor.data_location == TensorProto.EXTERNAL and info.get("location") == WEIGHTS_FILE and int(info["length"]) >= MIN_BYTES:
             dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type).str
             entries.append([tensor.name, int(info["offset"]), int(info["length"]), dtype, list(tensor.dims)])
     return entries
