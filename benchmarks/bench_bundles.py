@@ -6,7 +6,7 @@
 For each model: exports the `baseline` and `postdiff` fp32 ONNX bundles (cached under benchmarks/.bundles/), then
 - bytes: every file of each bundle;
 - peak RSS: one whole run of each plan in a fresh process (ONNX Runtime through the numpy loop with default
-  sessions, ``onnx``, and with ``--low-memory`` sessions, ``onnx-low-memory``; PyTorch through ``TorchDenoiser``),
+  sessions, on the bundle's one copy of the weights, ``onnx``, and with ``--prepack`` sessions, ``onnx-prepack``; PyTorch through ``TorchDenoiser``),
   read from the child's VmHWM; a UNet-only model (``arch:``) runs the plan's
   UNet calls with random conditioning of its shape, a pipeline model generates images;
 - agreement (pipeline models): the numpy loop against the torch loop on the same bundle and seed, and OpenVINO f32
@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PLANS = ("baseline", "postdiff")
-KINDS = ("onnx", "onnx-low-memory", "torch")
+KINDS = ("onnx", "onnx-prepack", "torch")
 
 
 def bundle_bytes(folder: Path) -> int:
@@ -56,11 +56,11 @@ def child(kind: str, model_name: str, bundle: str, images: int) -> dict:
     if kind.startswith("onnx"):
         from postdiff_onnx.runtime import OrtRunner, load_bundle
 
-        low_memory = kind == "onnx-low-memory"
+        prepack = kind == "onnx-prepack"
         if not family_named(manifest.model["kind"]).generates:  # a bare UNet: its calls with random conditioning
-            _unet_run(manifest, folder, OrtRunner(folder, low_memory=low_memory), images)
+            _unet_run(manifest, folder, OrtRunner(folder, prepack=prepack), images)
         else:
-            load_bundle(folder, low_memory=low_memory).generate(list(range(images)), seed=0)
+            load_bundle(folder, prepack=prepack).generate(list(range(images)), seed=0)
     else:
         from postdiff.models import load_model
 
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     result = {"machine": machine_info(), "images_per_run": args.images, "precision": "fp32", "models": {}}
     lines = [
         "| model | bundle MB baseline | postdiff | ratio | ONNX peak RSS MB baseline | postdiff | ratio | "
-        "ONNX --low-memory MB baseline | postdiff | ratio | torch peak RSS MB baseline | postdiff |",
+        "ONNX --prepack MB baseline | postdiff | ratio | torch peak RSS MB baseline | postdiff |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for item in args.models.split(","):
@@ -227,8 +227,8 @@ def main(argv=None) -> int:
         lines.append(
             f"| {item} ({row['weights']} weights) | {b['baseline'] / 1e6:.2f} | {b['postdiff'] / 1e6:.2f} | {b['postdiff'] / b['baseline']:.3f} | "
             f"{r['onnx/baseline']:.0f} | {r['onnx/postdiff']:.0f} | {r['onnx/postdiff'] / r['onnx/baseline']:.2f} | "
-            f"{r['onnx-low-memory/baseline']:.0f} | {r['onnx-low-memory/postdiff']:.0f} | "
-            f"{r['onnx-low-memory/postdiff'] / r['onnx-low-memory/baseline']:.2f} | "
+            f"{r['onnx-prepack/baseline']:.0f} | {r['onnx-prepack/postdiff']:.0f} | "
+            f"{r['onnx-prepack/postdiff'] / r['onnx-prepack/baseline']:.2f} | "
             f"{r['torch/baseline']:.0f} | {r['torch/postdiff']:.0f} |"
         )
         write_json(Path(args.out), result)

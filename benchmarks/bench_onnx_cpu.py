@@ -14,8 +14,10 @@ runs"). JSON is rewritten after every measurement; a Markdown table goes to stdo
 
     python benchmarks/bench_onnx_cpu.py --model reference --images 10 --plan-runs 9 --out benchmarks/results/onnx_cpu_reference_b20.json
 
---low-memory adds a third backend to the whole runs, ORT sessions made with the runtime's ``--low-memory`` options
-(no per-session weight re-layout or pre-packing), so that its cost in speed is measured beside the default's.
+--prepack adds a third backend to the whole runs, ORT sessions made with the runtime's ``--prepack`` option
+(per-session weight re-layout and pre-packing, ORT's own default), so that its speed is measured beside the
+runtime's default sessions (``onnx``: pre-packed below 256 MB of weights, else every session on the bundle's one
+copy). In results of 2026-12-04 and before, ``onnx`` is pre-packed and ``onnx-low-memory`` the shared sessions.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plan-runs", type=int, default=3, help="timed whole runs per plan and backend (alternating); 0: none")
     ap.add_argument("--graphs", default=None, help="comma-separated UNet variants to time per call (default: every one)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--low-memory", action="store_true", help="also time whole runs on ORT --low-memory sessions ('onnx-low-memory')")
+    ap.add_argument("--prepack", action="store_true", help="also time whole runs on ORT --prepack sessions ('onnx-prepack')")
     ap.add_argument("--bundle", default=None, help="bundle folder (default: benchmarks/.bundles/<model>-<plan>-<size>)")
     ap.add_argument("--out", default=str(HERE / "results" / "onnx_cpu_sd15_256.json"))
     args = ap.parse_args(argv)
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
         "scheduler": "DDIMScheduler",
         "machine": machine_info(),
         "threads": args.threads,
-        "low_memory_sessions_timed": args.low_memory,
+        "prepack_sessions_timed": args.prepack,
         "onnxruntime_provider": "CPUExecutionProvider",
         "bundle": str(bundle),
         "export_s": round(export_s, 1),
@@ -177,8 +179,8 @@ def main(argv=None) -> int:
 
         cond = conditioning(model, args.images, latent)
         denoisers = {"torch": TorchDenoiser(split), "onnx": GraphDenoiser(manifest, runner)}
-        if args.low_memory:
-            denoisers["onnx-low-memory"] = GraphDenoiser(manifest, OrtRunner(folder, threads=args.threads, low_memory=True))
+        if args.prepack:
+            denoisers["onnx-prepack"] = GraphDenoiser(manifest, OrtRunner(folder, threads=args.threads, prepack=True))
         # a scheduler per backend and plan, made before the clock starts (building one, its beta table, is not
         # denoising); run_plan sets its timesteps afresh on every run
         schedulers = {(b, n): model.scheduler("DDIMScheduler") for b in denoisers for n in ("baseline", plan.name)}

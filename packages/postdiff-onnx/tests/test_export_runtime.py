@@ -236,14 +236,18 @@ def test_sessions_share_weights_from_the_index_without_the_onnx_package(bundles,
     graph = folder / "unet_full.onnx"
     assert (folder / WEIGHTS_INDEX).is_file()
     from_index = SharedInitializers(folder).for_graph(graph)
+    index = (folder / WEIGHTS_INDEX).read_text()
     (folder / WEIGHTS_INDEX).rename(folder / "index.moved")
     try:
+        (folder / WEIGHTS_INDEX).write_text(json.dumps(json.loads(index)["graphs"]))  # the index of 2026-12-03 bundles
+        from_old_index = SharedInitializers(folder).for_graph(graph)
+        (folder / WEIGHTS_INDEX).unlink()
         from_onnx = SharedInitializers(folder).for_graph(graph)
         monkeypatch.setitem(sys.modules, "onnx", None)  # what a runtime-only install sees
         assert SharedInitializers(folder).for_graph(graph) == {}  # old bundle, no onnx: each session loads its own
     finally:
         (folder / "index.moved").rename(folder / WEIGHTS_INDEX)
-    assert len(from_index) > 10 and set(from_index) == set(from_onnx)
+    assert len(from_index) > 10 and set(from_index) == set(from_onnx) == set(from_old_index)
     for name, value in from_index.items():
         np.testing.assert_array_equal(value.numpy(), from_onnx[name].numpy())
 
@@ -273,12 +277,22 @@ def test_ort_runtime_passes_its_bundles_golden_file(bundles):
     assert tensor_psnr(pipe.final_latents, golden["final_latent"]) < 30.0
 
 
-def test_low_memory_sessions_give_the_same_images(bundles):
-    """--low-memory (no per-session weight re-layout or pre-packing) changes where the weights live, not the result."""
-    a = load_bundle(bundles("reference")).generate([3, 9], seed=8)
-    low = load_bundle(bundles("reference"), low_memory=True)
-    b = low.generate([3, 9], seed=8)
+def test_shared_and_prepacked_sessions_give_the_same_images(bundles, monkeypatch):
+    """Sessions on the bundle's one copy of the weights (--no-prepack) and --prepack sessions (ORT's re-layout and
+    pre-packing, a copy each) change where the weights live, not the result; the default follows the bundle's size."""
+    from postdiff_onnx import runtime
+
+    folder = bundles("reference")
+    packed = load_bundle(folder)  # 4 MB of weights: pre-packed by default
+    a = packed.generate([3, 9], seed=8)
+    shared = load_bundle(folder, prepack=False)
+    b = shared.generate([3, 9], seed=8)
     assert min(psnr(x, y) for x, y in zip(a, b)) >= 60.0
-    assert low.runner.low_memory and all(
-        s.get_session_options().graph_optimization_level.name == "ORT_ENABLE_EXTENDED" for s in low.runner.sessions.values()
-    )
+    levels = {
+        r.prepack: {s.get_session_options().graph_optimization_level.name for s in r.sessions.values()}
+        for r in (shared.runner, packed.runner)
+    }
+    assert levels == {False: {"ORT_ENABLE_EXTENDED"}, True: {"ORT_ENABLE_ALL"}}
+    assert runtime.weights_bytes(folder) > 4e6
+    monkeypatch.setattr(runtime, "PREPACK_BELOW_BYTES", 4e6)  # as if the weights were large: shared by default
+    assert load_bundle(folder).runner.prepack is False and load_bundle(folder, prepack=True).runner.prepack is True

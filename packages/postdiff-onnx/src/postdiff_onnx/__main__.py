@@ -29,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--provider", default=None, help="ONNX Runtime execution provider (default: CPUExecutionProvider)")
     r.add_argument("--static", action="store_true", help="run the bundle's fixed-shape graphs (exported with --static)")
     r.add_argument(
-        "--low-memory", action="store_true", help="sessions keep to the bundle's one copy of the weights (slower kernels may result)"
+        "--prepack",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="sessions re-lay out and pre-pack weights into copies of their own (faster kernels, more memory); "
+        "--no-prepack: all on the bundle's one copy (default: prepack below 256 MB of weights)",
     )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -59,7 +63,7 @@ def run(args) -> int:
     if output.suffix.lower() != ".png":
         raise PostDiffError(f"{output}: the output is a PNG file; give a name ending in .png")
     pipe = load_bundle(
-        args.bundle, provider=args.provider or DEFAULT_PROVIDER, threads=args.threads, static=args.static, low_memory=args.low_memory
+        args.bundle, provider=args.provider or DEFAULT_PROVIDER, threads=args.threads, static=args.static, prepack=args.prepack
     )
     plan = pipe.compile(args.plan, args.steps, args.scheduler)
     if pipe.plan_note:

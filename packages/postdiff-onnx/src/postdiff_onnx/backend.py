@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from postdiff.backends import Backend
@@ -16,7 +17,7 @@ class OnnxBackend(Backend):
 
     name = "onnx"
     package = "postdiff-onnx"
-    runner_options = ("provider", "threads", "static", "low_memory")
+    runner_options = ("provider", "threads", "static", "prepack")
     export_module = "postdiff_onnx.export"
     export_needs = (*Backend.export_needs, "onnx", "onnxscript")
 
@@ -43,10 +44,11 @@ class OnnxBackend(Backend):
                 "--static", action="store_true", default=None, help="run the bundle's fixed-shape graphs (exported with --static)"
             )
             parser.add_argument(
-                "--low-memory",
-                action="store_true",
+                "--prepack",
+                action=argparse.BooleanOptionalAction,
                 default=None,
-                help="ONNX Runtime sessions keep to the bundle's one copy of the weights (no per-session re-layout or pre-packing)",
+                help="ONNX Runtime sessions re-lay out and pre-pack weights, each into a copy of its own (faster kernels, "
+                "more memory); --no-prepack: every session on the bundle's one copy (default: prepack below 256 MB of weights)",
             )
 
     def options(self, args, command: str) -> dict:
@@ -56,7 +58,7 @@ class OnnxBackend(Backend):
             "provider": getattr(args, "provider", None) or DEFAULT_PROVIDER,
             "threads": args.threads,
             "static": bool(getattr(args, "static", False)),
-            "low_memory": bool(getattr(args, "low_memory", False)),
+            "prepack": getattr(args, "prepack", None),
         }
 
     def check_export(self, **options) -> None:
@@ -88,10 +90,10 @@ class OnnxBackend(Backend):
         provider: str = DEFAULT_PROVIDER,
         threads: int | None = None,
         static: bool = False,
-        low_memory: bool = False,
+        prepack: bool | None = None,
     ):
         from .runtime import OrtRunner
 
         if static and not any(g.batch is not None for g in manifest.graphs):
             raise BundleError(f"{folder} has no static graphs; export it with --static, or run it without --static")
-        return OrtRunner(folder, provider=provider, threads=threads, low_memory=low_memory), static
+        return OrtRunner(folder, provider=provider, threads=threads, prepack=prepack), static

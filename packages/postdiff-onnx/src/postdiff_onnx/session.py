@@ -27,26 +27,25 @@ def make_session(
     provider: str = DEFAULT_PROVIDER,
     threads: int | None = None,
     initializers: dict | None = None,
-    low_memory: bool = False,
+    prepack: bool = True,
 ):
     """An ONNX Runtime session for one graph; ``initializers`` ({name: OrtValue}) are weights shared with the
     other sessions of the bundle instead of loaded from the file again (``weights.SharedInitializers``).
 
-    ``low_memory``: keep the sessions on those shared weights. By default ORT re-lays convolution weights out for
-    its CPU kernels (the layout optimisations of ORT_ENABLE_ALL) and pre-packs matrix weights, each session into
-    copies of its own, so a bundle of five UNet graphs holds up to five copies (measured, arch:sd15 at 256 px:
-    11.6 GB peak for a postdiff run against 4.8 GB for baseline). With ``low_memory`` (ORT_ENABLE_EXTENDED, no
-    pre-packing) the same run peaked at 4.0 GB against 3.8 GB; its speed against the default is not yet measured."""
+    ``prepack`` (ORT's own default): ORT re-lays convolution weights out for its CPU kernels (the NCHWc layout
+    optimisations of ORT_ENABLE_ALL) and pre-packs matrix weights, each session into copies of its own, so a bundle
+    of five UNet graphs holds up to five copies. Without it the session keeps to the shared weights
+    (ORT_ENABLE_EXTENDED, no pre-packing). ``runtime.OrtRunner`` chooses by the bundle's size. Measured on arch:sd15 at 256 px (benchmarks/results/onnx_cpu_sd15_256_lowmem.json
+    and bundles.json): a postdiff run peaked at 11.6 GB with ``prepack`` against 4.0 GB without, and ran no faster
+    (fastest of 2 whole runs: 11.7 s against 11.3 s; baseline 41.1 s against 43.1 s)."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     if provider not in available:
         raise BundleError(f"execution provider {provider!r} is not available in this onnxruntime; available: {', '.join(available)}")
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if low_memory else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    )
-    if low_memory:
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if prepack else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         opts.intra_op_num_threads = int(threads)

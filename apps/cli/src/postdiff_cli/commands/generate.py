@@ -63,7 +63,7 @@ def _runner_flags(args) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for name, backend in backends.available().items():
         for dest in backend.runner_options:
-            if getattr(args, dest, None) not in (None, False):
+            if getattr(args, dest, None) is not None:  # every runner flag defaults to None: given, even as --no-x
                 out.setdefault("--" + dest.replace("_", "-"), []).append(name)
     return out
 
