@@ -8,7 +8,7 @@ variant, latent size, batch) the plan and the baseline use, times the same input
 the ONNX Runtime session (CPU provider), same thread count, in blocks of calls after a warm-up, alternating for --rounds rounds. (3) Times the
 whole plan and the whole baseline through ``run_plan`` on ORT (``GraphDenoiser``) and on PyTorch
 (``TorchDenoiser``), alternating: UNet only, random conditioning of the model's shape, ``--images`` images per
-call with CFG, --plan-runs times each. Reports the speedup of the medians against the MACs speedup ("efficiency" =
+call with CFG, --plan-runs times each after --plan-warmup untimed runs (sessions open on first use). Reports the speedup of the medians against the MACs speedup ("efficiency" =
 speedup x MACs ratio; 1.0 means the wall clock follows the MACs) and the same from the fastest run of each ("fastest
 runs"). JSON is rewritten after every measurement; a Markdown table goes to stdout.
 
@@ -81,14 +81,15 @@ def main(argv=None) -> int:
     ap.add_argument("--variant-runs", type=int, default=3, help="timed calls per graph, backend and round (after a warm-up)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of blocks per graph: torch's block, then ORT's, this many times")
     ap.add_argument("--plan-runs", type=int, default=3, help="timed whole runs per plan and backend (alternating); 0: none")
+    ap.add_argument("--plan-warmup", type=int, default=1, help="untimed whole runs per plan and backend first (sessions open on first use)")
     ap.add_argument("--graphs", default=None, help="comma-separated UNet variants to time per call (default: every one)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prepack", action="store_true", help="also time whole runs on ORT --prepack sessions ('onnx-prepack')")
     ap.add_argument("--bundle", default=None, help="bundle folder (default: benchmarks/.bundles/<model>-<plan>-<size>)")
     ap.add_argument("--out", default=str(HERE / "results" / "onnx_cpu_sd15_256.json"))
     args = ap.parse_args(argv)
-    if min(args.variant_runs, args.rounds, args.images, args.threads) < 1 or args.plan_runs < 0:
-        ap.error("--variant-runs, --rounds, --images and --threads must be at least 1, --plan-runs at least 0")
+    if min(args.variant_runs, args.rounds, args.images, args.threads) < 1 or min(args.plan_runs, args.plan_warmup) < 0:
+        ap.error("--variant-runs, --rounds, --images and --threads must be at least 1, --plan-runs and --plan-warmup at least 0")
     torch.set_num_threads(args.threads)
 
     model = load_model(args.model, need_pipeline=None)
@@ -121,6 +122,7 @@ def main(argv=None) -> int:
         "machine": machine_info(),
         "threads": args.threads,
         "prepack_sessions_timed": args.prepack,
+        "plan_warmup_runs": args.plan_warmup,
         "onnxruntime_provider": "CPUExecutionProvider",
         "bundle": str(bundle),
         "export_s": round(export_s, 1),
@@ -185,7 +187,8 @@ def main(argv=None) -> int:
         # denoising); run_plan sets its timesteps afresh on every run
         schedulers = {(b, n): model.scheduler("DDIMScheduler") for b in denoisers for n in ("baseline", plan.name)}
         runs: dict[str, list[float]] = {}
-        for _ in range(args.plan_runs):
+        for run in range(args.plan_warmup + args.plan_runs if args.plan_runs else 0):
+            timed = run >= args.plan_warmup
             for backend, den in denoisers.items():
                 for name, p in (("baseline", base), (plan.name, plan)):
                     g = torch.Generator().manual_seed(0)
@@ -199,8 +202,11 @@ def main(argv=None) -> int:
                         channels=int(model.unet_config.get("in_channels", 4)),
                         progress=False,
                     )
-                    runs.setdefault(f"{backend}/{name}", []).append(time.perf_counter() - t)
-                    print(f"whole {backend}/{name}: {runs[f'{backend}/{name}'][-1]:.2f} s", flush=True)
+                    seconds = time.perf_counter() - t
+                    print(f"whole {backend}/{name}: {seconds:.2f} s{'' if timed else ' (warm-up, not counted)'}", flush=True)
+                    if not timed:
+                        continue
+                    runs.setdefault(f"{backend}/{name}", []).append(seconds)
                     result["whole"] = {k: {"median_s": statistics.median(v), "runs_s": v} for k, v in runs.items()}
                     save()
         if args.plan_runs:

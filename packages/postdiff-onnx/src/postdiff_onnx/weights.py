@@ -145,19 +145,20 @@ def _compact(proto, names: dict[tuple, str]) -> None:
     if any(a.HasField("g") or len(a.graphs) for node in graph.node for a in node.attribute):
         return  # a subgraph may name outer values: leave the names as they are
     interface = {v.name for v in (*graph.input, *graph.output)} | {""}
+    taken = interface | set(names.values())  # every name a new short one must differ from
     short: dict[str, str] = {}
     for tensor in graph.initializer:
         if tensor.name not in interface:
             info = _external(tensor)
             key = (tensor.name, f"{info['offset']}:{info['length']}" if info else hashlib.sha256(tensor.SerializeToString()).hexdigest())
             if key not in names:
-                names[key] = _fresh("w", len(names), interface)
+                names[key] = _fresh("w", len(names), taken)
             short[tensor.name] = names[key]
             tensor.name = names[key]
     for node in graph.node:  # every produced value first: nodes need not come in topological order (fp16 casts)
         for name in node.output:
             if name not in interface and name not in short:
-                short[name] = _fresh("v", len(short), interface)
+                short[name] = _fresh("v", len(short), taken)
     for node in graph.node:
         node.name = ""
         for values in (node.input, node.output):
@@ -166,7 +167,10 @@ def _compact(proto, names: dict[tuple, str]) -> None:
 
 
 def _fresh(prefix: str, start: int, taken: set[str]) -> str:
-    return next(n for k in count(start) if (n := f"{prefix}{k:x}") not in taken)
+    """The first of prefix+hex(k), k counting from ``start``, not in ``taken``; added to it."""
+    name = next(n for k in count(start) if (n := f"{prefix}{k:x}") not in taken)
+    taken.add(name)
+    return name
 
 
 class SharedInitializers:
