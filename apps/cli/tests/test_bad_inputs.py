@@ -125,6 +125,8 @@ CASES = [
     ("generate --backend onnx --bundle {coreml} --height 32", "--height cannot be used with --bundle"),
     ("generate --bundle {coreml}", "--bundle is for exported runtimes"),
     ("generate --static", "--static is for exported runtimes"),
+    ("generate --prepack", "--prepack is for exported runtimes (onnx)"),
+    ("generate --no-prepack", "--no-prepack is for exported runtimes (onnx)"),
     ("generate --backend onnx", "pass --bundle DIR"),
     # a Core ML bundle on this machine: one message that leads out, not round in a circle
     ("generate --backend onnx --bundle {coreml}", "export an ONNX bundle"),

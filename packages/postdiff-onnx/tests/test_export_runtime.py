@@ -280,7 +280,8 @@ def test_ort_runtime_passes_its_bundles_golden_file(bundles):
 def test_shared_and_prepacked_sessions_give_the_same_images(bundles, monkeypatch):
     """Sessions on the bundle's one copy of the weights (--no-prepack) and --prepack sessions (ORT's re-layout and
     pre-packing, a copy each) change where the weights live, not the result; the default follows the bundle's size."""
-    from postdiff_onnx import runtime
+    from postdiff_onnx import session
+    from postdiff_onnx.weights import weights_bytes
 
     folder = bundles("reference")
     packed = load_bundle(folder)  # 4 MB of weights: pre-packed by default
@@ -293,6 +294,6 @@ def test_shared_and_prepacked_sessions_give_the_same_images(bundles, monkeypatch
         for r in (shared.runner, packed.runner)
     }
     assert levels == {False: {"ORT_ENABLE_EXTENDED"}, True: {"ORT_ENABLE_ALL"}}
-    assert runtime.weights_bytes(folder) > 4e6
-    monkeypatch.setattr(runtime, "PREPACK_BELOW_BYTES", 4e6)  # as if the weights were large: shared by default
+    assert weights_bytes(folder) > 4e6
+    monkeypatch.setattr(session, "PREPACK_BELOW_BYTES", 4e6)  # as if the weights were large: shared by default
     assert load_bundle(folder).runner.prepack is False and load_bundle(folder, prepack=True).runner.prepack is True

@@ -14,6 +14,8 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .session import PREPACK_HELP
+
     p = argparse.ArgumentParser(prog="python -m postdiff_onnx", description="Run PostDiff ONNX bundles without PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="generate an image from a bundle (made with: postdiff export onnx)")
@@ -32,8 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prepack",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="sessions re-lay out and pre-pack weights into copies of their own (faster kernels, more memory); "
-        "--no-prepack: all on the bundle's one copy (default: prepack below 256 MB of weights)",
+        help=PREPACK_HELP,
     )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -9,7 +9,7 @@ from postdiff.backends import Backend
 from postdiff.bundle import Manifest
 from postdiff.errors import BundleError
 
-from .session import DEFAULT_PROVIDER
+from .session import DEFAULT_PROVIDER, PREPACK_HELP
 
 
 class OnnxBackend(Backend):
@@ -47,8 +47,7 @@ class OnnxBackend(Backend):
                 "--prepack",
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help="ONNX Runtime sessions re-lay out and pre-pack weights, each into a copy of its own (faster kernels, "
-                "more memory); --no-prepack: every session on the bundle's one copy (default: prepack below 256 MB of weights)",
+                help=PREPACK_HELP,
             )
 
     def options(self, args, command: str) -> dict:

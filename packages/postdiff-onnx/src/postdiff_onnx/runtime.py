@@ -14,18 +14,9 @@ from postdiff.bundle import Graph
 from postdiff.bundle_runtime import BundlePipeline
 from postdiff.bundle_runtime import load_bundle as open_bundle
 
+from . import session as sessions
 from .session import DEFAULT_PROVIDER, make_session, run
-from .weights import SharedInitializers
-
-# Below this many bytes of weights, sessions re-lay out and pre-pack their own copies by default (see
-# ``session.make_session``): on the 4 MB reference model the copies cost about 20 MB and ORT's NCHWc layout made the
-# graphs 1.2-1.7x faster; on SD1.5 (3.4 GB) they cost 7.6 GB and bought no speed (measured, README "Edge-grade bundles").
-PREPACK_BELOW_BYTES = 256 * 2**20
-
-
-def weights_bytes(folder: Path) -> int:
-    """Bytes of external weights in a bundle folder (its shared weights file, or each graph's own data file)."""
-    return sum(p.stat().st_size for p in Path(folder).glob("*.data") if p.is_file())
+from .weights import SharedInitializers, weights_bytes
 
 
 class OrtRunner:
@@ -33,11 +24,11 @@ class OrtRunner:
 
     ``prepack``: True, each session re-lays out and pre-packs its own copy of the weights (faster kernels, more
     memory); False, every session keeps to the bundle's one copy; None (default), True for bundles with less than
-    ``PREPACK_BELOW_BYTES`` of weights."""
+    ``session.PREPACK_BELOW_BYTES`` of weights."""
 
     def __init__(self, folder: Path, *, provider: str = DEFAULT_PROVIDER, threads: int | None = None, prepack: bool | None = None) -> None:
         self.folder, self.provider, self.threads = Path(folder), provider, threads
-        self.prepack = weights_bytes(self.folder) < PREPACK_BELOW_BYTES if prepack is None else bool(prepack)
+        self.prepack = weights_bytes(self.folder) < sessions.PREPACK_BELOW_BYTES if prepack is None else bool(prepack)
         self.sessions: dict[str, object] = {}
         self.shared = SharedInitializers(self.folder)  # one copy of the weights for all the sessions
 

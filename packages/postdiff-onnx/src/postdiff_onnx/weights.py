@@ -173,6 +173,11 @@ def _fresh(prefix: str, start: int, taken: set[str]) -> str:
     return name
 
 
+def weights_bytes(folder: Path) -> int:
+    """Bytes of external weights in a bundle folder (its shared weights file, or each graph's own data file)."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.data") if p.is_file())
+
+
 class SharedInitializers:
     """One ``OrtValue`` per tensor of a bundle's ``WEIGHTS_FILE``, mapped from the file and shared by every session
     of the bundle (``SessionOptions.add_initializer``). Bundles without the file (exported before it) get none, and

@@ -63,8 +63,9 @@ def _runner_flags(args) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for name, backend in backends.available().items():
         for dest in backend.runner_options:
-            if getattr(args, dest, None) is not None:  # every runner flag defaults to None: given, even as --no-x
-                out.setdefault("--" + dest.replace("_", "-"), []).append(name)
+            value = getattr(args, dest, None)
+            if value is not None:  # every runner flag defaults to None: given, even as --no-x (False)
+                out.setdefault("--" + "no-" * (value is False) + dest.replace("_", "-"), []).append(name)
     return out
 
 
