@@ -10,7 +10,7 @@ whole plan and the whole baseline through ``run_plan`` on ORT (``GraphDenoiser``
 (``TorchDenoiser``), alternating: UNet only, random conditioning of the model's shape, ``--images`` images per
 call with CFG, --plan-runs times each after --plan-warmup untimed runs (sessions open on first use). Reports the speedup of the medians against the MACs speedup ("efficiency" =
 speedup x MACs ratio; 1.0 means the wall clock follows the MACs) and the same from the fastest run of each ("fastest
-runs"). JSON is rewritten after every measurement; a Markdown table goes to stdout.
+runs") and the median over pairs of a baseline run and the plan run right after it ("paired runs"). JSON is rewritten after every measurement; a Markdown table goes to stdout.
 
     python benchmarks/bench_onnx_cpu.py --model reference --images 10 --plan-runs 9 --out benchmarks/results/onnx_cpu_reference_b20.json
 
@@ -85,11 +85,19 @@ def main(argv=None) -> int:
     ap.add_argument("--graphs", default=None, help="comma-separated UNet variants to time per call (default: every one)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prepack", action="store_true", help="also time whole runs on ORT --prepack sessions ('onnx-prepack')")
+    ap.add_argument(
+        "--backends",
+        default="torch,onnx",
+        help="comma-separated backends of the whole runs: torch, onnx (default both; --prepack adds onnx-prepack)",
+    )
     ap.add_argument("--bundle", default=None, help="bundle folder (default: benchmarks/.bundles/<model>-<plan>-<size>)")
     ap.add_argument("--out", default=str(HERE / "results" / "onnx_cpu_sd15_256.json"))
     args = ap.parse_args(argv)
     if min(args.variant_runs, args.rounds, args.images, args.threads) < 1 or min(args.plan_runs, args.plan_warmup) < 0:
         ap.error("--variant-runs, --rounds, --images and --threads must be at least 1, --plan-runs and --plan-warmup at least 0")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not backends or set(backends) - {"torch", "onnx"}:
+        ap.error(f"--backends takes torch and/or onnx, comma-separated; got {args.backends!r}")
     torch.set_num_threads(args.threads)
 
     model = load_model(args.model, need_pipeline=None)
@@ -181,6 +189,7 @@ def main(argv=None) -> int:
 
         cond = conditioning(model, args.images, latent)
         denoisers = {"torch": TorchDenoiser(split), "onnx": GraphDenoiser(manifest, runner)}
+        denoisers = {b: d for b, d in denoisers.items() if b in backends}
         if args.prepack:
             denoisers["onnx-prepack"] = GraphDenoiser(manifest, OrtRunner(folder, threads=args.threads, prepack=True))
         # a scheduler per backend and plan, made before the clock starts (building one, its beta table, is not
@@ -215,6 +224,9 @@ def main(argv=None) -> int:
                 result[f"{backend}_speedup"] = base_run["median_s"] / plan_run["median_s"]
                 result[f"{backend}_efficiency"] = result[f"{backend}_speedup"] * cost.ratio
                 result[f"{backend}_efficiency_fastest_runs"] = min(base_run["runs_s"]) / min(plan_run["runs_s"]) * cost.ratio
+                # each baseline run over the plan run right after it: drift of the machine's speed cancels in a pair
+                paired = [b / p for b, p in zip(base_run["runs_s"], plan_run["runs_s"])]
+                result[f"{backend}_efficiency_paired"] = statistics.median(paired) * cost.ratio
             save()
 
     print()
@@ -233,14 +245,14 @@ def main(argv=None) -> int:
         print(f"\nwrote {out_path} (no whole runs: --plan-runs 0)")
         return 0
     print()
-    print(f"| backend | baseline s | {recipe.label} s | speedup | MACs speedup | efficiency | fastest runs | runs |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| backend | baseline s | {recipe.label} s | speedup | MACs speedup | efficiency | fastest runs | paired runs | runs |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for backend in denoisers:
         w = result["whole"]
         print(
             f"| {backend} | {w[f'{backend}/baseline']['median_s']:.2f} | {w[f'{backend}/{plan.name}']['median_s']:.2f} | "
             f"{result[f'{backend}_speedup']:.2f}x | {1 / cost.ratio:.2f}x | {result[f'{backend}_efficiency']:.2f} | "
-            f"{result[f'{backend}_efficiency_fastest_runs']:.2f} | {args.plan_runs} |"
+            f"{result[f'{backend}_efficiency_fastest_runs']:.2f} | {result[f'{backend}_efficiency_paired']:.2f} | {args.plan_runs} |"
         )
     print(f"\nwrote {out_path}")
     return 0

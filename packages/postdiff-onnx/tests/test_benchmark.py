@@ -33,7 +33,21 @@ def test_per_call_and_whole_runs(bench, bundles, tmp_path, capsys):
     for backend in ("torch", "onnx"):
         assert data[f"{backend}_efficiency"] == pytest.approx(data[f"{backend}_speedup"] * data["macs_ratio"])
         assert data[f"{backend}_efficiency_fastest_runs"] > 0
-    assert "| fastest runs |" in capsys.readouterr().out
+        w = data["whole"]
+        pairs = sorted(b / p for b, p in zip(w[f"{backend}/baseline"]["runs_s"], w[f"{backend}/postdiff"]["runs_s"]))
+        assert data[f"{backend}_efficiency_paired"] == pytest.approx(sum(pairs) / 2 * data["macs_ratio"])
+    assert "| paired runs |" in capsys.readouterr().out
+
+
+def test_whole_runs_on_the_named_backends_only(bench, bundles, tmp_path, capsys):
+    out = tmp_path / "onnx.json"
+    args = ["--model", "reference", "--bundle", str(bundles("reference")), "--out", str(out), "--variant-runs", "1", "--rounds", "1"]
+    assert bench.main([*args, "--graphs", "shallow", "--plan-runs", "1", "--plan-warmup", "0", "--backends", "onnx"]) == 0
+    data = json.loads(out.read_text())
+    assert sorted(data["whole"]) == ["onnx/baseline", "onnx/postdiff"] and "torch_efficiency" not in data
+    with pytest.raises(SystemExit):
+        bench.main([*args, "--backends", "tensorrt"])
+    assert "--backends takes torch and/or onnx" in capsys.readouterr().err
 
 
 def test_only_the_named_graphs_and_no_whole_runs(bench, bundles, tmp_path, capsys):

@@ -14,9 +14,8 @@ from postdiff.bundle import Graph
 from postdiff.bundle_runtime import BundlePipeline
 from postdiff.bundle_runtime import load_bundle as open_bundle
 
-from . import session as sessions
-from .session import DEFAULT_PROVIDER, make_session, run
-from .weights import SharedInitializers, weights_bytes
+from .session import DEFAULT_PROVIDER, default_prepack, make_session, run
+from .weights import SharedInitializers
 
 
 class OrtRunner:
@@ -28,7 +27,7 @@ class OrtRunner:
 
     def __init__(self, folder: Path, *, provider: str = DEFAULT_PROVIDER, threads: int | None = None, prepack: bool | None = None) -> None:
         self.folder, self.provider, self.threads = Path(folder), provider, threads
-        self.prepack = weights_bytes(self.folder) < sessions.PREPACK_BELOW_BYTES if prepack is None else bool(prepack)
+        self.prepack = default_prepack(self.folder) if prepack is None else bool(prepack)
         self.sessions: dict[str, object] = {}
         self.shared = SharedInitializers(self.folder)  # one copy of the weights for all the sessions
 

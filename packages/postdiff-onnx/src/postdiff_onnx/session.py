@@ -11,6 +11,8 @@ import numpy as np
 from postdiff.bundle import TensorSpec
 from postdiff.errors import BundleError
 
+from .weights import weights_bytes
+
 DTYPES = {
     "tensor(float)": "float32",
     "tensor(float16)": "float16",
@@ -27,6 +29,11 @@ PREPACK_HELP = (
     "ONNX Runtime sessions re-lay out and pre-pack weights, each into a copy of its own (faster kernels, more memory); "
     f"--no-prepack: every session on the bundle's one copy (default: prepack below {PREPACK_BELOW_BYTES >> 20} MB of weights)"
 )
+
+
+def default_prepack(folder: Path) -> bool:
+    """Whether the sessions of the bundle in ``folder`` pre-pack when not told: below ``PREPACK_BELOW_BYTES``."""
+    return weights_bytes(folder) < PREPACK_BELOW_BYTES
 
 
 def make_session(

@@ -54,6 +54,7 @@ def share_weights(folder: Path, files: list[str]) -> tuple[int, dict[str, str]]:
     stored: dict[tuple, tuple[bool, int, int]] = {}  # (dtype, sha256) -> (small?, offset, length)
     small = bytearray()  # tensors under MIN_BYTES, packed after the large ones (their offsets known at the end)
     protos: dict[str, object] = {}
+    placed: list[tuple] = []  # (tensor, its key in ``stored``): offsets and lengths are written once all are known
     old: set[str] = set()
     tmp = folder / (WEIGHTS_FILE + ".partial")
     with open(tmp, "wb") as out:
@@ -83,8 +84,7 @@ def share_weights(folder: Path, files: list[str]) -> tuple[int, dict[str, str]]:
                 tensor.ClearField("raw_data")
                 tensor.data_location = TensorProto.EXTERNAL
                 del tensor.external_data[:]
-                tensor.external_data.add().CopyFrom(_entry("location", WEIGHTS_FILE))
-                tensor.external_data.add().CopyFrom(_entry("key", ":".join(map(str, key))))  # until offsets are known
+                placed.append((tensor, key))
         out.write(b"\0" * (-out.tell() % ALIGN))
         base = out.tell()
         out.write(small)
@@ -94,14 +94,12 @@ def share_weights(folder: Path, files: list[str]) -> tuple[int, dict[str, str]]:
     names: dict[tuple, str] = {}  # (exporter's initializer name, its bytes' key) -> short name, bundle-wide
     kept: dict[str, str] = {}  # sha256 of a rewritten graph -> its file
     same: dict[str, str] = {}  # graph file removed as a copy -> the file kept
+    for tensor, key in placed:
+        is_small, offset, length = stored[key]
+        for k, v in (("location", WEIGHTS_FILE), ("offset", str(offset + base * is_small)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = k, v
     for name, proto in protos.items():
-        for tensor in _tensors(proto):
-            if tensor.data_location == TensorProto.EXTERNAL and _external(tensor).get("key"):
-                dtype, digest = _external(tensor)["key"].split(":")
-                is_small, offset, length = stored[(int(dtype), digest)]
-                del tensor.external_data[1:]
-                tensor.external_data.add().CopyFrom(_entry("offset", str(offset + base * is_small)))
-                tensor.external_data.add().CopyFrom(_entry("length", str(length)))
         _compact(proto, names)
         graph_bytes = proto.SerializeToString()  # the graph only: its tensors have no raw data left to write
         digest = hashlib.sha256(graph_bytes).hexdigest()
@@ -118,12 +116,6 @@ def share_weights(folder: Path, files: list[str]) -> tuple[int, dict[str, str]]:
     for name in old - {WEIGHTS_FILE}:
         (folder / name).unlink(missing_ok=True)
     return size, same
-
-
-def _entry(key: str, value: str):
-    from onnx import StringStringEntryProto
-
-    return StringStringEntryProto(key=key, value=value)
 
 
 def _compact(proto, names: dict[tuple, str]) -> None:
