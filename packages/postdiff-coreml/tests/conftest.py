@@ -9,6 +9,7 @@ BUNDLES = {
     "reference_single": ("reference", "baseline", {}),  # one function, the same weights: the size yardstick
     "sd": ("toy-sd", "postdiff", {}),
     "sdxl": ("toy-sdxl", "deepcache", {}),  # SDXL's low-res and gating paths are exercised by the ONNX tests
+    "lcm": ("toy-lcm", "postdiff-lcm", {}),
 }
 
 

@@ -29,7 +29,7 @@ NEEDS_MACOS = pytest.mark.skipif(
     not ON_MACOS,
     reason="Core ML prediction needs macOS: coremltools converts on Linux but cannot run a model, so numerics are checked on macOS only",
 )
-ALL = ["reference", "sd", "sdxl"]
+ALL = ["reference", "sd", "sdxl", "lcm"]
 DTYPES = {65568: "float32", 131104: "int32", 65552: "float16"}
 
 
@@ -71,8 +71,11 @@ def test_package_has_exactly_the_functions_the_plan_needs(coreml_bundles, name):
             with torch.no_grad():
                 out = module(*ins.values())
             assert [t.shape for t in graph.outputs] == [list(o.shape) for o in out]
-            # a CFG step's function takes the doubled batch, a gated (conditional-only) step's the single one
-            assert graph.batch == (2 if any(s.guidance == "cfg" and s.variant == graph.variant for s in plan.steps) else 1)
+            # a CFG step's function takes the doubled batch, a gated (conditional-only) step's the single one; a
+            # guidance-embedded UNet (LCM) runs one branch on every step
+            cfg = any(s.guidance == "cfg" and s.variant == graph.variant for s in plan.steps) and not model.spec().guidance_embedded
+            assert graph.batch == (2 if cfg else 1)
+            assert ("timestep_cond" in graph.input_names) == (name == "lcm")
 
 
 def test_pipeline_models_and_manifest(coreml_bundles):

@@ -9,6 +9,7 @@ BUNDLES = {
     "reference": ("reference", "postdiff", {"static": True, "golden": True}),
     "sd": ("toy-sd", "postdiff", {}),
     "sdxl": ("toy-sdxl", "postdiff-xl", {}),
+    "lcm": ("toy-lcm", "postdiff-lcm", {}),
     "reference_fp16": ("reference", "deepcache", {"precision": "fp16"}),
 }
 

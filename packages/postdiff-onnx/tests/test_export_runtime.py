@@ -14,6 +14,7 @@ import torch
 
 from postdiff.bundle import UNET, read_manifest
 from postdiff.cost import MacCounter
+from postdiff.errors import ModelError
 from postdiff.models import load_model
 from postdiff.unet import UNetSplit
 from postdiff_lab.generation import source_for
@@ -22,7 +23,7 @@ from postdiff_onnx.runtime import load_bundle
 from postdiff_onnx.session import make_session, run
 
 HERE = Path(__file__).resolve().parent
-ALL = ["reference", "sd", "sdxl"]
+ALL = ["reference", "sd", "sdxl", "lcm"]
 
 
 def _graph_psnrs(bundle: Path) -> dict[tuple[str, str], float]:
@@ -204,7 +205,10 @@ def test_every_tensor_of_every_graph_is_stored_once_in_one_file(bundles):
 @pytest.mark.parametrize("scheduler", [None, "EulerAncestralDiscreteScheduler"])
 def test_numpy_loop_matches_the_torch_loop_on_the_same_bundle(bundles, name, scheduler):
     """The runtime without PyTorch (numpy schedulers, PyTorch-equal noise) against the same graphs driven by
-    diffusers' schedulers on tensors: the stored plan, and an ancestral sampler that draws noise at every step."""
+    diffusers' schedulers on tensors: the stored plan, and an ancestral sampler that draws noise at every step
+    (LCM's own scheduler draws noise at every step; it takes no other)."""
+    if name == "lcm" and scheduler is not None:
+        pytest.skip("LCM models sample with LCMScheduler only (refused otherwise: test_lcm_takes_its_own_scheduler_only)")
     pipe = load_bundle(bundles(name))
     plan = pipe.compile(scheduler=scheduler)
     conditions = [3, 9] if name == "reference" else ["a red apple on a table"]
@@ -297,3 +301,10 @@ def test_shared_and_prepacked_sessions_give_the_same_images(bundles, monkeypatch
     assert weights_bytes(folder) > 4e6
     monkeypatch.setattr(session, "PREPACK_BELOW_BYTES", 4e6)  # as if the weights were large: shared by default
     assert load_bundle(folder).runner.prepack is False and load_bundle(folder, prepack=True).runner.prepack is True
+
+
+def test_lcm_takes_its_own_scheduler_only(bundles):
+    pipe = load_bundle(bundles("lcm"))
+    with pytest.raises(ModelError, match="LCM models sample with LCMScheduler only, not 'DDIMScheduler'"):
+        pipe.compile(scheduler="DDIMScheduler")
+    assert pipe.compile(scheduler="LCMScheduler").scheduler == "LCMScheduler"

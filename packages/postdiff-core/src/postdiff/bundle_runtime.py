@@ -108,6 +108,8 @@ class GraphDenoiser:
         if "text_embeds" in graph.input_names:
             feeds["text_embeds"] = _np(cond.text_embeds)
             feeds["time_ids"] = _np(cond.time_ids).astype(np.float32)
+        if "timestep_cond" in graph.input_names:
+            feeds["timestep_cond"] = _np(cond.timestep_cond).astype(np.float32, copy=False)
         if "deep" in graph.input_names:
             feeds["deep"] = caches.deep_for(step, cond)
         wanted = _xattn_indices(graph.input_names)
@@ -198,7 +200,7 @@ class BundlePipeline:
 
     def _static_batch_of(self, step: Step) -> int:
         """The batch of a fixed-shape graph call at ``step``: 2N on CFG steps of a bundle exported with CFG, else N."""
-        return step_batch(step.guidance, self.static_batch, self.info.get("guidance", 1.0) > 1.0)
+        return step_batch(step.guidance, self.static_batch, self.info.get("guidance", 1.0) > 1.0 and not self.spec.guidance_embedded)
 
     def open(self, plan: Plan) -> None:
         """Load every graph ``plan`` runs (its UNet graphs and the encoders and decoder around them) now, so that

@@ -69,3 +69,18 @@ class Conditioning:
         if self.text_embeds is None and self.time_ids is None:
             return None
         return {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
+
+
+def guidance_embedding(w: float, dim: int, batch: int = 1):
+    """LCM's guidance-scale embedding of ``w`` (the pipeline's guidance scale minus 1): ``dim`` sinusoids of 1000 w,
+    sines then cosines, zero-padded to an odd ``dim``, one row per batch item. The arithmetic of diffusers'
+    ``LatentConsistencyModelPipeline.get_guidance_scale_embedding`` (after VDM), in float32 numpy, so that the
+    runtime without PyTorch computes it too."""
+    import numpy as np
+
+    half = dim // 2
+    step = np.float32(np.log(np.float32(10000.0))) / np.float32(max(half - 1, 1))
+    freqs = np.exp(np.arange(half, dtype=np.float32) * -step)
+    arg = np.float32(np.float32(w) * np.float32(1000.0)) * freqs
+    emb = np.concatenate([np.sin(arg), np.cos(arg), np.zeros(dim % 2, dtype=np.float32)]).astype(np.float32)
+    return np.repeat(emb[None], int(batch), axis=0)

@@ -37,6 +37,8 @@ class MacCounter:
         self.text_len = text_len
         self.pooled_dim = pooled_dim
         self._key = _config_key(self.config)
+        # guidance doubles the batch (CFG) unless the UNet embeds it (LCM's time_cond_proj_dim: one branch per image)
+        self.cfg = self.config.get("time_cond_proj_dim") is None
         self._split: UNetSplit | None = None
 
     def _get_split(self) -> UNetSplit:
@@ -98,8 +100,10 @@ class PlanCost:
         }
 
 
-def plan_cost(plan: Plan, counter: MacCounter, baseline: Plan, *, images: int = 1, cfg: bool = True) -> PlanCost:
-    """MACs of every step of ``plan`` and of ``baseline`` (normally the ``baseline`` plan at the same size)."""
+def plan_cost(plan: Plan, counter: MacCounter, baseline: Plan, *, images: int = 1, cfg: bool | None = None) -> PlanCost:
+    """MACs of every step of ``plan`` and of ``baseline`` (normally the ``baseline`` plan at the same size); CFG steps
+    run two branches per image unless ``cfg`` is False (default: the counter's UNet decides, ``MacCounter.cfg``)."""
+    cfg = counter.cfg if cfg is None else cfg
 
     def costs(p: Plan) -> tuple[StepCost, ...]:
         out = []

@@ -1,4 +1,4 @@
-"""Run a plan inside a diffusers Stable Diffusion / SDXL pipeline: ``postdiff.apply(pipe, "postdiff")``.
+"""Run a plan inside a diffusers Stable Diffusion / SDXL / LCM pipeline: ``postdiff.apply(pipe, "postdiff")``.
 
 After ``apply``, the usual ``pipe(prompt, ...)`` call runs the plan; ``postdiff.remove(pipe)`` restores the
 vanilla pipeline. The pipeline's own loop stays in charge (prompt encoding, CFG arithmetic, callbacks, VAE
@@ -31,7 +31,7 @@ from .sampling import PlanRun, initial_latents
 from .torch_denoiser import TorchDenoiser
 from .unet import UNetSplit, model_spec
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "LatentConsistencyModelPipeline")
 _HOOK_NAME = "postdiff"
 _SUBCLASSES: dict[type, type] = {}
 
@@ -220,7 +220,14 @@ class _SchedulerProxy:
         def step(model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
             if args:
                 raise PlanError("PostDiff expects scheduler.step's options as keywords")
-            out = session.run.advance(model_output, timestep, sample, **kwargs)
+            run = session.run
+            out = run.advance(model_output, timestep, sample, **kwargs)
+            if hasattr(inner, "get_scalings_for_boundary_condition_discrete"):  # LCM: (prev_sample, denoised)
+                if return_dict:
+                    from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
+
+                    return LCMSchedulerOutput(prev_sample=out, denoised=run.denoised)
+                return (out, run.denoised)
             if return_dict:
                 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 

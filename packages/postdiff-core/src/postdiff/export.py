@@ -63,7 +63,8 @@ class ExportJob:
     def batches(self, variant: str, hw, images: int | None = None) -> list[int]:
         """The UNet batch sizes at which the plan calls ``variant`` at ``hw`` with ``images`` images per call."""
         n = self.images if images is None else images
-        return sorted({step_batch(s.guidance, n) for s in self.plan.steps if s.variant == variant and tuple(s.latent_hw) == tuple(hw)})
+        cfg = self.counter.cfg
+        return sorted({step_batch(s.guidance, n, cfg) for s in self.plan.steps if s.variant == variant and tuple(s.latent_hw) == tuple(hw)})
 
 
 def prepare_export(model: str | Model, plan, *, height=None, width=None, steps=None, scheduler=None, images: int = 1) -> ExportJob:

@@ -14,8 +14,8 @@ Families are registered by name, the way diffusers registers per-model hooks and
         def matches(self, model): return hasattr(model.pipeline, "transformer")
         ...
 
-``family_of(model)`` returns the first registered family whose ``matches`` accepts the model (the most specific
-are registered first); ``family_named(kind)`` the one a manifest names. Torch is imported inside the methods that
+``family_of(model)`` returns the first family whose ``matches`` accepts the model (a subclass is asked before its
+base, the others in registration order: the most specific are registered first); ``family_named(kind)`` the one a manifest names. Torch is imported inside the methods that
 need it: the manifest and plan half of the engine stays importable without it.
 """
 
@@ -125,7 +125,8 @@ def family_named(kind: str) -> Family:
 
 
 def family_of(model: Model) -> Family:
-    for family in FAMILIES.values():
+    """The family that recognises ``model``: a subclass before its base (LCM before SD), else in registration order."""
+    for family in sorted(FAMILIES.values(), key=lambda f: -len(type(f).__mro__)):
         if family.matches(model):
             return family
     raise ModelError(f"{model.name}: no model family recognises it (known: {', '.join(FAMILIES)})")
@@ -295,8 +296,9 @@ class TextToImage(Family):
     """What the diffusers text-to-image families share: one prompt per image, the prompt's conditioning from the
     bundle's text encoder graphs (``conditioning``), a VAE decoder at the end."""
 
-    def conditioning(self, pipe, prompt: str, cfg: bool, ops):
-        """The ``Conditioning`` of one prompt (with the negative half first when ``cfg``), in ``ops``' arrays."""
+    def conditioning(self, pipe, prompt: str, guidance: float, ops):
+        """The ``Conditioning`` of one prompt at ``guidance`` (the negative half first when that is a CFG batch), in
+        ``ops``' arrays."""
         raise NotImplementedError
 
     def generate_bundle(self, pipe, conditions, plan, denoiser, *, seed, guidance, scheduler, batch_size, progress, ops):
@@ -311,7 +313,7 @@ class TextToImage(Family):
         vae = pipe.manifest.graph("vae_decoder")
         images, finals = [], []
         for i, prompt in enumerate(conditions):
-            cond = self.conditioning(pipe, str(prompt), guidance > 1.0, ops)
+            cond = self.conditioning(pipe, str(prompt), guidance, ops)
             gen = self.generator(seed, i, ops)
             sch = pipe.scheduler(scheduler, ops)
             sch.set_timesteps(plan.recipe.steps)
@@ -352,9 +354,10 @@ class StableDiffusionXL(TextToImage):
             "force_zeros_for_empty_prompt": bool(model.pipeline.config.get("force_zeros_for_empty_prompt", True)),
         }
 
-    def conditioning(self, pipe, prompt: str, cfg: bool, ops):
+    def conditioning(self, pipe, prompt: str, guidance: float, ops):
         from .conditioning import Conditioning
 
+        cfg = guidance > 1.0
         ehs, pooled = (ops.asarray(x) for x in pipe.encode_prompt(prompt, self.roles[:-1], self.tokenizers))
         h, w = pipe.image_hw
         time_ids = ops.like(ops.asarray([[h, w, 0, 0, h, w]]), ehs)
@@ -392,14 +395,44 @@ class StableDiffusion(TextToImage):
     def bundle_info(self, model) -> dict[str, Any]:
         return {"guidance": self.default_guidance}
 
-    def conditioning(self, pipe, prompt: str, cfg: bool, ops):
+    def conditioning(self, pipe, prompt: str, guidance: float, ops):
         from .conditioning import Conditioning
 
         ehs = ops.asarray(pipe.encode_prompt(prompt, self.roles[:-1], self.tokenizers)[0])
-        if not cfg:
+        if guidance <= 1.0:
             return Conditioning(ehs, has_uncond=False)
         neg = ops.asarray(pipe.encode_prompt("", self.roles[:-1], self.tokenizers)[0])
         return Conditioning(ops.cat([neg, ehs]), has_uncond=True)
+
+
+@register_family
+class LatentConsistency(StableDiffusion):
+    """LCM distillations of SD 1.x/2.x (``LatentConsistencyModelPipeline``, ``LCMScheduler``): guidance is not a CFG
+    batch but a UNet input, the sinusoidal embedding of w = guidance - 1 (``timestep_cond``, as the pipeline makes it):
+    one UNet branch per image and step, no negative prompt."""
+
+    name = "lcm"
+    default_guidance = 8.5  # LatentConsistencyModelPipeline's default
+
+    def matches(self, model) -> bool:
+        return super().matches(model) and model.unet_config.get("time_cond_proj_dim") is not None
+
+    def bundle_info(self, model) -> dict[str, Any]:
+        return {"guidance": self.default_guidance, "time_cond_proj_dim": int(model.unet_config["time_cond_proj_dim"])}
+
+    def scheduler(self, name, config, ops=None):
+        """LCMScheduler only: the model was distilled for its consistency steps (and the diffusers pipeline passes
+        ``original_inference_steps``, which other schedulers refuse)."""
+        if name not in (None, "LCMScheduler"):
+            raise ModelError(f"LCM models sample with LCMScheduler only, not {brief(name)}; drop --scheduler")
+        return super().scheduler("LCMScheduler", config, ops)
+
+    def conditioning(self, pipe, prompt: str, guidance: float, ops):
+        from .conditioning import Conditioning, guidance_embedding
+
+        ehs = ops.asarray(pipe.encode_prompt(prompt, self.roles[:-1], self.tokenizers)[0])
+        w = guidance_embedding(guidance - 1.0, int(pipe.info["time_cond_proj_dim"]), batch=int(ehs.shape[0]))
+        return Conditioning(ehs, has_uncond=False, timestep_cond=ops.like(ops.asarray(w), ehs))
 
 
 @register_family

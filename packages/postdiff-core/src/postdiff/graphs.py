@@ -8,7 +8,7 @@ it, which the model's family names (``postdiff.families``): the class encoder, t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -143,12 +143,7 @@ def model_info(model: Model, latent_hw: tuple[int, int], plan: Plan) -> dict[str
     return {
         "name": model.name,
         "kind": model.family.name,
-        "spec": {
-            "name": spec.name,
-            "downsample_factor": spec.downsample_factor,
-            "num_down_blocks": spec.num_down_blocks,
-            "has_cross_attention": spec.has_cross_attention,
-        },
+        "spec": asdict(spec),
         "latent_hw": list(latent_hw),
         "image_hw": [latent_hw[0] * model.vae_scale_factor, latent_hw[1] * model.vae_scale_factor],
         "vae_scale_factor": model.vae_scale_factor,

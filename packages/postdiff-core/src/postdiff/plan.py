@@ -46,6 +46,8 @@ class ModelSpec:
     downsample_factor: int
     num_down_blocks: int
     has_cross_attention: bool
+    # guidance is a UNet input (LCM's ``timestep_cond``), not a CFG batch: every step runs one branch per image
+    guidance_embedded: bool = False
 
 
 @dataclass(frozen=True)

@@ -260,6 +260,10 @@ def _builtins() -> dict[str, Recipe]:
         "postdiff": Recipe(name="postdiff", low_res=lr, deepcache=dc, xattn_gate=gate),
         # The paper uses beta = 3/4 for SDXL (and PixArt-alpha).
         "postdiff-xl": Recipe(name="postdiff-xl", low_res=LowRes(scale=0.75), deepcache=dc, xattn_gate=gate),
+        # LCM runs 4 to 8 steps with guidance embedded (no CFG batch): the same levers at 4 steps, two of them at half
+        # resolution, the gate (cross-attention caching only: there is no CFG to drop) from step 2. Not measured on a
+        # trained LCM (none is reachable offline); a starting point to sweep, not a tuned plan.
+        "postdiff-lcm": Recipe(name="postdiff-lcm", steps=4, low_res=lr, deepcache=dc, xattn_gate=XAttnGate(after=2)),
     }
 
 

@@ -25,6 +25,7 @@ RESTARTABLE_SCHEDULERS = (
     "DPMSolverMultistepScheduler",
     "UniPCMultistepScheduler",
     "LMSDiscreteScheduler",
+    "LCMScheduler",
 )
 
 
@@ -76,7 +77,18 @@ def predict_x0(scheduler, sample, model_output, index: int, timestep: float):
             x0 = alpha * x - sigma * out
         else:
             raise PlanError(f"mixed resolution: unsupported prediction_type {kind!r}")
-    return ops.like(_as_the_scheduler_limits(scheduler, x0), sample)
+    x0 = _as_the_scheduler_limits(scheduler, x0)
+    if "timestep_scaling" in scheduler.config:  # a consistency model: its output is the boundary-conditioned x0
+        c_skip, c_out = consistency_scalings(scheduler, timestep)
+        x0 = c_out * x0 + c_skip * x
+    return ops.like(x0, sample)
+
+
+def consistency_scalings(scheduler, timestep: float) -> tuple[float, float]:
+    """(c_skip, c_out) of LCM's boundary condition at ``timestep``: the consistency function is c_skip x + c_out x0,
+    which ``LCMScheduler.step`` returns as ``denoised`` (sigma_data 0.5, the timestep scaled by ``timestep_scaling``)."""
+    scaled = float(timestep) * float(scheduler.config.get("timestep_scaling", 10.0))
+    return 0.25 / (scaled**2 + 0.25), scaled / (scaled**2 + 0.25) ** 0.5
 
 
 def _as_the_scheduler_limits(scheduler, x0):

@@ -57,6 +57,9 @@ class PlanRun:
         self.generator = generator
         self._set_timesteps = set_timesteps_args or ((plan.recipe.steps,), {})
         self.index = 0
+        # the clean sample of the last step, where the scheduler returns one (LCM's ``denoised``; at a switch the
+        # upsampled x0): what an LCM pipeline decodes after its last step
+        self.denoised = None
 
     @property
     def step(self) -> Step:
@@ -78,8 +81,11 @@ class PlanRun:
             noise = ops_for(x0).randn_like(x0, self.generator)  # as diffusers' randn_tensor draws it
             self._restart(nxt.index)
             out = renoise(self.scheduler, x0, noise, nxt.index, nxt.timestep)
+            self.denoised = x0
         else:
-            out = self.scheduler.step(model_output, timestep, sample, **step_kwargs, return_dict=False)[0]
+            result = self.scheduler.step(model_output, timestep, sample, **step_kwargs, return_dict=False)
+            out = result[0]
+            self.denoised = result[1] if len(result) > 1 else None
         self.index += 1
         return out
 

@@ -98,6 +98,7 @@ def model_spec(unet, name: str = "unet") -> ModelSpec:
         downsample_factor=downsample_factor(unet),
         num_down_blocks=len(unet.down_blocks),
         has_cross_attention=bool(_attn2_modules(unet)),
+        guidance_embedded=unet.config.get("time_cond_proj_dim") is not None,
     )
 
 
@@ -332,7 +333,7 @@ class UNetSplit:
 class VariantModule(nn.Module):
     """One variant with explicit tensor inputs and outputs, for ``torch.export`` and the exporters.
 
-    forward(sample, timestep, encoder_hidden_states[, text_embeds, time_ids][, deep][, *xattn]) -> tuple
+    forward(sample, timestep, encoder_hidden_states[, text_embeds, time_ids][, timestep_cond][, deep][, *xattn]) -> tuple
 
     Cross-attention tensors are named by module index (``xattn_3`` is the output of the fourth attn2 module in
     execution order), so what ``full_capture`` returns as ``xattn_3`` is what a ``*_cached`` variant takes as
@@ -345,6 +346,9 @@ class VariantModule(nn.Module):
         self._split = split
         self.variant = variant
         self.takes_deep = variant.startswith("shallow")
+        # a guidance-distilled UNet (LCM) takes the guidance scale's embedding as an input of every variant
+        self.cond_dim = split.unet.config.get("time_cond_proj_dim")
+        self.takes_guidance = self.cond_dim is not None
         indices = split.xattn_indices(variant)
         self.xattn_in = indices if variant.endswith("_cached") else []
         self.xattn_out = indices if variant.endswith("_capture") else []
@@ -353,6 +357,8 @@ class VariantModule(nn.Module):
         names = ["sample", "timestep", "encoder_hidden_states"]
         if self._split.is_sdxl:
             names += ["text_embeds", "time_ids"]
+        if self.takes_guidance:
+            names.append("timestep_cond")
         if self.takes_deep:
             names.append("deep")
         return names + [f"xattn_{i}" for i in self.xattn_in]
@@ -363,12 +369,16 @@ class VariantModule(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
         rest = list(rest)
-        text_embeds = time_ids = deep = None
+        text_embeds = time_ids = deep = timestep_cond = None
         if self._split.is_sdxl:
             text_embeds, time_ids = rest.pop(0), rest.pop(0)
+        if self.takes_guidance:
+            timestep_cond = rest.pop(0)
         if self.takes_deep:
             deep = rest.pop(0)
-        return self._split.forward(self.variant, sample, timestep, encoder_hidden_states, text_embeds, time_ids, deep, tuple(rest))
+        return self._split.forward(
+            self.variant, sample, timestep, encoder_hidden_states, text_embeds, time_ids, deep, tuple(rest), timestep_cond
+        )
 
     def example_inputs(
         self, latent_hw: tuple[int, int], batch: int, *, text_len: int, pooled_dim: int | None = None, device="cpu", seed: int = 0
@@ -393,6 +403,8 @@ class VariantModule(nn.Module):
             ins["text_embeds"] = randn(batch, pooled_dim)
             h, w = latent_hw
             ins["time_ids"] = torch.tensor([[8.0 * h, 8.0 * w, 0.0, 0.0, 8.0 * h, 8.0 * w]] * batch, device=device)
+        if self.takes_guidance:
+            ins["timestep_cond"] = randn(batch, int(self.cond_dim))
         if self.takes_deep or self.xattn_in:
             with torch.no_grad():
                 probe = self._split.forward("full_capture", *ins.values())
@@ -423,6 +435,7 @@ class VariantModule(nn.Module):
             "encoder_hidden_states": {0: batch},
             "text_embeds": {0: batch},
             "time_ids": {0: batch},
+            "timestep_cond": {0: batch},
             "deep": {0: batch, 2: deep_f * h, 3: deep_f * w},
         }
         if self.xattn_in:  # each cached cross-attention map is at its layer's resolution: probe it once

@@ -1,9 +1,11 @@
 """Published UNet architectures, built from config with random weights (no download).
 
-``arch:sd15``, ``arch:sd21`` and ``arch:sdxl`` let costs and timings of the real architectures be measured on a
-machine without the weights. The values are those of the public ``unet/config.json`` files of
-Stable Diffusion v1.5, v2.1 (768, v-prediction) and SDXL base 1.0. ``toy-sd``/``toy-sdxl`` are tiny
-configurations of the same families, used by the tests and the offline demo.
+``arch:sd15``, ``arch:sd21``, ``arch:sdxl`` and ``arch:lcm-sd15`` let costs and timings of the real architectures be
+measured on a machine without the weights. The values are those of the public ``unet/config.json`` files of
+Stable Diffusion v1.5, v2.1 (768, v-prediction), SDXL base 1.0 and the LCM distillation of SD 1.5
+(``SimianLuo/LCM_Dreamshaper_v7``: SD 1.5's UNet plus a 256-wide guidance embedding, ``time_cond_proj_dim``, with
+its ``LCMScheduler``). ``toy-sd``/``toy-sdxl``/``toy-lcm`` are tiny configurations of the same families, used by the
+tests and the offline demo.
 """
 
 from __future__ import annotations
@@ -14,6 +16,21 @@ from typing import Any
 from postdiff.models import SD_SCHEDULER
 
 _SD_SCHEDULER = {k: v for k, v in SD_SCHEDULER.items() if k != "_class_name"}  # SD 1.5's, as the engine knows it
+# LCM_Dreamshaper_v7's scheduler_config.json: SD 1.5's noise schedule, the 50-step skipping schedule LCM was
+# distilled on (original_inference_steps) and the consistency boundary condition's timestep_scaling
+_LCM_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": True,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "original_inference_steps": 50,
+    "timestep_spacing": "leading",
+    "timestep_scaling": 10.0,
+}
 
 
 @dataclass(frozen=True)
@@ -24,6 +41,7 @@ class Architecture:
     pooled_dim: int | None = None  # SDXL's pooled text embedding (added conditioning)
     vae_scale_factor: int = 8
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(_SD_SCHEDULER))
+    scheduler_class: str = "DDIMScheduler"  # the scheduler its pipeline ships with
 
     @property
     def is_sdxl(self) -> bool:
@@ -52,6 +70,13 @@ SD15 = Architecture(
         "attention_head_dim": 8,
         "norm_num_groups": 32,
     },
+)
+
+LCM_SD15 = Architecture(
+    "lcm-sd15",
+    {**SD15.unet, "time_cond_proj_dim": 256},
+    scheduler=dict(_LCM_SCHEDULER),
+    scheduler_class="LCMScheduler",
 )
 
 SD21 = Architecture(
@@ -136,4 +161,12 @@ TOY_SDXL = Architecture(
     vae_scale_factor=2,
 )
 
-ARCHITECTURES = {a.name: a for a in (SD15, SD21, SDXL, TOY_SD, TOY_SDXL)}
+TOY_LCM = Architecture(
+    "toy-lcm",
+    {**TOY_SD.unet, "time_cond_proj_dim": 16},
+    vae_scale_factor=2,
+    scheduler=dict(_LCM_SCHEDULER),
+    scheduler_class="LCMScheduler",
+)
+
+ARCHITECTURES = {a.name: a for a in (SD15, SD21, SDXL, LCM_SD15, TOY_SD, TOY_SDXL, TOY_LCM)}

@@ -1,8 +1,9 @@
 """The lab's named models, offered to every PostDiff command through the ``postdiff.models`` entry point.
 
 ``reference`` (the embedded, trained Fashion-MNIST model, the default), ``digits`` (the same recipe on MNIST
-digits), ``toy-sd`` / ``toy-sdxl`` (tiny SD and SDXL pipelines with random weights) and ``arch:sd15`` /
-``arch:sd21`` / ``arch:sdxl`` (published UNet architectures with random weights, for costs and timings).
+digits), ``toy-sd`` / ``toy-sdxl`` / ``toy-lcm`` (tiny SD, SDXL and LCM pipelines with random weights) and
+``arch:sd15`` / ``arch:sd21`` / ``arch:sdxl`` / ``arch:lcm-sd15`` (published UNet architectures with random weights,
+for costs and timings).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from .architectures import ARCHITECTURES, Architecture
 
 # the embedded, trained class-conditional models -> the dataset each was trained on (postdiff_lab.data.DATASETS)
 REFERENCE_MODELS = {"reference": "fashion", "digits": "digits"}
-TOY_MODELS = {"toy-sd": "sd", "toy-sdxl": "sdxl"}
+TOY_MODELS = {"toy-sd": "sd", "toy-sdxl": "sdxl", "toy-lcm": "lcm"}
 
 
 def _reference(name: str, need_pipeline: bool | None) -> Model:
@@ -42,7 +43,7 @@ def _from_architecture(arch: Architecture) -> Model:
     return Model(
         name=f"arch:{arch.name}",
         unet_config=dict(arch.unet),
-        scheduler_config={"_class_name": "DDIMScheduler", **arch.scheduler},
+        scheduler_config={"_class_name": arch.scheduler_class, **arch.scheduler},
         vae_scale_factor=arch.vae_scale_factor,
         pooled_dim=arch.pooled_dim,
         build_unet=lambda: build_unet(arch),
@@ -73,4 +74,4 @@ def resolve(spec: str, need_pipeline: bool | None = False) -> Model | None:
     return None
 
 
-resolve.names = [*REFERENCE_MODELS, *TOY_MODELS, "arch:sd15", "arch:sd21", "arch:sdxl"]
+resolve.names = [*REFERENCE_MODELS, *TOY_MODELS, "arch:sd15", "arch:sd21", "arch:sdxl", "arch:lcm-sd15"]

@@ -1,4 +1,4 @@
-"""Tiny Stable Diffusion / SDXL pipelines with random weights, built offline.
+"""Tiny Stable Diffusion / SDXL / LCM pipelines with random weights, built offline.
 
 Tests and the offline demo need real diffusers pipelines (tokenizer, text encoder, UNet, VAE, scheduler)
 without a download. diffusers' own tests fetch tiny models from the Hub; here every part is built from a
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .architectures import TOY_SD, TOY_SDXL, Architecture
+from .architectures import TOY_LCM, TOY_SD, TOY_SDXL, Architecture
 
 TEXT_HIDDEN = 32
 
@@ -88,15 +88,18 @@ def build_unet(arch: Architecture, seed: int = 0, device: str | torch.device = "
     return unet.eval()
 
 
-def build_scheduler(arch: Architecture, kind: str = "DDIMScheduler"):
+def build_scheduler(arch: Architecture, kind: str | None = None):
+    """The scheduler ``kind`` (a diffusers class name; the one ``arch`` ships with when None) on ``arch``'s schedule."""
     from postdiff.families import scheduler_from_config
 
-    return scheduler_from_config(kind, arch.scheduler)
+    return scheduler_from_config(kind or arch.scheduler_class, arch.scheduler)
 
 
-def toy_pipeline(kind: str = "sd", seed: int = 0, scheduler: str = "DDIMScheduler"):
-    """A complete tiny ``StableDiffusionPipeline`` (kind="sd") or ``StableDiffusionXLPipeline`` (kind="sdxl")."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def toy_pipeline(kind: str = "sd", seed: int = 0, scheduler: str | None = None):
+    """A complete tiny ``StableDiffusionPipeline`` (kind="sd"), ``StableDiffusionXLPipeline`` (kind="sdxl") or
+    ``LatentConsistencyModelPipeline`` (kind="lcm": a UNet with a guidance embedding, ``LCMScheduler``). The scheduler
+    is the kind's own (DDIM for sd and sdxl, LCM for lcm) unless named."""
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     def sd():
         return StableDiffusionPipeline(
@@ -122,9 +125,21 @@ def toy_pipeline(kind: str = "sd", seed: int = 0, scheduler: str = "DDIMSchedule
             force_zeros_for_empty_prompt=False,
         )
 
-    builders = {"sd": sd, "sdxl": sdxl}
+    def lcm():
+        return LatentConsistencyModelPipeline(
+            vae=_vae(seed + 1),
+            text_encoder=_text_encoder(seed + 2, with_projection=False),
+            tokenizer=toy_tokenizer(),
+            unet=build_unet(TOY_LCM, seed),
+            scheduler=build_scheduler(TOY_LCM, scheduler),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    builders = {"sd": sd, "sdxl": sdxl, "lcm": lcm}
     if kind not in builders:
-        raise ValueError(f"toy pipeline kind must be 'sd' or 'sdxl', got {kind!r}")
+        raise ValueError(f"toy pipeline kind must be one of {', '.join(builders)}, got {kind!r}")
     pipe = builders[kind]()
     pipe.set_progress_bar_config(disable=True)
     return pipe

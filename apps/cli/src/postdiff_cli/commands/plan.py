@@ -40,8 +40,10 @@ def run(args) -> int:
         if args.json:
             print(plan.to_json())
             return 0
+        embedded = model.spec().guidance_embedded
         print(
             f"plan {plan.name} for {model.name}: {len(plan.steps)} UNet calls, latent {plan.latent_hw[0]}x{plan.latent_hw[1]}, {plan.scheduler}"
+            + ("; guidance embedded in the UNet (one branch per step: 'cfg' marks the steps before the gate)" if embedded else "")
         )
         rows = [
             (
@@ -75,7 +77,8 @@ def run(args) -> int:
             )
         )
         return 0
-    print(f"plan {plan.name} on {model.name} at {h}x{w}, {plan.recipe.steps} steps ({plan.scheduler}); MACs of the UNet, CFG batch 2")
+    batch = "one branch per step (guidance embedded)" if model.spec().guidance_embedded else "CFG batch 2"
+    print(f"plan {plan.name} on {model.name} at {h}x{w}, {plan.recipe.steps} steps ({plan.scheduler}); MACs of the UNet, {batch}")
     groups: dict[tuple, list] = {}
     for s in cost.steps:
         groups.setdefault((s.variant, s.latent_hw, s.batch), []).append(s)
