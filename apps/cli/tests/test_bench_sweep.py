@@ -85,6 +85,21 @@ def test_sweep_writes_pareto_plot_and_json(tmp_path, capsys):
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_sweep_with_shifts_puts_the_papers_switch_beside(tmp_path, capsys):
+    _need_fashion_mnist()
+    out, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    grid = ["--betas", "0.5", "--switches", "0.5", "--intervals", "2", "--gates", "0", "--shifts=-1,0,2"]
+    assert main(["sweep", "--budgets", "0.5", "--calibration", "3", "--samples", "4", *grid, "--json", str(out), "--plot", str(plot)]) == 0
+    assert "cheaper steps, paper's switch" in capsys.readouterr().out
+    data = strict_loads(out.read_text())
+    names = {c["name"] for c in data["candidates"] if c["family"] == "cheaper-steps"}
+    assert names == {"b0.5@0.5r-1-k2", "b0.5@0.5-k2", "b0.5@0.5r+2-k2"}
+    shifts = {c["name"]: c["recipe"]["low_res"]["renoise_shift"] for c in data["candidates"] if c["family"] == "cheaper-steps"}
+    assert shifts == {"b0.5@0.5r-1-k2": -1, "b0.5@0.5-k2": 0, "b0.5@0.5r+2-k2": 2}
+    paper = data["rows"][0]["cheaper-steps-paper-switch"]
+    assert paper["name"] == "b0.5@0.5-k2" and math.isfinite(paper["holdout"])
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [
@@ -102,6 +117,7 @@ def test_sweep_writes_pareto_plot_and_json(tmp_path, capsys):
         (["sweep", "--budgets", "0.3,x"], "--budgets takes comma-separated numbers"),
         (["sweep", "--samples", "0"], "must be at least 1"),
         (["sweep", "--intervals", "0,2"], "--intervals values must be at least 1"),
+        (["sweep", "--shifts", "0,1.5"], "--shifts takes comma-separated integers"),
     ],
 )
 def test_bench_sweep_search_bad_input(args, fragment, capsys):

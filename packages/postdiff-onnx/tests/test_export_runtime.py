@@ -308,3 +308,21 @@ def test_lcm_takes_its_own_scheduler_only(bundles):
     with pytest.raises(ModelError, match="LCM models sample with LCMScheduler only, not 'DDIMScheduler'"):
         pipe.compile(scheduler="DDIMScheduler")
     assert pipe.compile(scheduler="LCMScheduler").scheduler == "LCMScheduler"
+
+
+@pytest.mark.parametrize("shift", [-2, 3])
+def test_a_shifted_switch_runs_from_the_bundle_on_both_loops(bundles, shift):
+    """low_res.renoise_shift through the numpy runtime: the numpy schedulers restart at the shifted index as
+    diffusers' do, and the bundle's image follows the PyTorch model's."""
+    from postdiff.recipe import load_recipe
+
+    pipe = load_bundle(bundles("reference"))
+    stored = load_recipe(pipe.manifest.recipe)
+    shifted = load_recipe({**stored.to_dict(), "name": f"shift{shift}", "low_res": {"scale": 0.5, "until": 0.5, "renoise_shift": shift}})
+    plan = pipe.compile(shifted)
+    assert len(plan.steps) == stored.steps + shift and "recompiled" in pipe.plan_note
+    a = pipe.generate([3, 9], plan, seed=4, loop="numpy")
+    b = pipe.generate([3, 9], plan, seed=4, loop="torch")
+    assert min(psnr(x, y) for x, y in zip(a, b)) >= 60.0
+    ref = source_for(load_model("reference", need_pipeline=True)).generate(shifted, 2, seed=4, conditions=[3, 9])
+    assert min(psnr(x, y) for x, y in zip(a, ref.images)) >= 35.0

@@ -81,6 +81,11 @@ def grid_args(p: argparse.ArgumentParser) -> None:
         ("--switches", g.switches, "switch points s, fractions of the steps at low resolution"),
         ("--intervals", g.intervals, "DeepCache intervals k (1 = no DeepCache)"),
         ("--gates", g.gates, "steps m after which CFG is gated off (0 = no gate)"),
+        (
+            "--shifts",
+            g.shifts,
+            "low_res.renoise_shift values r: re-noise at the switch r steps earlier (negative: later); write --shifts=-1,0,2",
+        ),
     ):
         p.add_argument(flag, default=",".join(f"{v:g}" for v in values), help=f"{text} (default: %(default)s)")
 
@@ -113,6 +118,7 @@ def search_grid(args):
         switches=numbers(args.switches, "--switches"),
         intervals=numbers(args.intervals, "--intervals", int),
         gates=numbers(args.gates, "--gates", int),
+        shifts=numbers(args.shifts, "--shifts", int),
     )
     g.check_steps(DEFAULT_STEPS)  # search and sweep run the baseline's 20 steps
     return g

@@ -118,7 +118,7 @@ def _check_args(args) -> None:
             check_output_folder(value, flag)
         else:
             check_output(value, flag, suffixes=suffixes)
-    for name in ("plans", "backends", "budgets", "sizes", "betas", "switches", "intervals", "gates"):
+    for name in ("plans", "backends", "budgets", "sizes", "betas", "switches", "intervals", "gates", "shifts"):
         value = getattr(args, name, None)
         if value is not None and not value.replace(",", "").strip():
             raise PostDiffError(f"--{name} is empty; give comma-separated values (see postdiff {args.command} --help)")

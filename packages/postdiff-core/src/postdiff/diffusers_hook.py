@@ -214,6 +214,12 @@ class _SchedulerProxy:
         def set_timesteps(*args, **kwargs):
             out = inner.set_timesteps(*args, **kwargs)
             session.on_set_timesteps(inner, args, kwargs)
+            if any(s.schedule_index is not None for s in session.plan.steps):
+                # a shifted switch repeats or skips timesteps: the pipeline's loop (which reads the timesteps right
+                # after setting them) runs the plan's calls instead of the schedule's
+                object.__setattr__(self, "timesteps", inner.timesteps.new_tensor(session.plan.timesteps))
+            else:
+                self.__dict__.pop("timesteps", None)
             return out
 
         @functools.wraps(inner.step)

@@ -14,6 +14,9 @@ Fields of a step:
               or "cached" (reuse the kept outputs instead of computing cross-attention)
     events    "switch_resolution": the latent arrives from a lower resolution (x0 upsampled and re-noised);
               every cache is invalid from here on and the scheduler's history is reset.
+    schedule_index  (only where it differs from ``index``) the call's position in the scheduler's timesteps: a
+              switch with ``low_res.renoise_shift`` re-noises to another point of the schedule, and the steps after
+              it repeat (or skip) that many positions. The scheduler restarts there at the switch.
 
 Steps are counted by plan index (one per UNet call), never by searching the timestep list: second-order
 schedulers such as Heun evaluate the UNet twice per inference step at repeated timesteps.
@@ -60,6 +63,13 @@ class Step:
     guidance: str = "cfg"
     xattn: str = "compute"
     events: tuple[str, ...] = ()
+    schedule_index: int | None = None  # where it differs from ``index`` (a shifted switch); see ``scheduler_index``
+
+    @property
+    def scheduler_index(self) -> int:
+        """The call's position in the scheduler's timesteps (its noise level): ``index`` unless a shifted switch
+        moved the steps after it."""
+        return self.index if self.schedule_index is None else self.schedule_index
 
     @property
     def variant(self) -> str:
@@ -74,6 +84,8 @@ class Step:
         d = asdict(self)
         d["latent_hw"] = list(self.latent_hw)
         d["events"] = list(self.events)
+        if self.schedule_index is None:  # plans without a shifted switch read as they always did
+            del d["schedule_index"]
         return d
 
 
@@ -145,6 +157,7 @@ class Plan:
                     guidance=str(s["guidance"]),
                     xattn=str(s["xattn"]),
                     events=tuple(s.get("events", ())),
+                    schedule_index=None if s.get("schedule_index") is None else int(s["schedule_index"]),
                 )
                 for s in data["steps"]
             )
@@ -273,23 +286,29 @@ def compile_plan(
     if gate is not None and not model.has_cross_attention:
         raise RecipeError(f"recipe.xattn_gate needs cross-attention, and {model.name} has none; drop xattn_gate from the recipe")
 
+    # The UNet calls, in order: those of the inference steps before the switch at low resolution, then those from
+    # step switch_k - shift on at full resolution (shift 0: every call once). A call's position among the plan's
+    # inference steps (q) is its step k before the switch and k + shift after it: caching counts positions.
+    shift = recipe.low_res.renoise_shift if switch_k > 0 else 0
+    calls = [(i, step_of(i)) for i in range(len(timesteps))]
+    sequence = [(i, k, k, low_hw) for i, k in calls if k < switch_k]
+    sequence += [(i, k, k + shift, full_hw) for i, k in calls if k >= switch_k - shift]
     stage_starts = [0] + ([switch_k] if 0 < switch_k < n else [])
-    full = _full_steps(dc, n, stage_starts)
+    full = _full_steps(dc, n + shift, stage_starts)
 
     raw: list[dict[str, Any]] = []
-    for i, t in enumerate(timesteps):
-        k = step_of(i)
-        hw = low_hw if k < switch_k else full_hw
+    for p, (i, k, q, hw) in enumerate(sequence):
         raw.append(
             dict(
-                index=i,
+                index=p,
                 inference_step=k,
-                timestep=t,
+                timestep=timesteps[i],
                 latent_hw=hw,
-                unet="full" if k in full else "shallow",
+                unet="full" if q in full else "shallow",
                 guidance="cond" if gate is not None and k >= gate.after else "cfg",
                 xattn="compute",
-                events=("switch_resolution",) if i > 0 and hw != raw[i - 1]["latent_hw"] else (),
+                events=("switch_resolution",) if p > 0 and hw != raw[p - 1]["latent_hw"] else (),
+                schedule_index=None if i == p else i,
             )
         )
     # Cross-attention caching: keep the conditional outputs on the last CFG call before the gate (same size),
@@ -327,6 +346,15 @@ def validate_plan(plan: Plan, model: ModelSpec | None = None) -> None:
         where = f"plan step {i}"
         if s.index != i:
             raise PlanError(f"{where}: index is {s.index}; steps must be numbered 0, 1, 2, ... in order")
+        if i == 0 and s.scheduler_index != 0:
+            raise PlanError(f"{where}: schedule_index is {s.scheduler_index}; a plan starts at the schedule's first timestep (0)")
+        if i > 0 and not s.switches_resolution and s.scheduler_index != plan.steps[i - 1].scheduler_index + 1:
+            raise PlanError(
+                f"{where}: schedule_index {s.scheduler_index} does not follow the previous step's "
+                f"({plan.steps[i - 1].scheduler_index}); only a resolution switch may move to another point of the schedule"
+            )
+        if s.scheduler_index < 0:
+            raise PlanError(f"{where}: schedule_index {s.scheduler_index} is negative")
         if s.unet not in UNET_KINDS:
             raise PlanError(f"{where}: unet must be one of {UNET_KINDS}, got {s.unet!r}")
         if s.guidance not in GUIDANCE_KINDS:

@@ -26,10 +26,17 @@ DEFAULT_STEPS = 20
 
 @dataclass(frozen=True)
 class LowRes:
-    """Mixed-resolution denoising: the first ``until`` fraction of the steps runs at ``scale`` × the latent side."""
+    """Mixed-resolution denoising: the first ``until`` fraction of the steps runs at ``scale`` × the latent side.
+
+    ``renoise_shift``: where the switch re-noises the upsampled x0. 0 (the paper's choice, the default): to the
+    noise level of the next step. s > 0: to the level of s steps earlier in the schedule, so the full-resolution
+    phase runs s more steps (those noise levels run once at each resolution: more noise to refine what the low
+    resolution could not hold, as latent-upsampling work such as RALU matches the noise level to the resolution);
+    s < 0: to the level -s steps later, skipping them (fewer UNet calls, less noise)."""
 
     scale: float = 0.5
     until: float = 0.5
+    renoise_shift: int = 0
 
 
 @dataclass(frozen=True)
@@ -209,10 +216,18 @@ def _validated(r: Recipe, where: str) -> Recipe:
             raise RecipeError(f"{where}.low_res.scale must be in (0, 1] (a fraction of the latent side), got {lr.scale}")
         if not 0 <= lr.until <= 1:
             raise RecipeError(f"{where}.low_res.until must be in [0, 1] (a fraction of the steps), got {lr.until}")
-        if lr.scale < 1 and switch_step(r.steps, lr.until) >= r.steps:
+        k = switch_step(r.steps, lr.until)
+        if lr.scale < 1 and k >= r.steps:
             raise RecipeError(
                 f"{where}.low_res.until={lr.until} leaves no step at full resolution with {r.steps} steps; "
                 f"use a value below {1 - 0.5 / r.steps:.3g}"
+            )
+        if lr.renoise_shift and (lr.scale >= 1 or k == 0):
+            raise RecipeError(f"{where}.low_res.renoise_shift={lr.renoise_shift} shifts the switch, and this recipe has none; set it to 0")
+        if lr.renoise_shift and not k - r.steps + 1 <= lr.renoise_shift <= k:
+            raise RecipeError(
+                f"{where}.low_res.renoise_shift={lr.renoise_shift} is outside the schedule: the switch comes after step {k} "
+                f"of {r.steps}, so the shift must be from {k - r.steps + 1} (the last step only) to {k} (back to the first)"
             )
     if r.deepcache is not None:
         dc = r.deepcache

@@ -76,11 +76,11 @@ class PlanRun:
         """The latent for the next step: a scheduler step, or the resolution switch."""
         step, nxt = self.step, self.next_step
         if nxt is not None and nxt.switches_resolution:
-            x0 = predict_x0(self.scheduler, sample, model_output, step.index, step.timestep)
+            x0 = predict_x0(self.scheduler, sample, model_output, step.scheduler_index, step.timestep)
             x0 = upsample(x0, nxt.latent_hw)
             noise = ops_for(x0).randn_like(x0, self.generator)  # as diffusers' randn_tensor draws it
-            self._restart(nxt.index)
-            out = renoise(self.scheduler, x0, noise, nxt.index, nxt.timestep)
+            self._restart(nxt.scheduler_index)
+            out = renoise(self.scheduler, x0, noise, nxt.scheduler_index, nxt.timestep)
             self.denoised = x0
         else:
             result = self.scheduler.step(model_output, timestep, sample, **step_kwargs, return_dict=False)
@@ -90,7 +90,8 @@ class PlanRun:
         return out
 
     def _restart(self, index: int) -> None:
-        """Reset the solver's history (multistep buffers, Heun's half step) and continue at plan index ``index``."""
+        """Reset the solver's history (multistep buffers, Heun's half step) and continue at position ``index`` of
+        the scheduler's timesteps (the next step's ``scheduler_index``)."""
         args, kwargs = self._set_timesteps
         self.scheduler.set_timesteps(*args, **kwargs)
         if hasattr(self.scheduler, "set_begin_index"):
@@ -154,7 +155,11 @@ def run_plan(
     """
     scheduler.set_timesteps(plan.recipe.steps, device=device)
     timesteps = scheduler.timesteps
-    if not same_timesteps([float(t) for t in timesteps], plan.timesteps):
+    listed = [float(t) for t in timesteps]
+    # every call at its point of the schedule, and the plan ends where the schedule does
+    if plan.steps[-1].scheduler_index != len(listed) - 1 or not same_timesteps(
+        [listed[min(s.scheduler_index, len(listed) - 1)] for s in plan.steps], plan.timesteps
+    ):
         raise PlanError(
             f"plan {plan.name!r} was compiled for other timesteps ({plan.scheduler or 'unknown scheduler'}); "
             f"recompile it for {type(scheduler).__name__}"
@@ -173,7 +178,7 @@ def run_plan(
     latents = initial_latents(plan, latents)
     step_kwargs = scheduler_step_kwargs(scheduler, generator, eta)
     for step in tqdm(plan.steps, desc=f"postdiff {plan.name}", disable=not progress, leave=False):
-        t = timesteps[step.index]
+        t = timesteps[step.scheduler_index]
         with_cfg = cond.has_uncond and step.guidance == "cfg"
         c = (cond if with_cfg else cond.cond_half()).at_size(step.latent_hw, plan.latent_hw)
         x = ops.cat([latents] * 2) if with_cfg else latents

@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import product
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from postdiff.recipe import DeepCache, LowRes, Recipe, XAttnGate
 from .generation import Source
 
 FAMILIES = ("fewer-steps", "cheaper-steps")
+PAPER_SWITCH = "cheaper-steps-paper-switch"  # with --shifts: the best cheaper-steps plan without a shift, per budget
 METRICS = ("fid", "kid", "lpips")
 HOLDOUT_SEED_OFFSET = 1  # held-out images use seed + 1: every image's noise differs from the calibration set's
 
@@ -41,6 +43,7 @@ class Grid:
     switches: tuple[float, ...] = (0.25, 0.5)
     intervals: tuple[int, ...] = (1, 2, 3, 5)
     gates: tuple[int, ...] = (0, 5, 10, 15)
+    shifts: tuple[int, ...] = (0,)  # low_res.renoise_shift values (0: the paper's switch)
 
     def __post_init__(self) -> None:  # every grid is checked once, where it is made
         for b in self.betas:
@@ -55,6 +58,9 @@ class Grid:
         for m in self.gates:
             if m < 0:
                 raise PostDiffError(f"--gates values must be 0 (no gate) or a step number, got {m}")
+        for r in self.shifts:
+            if int(r) != r:
+                raise PostDiffError(f"--shifts values must be integers (steps), got {r}")
 
     def check_steps(self, steps: int) -> None:
         """Refuse gates at or beyond the last step: they would silently drop every candidate that uses them."""
@@ -78,8 +84,12 @@ class Candidate:
         return {"name": self.name, "family": self.family, "macs_ratio": self.macs_ratio, "recipe": self.recipe.to_dict(), **self.scores}
 
 
-def _cheaper_name(beta: float, switch: float, k: int, m: int) -> str:
-    parts = [f"b{beta:g}@{switch:g}"] if beta < 1 else []
+def _shift(recipe: Recipe) -> int:
+    return recipe.low_res.renoise_shift if recipe.low_res is not None else 0
+
+
+def _cheaper_name(beta: float, switch: float, k: int, m: int, shift: int = 0) -> str:
+    parts = [f"b{beta:g}@{switch:g}" + (f"r{shift:+d}" if shift else "")] if beta < 1 else []
     parts += [f"k{k}"] if k > 1 else []
     parts += [f"m{m}"] if m else []
     return "-".join(parts)
@@ -103,19 +113,22 @@ def candidates(source: Source, grid: Grid, steps: int = 20, max_ratio: float = 1
     for n in range(1, steps):
         add(f"steps:{n}", "fewer-steps", Recipe(name=f"steps:{n}", steps=n))
     for beta in grid.betas:
-        for switch in grid.switches if beta < 1 else (0.0,):
+        for switch, shift in product(grid.switches, grid.shifts) if beta < 1 else [(0.0, 0)]:
             for k in grid.intervals:
                 for m in grid.gates:
-                    name = _cheaper_name(beta, switch, k, m)
+                    name = _cheaper_name(beta, switch, k, m, shift)
                     if not name or (m and m >= steps):
                         continue
-                    recipe = Recipe(
-                        name=name,
-                        steps=steps,
-                        low_res=LowRes(scale=beta, until=switch) if beta < 1 else None,
-                        deepcache=DeepCache(interval=k) if k > 1 else None,
-                        xattn_gate=XAttnGate(after=m) if m else None,
-                    )
+                    try:
+                        recipe = Recipe(
+                            name=name,
+                            steps=steps,
+                            low_res=LowRes(scale=beta, until=switch, renoise_shift=int(shift)) if beta < 1 else None,
+                            deepcache=DeepCache(interval=k) if k > 1 else None,
+                            xattn_gate=XAttnGate(after=m) if m else None,
+                        ).with_steps(steps)  # validated: a shift beyond the schedule is left out
+                    except RecipeError:
+                        continue
                     add(name, "cheaper-steps", recipe)
     return out
 
@@ -288,6 +301,15 @@ def sweep(
             row[family] = best.to_dict()
         present = [f for f in FAMILIES if row[f]]
         row["winner"] = min(present, key=lambda f: row[f]["holdout"]) if present else None
+        if any(grid.shifts):  # the best plan with the paper's switch beside it: does the shift move the frontier?
+            paper = [c for c in pool if c.family == "cheaper-steps" and c.macs_ratio <= b + 1e-9 and not _shift(c.recipe)]
+            best = min(paper, key=lambda c: c.scores["calibration"]) if paper else None
+            if best is not None and "holdout" not in best.scores:
+                best.scores["holdout"] = scorer.score(best.recipe, samples, held_seed)
+                log(
+                    f"sweep: budget {b}: paper's switch {best.name}: {scorer.metric} {best.scores['holdout']:.4g} on {samples} held-out samples"
+                )
+            row[PAPER_SWITCH] = best.to_dict() if best else None
         rows.append(row)
     return {
         "model": source.model.name,

@@ -101,13 +101,13 @@ def toy_pipeline(kind: str = "sd", seed: int = 0, scheduler: str | None = None):
     is the kind's own (DDIM for sd and sdxl, LCM for lcm) unless named."""
     from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    def sd():
-        return StableDiffusionPipeline(
+    def sd(cls=StableDiffusionPipeline, arch=TOY_SD):  # SD 1.x layout; LCM's pipeline takes the same parts
+        return cls(
             vae=_vae(seed + 1),
             text_encoder=_text_encoder(seed + 2, with_projection=False),
             tokenizer=toy_tokenizer(),
-            unet=build_unet(TOY_SD, seed),
-            scheduler=build_scheduler(TOY_SD, scheduler),
+            unet=build_unet(arch, seed),
+            scheduler=build_scheduler(arch, scheduler),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
@@ -126,16 +126,7 @@ def toy_pipeline(kind: str = "sd", seed: int = 0, scheduler: str | None = None):
         )
 
     def lcm():
-        return LatentConsistencyModelPipeline(
-            vae=_vae(seed + 1),
-            text_encoder=_text_encoder(seed + 2, with_projection=False),
-            tokenizer=toy_tokenizer(),
-            unet=build_unet(TOY_LCM, seed),
-            scheduler=build_scheduler(TOY_LCM, scheduler),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        return sd(LatentConsistencyModelPipeline, TOY_LCM)
 
     builders = {"sd": sd, "sdxl": sdxl, "lcm": lcm}
     if kind not in builders:

@@ -45,9 +45,11 @@ def run(args) -> int:
             f"plan {plan.name} for {model.name}: {len(plan.steps)} UNet calls, latent {plan.latent_hw[0]}x{plan.latent_hw[1]}, {plan.scheduler}"
             + ("; guidance embedded in the UNet (one branch per step: 'cfg' marks the steps before the gate)" if embedded else "")
         )
+        shifted = any(s.schedule_index is not None for s in plan.steps)  # a shifted switch: where each call sits
         rows = [
             (
                 s.index,
+                *([s.scheduler_index] if shifted else []),
                 s.inference_step,
                 f"{s.timestep:g}",
                 f"{s.latent_hw[0]}x{s.latent_hw[1]}",
@@ -58,7 +60,18 @@ def run(args) -> int:
             )
             for s in plan.steps
         ]
-        print_table(["step", "inference step", "timestep", "latent", "unet", "guidance", "xattn", "events"], rows)
+        head = [
+            "step",
+            *(["schedule index"] if shifted else []),
+            "inference step",
+            "timestep",
+            "latent",
+            "unet",
+            "guidance",
+            "xattn",
+            "events",
+        ]
+        print_table(head, rows)
         return 0
     cost = source.cost(plan)
     h, w = plan.latent_hw[0] * model.vae_scale_factor, plan.latent_hw[1] * model.vae_scale_factor

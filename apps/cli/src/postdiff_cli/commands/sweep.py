@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from postdiff_lab.report import machine_info, write_json
-    from postdiff_lab.search import check_budget, pareto_plot, sweep
+    from postdiff_lab.search import PAPER_SWITCH, check_budget, pareto_plot, sweep
 
     budgets = numbers(args.budgets, "--budgets")
     for b in budgets:
@@ -40,9 +40,25 @@ def run(args) -> int:
     def cell(c):
         return "-" if not c else f"{c['name']} ({c['macs_ratio']:.3f}): {c['holdout']:.4g}"
 
+    paper = any(PAPER_SWITCH in r for r in result["rows"])  # --shifts: the paper's switch beside the shifted ones
     print_table(
-        ["budget", "fewer steps (MACs): quality", "cheaper steps (MACs): quality", "better"],
-        [(f"{r['budget']:g}", cell(r["fewer-steps"]), cell(r["cheaper-steps"]), r["winner"] or "-") for r in result["rows"]],
+        [
+            "budget",
+            "fewer steps (MACs): quality",
+            "cheaper steps (MACs): quality",
+            *(["cheaper steps, paper's switch"] if paper else []),
+            "better",
+        ],
+        [
+            (
+                f"{r['budget']:g}",
+                cell(r["fewer-steps"]),
+                cell(r["cheaper-steps"]),
+                *([cell(r.get(PAPER_SWITCH))] if paper else []),
+                r["winner"] or "-",
+            )
+            for r in result["rows"]
+        ],
     )
     write_json(args.json, result)
     pareto_plot(result, args.plot)
