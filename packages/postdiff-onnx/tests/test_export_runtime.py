@@ -201,14 +201,11 @@ def test_every_tensor_of_every_graph_is_stored_once_in_one_file(bundles):
     assert len(data) <= 1.05 * weights
 
 
-@pytest.mark.parametrize("name", ALL)
-@pytest.mark.parametrize("scheduler", [None, "EulerAncestralDiscreteScheduler"])
+# LCM's own scheduler draws noise at every step, and it takes no other (test_lcm_takes_its_own_scheduler_only)
+@pytest.mark.parametrize("name, scheduler", [(n, None) for n in ALL] + [(n, "EulerAncestralDiscreteScheduler") for n in ALL if n != "lcm"])
 def test_numpy_loop_matches_the_torch_loop_on_the_same_bundle(bundles, name, scheduler):
     """The runtime without PyTorch (numpy schedulers, PyTorch-equal noise) against the same graphs driven by
-    diffusers' schedulers on tensors: the stored plan, and an ancestral sampler that draws noise at every step
-    (LCM's own scheduler draws noise at every step; it takes no other)."""
-    if name == "lcm" and scheduler is not None:
-        pytest.skip("LCM models sample with LCMScheduler only (refused otherwise: test_lcm_takes_its_own_scheduler_only)")
+    diffusers' schedulers on tensors: the stored plan, and an ancestral sampler that draws noise at every step."""
     pipe = load_bundle(bundles(name))
     plan = pipe.compile(scheduler=scheduler)
     conditions = [3, 9] if name == "reference" else ["a red apple on a table"]
