@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .plan import Plan, step_batch
+from .plan import Plan, guidance_dim, step_batch
 from .unet import UNetSplit
 
 _CACHE: dict[tuple, int] = {}
@@ -38,7 +38,7 @@ class MacCounter:
         self.pooled_dim = pooled_dim
         self._key = _config_key(self.config)
         # guidance doubles the batch (CFG) unless the UNet embeds it (LCM's time_cond_proj_dim: one branch per image)
-        self.cfg = self.config.get("time_cond_proj_dim") is None
+        self.cfg = guidance_dim(self.config) is None
         self._split: UNetSplit | None = None
 
     def _get_split(self) -> UNetSplit:

@@ -27,6 +27,7 @@ from .conditioning import Conditioning
 from .errors import ModelError, PlanError
 from .plan import Plan, compile_plan
 from .recipe import Recipe, load_recipe
+from .resolution import is_consistency_scheduler
 from .sampling import PlanRun, initial_latents
 from .torch_denoiser import TorchDenoiser
 from .unet import UNetSplit, model_spec
@@ -228,7 +229,7 @@ class _SchedulerProxy:
                 raise PlanError("PostDiff expects scheduler.step's options as keywords")
             run = session.run
             out = run.advance(model_output, timestep, sample, **kwargs)
-            if hasattr(inner, "get_scalings_for_boundary_condition_discrete"):  # LCM: (prev_sample, denoised)
+            if is_consistency_scheduler(inner):  # LCM: (prev_sample, denoised)
                 if return_dict:
                     from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 

@@ -415,10 +415,14 @@ class LatentConsistency(StableDiffusion):
     default_guidance = 8.5  # LatentConsistencyModelPipeline's default
 
     def matches(self, model) -> bool:
-        return super().matches(model) and model.unet_config.get("time_cond_proj_dim") is not None
+        from .plan import guidance_dim
+
+        return super().matches(model) and guidance_dim(model.unet_config) is not None
 
     def bundle_info(self, model) -> dict[str, Any]:
-        return {"guidance": self.default_guidance, "time_cond_proj_dim": int(model.unet_config["time_cond_proj_dim"])}
+        from .plan import guidance_dim
+
+        return {"guidance": self.default_guidance, "time_cond_proj_dim": guidance_dim(model.unet_config)}
 
     def scheduler(self, name, config, ops=None):
         """LCMScheduler only: the model was distilled for its consistency steps (and the diffusers pipeline passes

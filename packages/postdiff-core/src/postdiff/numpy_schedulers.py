@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelError, brief
+from .resolution import consistency_scalings
 from .torch_random import randn
 
 F32 = np.float32
@@ -530,9 +531,7 @@ class LCMScheduler(NumpyScheduler):
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         b_t = 1 - a_t
-        scaled = t * self.config.timestep_scaling
-        c_skip = 0.5**2 / (scaled**2 + 0.5**2)
-        c_out = scaled / (scaled**2 + 0.5**2) ** 0.5
+        c_skip, c_out = consistency_scalings(self, t)
         kind = self.config.prediction_type
         if kind == "epsilon":
             x0 = (sample - np.sqrt(b_t) * model_output) / np.sqrt(a_t)

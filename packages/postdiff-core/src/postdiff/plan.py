@@ -53,6 +53,13 @@ class ModelSpec:
     guidance_embedded: bool = False
 
 
+def guidance_dim(unet_config) -> int | None:
+    """The width of the guidance embedding a guidance-distilled UNet takes as ``timestep_cond`` (LCM's
+    ``time_cond_proj_dim``), or None for a UNet guided by a CFG batch: the one test of which kind a UNet is."""
+    dim = dict(unet_config).get("time_cond_proj_dim")
+    return None if dim is None else int(dim)
+
+
 @dataclass(frozen=True)
 class Step:
     index: int

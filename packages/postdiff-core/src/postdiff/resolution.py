@@ -78,10 +78,15 @@ def predict_x0(scheduler, sample, model_output, index: int, timestep: float):
         else:
             raise PlanError(f"mixed resolution: unsupported prediction_type {kind!r}")
     x0 = _as_the_scheduler_limits(scheduler, x0)
-    if "timestep_scaling" in scheduler.config:  # a consistency model: its output is the boundary-conditioned x0
+    if is_consistency_scheduler(scheduler):  # its output is the boundary-conditioned x0
         c_skip, c_out = consistency_scalings(scheduler, timestep)
         x0 = c_out * x0 + c_skip * x
     return ops.like(x0, sample)
+
+
+def is_consistency_scheduler(scheduler) -> bool:
+    """LCMScheduler and its numpy twin: a step returns (prev_sample, denoised), x0 under the boundary condition."""
+    return "timestep_scaling" in scheduler.config
 
 
 def consistency_scalings(scheduler, timestep: float) -> tuple[float, float]:

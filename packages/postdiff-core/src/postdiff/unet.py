@@ -33,7 +33,7 @@ from torch import nn
 
 from .cpu_conv import ConvPath, mode_from_env
 from .errors import ModelError
-from .plan import ModelSpec
+from .plan import ModelSpec, guidance_dim
 
 SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 SUPPORTED_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -98,7 +98,7 @@ def model_spec(unet, name: str = "unet") -> ModelSpec:
         downsample_factor=downsample_factor(unet),
         num_down_blocks=len(unet.down_blocks),
         has_cross_attention=bool(_attn2_modules(unet)),
-        guidance_embedded=unet.config.get("time_cond_proj_dim") is not None,
+        guidance_embedded=guidance_dim(unet.config) is not None,
     )
 
 
@@ -347,7 +347,7 @@ class VariantModule(nn.Module):
         self.variant = variant
         self.takes_deep = variant.startswith("shallow")
         # a guidance-distilled UNet (LCM) takes the guidance scale's embedding as an input of every variant
-        self.cond_dim = split.unet.config.get("time_cond_proj_dim")
+        self.cond_dim = guidance_dim(split.unet.config)
         self.takes_guidance = self.cond_dim is not None
         indices = split.xattn_indices(variant)
         self.xattn_in = indices if variant.endswith("_cached") else []
