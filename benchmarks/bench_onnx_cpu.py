@@ -84,20 +84,22 @@ def main(argv=None) -> int:
     ap.add_argument("--plan-warmup", type=int, default=1, help="untimed whole runs per plan and backend first (sessions open on first use)")
     ap.add_argument("--graphs", default=None, help="comma-separated UNet variants to time per call (default: every one)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prepack", action="store_true", help="also time whole runs on ORT --prepack sessions ('onnx-prepack')")
+    ap.add_argument(
+        "--prepack", action="store_true", help="also time whole runs on ORT --prepack sessions (adds onnx-prepack to --backends)"
+    )
     ap.add_argument(
         "--backends",
         default="torch,onnx",
-        help="comma-separated backends of the whole runs: torch, onnx (default both; --prepack adds onnx-prepack)",
+        help="comma-separated backends of the whole runs: torch, onnx, onnx-prepack (default: torch,onnx)",
     )
     ap.add_argument("--bundle", default=None, help="bundle folder (default: benchmarks/.bundles/<model>-<plan>-<size>)")
     ap.add_argument("--out", default=str(HERE / "results" / "onnx_cpu_sd15_256.json"))
     args = ap.parse_args(argv)
     if min(args.variant_runs, args.rounds, args.images, args.threads) < 1 or min(args.plan_runs, args.plan_warmup) < 0:
         ap.error("--variant-runs, --rounds, --images and --threads must be at least 1, --plan-runs and --plan-warmup at least 0")
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if not backends or set(backends) - {"torch", "onnx"}:
-        ap.error(f"--backends takes torch and/or onnx, comma-separated; got {args.backends!r}")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()] + (["onnx-prepack"] if args.prepack else [])
+    if not backends or set(backends) - {"torch", "onnx", "onnx-prepack"}:
+        ap.error(f"--backends takes torch and/or onnx (and onnx-prepack), comma-separated; got {args.backends!r}")
     torch.set_num_threads(args.threads)
 
     model = load_model(args.model, need_pipeline=None)
@@ -188,10 +190,12 @@ def main(argv=None) -> int:
             save()
 
         cond = conditioning(model, args.images, latent)
-        denoisers = {"torch": TorchDenoiser(split), "onnx": GraphDenoiser(manifest, runner)}
-        denoisers = {b: d for b, d in denoisers.items() if b in backends}
-        if args.prepack:
-            denoisers["onnx-prepack"] = GraphDenoiser(manifest, OrtRunner(folder, threads=args.threads, prepack=True))
+        make = {
+            "torch": lambda: TorchDenoiser(split),
+            "onnx": lambda: GraphDenoiser(manifest, runner),
+            "onnx-prepack": lambda: GraphDenoiser(manifest, OrtRunner(folder, threads=args.threads, prepack=True)),
+        }
+        denoisers = {b: make[b]() for b in dict.fromkeys(backends)}
         # a scheduler per backend and plan, made before the clock starts (building one, its beta table, is not
         # denoising); run_plan sets its timesteps afresh on every run
         schedulers = {(b, n): model.scheduler("DDIMScheduler") for b in denoisers for n in ("baseline", plan.name)}

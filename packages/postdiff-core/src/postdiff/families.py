@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import BundleError, ModelError, RecipeError, brief
+from .plan import guidance_dim
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models import Model
@@ -415,13 +416,9 @@ class LatentConsistency(StableDiffusion):
     default_guidance = 8.5  # LatentConsistencyModelPipeline's default
 
     def matches(self, model) -> bool:
-        from .plan import guidance_dim
-
         return super().matches(model) and guidance_dim(model.unet_config) is not None
 
     def bundle_info(self, model) -> dict[str, Any]:
-        from .plan import guidance_dim
-
         return {"guidance": self.default_guidance, "time_cond_proj_dim": guidance_dim(model.unet_config)}
 
     def scheduler(self, name, config, ops=None):

@@ -156,10 +156,9 @@ def run_plan(
     scheduler.set_timesteps(plan.recipe.steps, device=device)
     timesteps = scheduler.timesteps
     listed = [float(t) for t in timesteps]
+    at = [s.scheduler_index for s in plan.steps]
     # every call at its point of the schedule, and the plan ends where the schedule does
-    if plan.steps[-1].scheduler_index != len(listed) - 1 or not same_timesteps(
-        [listed[min(s.scheduler_index, len(listed) - 1)] for s in plan.steps], plan.timesteps
-    ):
+    if at[-1] != len(listed) - 1 or max(at) >= len(listed) or not same_timesteps([listed[i] for i in at], plan.timesteps):
         raise PlanError(
             f"plan {plan.name!r} was compiled for other timesteps ({plan.scheduler or 'unknown scheduler'}); "
             f"recompile it for {type(scheduler).__name__}"

@@ -19,14 +19,8 @@ _SD_SCHEDULER = {k: v for k, v in SD_SCHEDULER.items() if k != "_class_name"}  #
 # LCM_Dreamshaper_v7's scheduler_config.json: SD 1.5's noise schedule, the 50-step skipping schedule LCM was
 # distilled on (original_inference_steps) and the consistency boundary condition's timestep_scaling
 _LCM_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
+    **_SD_SCHEDULER,
     "set_alpha_to_one": True,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
     "original_inference_steps": 50,
     "timestep_spacing": "leading",
     "timestep_scaling": 10.0,

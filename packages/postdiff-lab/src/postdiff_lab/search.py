@@ -286,30 +286,28 @@ def sweep(
     _calibrate(pool, scorer, calibration, seed, log)
     held_seed = seed + HOLDOUT_SEED_OFFSET
     baseline = scorer.score(Recipe(name="baseline", steps=steps), samples, held_seed)
+
+    def measured_best(fits: list[Candidate], budget: float, label: str) -> dict[str, Any] | None:
+        """The calibration winner among ``fits``, measured on the held-out samples (once per plan)."""
+        if not fits:
+            return None
+        best = min(fits, key=lambda c: c.scores["calibration"])
+        if "holdout" not in best.scores:
+            best.scores["holdout"] = scorer.score(best.recipe, samples, held_seed)
+            log(f"sweep: budget {budget}: {label} {best.name}: {scorer.metric} {best.scores['holdout']:.4g} on {samples} held-out samples")
+        return best.to_dict()
+
     rows = []
     for b in budgets:
+        fits = [c for c in pool if c.macs_ratio <= b + 1e-9]
         row: dict[str, Any] = {"budget": b}
         for family in FAMILIES:
-            fits = [c for c in pool if c.family == family and c.macs_ratio <= b + 1e-9]
-            if not fits:
-                row[family] = None
-                continue
-            best = min(fits, key=lambda c: c.scores["calibration"])
-            if "holdout" not in best.scores:
-                best.scores["holdout"] = scorer.score(best.recipe, samples, held_seed)
-                log(f"sweep: budget {b}: {family} {best.name}: {scorer.metric} {best.scores['holdout']:.4g} on {samples} held-out samples")
-            row[family] = best.to_dict()
+            row[family] = measured_best([c for c in fits if c.family == family], b, family)
         present = [f for f in FAMILIES if row[f]]
         row["winner"] = min(present, key=lambda f: row[f]["holdout"]) if present else None
         if any(grid.shifts):  # the best plan with the paper's switch beside it: does the shift move the frontier?
-            paper = [c for c in pool if c.family == "cheaper-steps" and c.macs_ratio <= b + 1e-9 and not _shift(c.recipe)]
-            best = min(paper, key=lambda c: c.scores["calibration"]) if paper else None
-            if best is not None and "holdout" not in best.scores:
-                best.scores["holdout"] = scorer.score(best.recipe, samples, held_seed)
-                log(
-                    f"sweep: budget {b}: paper's switch {best.name}: {scorer.metric} {best.scores['holdout']:.4g} on {samples} held-out samples"
-                )
-            row[PAPER_SWITCH] = best.to_dict() if best else None
+            paper = [c for c in fits if c.family == "cheaper-steps" and not _shift(c.recipe)]
+            row[PAPER_SWITCH] = measured_best(paper, b, "paper's switch")
         rows.append(row)
     return {
         "model": source.model.name,
