@@ -11,12 +11,16 @@ def export_once(tmp_path_factory):
     ``export_once(backend, model, plan, **options)`` -> the bundle folder."""
     made: dict[tuple, object] = {}
 
-    def get(backend: str, model: str, plan: str, **options):
-        key = (backend, model, plan, tuple(sorted(options.items())))
+    def get(backend: str, model: str, plan, **options):
+        """``plan``: a built-in name, or a recipe dict with a ``name``."""
+        import json
+
+        label = plan if isinstance(plan, str) else plan["name"]
+        key = (backend, model, json.dumps(plan, sort_keys=True), tuple(sorted(options.items())))
         if key not in made:
             from postdiff.export import export_bundle
 
-            folder = tmp_path_factory.mktemp(backend) / f"{model}-{plan}"
+            folder = tmp_path_factory.mktemp(backend) / f"{model}-{label}"
             made[key] = export_bundle(backend, model, plan, folder, log=lambda m: None, **options)
         return made[key]
 

@@ -33,7 +33,7 @@ import torch
 from postdiff import Conditioning, TorchDenoiser, UNetSplit, compile_for_scheduler, load_recipe, run_plan
 from postdiff.bundle import read_manifest
 from postdiff.bundle_runtime import GraphDenoiser
-from postdiff.cost import MacCounter, plan_cost, step_batch
+from postdiff.cost import plan_cost, step_batch
 from postdiff.graphs import unet_of
 from postdiff.models import load_model
 from postdiff_lab.report import machine_info, write_json
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     spec = model.spec()
     plan = compile_for_scheduler(recipe, model.scheduler("DDIMScheduler"), latent, spec)
     base = compile_for_scheduler(base_recipe, model.scheduler("DDIMScheduler"), latent, spec)
-    counter = MacCounter(model.unet_config, block=recipe.cache_block, text_len=model.text_len, pooled_dim=model.pooled_dim)
+    counter = model.mac_counter(recipe)
     cost = plan_cost(plan, counter, base, images=args.images)
 
     bundle = Path(args.bundle or HERE / ".bundles" / f"{args.model.replace(':', '-')}-{recipe.label}-{px}")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from postdiff import Conditioning, TorchDenoiser, UNetSplit, compile_for_scheduler, load_recipe, run_plan
-from postdiff.cost import MacCounter, plan_cost, step_batch
+from postdiff.cost import plan_cost, step_batch
 from postdiff.models import load_model
 from postdiff_lab.report import machine_info, write_json
 
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     build_s = time.perf_counter() - t0
     recipe = load_recipe(args.plan).with_steps(args.steps)
     base_recipe = load_recipe("baseline").with_steps(args.steps)
-    counter = MacCounter(model.unet_config, block=recipe.cache_block, text_len=model.text_len, pooled_dim=model.pooled_dim)
+    counter = model.mac_counter(recipe)
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "model": f"{model.name} ({'random weights, seed 0' if model.weights == 'random' else model.weights + ' weights'})",

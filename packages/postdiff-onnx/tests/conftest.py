@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import pytest
 
+PIXART_CACHE = {
+    "steps": 20,
+    "low_res": {"scale": 0.75, "until": 0.5},
+    "deepcache": {"interval": 2, "span": [1, 3]},
+    "xattn_gate": {"after": 15},
+}
 BUNDLES = {
     # name: (model, plan, options)
     "reference": ("reference", "postdiff", {"static": True, "golden": True}),
     "sd": ("toy-sd", "postdiff", {}),
     "sdxl": ("toy-sdxl", "postdiff-xl", {}),
     "lcm": ("toy-lcm", "postdiff-lcm", {}),
+    "pixart": ("toy-pixart", "postdiff-dit", {"height": 128, "width": 128}),
+    # PixArt-Σ with block caching (the shallow variants), resolution unconditioned, at its 256 px default
+    "pixart-sigma": ("toy-pixart-sigma", {"name": "dit-cache", **PIXART_CACHE}, {}),
     "reference_fp16": ("reference", "deepcache", {"precision": "fp16"}),
 }
 

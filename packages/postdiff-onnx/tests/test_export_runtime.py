@@ -12,18 +12,19 @@ import numpy as np
 import pytest
 import torch
 
+from postdiff.backbone import split_for
 from postdiff.bundle import UNET, read_manifest
 from postdiff.cost import MacCounter
 from postdiff.errors import ModelError
+from postdiff.graphs import unet_of
 from postdiff.models import load_model
-from postdiff.unet import UNetSplit
 from postdiff_lab.generation import source_for
 from postdiff_lab.metrics import psnr, tensor_psnr
 from postdiff_onnx.runtime import load_bundle
 from postdiff_onnx.session import make_session, run
 
 HERE = Path(__file__).resolve().parent
-ALL = ["reference", "sd", "sdxl", "lcm"]
+ALL = ["reference", "sd", "sdxl", "lcm", "pixart", "pixart-sigma"]
 
 
 def _graph_psnrs(bundle: Path) -> dict[tuple[str, str], float]:
@@ -32,7 +33,7 @@ def _graph_psnrs(bundle: Path) -> dict[tuple[str, str], float]:
     model = load_model(manifest.model["name"], need_pipeline=True)
     others = {g.name: g for g in model.family.pipeline_graphs(model)}
     out = {}
-    with UNetSplit(model.pipeline.unet, block=manifest.cache_block) as split:
+    with split_for(unet_of(model), block=manifest.cache_block, span=manifest.cache_span) as split:
         for graph in manifest.graphs:
             if graph.latent_hw is not None:
                 continue
@@ -85,7 +86,8 @@ def test_end_to_end_image_matches_torch(bundles, name):
     plan = pipe.compile()
     conditions = [3, 8, 9] if name == "reference" else ["a red apple on a table", "a lighthouse"]
     got = pipe.generate(conditions, plan, seed=5)
-    torch_run = source_for(load_model(pipe.info["name"], need_pipeline=True)).generate(
+    h, w = pipe.image_hw
+    torch_run = source_for(load_model(pipe.info["name"], need_pipeline=True), height=h, width=w).generate(
         plan.recipe, len(conditions), seed=5, conditions=conditions
     )
     assert got.shape == torch_run.images.shape

@@ -96,6 +96,7 @@ class Manifest:
     tools: dict[str, str] = field(default_factory=dict)
     images_per_call: int = 1  # images per call of the fixed-shape graphs (batch 2N on CFG steps, N on the others)
     golden: dict[str, Any] | None = None  # what golden.npz holds (postdiff.golden), when exported with --golden
+    cache_span: list[int] | None = None  # a transformer's cached blocks [start, end), when the recipe named them
     files: dict[str, str] = field(default_factory=dict)
     created: str = ""
     format: str = BUNDLE_FORMAT
@@ -123,13 +124,20 @@ class Manifest:
     def serves(self) -> str:
         variants = sorted({g.variant for g in self.graphs if g.role == UNET})
         sizes = ", ".join(hw_key(s) for s in self.latent_sizes)
-        return f"serves the variants {', '.join(variants)} at latent sizes {sizes} with DeepCache block {self.cache_block}"
+        cut = f"cached blocks {self.cache_span}" if self.cache_span else f"DeepCache block {self.cache_block}"
+        return f"serves the variants {', '.join(variants)} at latent sizes {sizes} with {cut}"
 
     def check_plan(self, plan: Plan, *, static: bool = False, batch_of=None) -> None:
         """Refuse, naming what is missing, a plan this bundle cannot run (before anything runs)."""
         missing: list[str] = []
-        if plan.recipe.cache_block != self.cache_block and any(s.unet == "shallow" for s in plan.steps):
-            missing.append(f"DeepCache block {plan.recipe.cache_block} (exported with block {self.cache_block})")
+        span = list(plan.recipe.cache_span) if plan.recipe.cache_span else None
+        if (plan.recipe.cache_block, span) != (self.cache_block, self.cache_span) and any(s.unet == "shallow" for s in plan.steps):
+            if span or self.cache_span:
+                missing.append(
+                    f"cached blocks {span or 'by block ' + str(plan.recipe.cache_block)} (exported with {self.cache_span or 'block ' + str(self.cache_block)})"
+                )
+            else:
+                missing.append(f"DeepCache block {plan.recipe.cache_block} (exported with block {self.cache_block})")
         for step in plan.steps:
             batch = batch_of(step) if (static and batch_of) else None
             try:

@@ -110,6 +110,9 @@ class GraphDenoiser:
             feeds["time_ids"] = _np(cond.time_ids).astype(np.float32)
         if "timestep_cond" in graph.input_names:
             feeds["timestep_cond"] = _np(cond.timestep_cond).astype(np.float32, copy=False)
+        for name in ("encoder_attention_mask", "resolution", "aspect_ratio"):  # PixArt's
+            if name in graph.input_names:
+                feeds[name] = _np(getattr(cond, name)).astype(np.float32, copy=False)
         if "deep" in graph.input_names:
             feeds["deep"] = caches.deep_for(step, cond)
         wanted = _xattn_indices(graph.input_names)
@@ -245,11 +248,18 @@ class BundlePipeline:
         )
 
     # -- prompt encoding, for the text families ---------------------------------------------------------------------
-    def _tokenizer(self, name: str):
+    def _tokenizer(self, name: str, length: int | None = None):
         cache = self.__dict__.setdefault("_tokenizers", {})
-        if name not in cache:
-            cache[name] = BundleTokenizer(self.folder / name)
-        return cache[name]
+        if (name, length) not in cache:
+            cache[name, length] = BundleTokenizer(self.folder / name, length)
+        return cache[name, length]
+
+    def encode_masked(self, text: str, role: str, tokenizer: str, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(hidden states, attention mask) of one prompt through an encoder that takes the mask (PixArt's T5), padded
+        to ``length`` tokens as the pipelines pad them (``max_sequence_length``)."""
+        ids, mask = self._tokenizer(tokenizer, length).ids_and_mask(text)
+        out = self.runner.run(self.manifest.graph(role), {"input_ids": ids, "attention_mask": mask})
+        return out["hidden_states"], mask
 
     def encode_prompt(self, text: str, roles: Sequence[str], tokenizers: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """(hidden states of the ``roles`` encoders concatenated, pooled text embeddings or None) for one prompt,
@@ -269,7 +279,7 @@ class BundleTokenizer:
     tokenizer), read with the ``tokenizers`` package: ids padded and truncated to the model's length, as the
     diffusers pipelines ask transformers for them."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, length: int | None = None) -> None:
         import json
 
         folder = Path(folder)
@@ -281,9 +291,10 @@ class BundleTokenizer:
             raise BundleError("prompts need the tokenizers package: pip install tokenizers") from None
         config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        length = int(config.get("model_max_length", 77))
-        if length > 100_000:  # transformers' "no limit" sentinel
-            length = 77
+        if length is None:
+            length = int(config.get("model_max_length", 77))
+            if length > 100_000:  # transformers' "no limit" sentinel
+                length = 77
         pad = config.get("pad_token") or "<|endoftext|>"
         pad = pad.get("content") if isinstance(pad, dict) else pad
         pad_id = self.tokenizer.token_to_id(pad)
@@ -296,6 +307,11 @@ class BundleTokenizer:
     def ids(self, text: str) -> np.ndarray:
         """1 x length int64 token ids of ``text``."""
         return np.asarray([self.tokenizer.encode(text).ids], dtype=np.int64)
+
+    def ids_and_mask(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """1 x length int64 token ids and their float32 attention mask (1 for a token, 0 for padding)."""
+        enc = self.tokenizer.encode(text)
+        return np.asarray([enc.ids], dtype=np.int64), np.asarray([enc.attention_mask], dtype=np.float32)
 
 
 def load_bundle(folder: str | Path, backend, *, verify: bool = True, **options) -> BundlePipeline:

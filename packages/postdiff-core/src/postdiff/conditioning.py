@@ -25,6 +25,8 @@ class Conditioning:
     With classifier-free guidance on (``has_uncond``), every batched tensor holds the unconditional half first
     and the conditional half second, as diffusers pipelines lay them out.
     ``text_embeds``/``time_ids`` are SDXL's added conditioning; ``time_ids`` refer to the full-resolution image.
+    ``encoder_attention_mask`` (PixArt: 1 for a kept T5 token, 0 for padding), ``resolution`` (height, width in
+    pixels) and ``aspect_ratio`` are PixArt's.
     """
 
     encoder_hidden_states: Array
@@ -33,6 +35,9 @@ class Conditioning:
     time_ids: Array | None = None
     timestep_cond: Array | None = None
     cross_attention_kwargs: dict[str, Any] | None = None
+    encoder_attention_mask: Array | None = None
+    resolution: Array | None = None
+    aspect_ratio: Array | None = None
 
     @property
     def batch(self) -> int:
@@ -50,20 +55,30 @@ class Conditioning:
             text_embeds=_second_half(self.text_embeds, n),
             time_ids=_second_half(self.time_ids, n),
             timestep_cond=_second_half(self.timestep_cond, n),
+            encoder_attention_mask=_second_half(self.encoder_attention_mask, n),
+            resolution=_second_half(self.resolution, n),
+            aspect_ratio=_second_half(self.aspect_ratio, n),
         )
 
     def at_size(self, latent_hw: tuple[int, int], full_hw: tuple[int, int]) -> Conditioning:
-        """SDXL size conditioning follows the stage's resolution: original size, crop coordinates and target
-        size (``time_ids`` = [orig_h, orig_w, crop_top, crop_left, target_h, target_w]) are scaled by the ratio
-        of the stage's latent size to the full one. Other models are unchanged."""
-        if self.time_ids is None or tuple(latent_hw) == tuple(full_hw):
+        """Size conditioning follows the stage's resolution, scaled by the ratio of the stage's latent size to the full
+        one: SDXL's ``time_ids`` (original size, crop coordinates and target size: [orig_h, orig_w, crop_top,
+        crop_left, target_h, target_w]) and PixArt-α's ``resolution`` (height, width), rounded to whole pixels.
+        PixArt's aspect ratio is the image's and stays. Other models are unchanged."""
+        if tuple(latent_hw) == tuple(full_hw) or (self.time_ids is None and self.resolution is None):
             return self
         rh, rw = latent_hw[0] / full_hw[0], latent_hw[1] / full_hw[1]
-        ops = ops_for(self.time_ids)
-        scale = ops.like(ops.asarray([rh, rw, rh, rw, rh, rw]), self.time_ids)
-        if ops.name == "torch":
-            scale = scale.to(self.time_ids.device)
-        return dataclasses.replace(self, time_ids=ops.round(self.time_ids * scale))
+
+        def scaled(x):
+            if x is None:
+                return None
+            ops = ops_for(x)
+            scale = ops.like(ops.asarray([rh, rw] * (int(x.shape[-1]) // 2)), x)
+            if ops.name == "torch":
+                scale = scale.to(x.device)
+            return ops.round(x * scale)
+
+        return dataclasses.replace(self, time_ids=scaled(self.time_ids), resolution=scaled(self.resolution))
 
     def added_cond_kwargs(self) -> dict[str, Array] | None:
         if self.text_embeds is None and self.time_ids is None:

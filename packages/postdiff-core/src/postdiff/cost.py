@@ -1,10 +1,10 @@
-"""Cost model: multiply-accumulates (MACs) of each UNet variant, summed over a compiled plan.
+"""Cost model: multiply-accumulates (MACs) of each network variant (UNet or transformer), summed over a compiled plan.
 
 MACs are counted on the real module structure with ``torch.utils.flop_counter.FlopCounterMode`` (MACs =
 FLOPs / 2; convolutions, linear layers and the attention matmuls), on the ``meta`` device: the UNet is built
 from its config without memory and no arithmetic runs, so counting SD-size models takes well under a second.
-Counts are cached per (config, DeepCache block, variant, latent size, batch). Only the UNet is counted: the
-text encoder and VAE run once per image whatever the plan.
+Counts are cached per (config, DeepCache cut, variant, latent size, batch). Only the denoising network is counted:
+the text encoder and VAE run once per image whatever the plan.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .backbone import meta_network, network_class, split_for
 from .plan import Plan, guidance_dim, step_batch
-from .unet import UNetSplit
 
 _CACHE: dict[tuple, int] = {}
 
@@ -29,29 +29,31 @@ def _config_key(config: dict[str, Any]) -> str:
 
 
 class MacCounter:
-    """Counts MACs of UNet variants for one UNet configuration (``unet.config`` or an architecture dict)."""
+    """Counts MACs of the plan variants of one network configuration (a UNet's or a transformer's ``config``, or an
+    architecture dict), for one cut (``block``, or a transformer's ``span``)."""
 
-    def __init__(self, unet_config: dict[str, Any], *, block: int = 0, text_len: int = 77, pooled_dim: int | None = None) -> None:
+    def __init__(
+        self, unet_config: dict[str, Any], *, block: int = 0, span=None, text_len: int = 77, pooled_dim: int | None = None
+    ) -> None:
+        self.network = network_class(unet_config)
         self.config = {k: v for k, v in dict(unet_config).items() if not k.startswith("_")}
         self.block = block
+        self.span = None if span is None else tuple(span)
         self.text_len = text_len
         self.pooled_dim = pooled_dim
-        self._key = _config_key(self.config)
+        self._key = _config_key({**self.config, "_class_name": self.network})
         # guidance doubles the batch (CFG) unless the UNet embeds it (LCM's time_cond_proj_dim: one branch per image)
         self.cfg = guidance_dim(self.config) is None
-        self._split: UNetSplit | None = None
+        self._split = None  # a UNetSplit or TransformerSplit of the meta-device network
 
-    def _get_split(self) -> UNetSplit:
+    def _get_split(self):
         if self._split is None:
-            from diffusers import UNet2DConditionModel
-
-            with torch.device("meta"):
-                unet = UNet2DConditionModel.from_config(self.config)
-            self._split = UNetSplit(unet.eval(), block=self.block)
+            net = meta_network({**self.config, "_class_name": self.network})
+            self._split = split_for(net, block=self.block, span=self.span)
         return self._split
 
     def macs(self, variant: str, latent_hw: tuple[int, int], batch: int) -> int:
-        key = (self._key, self.block, variant, tuple(latent_hw), batch, self.text_len)
+        key = (self._key, self.block, self.span, variant, tuple(latent_hw), batch, self.text_len)
         if key not in _CACHE:
             module = self._get_split().module(variant)
             ins = module.example_inputs(tuple(latent_hw), batch, text_len=self.text_len, pooled_dim=self.pooled_dim, device="meta")

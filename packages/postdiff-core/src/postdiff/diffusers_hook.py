@@ -1,12 +1,13 @@
-"""Run a plan inside a diffusers Stable Diffusion / SDXL / LCM pipeline: ``postdiff.apply(pipe, "postdiff")``.
+"""Run a plan inside a diffusers Stable Diffusion / SDXL / LCM / PixArt pipeline: ``postdiff.apply(pipe, "postdiff")``.
 
 After ``apply``, the usual ``pipe(prompt, ...)`` call runs the plan; ``postdiff.remove(pipe)`` restores the
 vanilla pipeline. The pipeline's own loop stays in charge (prompt encoding, CFG arithmetic, callbacks, VAE
 decoding, every ``__call__`` option); for the duration of each call only, PostDiff
 
 * compiles the recipe against the scheduler's actual timesteps and the call's image size,
-* hooks the UNet (diffusers ``HookRegistry``) so each call runs the plan step's variant through a
-  ``TorchDenoiser`` (full/shallow, CFG or conditional-only with cached cross-attention),
+* hooks the denoising network (the UNet, or PixArt's transformer; diffusers ``HookRegistry``) so each call runs
+  the plan step's variant through a ``TorchDenoiser`` (full/shallow, CFG or conditional-only with cached
+  cross-attention),
 * puts a thin proxy in front of the scheduler whose ``step`` is ``PlanRun.advance`` (the resolution switch),
 * draws the initial latent at the plan's first latent size from the call's generator.
 
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from .backbone import network_of, spec_of, split_for
 from .conditioning import Conditioning
 from .errors import ModelError, PlanError
 from .plan import Plan, compile_plan
@@ -30,9 +32,14 @@ from .recipe import Recipe, load_recipe
 from .resolution import is_consistency_scheduler
 from .sampling import PlanRun, initial_latents
 from .torch_denoiser import TorchDenoiser
-from .unet import UNetSplit, model_spec
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "LatentConsistencyModelPipeline")
+SUPPORTED_PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "LatentConsistencyModelPipeline",
+    "PixArtAlphaPipeline",
+    "PixArtSigmaPipeline",
+)
 _HOOK_NAME = "postdiff"
 _SUBCLASSES: dict[type, type] = {}
 
@@ -47,7 +54,7 @@ def apply(pipe, plan: str | Recipe | dict = "postdiff"):
     base = getattr(pipe, "_postdiff_base", type(pipe))
     if not any(c.__name__ in SUPPORTED_PIPELINES for c in base.__mro__):
         raise ModelError(f"postdiff.apply supports {', '.join(SUPPORTED_PIPELINES)}, not {base.__name__}")
-    model_spec(pipe.unet)  # fails early, with a clear message, on a UNet PostDiff cannot split
+    spec_of(network_of(pipe))  # fails early, with a clear message, on a network PostDiff cannot split
     if base not in _SUBCLASSES:
         # Same class name, so anything that reads it (save_pretrained, logging) still sees the original.
         _SUBCLASSES[base] = type(base.__name__, (base,), {"__call__": _call, "_postdiff_base": base})
@@ -81,9 +88,11 @@ def _call(self, *args, **kwargs):
         recipe = recipe.with_steps(int(arguments["num_inference_steps"]))
     if arguments.get("denoising_end") is not None:
         raise PlanError("denoising_end cuts the plan short; PostDiff plans run every step. Drop denoising_end")
-    size = self.unet.config.sample_size * self.vae_scale_factor
+    size = network_of(self).config.sample_size * self.vae_scale_factor
     height = arguments.get("height") or size
     width = arguments.get("width") or size
+    if getattr(self, "transformer", None) is not None and arguments.get("use_resolution_binning", True):
+        height, width = _pixart_bin(self, int(height), int(width))
     latent_hw = (int(height) // self.vae_scale_factor, int(width) // self.vae_scale_factor)
     session = _Session(self, recipe, latent_hw, arguments.get("generator"))
     try:
@@ -91,6 +100,19 @@ def _call(self, *args, **kwargs):
             return base.__call__(*bound.args, **bound.kwargs)
     finally:
         object.__setattr__(self, "_postdiff_last_plan", session.plan)
+
+
+def _pixart_bin(pipe, height: int, width: int) -> tuple[int, int]:
+    """The size a PixArt pipeline generates at with ``use_resolution_binning`` (its default): the nearest aspect-ratio
+    bin of its sample size, from the pipelines' own tables (the image is resized back to the request at the end)."""
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_256_BIN, ASPECT_RATIO_512_BIN, ASPECT_RATIO_1024_BIN
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
+
+    bins = {32: ASPECT_RATIO_256_BIN, 64: ASPECT_RATIO_512_BIN, 128: ASPECT_RATIO_1024_BIN, 256: ASPECT_RATIO_2048_BIN}
+    ratios = bins.get(int(pipe.transformer.config.sample_size))
+    if ratios is None:  # the pipeline itself refuses this ("Invalid sample size")
+        return height, width
+    return pipe.image_processor.classify_height_width_bin(height, width, ratios=ratios)
 
 
 def last_plan(pipe) -> Plan | None:
@@ -107,7 +129,9 @@ class _Session:
         self.recipe = recipe
         self.latent_hw = latent_hw
         self.generator = generator
-        self.spec = model_spec(pipe.unet)
+        self.network = network_of(pipe)
+        self.spec = spec_of(self.network)
+        self.images: int | None = None  # latents per call (the CFG batch is twice that)
         self.plan: Plan | None = None
         self.run: PlanRun | None = None
         self.denoiser: TorchDenoiser | None = None
@@ -116,9 +140,9 @@ class _Session:
     def installed(self):
         pipe = self.pipe
         scheduler = pipe.scheduler
-        split = UNetSplit(pipe.unet, block=self.recipe.cache_block)
+        split = split_for(self.network, self.recipe)
         self.denoiser = TorchDenoiser(split)
-        registry = HookRegistry.check_if_exists_or_initialize(pipe.unet)
+        registry = HookRegistry.check_if_exists_or_initialize(self.network)
         registry.register_hook(_UNetHook(self), _HOOK_NAME)
         object.__setattr__(pipe, "scheduler", _SchedulerProxy(scheduler, self))
         object.__setattr__(pipe, "prepare_latents", self._prepare_latents(pipe.prepare_latents))
@@ -153,28 +177,46 @@ class _Session:
             # The noise is drawn at full size exactly as the vanilla pipeline draws it (or taken from latents=), then
             # derived for the plan's first, possibly lower, resolution: one seed, one starting point for every plan.
             drawn = original(batch_size, num_channels_latents, height, width, dtype, device, generator, latents, *rest)
+            self.images = int(drawn.shape[0])
             return initial_latents(self.plan, drawn)
 
         return prepare_latents
 
     def unet_call(
-        self, sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None, added_cond_kwargs=None, **other
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        timestep_cond=None,
+        cross_attention_kwargs=None,
+        added_cond_kwargs=None,
+        encoder_attention_mask=None,
+        **other,
     ):
+        transformer = self.spec.is_transformer
         unsupported = sorted(k for k, v in other.items() if v is not None and k != "return_dict")
-        extra = sorted(set(added_cond_kwargs or {}) - {"text_embeds", "time_ids"})
+        allowed = {"resolution", "aspect_ratio"} if transformer else {"text_embeds", "time_ids"}
+        extra = sorted(k for k, v in (added_cond_kwargs or {}).items() if k not in allowed and v is not None)
+        if encoder_attention_mask is not None and not transformer:
+            extra.append("encoder_attention_mask")
         if unsupported or extra:
             raise PlanError(f"PostDiff plans do not support these UNet inputs yet: {unsupported + extra}")
         if self.run is None:
             raise PlanError("the UNet ran before the scheduler's timesteps were set; PostDiff cannot plan this call")
         step = self.run.step
         added = added_cond_kwargs or {}
+        # a CFG batch holds two rows per latent the pipeline prepared (not every pipeline keeps a flag for it)
+        has_uncond = self.images is not None and sample.shape[0] == 2 * self.images
         cond = Conditioning(
             encoder_hidden_states=encoder_hidden_states,
-            has_uncond=bool(self.pipe.do_classifier_free_guidance),
+            has_uncond=has_uncond,
             text_embeds=added.get("text_embeds"),
             time_ids=added.get("time_ids"),
             timestep_cond=timestep_cond,
             cross_attention_kwargs=cross_attention_kwargs,
+            encoder_attention_mask=encoder_attention_mask,
+            resolution=added.get("resolution"),
+            aspect_ratio=added.get("aspect_ratio"),
         )
         full_hw = self.plan.latent_hw
         if step.guidance == "cond" and cond.has_uncond:
@@ -198,6 +240,10 @@ class _UNetHook(ModelHook):
         out = self.session.unet_call(sample, timestep, encoder_hidden_states, **kwargs)
         if not return_dict:
             return (out,)
+        if self.session.spec.is_transformer:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=out)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         return UNet2DConditionOutput(sample=out)

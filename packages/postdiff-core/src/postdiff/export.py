@@ -72,7 +72,7 @@ def prepare_export(model: str | Model, plan, *, height=None, width=None, steps=N
         model = load_model(model, need_pipeline=None)  # the whole pipeline where there is one, else the UNet alone
     compiled = model.compile(plan, steps, scheduler=scheduler, height=height, width=width)
     _check_exportable_size(model, compiled)
-    counter = MacCounter(model.unet_config, block=compiled.recipe.cache_block, text_len=model.text_len, pooled_dim=model.pooled_dim)
+    counter = model.mac_counter(compiled.recipe)
     return ExportJob(model, compiled, counter, images)
 
 
@@ -80,8 +80,8 @@ def _check_exportable_size(model: Model, plan: Plan) -> None:
     """Exported graphs take latent sides that are multiples of the UNet's downsampling factor (their dynamic shapes
     are written that way; Core ML's fixed shapes follow the same rule). PyTorch runs other sizes, exports do not:
     the error names the nearest image sizes that export."""
+    from .backbone import downsample_factor
     from .graphs import unet_of
-    from .unet import downsample_factor
 
     f = downsample_factor(unet_of(model))
     h, w = plan.latent_hw
@@ -120,8 +120,8 @@ def export_bundle(
     folder ``output``; returns its path. ``options`` are the backend's own (``--precision``, ``--target``, ...).
     ``golden``: also save each graph's first inputs and outputs and the final latent for seed 0 (``postdiff.golden``)."""
     from . import backends
+    from .backbone import split_for
     from .graphs import model_info, save_tokenizers, unet_graphs, unet_of
-    from .unet import UNetSplit
 
     backend = backends.get(backend) if isinstance(backend, str) else backend
     if batch < 1:
@@ -130,7 +130,7 @@ def export_bundle(
     job = prepare_export(model, plan, height=height, width=width, steps=steps, scheduler=scheduler, images=batch)
     model, compiled = job.model, job.plan
     start = time.perf_counter()
-    with staged_bundle(output, overwrite=overwrite) as folder, UNetSplit(unet_of(model), block=compiled.recipe.cache_block) as split:
+    with staged_bundle(output, overwrite=overwrite) as folder, split_for(unet_of(model), compiled.recipe) as split:
         # the small pipeline graphs (class or text encoders, VAE decoder) first: a bad option or an interruption
         # shows up in seconds, before the long UNet conversions
         sources = model.family.pipeline_graphs(model) + unet_graphs(split, compiled, model)
@@ -152,6 +152,7 @@ def export_bundle(
             recipe=compiled.recipe.to_dict(),
             plan=compiled.to_dict(),
             cache_block=compiled.recipe.cache_block,
+            cache_span=list(compiled.recipe.cache_span) if compiled.recipe.cache_span else None,
             latent_sizes=[list(hw) for hw in job.sizes],
             precision=facts["precision"],
             graphs=graphs,

@@ -93,6 +93,10 @@ class Family:
     def guidance(self, value: float | None) -> float:
         return self.default_guidance if value is None else float(value)
 
+    def call_options(self) -> dict[str, Any]:
+        """Options of the diffusers pipeline's ``__call__`` that make it generate what a bundle of this family does."""
+        return {}
+
     # -- export ---------------------------------------------------------------------------------------------------
     def pipeline_graphs(self, model: Model) -> list:
         """The graphs (``postdiff.graphs.GraphSource``) around the UNet that generation from a bundle needs."""
@@ -382,7 +386,8 @@ class StableDiffusion(TextToImage):
     tokenizers = ("tokenizer",)
 
     def matches(self, model) -> bool:
-        return hasattr(model.pipeline, "text_encoder") and hasattr(model.pipeline, "vae")
+        pipe = model.pipeline
+        return hasattr(pipe, "text_encoder") and hasattr(pipe, "vae") and getattr(pipe, "unet", None) is not None
 
     def pipeline_graphs(self, model) -> list:
         from .graphs import text_encoder_graph, vae_decoder_graph
@@ -434,6 +439,71 @@ class LatentConsistency(StableDiffusion):
         ehs = ops.asarray(pipe.encode_prompt(prompt, self.roles[:-1], self.tokenizers)[0])
         w = guidance_embedding(guidance - 1.0, int(pipe.info["time_cond_proj_dim"]), batch=int(ehs.shape[0]))
         return Conditioning(ehs, has_uncond=False, timestep_cond=ops.like(ops.asarray(w), ehs))
+
+
+@register_family
+class PixArt(TextToImage):
+    """PixArt-α and PixArt-Σ (``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``): a DiT (``PixArtTransformer2DModel``)
+    conditioned on T5 tokens with their attention mask; PixArt-α at 1024 px also on the image's resolution and aspect
+    ratio. The negative prompt is the empty one, encoded (the pipelines' default); prompts are lower-cased and
+    stripped, as the pipelines preprocess them without the optional caption cleaner (beautifulsoup4 and ftfy)."""
+
+    name = "pixart"
+    default_guidance = 4.5  # the PixArt pipelines' default
+    roles = ("text_encoder", "vae_decoder")
+    tokenizers = ("tokenizer",)
+
+    def matches(self, model) -> bool:
+        return (
+            getattr(model.pipeline, "transformer", None) is not None
+            and type(model.pipeline.transformer).__name__ == "PixArtTransformer2DModel"
+        )
+
+    def call_options(self) -> dict[str, Any]:
+        """The size asked for, not the nearest aspect-ratio bin (a bundle runs the size it was exported at), and the
+        prompt preprocessing a bundle does (lower case, stripped) without the optional caption cleaner."""
+        return {"use_resolution_binning": False, "clean_caption": False}
+
+    def pipeline_graphs(self, model) -> list:
+        from .graphs import masked_text_encoder_graph, vae_decoder_graph
+
+        pipe = model.pipeline
+        return [masked_text_encoder_graph("text_encoder", pipe.text_encoder, pipe.tokenizer, model.text_len), vae_decoder_graph(pipe.vae)]
+
+    def bundle_info(self, model) -> dict[str, Any]:
+        return {
+            "guidance": self.default_guidance,
+            "resolution_conditioned": bool(model.pipeline.transformer.use_additional_conditions),
+        }
+
+    def conditioning(self, pipe, prompt: str, guidance: float, ops):
+        from .conditioning import Conditioning
+
+        length = int(pipe.info["text_len"])
+
+        def encode(text):
+            ehs, mask = pipe.encode_masked(text.lower().strip(), self.roles[0], self.tokenizers[0], length)
+            return ops.asarray(ehs), ops.like(ops.asarray(mask), ops.asarray(ehs))
+
+        ehs, mask = encode(prompt)
+        resolution = aspect = None
+        if pipe.info.get("resolution_conditioned"):
+            h, w = pipe.image_hw
+            resolution, aspect = (ops.like(ops.asarray(x), ehs) for x in ([[h, w]], [[h / w]]))
+        if guidance <= 1.0:
+            return Conditioning(ehs, has_uncond=False, encoder_attention_mask=mask, resolution=resolution, aspect_ratio=aspect)
+        neg, neg_mask = encode("")
+
+        def both(x):
+            return None if x is None else ops.cat([x, x])
+
+        return Conditioning(
+            ops.cat([neg, ehs]),
+            has_uncond=True,
+            encoder_attention_mask=ops.cat([neg_mask, mask]),
+            resolution=both(resolution),
+            aspect_ratio=both(aspect),
+        )
 
 
 @register_family

@@ -17,7 +17,6 @@ from torch import nn
 from .errors import ModelError
 from .models import Model
 from .plan import Plan
-from .unet import UNetSplit
 
 
 @dataclass
@@ -46,6 +45,18 @@ class _TextEncoder(nn.Module):
         out = self.encoder(input_ids, output_hidden_states=self.penultimate)
         hidden = out.hidden_states[-2] if self.penultimate else out[0]
         return (hidden, out[0]) if self.pooled else (hidden,)
+
+
+class _MaskedTextEncoder(nn.Module):
+    """(input_ids, attention_mask) -> last hidden states: a T5 encoder as the PixArt pipelines call it (the mask as
+    float, 1 for a token, 0 for padding)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask):
+        return (self.encoder(input_ids, attention_mask=attention_mask.to(torch.int64))[0],)
 
 
 class _VaeDecoder(nn.Module):
@@ -91,6 +102,21 @@ def text_encoder_graph(name: str, encoder, tokenizer, *, penultimate: bool, pool
     return GraphSource(name, name, module, ["input_ids"], outputs, ids, ({0: batch_dim()},))
 
 
+def masked_text_encoder_graph(name: str, encoder, tokenizer, text_len: int) -> GraphSource:
+    """A T5 text encoder with its attention mask as an input (PixArt), for prompts padded to ``text_len`` tokens."""
+    from torch.export import Dim
+
+    module = _MaskedTextEncoder(encoder.eval()).eval()
+
+    def ids(hw, b):
+        t = tokenizer(["a photo"] * b, padding="max_length", max_length=text_len, truncation=True, return_tensors="pt")
+        return {"input_ids": t.input_ids, "attention_mask": t.attention_mask.to(torch.float32)}
+
+    text = Dim("text", min=2, max=512)
+    shapes = ({0: batch_dim(), 1: text}, {0: batch_dim(), 1: text})
+    return GraphSource(name, name, module, ["input_ids", "attention_mask"], ["hidden_states"], ids, shapes)
+
+
 def vae_decoder_graph(vae) -> GraphSource:
     from torch.export import Dim
 
@@ -105,15 +131,19 @@ def vae_decoder_graph(vae) -> GraphSource:
 
 
 def unet_of(model: Model):
-    """The model's UNet with weights: the pipeline's, or random weights for an ``arch:`` architecture."""
+    """The model's denoising network (UNet or transformer) with weights: the pipeline's, or random weights for an
+    ``arch:`` architecture."""
     if model.pipeline is not None:
-        return model.pipeline.unet
+        from .backbone import network_of
+
+        return network_of(model.pipeline)
     if model.build_unet is not None:  # an architecture without weights: random ones, seeded
         return model.build_unet()
     raise ModelError(f"{model.name} has no UNet weights to export; use a pipeline folder, a built-in model or arch:")
 
 
-def unet_graphs(split: UNetSplit, plan: Plan, model: Model) -> list[GraphSource]:
+def unet_graphs(split, plan: Plan, model: Model) -> list[GraphSource]:
+    """One graph per variant the plan uses, of a ``UNetSplit`` or a ``TransformerSplit`` (role ``unet`` for both)."""
     out = []
     for variant in dict.fromkeys(v for v, _ in plan.variants()):
         module = split.module(variant).eval()

@@ -73,6 +73,14 @@ class Model:
             recipe = recipe.with_steps(steps)
         return compile_for_scheduler(recipe, self.scheduler(scheduler), self.latent_hw(height, width), self.spec())
 
+    def mac_counter(self, recipe):
+        """The cost model (``postdiff.cost.MacCounter``) of this model's network for ``recipe``'s cache cut."""
+        from .cost import MacCounter
+
+        return MacCounter(
+            self.unet_config, block=recipe.cache_block, span=recipe.cache_span, text_len=self.text_len, pooled_dim=self.pooled_dim
+        )
+
     def untrained_warning(self, plan) -> str | None:
         return untrained_warning(self.name, self.training_sizes, plan, self.vae_scale_factor)
 
@@ -93,19 +101,18 @@ class Model:
         return h // f, w // f
 
     def meta_unet(self):
-        """The UNet built on the ``meta`` device: structure without weights or memory."""
+        """The denoising network (UNet or transformer, ``postdiff.backbone``) built on the ``meta`` device:
+        structure without weights or memory."""
         if getattr(self, "_meta_unet", None) is None:
-            import torch
-            from diffusers import UNet2DConditionModel
+            from .backbone import meta_network
 
-            with torch.device("meta"):
-                self._meta_unet = UNet2DConditionModel.from_config(self.unet_config).eval()
+            self._meta_unet = meta_network(self.unet_config)
         return self._meta_unet
 
     def spec(self):
-        from .unet import model_spec
+        from .backbone import spec_of
 
-        return model_spec(self.meta_unet(), name=self.name)
+        return spec_of(self.meta_unet(), name=self.name)
 
     def scheduler(self, kind: str | None = None):
         current = getattr(self.pipeline, "scheduler", None)
@@ -141,17 +148,23 @@ def untrained_warning(name: str, training_sizes, plan, vae_scale_factor: int = 1
 
 
 def from_pipeline(name: str, pipe, **fields) -> Model:
-    """A ``Model`` for a loaded diffusers SD/SDXL pipeline."""
+    """A ``Model`` for a loaded diffusers SD/SDXL/LCM/PixArt pipeline."""
+    from .backbone import network_of
+
     pooled = None
     if getattr(pipe, "text_encoder_2", None) is not None:
         pooled = int(pipe.text_encoder_2.config.projection_dim)
     tok = getattr(pipe, "tokenizer", None)
+    net = network_of(pipe)
+    text_len = int(getattr(tok, "model_max_length", 77) or 77) if tok is not None else 77
+    if getattr(pipe, "transformer", None) is not None:  # PixArt: the pipelines' default max_sequence_length
+        text_len = 300 if "Sigma" in type(pipe).__name__ else 120
     return Model(
         name=name,
-        unet_config=dict(pipe.unet.config),
+        unet_config={"_class_name": type(net).__name__, **dict(net.config)},
         scheduler_config=dict(pipe.scheduler.config),
         vae_scale_factor=int(pipe.vae_scale_factor),
-        text_len=int(getattr(tok, "model_max_length", 77) or 77) if tok is not None else 77,
+        text_len=text_len,
         pooled_dim=pooled,
         pipeline=pipe,
         **fields,

@@ -43,7 +43,9 @@ EVENTS = ("switch_resolution",)
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What the planner needs to know about a UNet (see ``postdiff.unet.model_spec``)."""
+    """What the planner needs to know about the denoising network: a UNet (``postdiff.unet.model_spec``) or a
+    transformer (``postdiff.transformer.transformer_spec``: the patch size is its downsampling factor, ``num_layers``
+    its blocks, ``num_down_blocks`` the ``deepcache.block`` values it takes)."""
 
     name: str
     downsample_factor: int
@@ -51,6 +53,11 @@ class ModelSpec:
     has_cross_attention: bool
     # guidance is a UNet input (LCM's ``timestep_cond``), not a CFG batch: every step runs one branch per image
     guidance_embedded: bool = False
+    num_layers: int | None = None  # transformer blocks (None: a UNet)
+
+    @property
+    def is_transformer(self) -> bool:
+        return self.num_layers is not None
 
 
 def guidance_dim(unet_config) -> int | None:
@@ -58,6 +65,31 @@ def guidance_dim(unet_config) -> int | None:
     ``time_cond_proj_dim``), or None for a UNet guided by a CFG batch: the one test of which kind a UNet is."""
     dim = dict(unet_config).get("time_cond_proj_dim")
     return None if dim is None else int(dim)
+
+
+def cut_choices(num_layers: int) -> int:
+    """How many ``deepcache.block`` values a transformer of ``num_layers`` blocks takes (each must leave a nonempty
+    span): its ``ModelSpec.num_down_blocks``."""
+    return max((num_layers - 1) // 2, 0)
+
+
+def block_span(num_layers: int, block: int = 0, span=None, *, where: str = "recipe.deepcache") -> tuple[int, int]:
+    """The transformer blocks ``[start, end)`` a block-cache plan caches: the recipe's ``span``, or for ``block`` b the
+    span that leaves the outer b + 1 blocks at each end computed. RecipeError when it does not fit the model."""
+    if span is None:
+        if not 0 <= block < cut_choices(num_layers):
+            raise RecipeError(
+                f"{where}.block={block} is out of range for a transformer of {num_layers} blocks: use 0 to "
+                f"{cut_choices(num_layers) - 1} (block b caches blocks b+1 to {num_layers}-b-2), or name the blocks with {where}.span"
+            )
+        return (block + 1, num_layers - block - 1)
+    a, b = (int(v) for v in span)
+    if not (0 <= a < b <= num_layers) or (a, b) == (0, num_layers):
+        raise RecipeError(
+            f"{where}.span=[{a}, {b}] does not fit a transformer of {num_layers} blocks: give 0 <= start < end <= "
+            f"{num_layers}, leaving at least one block computed"
+        )
+    return (a, b)
 
 
 @dataclass(frozen=True)
@@ -284,7 +316,11 @@ def compile_plan(
         if switch_k > 0:
             low_hw = low_res_size(full_hw, recipe.low_res.scale, factor)
     dc = recipe.deepcache
-    if dc is not None and dc.block >= model.num_down_blocks:
+    if dc is not None and dc.span is not None and not model.is_transformer:
+        raise RecipeError(f"recipe.deepcache.span names transformer blocks, and {model.name} is a UNet; use deepcache.block")
+    if dc is not None and model.is_transformer:
+        block_span(model.num_layers, dc.block, dc.span)
+    elif dc is not None and dc.block >= model.num_down_blocks:
         raise RecipeError(
             f"recipe.deepcache.block={dc.block} but {model.name} has {model.num_down_blocks} down blocks; use 0 to "
             f"{model.num_down_blocks - 1}"

@@ -8,13 +8,13 @@ from .conditioning import Conditioning
 from .denoiser import StepCaches
 from .plan import Step
 from .profiling import timed_call
-from .unet import UNetSplit
 
 
 class TorchDenoiser:
-    """Runs plan steps with the PyTorch UNet split (the reference every backend is compared with)."""
+    """Runs plan steps with the PyTorch network split (``UNetSplit`` or ``TransformerSplit``: the reference every
+    backend is compared with)."""
 
-    def __init__(self, split: UNetSplit) -> None:
+    def __init__(self, split) -> None:
         self.split = split
         self.caches = StepCaches()
 
@@ -30,18 +30,7 @@ class TorchDenoiser:
         deep = caches.deep_for(step, cond) if step.unet == "shallow" else None
         xattn = caches.xattn_for(step, indices) if step.xattn == "cached" else ()
         with timed_call(variant, step.latent_hw, sample.shape[0]):
-            out = self.split.forward(
-                variant,
-                sample,
-                timestep,
-                cond.encoder_hidden_states,
-                cond.text_embeds,
-                cond.time_ids,
-                deep,
-                xattn,
-                cond.timestep_cond,
-                cond.cross_attention_kwargs,
-            )
+            out = self.split.step(variant, sample, timestep, cond, deep, xattn)
         if step.unet == "full":
             caches.keep_deep(step, out[1], cond)
         if step.xattn == "capture":

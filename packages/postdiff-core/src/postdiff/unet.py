@@ -248,6 +248,21 @@ class UNetSplit:
         self.io.hw = tuple(h.shape[-2:])
         return attention(h, encoder_hidden_states=ehs, cross_attention_kwargs=kw, return_dict=False)[0]
 
+    def step(self, variant: str, sample, timestep, cond, deep=None, xattn: Sequence = ()):
+        """``forward`` with the inputs a ``Conditioning`` holds (what ``TorchDenoiser`` calls)."""
+        return self.forward(
+            variant,
+            sample,
+            timestep,
+            cond.encoder_hidden_states,
+            cond.text_embeds,
+            cond.time_ids,
+            deep,
+            xattn,
+            cond.timestep_cond,
+            cond.cross_attention_kwargs,
+        )
+
     def forward(self, variant: str, sample: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, ...]:
         """Run one variant; returns (eps, deep) for full variants (+ xattn outputs for *_capture), (eps,) for shallow.
         Arguments as ``_forward``; on CPU under the convolution path ``cpu_conv`` picks."""

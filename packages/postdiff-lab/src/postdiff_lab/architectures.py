@@ -38,6 +38,12 @@ class Architecture:
     scheduler_class: str = "DDIMScheduler"  # the scheduler its pipeline ships with
 
     @property
+    def is_transformer(self) -> bool:
+        from postdiff.backbone import is_transformer
+
+        return is_transformer(self.unet)
+
+    @property
     def is_sdxl(self) -> bool:
         return self.unet.get("addition_embed_type") == "text_time"
 
@@ -163,4 +169,71 @@ TOY_LCM = Architecture(
     scheduler_class="LCMScheduler",
 )
 
-ARCHITECTURES = {a.name: a for a in (SD15, SD21, SDXL, LCM_SD15, TOY_SD, TOY_SDXL, TOY_LCM)}
+# DiT families: the transformer's configuration goes where a UNet's does (``unet``), named by its diffusers class.
+# PixArt-XL-2-1024-MS (PixArt-α at 1024 px): 28 blocks of width 1152 (16 heads of 72), patch 2, the T5-XXL caption
+# (4096 channels, 120 tokens), the learned variance (8 output channels), the resolution and aspect-ratio
+# conditioning of its 1024 px sample size, and its DPM-Solver++ scheduler on the linear beta schedule.
+_PIXART_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+    "algorithm_type": "dpmsolver++",
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "lower_order_final": True,
+    "steps_offset": 0,
+    "use_karras_sigmas": False,
+}
+
+PIXART_ALPHA = Architecture(
+    "pixart-alpha",
+    {
+        "_class_name": "PixArtTransformer2DModel",
+        "sample_size": 128,
+        "in_channels": 4,
+        "out_channels": 8,
+        "num_layers": 28,
+        "num_attention_heads": 16,
+        "attention_head_dim": 72,
+        "cross_attention_dim": 1152,
+        "caption_channels": 4096,
+        "patch_size": 2,
+        "activation_fn": "gelu-approximate",
+        "attention_bias": True,
+        "norm_type": "ada_norm_single",
+        "norm_elementwise_affine": False,
+        "norm_eps": 1e-6,
+        "num_embeds_ada_norm": 1000,
+    },
+    text_len=120,
+    scheduler=dict(_PIXART_SCHEDULER),
+    scheduler_class="DPMSolverMultistepScheduler",
+)
+
+# A tiny PixArt-α: its 128 sample size keeps the resolution conditioning (the pipeline passes it for that size only);
+# a tiny PixArt-Σ: sample size 32, no resolution conditioning, the Σ pipeline's 300-token default.
+TOY_PIXART = Architecture(
+    "toy-pixart",
+    {
+        **PIXART_ALPHA.unet,
+        "num_layers": 4,
+        "num_attention_heads": 2,
+        "attention_head_dim": 12,  # width 24: the resolution conditioning takes a third of it per size
+        "cross_attention_dim": 24,
+        "caption_channels": 32,
+    },
+    text_len=120,
+    scheduler=dict(_PIXART_SCHEDULER),
+    scheduler_class="DPMSolverMultistepScheduler",
+)
+TOY_PIXART_SIGMA = Architecture(
+    "toy-pixart-sigma",
+    {**TOY_PIXART.unet, "sample_size": 32, "interpolation_scale": 1},
+    text_len=300,
+    scheduler=dict(_PIXART_SCHEDULER),
+    scheduler_class="DPMSolverMultistepScheduler",
+)
+
+ARCHITECTURES = {a.name: a for a in (SD15, SD21, SDXL, LCM_SD15, PIXART_ALPHA, TOY_SD, TOY_SDXL, TOY_LCM, TOY_PIXART, TOY_PIXART_SIGMA)}

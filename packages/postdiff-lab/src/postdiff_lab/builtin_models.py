@@ -2,8 +2,9 @@
 
 ``reference`` (the embedded, trained Fashion-MNIST model, the default), ``digits`` (the same recipe on MNIST
 digits), ``toy-sd`` / ``toy-sdxl`` / ``toy-lcm`` (tiny SD, SDXL and LCM pipelines with random weights) and
-``arch:sd15`` / ``arch:sd21`` / ``arch:sdxl`` / ``arch:lcm-sd15`` (published UNet architectures with random weights,
-for costs and timings).
+``toy-pixart`` / ``toy-pixart-sigma`` (tiny PixArt-α and -Σ pipelines), ``arch:sd15`` / ``arch:sd21`` /
+``arch:sdxl`` / ``arch:lcm-sd15`` / ``arch:pixart-alpha`` (published architectures with random weights, for costs and
+timings).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from .architectures import ARCHITECTURES, Architecture
 
 # the embedded, trained class-conditional models -> the dataset each was trained on (postdiff_lab.data.DATASETS)
 REFERENCE_MODELS = {"reference": "fashion", "digits": "digits"}
-TOY_MODELS = {"toy-sd": "sd", "toy-sdxl": "sdxl", "toy-lcm": "lcm"}
+TOY_MODELS = {"toy-sd": "sd", "toy-sdxl": "sdxl", "toy-lcm": "lcm", "toy-pixart": "pixart", "toy-pixart-sigma": "pixart-sigma"}
 
 
 def _reference(name: str, need_pipeline: bool | None) -> Model:
@@ -45,6 +46,7 @@ def _from_architecture(arch: Architecture) -> Model:
         unet_config=dict(arch.unet),
         scheduler_config={"_class_name": arch.scheduler_class, **arch.scheduler},
         vae_scale_factor=arch.vae_scale_factor,
+        text_len=arch.text_len,
         pooled_dim=arch.pooled_dim,
         build_unet=lambda: build_unet(arch),
         weights="random",
@@ -67,11 +69,11 @@ def resolve(spec: str, need_pipeline: bool | None = False) -> Model | None:
             raise ModelError(f"unknown architecture {spec!r}; use one of {', '.join('arch:' + a for a in ARCHITECTURES)}")
         if need_pipeline is True:
             raise ModelError(
-                f"{spec} is a UNet architecture with random weights and no text encoder or VAE; it serves "
+                f"{spec} is a network architecture with random weights and no text encoder or VAE; it serves "
                 f"`postdiff plan cost` and the benchmarks. Generate with a pipeline (--model toy-sd, a local folder or a Hub id)"
             )
         return _from_architecture(ARCHITECTURES[name])
     return None
 
 
-resolve.names = [*REFERENCE_MODELS, *TOY_MODELS, "arch:sd15", "arch:sd21", "arch:sdxl", "arch:lcm-sd15"]
+resolve.names = [*REFERENCE_MODELS, *TOY_MODELS, "arch:sd15", "arch:sd21", "arch:sdxl", "arch:lcm-sd15", "arch:pixart-alpha"]

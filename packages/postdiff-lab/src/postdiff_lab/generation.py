@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from postdiff.cost import MacCounter, PlanCost, plan_cost
+from postdiff.cost import PlanCost, plan_cost
 from postdiff.models import Model
 from postdiff.plan import Plan
 from postdiff.recipe import Recipe, load_recipe
@@ -55,10 +55,7 @@ class Source:
     def cost(self, plan: Plan) -> PlanCost:
         """MACs of every step of ``plan`` and of the baseline it is compared with."""
         baseline = self.compile(load_recipe("baseline").with_steps(baseline_steps(plan)))
-        counter = MacCounter(
-            self.model.unet_config, block=plan.recipe.cache_block, text_len=self.model.text_len, pooled_dim=self.model.pooled_dim
-        )
-        return plan_cost(plan, counter, baseline)
+        return plan_cost(plan, self.model.mac_counter(plan.recipe), baseline)
 
     def macs_ratio(self, plan: Plan) -> float:
         return self.cost(plan).ratio
@@ -98,7 +95,7 @@ class ClassSource(Source):
 
 
 class DiffusersSource(Source):
-    """A diffusers SD/SDXL pipeline run through ``postdiff.apply``; conditions are prompts."""
+    """A diffusers SD/SDXL/LCM/PixArt pipeline run through ``postdiff.apply``; conditions are prompts."""
 
     def generate(self, recipe, n, seed=0, *, conditions=None, progress=False) -> Batch:
         from postdiff import diffusers_hook
@@ -119,6 +116,7 @@ class DiffusersSource(Source):
                     guidance_scale=self.guidance,
                     generator=self.model.family.generator(seed, i),
                     output_type="np",
+                    **self.model.family.call_options(),
                 )
                 images.append(out.images[0])
         finally:

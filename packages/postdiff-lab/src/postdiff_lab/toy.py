@@ -1,16 +1,17 @@
-"""Tiny Stable Diffusion / SDXL / LCM pipelines with random weights, built offline.
+"""Tiny Stable Diffusion / SDXL / LCM / PixArt-α / PixArt-Σ pipelines with random weights, built offline.
 
 Tests and the offline demo need real diffusers pipelines (tokenizer, text encoder, UNet, VAE, scheduler)
 without a download. diffusers' own tests fetch tiny models from the Hub; here every part is built from a
 config, and the CLIP tokenizer from a byte-level vocabulary written below (no merges: one token per byte),
-because no tokenizer files can be fetched offline.
+because no tokenizer files can be fetched offline. PixArt's T5 tokenizer is built the same way with the
+``tokenizers`` package (one token per byte, ``</s>`` appended, ``<pad>`` = 0), its T5 encoder from a tiny config.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .architectures import TOY_LCM, TOY_SD, TOY_SDXL, Architecture
+from .architectures import TOY_LCM, TOY_PIXART, TOY_PIXART_SIGMA, TOY_SD, TOY_SDXL, Architecture
 
 TEXT_HIDDEN = 32
 
@@ -62,16 +63,55 @@ def _text_encoder(seed: int, with_projection: bool):
     return cls(config).eval()
 
 
-def _vae(seed: int):
+def toy_t5_tokenizer(max_length: int = 120):
+    """A T5-style tokenizer without files: one token per byte (after ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), ``</s>``
+    appended, padded with ``<pad>``: what PixArt's pipelines need from a tokenizer (padding, truncation, the mask)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for token in _byte_vocab():
+        if not token.endswith("</w>") and not token.startswith("<|"):
+            vocab[token] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
+    )
+
+
+def _t5_encoder(seed: int, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(toy_t5_tokenizer().get_vocab()),
+        d_model=width,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def _vae(seed: int, blocks: int = 2):
+    """A tiny VAE with ``blocks`` resolution levels (scale factor 2 ** (blocks - 1))."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
-        block_out_channels=[32, 64],
+        block_out_channels=[32, 64] if blocks == 2 else [32] * blocks,
         in_channels=3,
         out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        down_block_types=["DownEncoderBlock2D"] * blocks,
+        up_block_types=["UpDecoderBlock2D"] * blocks,
         latent_channels=4,
         norm_num_groups=32,
         sample_size=32,
@@ -79,13 +119,21 @@ def _vae(seed: int):
 
 
 def build_unet(arch: Architecture, seed: int = 0, device: str | torch.device = "cpu"):
-    """The UNet of ``arch`` with random weights (``device="meta"`` builds it without memory, for counting)."""
-    from diffusers import UNet2DConditionModel
+    """The denoising network (UNet or transformer) of ``arch`` with random weights (``device="meta"`` builds it
+    without memory, for counting)."""
+    from postdiff.backbone import build_network
 
     torch.manual_seed(seed)
     with torch.device(device):
-        unet = UNet2DConditionModel.from_config(dict(arch.unet))
-    return unet.eval()
+        net = build_network(dict(arch.unet))
+    if arch.is_transformer and str(device) != "meta":
+        # diffusers initialises PixArt's output projection and adaLN modulation to zero (a trained model has
+        # neither): random weights there, so the toy's blocks and caches change its output
+        with torch.no_grad():
+            for p in net.parameters():
+                if p.abs().sum() == 0:
+                    p.normal_(0.0, 0.05)
+    return net
 
 
 def build_scheduler(arch: Architecture, kind: str | None = None):
@@ -96,9 +144,11 @@ def build_scheduler(arch: Architecture, kind: str | None = None):
 
 
 def toy_pipeline(kind: str = "sd", seed: int = 0, scheduler: str | None = None):
-    """A complete tiny ``StableDiffusionPipeline`` (kind="sd"), ``StableDiffusionXLPipeline`` (kind="sdxl") or
-    ``LatentConsistencyModelPipeline`` (kind="lcm": a UNet with a guidance embedding, ``LCMScheduler``). The scheduler
-    is the kind's own (DDIM for sd and sdxl, LCM for lcm) unless named."""
+    """A complete tiny ``StableDiffusionPipeline`` (kind="sd"), ``StableDiffusionXLPipeline`` (kind="sdxl"),
+    ``LatentConsistencyModelPipeline`` (kind="lcm": a UNet with a guidance embedding, ``LCMScheduler``),
+    ``PixArtAlphaPipeline`` (kind="pixart": resolution-conditioned, 1024 px sample size, VAE factor 8) or
+    ``PixArtSigmaPipeline`` (kind="pixart-sigma": 256 px sample size). The scheduler is the kind's own (DDIM for sd and
+    sdxl, LCM for lcm, DPM-Solver++ for PixArt) unless named."""
     from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     def sd(cls=StableDiffusionPipeline, arch=TOY_SD):  # SD 1.x layout; LCM's pipeline takes the same parts
@@ -128,7 +178,19 @@ def toy_pipeline(kind: str = "sd", seed: int = 0, scheduler: str | None = None):
     def lcm():
         return sd(LatentConsistencyModelPipeline, TOY_LCM)
 
-    builders = {"sd": sd, "sdxl": sdxl, "lcm": lcm}
+    def pixart(sigma: bool = False):
+        from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
+
+        arch = TOY_PIXART_SIGMA if sigma else TOY_PIXART
+        return (PixArtSigmaPipeline if sigma else PixArtAlphaPipeline)(
+            tokenizer=toy_t5_tokenizer(arch.text_len),
+            text_encoder=_t5_encoder(seed + 2, int(arch.unet["caption_channels"])),
+            vae=_vae(seed + 1, blocks=4),
+            transformer=build_unet(arch, seed),
+            scheduler=build_scheduler(arch, scheduler),
+        )
+
+    builders = {"sd": sd, "sdxl": sdxl, "lcm": lcm, "pixart": pixart, "pixart-sigma": lambda: pixart(sigma=True)}
     if kind not in builders:
         raise ValueError(f"toy pipeline kind must be one of {', '.join(builders)}, got {kind!r}")
     pipe = builders[kind]()

@@ -85,16 +85,12 @@ def _export_graph(src: GraphSource, folder: Path, precision: str, opset: int) ->
     with warnings.catch_warnings(), contextlib.redirect_stdout(log), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
-            prog = torch.onnx.export(
-                src.module,
-                args,
-                dynamo=True,
-                dynamic_shapes=src.dynamic_shapes,
-                input_names=src.input_names,
-                output_names=src.output_names,
-                opset_version=opset,
-                optimize=True,
-            )
+            try:
+                prog = _dynamo_export(src.module, args, src, opset)
+            except Exception:
+                # torch.onnx re-derives the dynamic shapes and can lose a relation torch.export keeps (a transformer's
+                # block residual is h x w patches where the latent is 2h x 2w): export the program first, then convert
+                prog = _dynamo_export(torch.export.export(src.module, args, dynamic_shapes=src.dynamic_shapes), args, src, opset)
             prog.save(str(path), external_data=True)
             exporter = "dynamo"
         except Exception as exc:  # the dynamo route failed: fall back to the legacy TorchScript exporter
@@ -122,11 +118,19 @@ def _export_graph(src: GraphSource, folder: Path, precision: str, opset: int) ->
     )
 
 
+def _dynamo_export(model, args: tuple, src: GraphSource, opset: int):
+    """``torch.onnx.export``'s dynamo route for a module (with the source's dynamic shapes) or an ExportedProgram."""
+    shapes = {} if isinstance(model, torch.export.ExportedProgram) else {"dynamic_shapes": src.dynamic_shapes}
+    return torch.onnx.export(
+        model, args, dynamo=True, input_names=src.input_names, output_names=src.output_names, opset_version=opset, optimize=True, **shapes
+    )
+
+
 def _example_hw(src: GraphSource) -> tuple[int, int]:
     """A small latent size to trace at (the graph stays dynamic); not 1x1 so no dimension specialises."""
     f = getattr(src.module, "unet", None)
     if f is not None:
-        from postdiff.unet import downsample_factor
+        from postdiff.backbone import downsample_factor
 
         side = 2 * downsample_factor(f)
         return side, side

@@ -40,12 +40,14 @@ def run(args) -> int:
         if args.json:
             print(plan.to_json())
             return 0
-        embedded = model.spec().guidance_embedded
+        spec = model.spec()
+        embedded = spec.guidance_embedded
         print(
-            f"plan {plan.name} for {model.name}: {len(plan.steps)} UNet calls, latent {plan.latent_hw[0]}x{plan.latent_hw[1]}, {plan.scheduler}"
+            f"plan {plan.name} for {model.name}: {len(plan.steps)} {_network(spec)} calls, latent {plan.latent_hw[0]}x{plan.latent_hw[1]}, {plan.scheduler}"
             + ("; guidance embedded in the UNet (one branch per step: 'cfg' marks the steps before the gate)" if embedded else "")
         )
         shifted = any(s.schedule_index is not None for s in plan.steps)  # a shifted switch: where each call sits
+        blocks = _transformer_columns(spec, plan) if spec.is_transformer else None
         rows = [
             (
                 s.index,
@@ -53,6 +55,7 @@ def run(args) -> int:
                 s.inference_step,
                 f"{s.timestep:g}",
                 f"{s.latent_hw[0]}x{s.latent_hw[1]}",
+                *(blocks(s) if blocks else ()),
                 s.unet,
                 s.guidance,
                 s.xattn,
@@ -66,6 +69,7 @@ def run(args) -> int:
             "inference step",
             "timestep",
             "latent",
+            *(["patches", "blocks run"] if blocks else []),
             "unet",
             "guidance",
             "xattn",
@@ -91,7 +95,9 @@ def run(args) -> int:
         )
         return 0
     batch = "one branch per step (guidance embedded)" if model.spec().guidance_embedded else "CFG batch 2"
-    print(f"plan {plan.name} on {model.name} at {h}x{w}, {plan.recipe.steps} steps ({plan.scheduler}); MACs of the UNet, {batch}")
+    print(
+        f"plan {plan.name} on {model.name} at {h}x{w}, {plan.recipe.steps} steps ({plan.scheduler}); MACs of the {_network(model.spec())}, {batch}"
+    )
     groups: dict[tuple, list] = {}
     for s in cost.steps:
         groups.setdefault((s.variant, s.latent_hw, s.batch), []).append(s)
@@ -103,6 +109,31 @@ def run(args) -> int:
         f"total {fmt_macs(cost.total_macs)} MACs; baseline {fmt_macs(cost.baseline_macs)}; ratio {cost.ratio:.3f} ({cost.reduction:.1%} fewer MACs, {1 / cost.ratio:.2f}x)"
     )
     return 0
+
+
+def _network(spec) -> str:
+    return "transformer" if spec.is_transformer else "UNet"
+
+
+def _transformer_columns(spec, plan):
+    """A step's (patches, blocks run) on a transformer: the token grid at the step's latent size, and which blocks
+    compute (a shallow step adds the residual kept for the cached span instead of running it)."""
+    from postdiff.plan import block_span
+
+    p, n = spec.downsample_factor, spec.num_layers
+    a, b = block_span(n, plan.recipe.cache_block, plan.recipe.cache_span)
+
+    def columns(step):
+        gh, gw = step.latent_hw[0] // p, step.latent_hw[1] // p
+        if step.unet == "full":
+            run = f"0-{n - 1}"
+        else:
+            outside = [f"0-{a - 1}" if a > 1 else "0"] if a > 0 else []
+            outside += [f"{b}-{n - 1}" if b < n - 1 else f"{b}"] if b < n else []
+            run = ",".join(outside) + f" (+kept {a}-{b - 1})"
+        return (f"{gh}x{gw}={gh * gw}", run)
+
+    return columns
 
 
 def _search(args) -> int:
