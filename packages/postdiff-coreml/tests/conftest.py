@@ -10,6 +10,8 @@ BUNDLES = {
     "sd": ("toy-sd", "postdiff", {}),
     "sdxl": ("toy-sdxl", "deepcache", {}),  # SDXL's low-res and gating paths are exercised by the ONNX tests
     "lcm": ("toy-lcm", "postdiff-lcm", {}),
+    "pixart": ("toy-pixart", "postdiff-dit", {"height": 128, "width": 128}),
+    "pixart-sigma": ("toy-pixart-sigma", "deepcache", {}),  # block caching: the shallow functions
 }
 
 

@@ -25,5 +25,6 @@ BUNDLES = {
 
 @pytest.fixture(scope="session")
 def bundles(export_once):
-    """bundles(name) -> the folder of the bundle BUNDLES[name] (model, plan, options), exported once per session."""
-    return lambda name: export_once("onnx", BUNDLES[name][0], BUNDLES[name][1], **BUNDLES[name][2])
+    """bundles(name, **more_options) -> the folder of the bundle BUNDLES[name] (model, plan, options), exported once
+    per session."""
+    return lambda name, **more: export_once("onnx", BUNDLES[name][0], BUNDLES[name][1], **{**BUNDLES[name][2], **more})

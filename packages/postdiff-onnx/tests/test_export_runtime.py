@@ -325,3 +325,59 @@ def test_a_shifted_switch_runs_from_the_bundle_on_both_loops(bundles, shift):
     assert min(psnr(x, y) for x, y in zip(a, b)) >= 60.0
     ref = source_for(load_model("reference", need_pipeline=True)).generate(shifted, 2, seed=4, conditions=[3, 9])
     assert min(psnr(x, y) for x, y in zip(a, ref.images)) >= 35.0
+
+
+def test_pixart_bundle_without_its_text_encoder_takes_prompt_embeddings(bundles, tmp_path):
+    """T5-XXL is 4.7B parameters: a PixArt bundle may leave it out and take the embeddings the diffusers pipeline's
+    encode_prompt gives; the image equals the full bundle's from the prompt."""
+    from postdiff.conditioning import PromptEmbeddings
+    from postdiff.errors import BundleError, ExportError
+    from postdiff.export import export_bundle
+
+    lean = bundles("pixart-sigma", without=("text_encoder",))
+    _, manifest = read_manifest(lean, "onnx")
+    model, recipe = manifest.model["name"], manifest.recipe
+    assert "text_encoder" not in {g.role for g in manifest.graphs} and manifest.model["without"] == ["text_encoder"]
+    pipeline = load_model(model, need_pipeline=True).pipeline
+    with torch.no_grad():
+        pos, pos_mask, neg, neg_mask = pipeline.encode_prompt("A Lighthouse", clean_caption=False, max_sequence_length=300)
+    path = tmp_path / "embeds.npz"
+    np.savez(
+        path,
+        prompt_embeds=pos.numpy(),
+        prompt_attention_mask=pos_mask.numpy(),
+        negative_prompt_embeds=neg.numpy(),
+        negative_prompt_attention_mask=neg_mask.numpy(),
+    )
+    got = load_bundle(lean).generate([PromptEmbeddings.load(path)], seed=3)
+    full = load_bundle(bundles("pixart-sigma")).generate(["A Lighthouse"], seed=3)
+    assert psnr(got[0], full[0]) >= 60.0
+    with pytest.raises(BundleError, match="exported without its T5 text encoder"):
+        load_bundle(lean).generate(["a lighthouse"], seed=3)
+    np.savez(tmp_path / "pos_only.npz", prompt_embeds=pos.numpy(), prompt_attention_mask=pos_mask.numpy())
+    with pytest.raises(BundleError, match="needs negative_prompt_embeds"):
+        load_bundle(lean).generate([PromptEmbeddings.load(tmp_path / "pos_only.npz")], seed=3)
+    assert load_bundle(lean).generate([PromptEmbeddings.load(tmp_path / "pos_only.npz")], seed=3, guidance_scale=1.0).shape == got.shape
+    with pytest.raises(ExportError, match="only text_encoder may be left out"):
+        export_bundle("onnx", model, recipe, tmp_path / "x", without=("vae_decoder",), log=lambda m: None)
+    with pytest.raises(ExportError, match="need every graph"):
+        export_bundle("onnx", "toy-sd", "baseline", tmp_path / "y", without=("text_encoder",), log=lambda m: None)
+    # the command line: python -m postdiff_onnx run --prompt-embeds
+    out = tmp_path / "img.png"
+    cli = [
+        sys.executable,
+        "-m",
+        "postdiff_onnx",
+        "run",
+        str(lean),
+        "--prompt-embeds",
+        str(path),
+        "--seed",
+        "3",
+        "-o",
+        str(out),
+        "--no-progress",
+    ]
+    assert subprocess.run(cli, capture_output=True, text=True).returncode == 0 and out.is_file()
+    bad = subprocess.run([*cli[:5], "--prompt", "a lighthouse", "-o", str(out)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--prompt-embeds FILE.npz" in bad.stderr

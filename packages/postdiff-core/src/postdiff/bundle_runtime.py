@@ -150,7 +150,8 @@ class BundlePipeline:
                 f"this bundle holds UNet graphs only ({self.info['name']} has no text encoder or VAE): it serves "
                 f"per-graph benchmarks, not generation. Export a pipeline model to generate"
             )
-        missing = [role for role in self.family.roles if not any(g.role == role for g in manifest.graphs)]
+        left_out = [r for r in self.info.get("without", ()) if r in self.family.optional_roles]  # --no-text-encoder
+        missing = [role for role in self.family.roles if role not in left_out and not any(g.role == role for g in manifest.graphs)]
         if missing:
             raise BundleError(f"this {self.family.name} bundle lacks its {', '.join(missing)} graph(s); re-export it")
         self.spec = ModelSpec(**self.info["spec"])
@@ -312,6 +313,19 @@ class BundleTokenizer:
         """1 x length int64 token ids and their float32 attention mask (1 for a token, 0 for padding)."""
         enc = self.tokenizer.encode(text)
         return np.asarray([enc.ids], dtype=np.int64), np.asarray([enc.attention_mask], dtype=np.float32)
+
+
+def bundle_condition(pipe: BundlePipeline, prompt: str | None, prompt_embeds: str | None = None):
+    """What a bundle command generates from: the prompt, or the prompt embeddings file (``--prompt-embeds``)."""
+    from .conditioning import PromptEmbeddings
+
+    if prompt_embeds is None:
+        return pipe.parse_condition(prompt)
+    if prompt is not None:
+        raise BundleError("give --prompt or --prompt-embeds, not both")
+    if "text_encoder" not in pipe.family.optional_roles:
+        raise BundleError(f"--prompt-embeds is for PixArt bundles; this {pipe.family.name} bundle encodes its prompts itself: use --prompt")
+    return PromptEmbeddings.load(prompt_embeds)
 
 
 def load_bundle(folder: str | Path, backend, *, verify: bool = True, **options) -> BundlePipeline:

@@ -86,6 +86,62 @@ class Conditioning:
         return {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
 
 
+PROMPT_EMBEDDINGS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
+
+
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    """A prompt already encoded, for a bundle exported without its text encoder (PixArt's T5-XXL is 4.7B parameters,
+    which an app may run elsewhere or once): the arrays PixArt pipelines' ``encode_prompt`` returns, by the names of
+    their ``__call__`` arguments. The negative pair is needed for classifier-free guidance (guidance above 1)."""
+
+    prompt_embeds: Any
+    prompt_attention_mask: Any
+    negative_prompt_embeds: Any = None
+    negative_prompt_attention_mask: Any = None
+
+    @classmethod
+    def load(cls, path) -> PromptEmbeddings:
+        """From an ``.npz`` file holding the arrays by name (``numpy.savez(path, prompt_embeds=..., ...)``):
+        embeddings 1 x tokens x width, masks 1 x tokens (1 for a token, 0 for padding)."""
+        import numpy as np
+
+        from .errors import RecipeError
+
+        try:
+            with np.load(path) as data:
+                arrays = {k: np.asarray(data[k]) for k in data.files}
+        except (OSError, ValueError) as exc:
+            raise RecipeError(f"cannot read prompt embeddings from {path}: {exc}; give an .npz file made with numpy.savez") from None
+        unknown = sorted(set(arrays) - set(PROMPT_EMBEDDINGS))
+        missing = [k for k in PROMPT_EMBEDDINGS[:2] if k not in arrays]
+        if unknown or missing:
+            raise RecipeError(
+                f"{path}: prompt embeddings need the arrays {', '.join(PROMPT_EMBEDDINGS[:2])} (and, for guidance, "
+                f"{', '.join(PROMPT_EMBEDDINGS[2:])})"
+                + (f"; missing {', '.join(missing)}" if missing else "")
+                + (f"; unknown {', '.join(unknown)}" if unknown else "")
+            )
+        for emb, mask in (PROMPT_EMBEDDINGS[:2], PROMPT_EMBEDDINGS[2:]):
+            if emb not in arrays and mask not in arrays:
+                continue
+            if (emb in arrays) != (mask in arrays):
+                raise RecipeError(f"{path}: {emb} and {mask} come together; give both or neither")
+            e, m = arrays[emb], arrays[mask]
+            if e.ndim != 3 or e.shape[0] != 1 or m.shape != e.shape[:2]:
+                raise RecipeError(
+                    f"{path}: {emb} must be 1 x tokens x width and {mask} 1 x tokens, got {list(e.shape)} and {list(m.shape)}"
+                )
+            arrays[emb], arrays[mask] = e.astype(np.float32), m.astype(np.float32)
+        neg = arrays.get(PROMPT_EMBEDDINGS[2])
+        if neg is not None and neg.shape != arrays[PROMPT_EMBEDDINGS[0]].shape:
+            raise RecipeError(
+                f"{path}: negative_prompt_embeds {list(neg.shape)} and prompt_embeds {list(arrays[PROMPT_EMBEDDINGS[0]].shape)} "
+                f"must have one shape (pad both to the same number of tokens, as the pipelines do)"
+            )
+        return cls(**arrays)
+
+
 def guidance_embedding(w: float, dim: int, batch: int = 1):
     """LCM's guidance-scale embedding of ``w`` (the pipeline's guidance scale minus 1): ``dim`` sinusoids of 1000 w,
     sines then cosines, zero-padded to an odd ``dim``, one row per batch item. The arithmetic of diffusers'

@@ -113,12 +113,15 @@ def export_bundle(
     batch: int = 1,
     overwrite: bool = False,
     golden: bool = False,
+    without: tuple[str, ...] = (),
     log: Callable[[str], None] = print,
     **options,
 ) -> Path:
     """Export the graphs ``plan`` needs for ``model`` with ``backend`` (a ``Backend`` or its name) into the bundle
     folder ``output``; returns its path. ``options`` are the backend's own (``--precision``, ``--target``, ...).
-    ``golden``: also save each graph's first inputs and outputs and the final latent for seed 0 (``postdiff.golden``)."""
+    ``golden``: also save each graph's first inputs and outputs and the final latent for seed 0 (``postdiff.golden``).
+    ``without``: graphs of the family's ``optional_roles`` to leave out (PixArt's ``text_encoder``: the bundle then
+    takes prompt embeddings)."""
     from . import backends
     from .backbone import split_for
     from .graphs import model_info, save_tokenizers, unet_graphs, unet_of
@@ -129,11 +132,22 @@ def export_bundle(
     backend.check_export(**options)
     job = prepare_export(model, plan, height=height, width=width, steps=steps, scheduler=scheduler, images=batch)
     model, compiled = job.model, job.plan
+    without = tuple(without)
+    optional = model.family.optional_roles
+    if any(role not in optional for role in without):
+        raise ExportError(
+            f"{model.name} ({model.family.name}) bundles need every graph around the network"
+            + (f"; only {', '.join(optional)} may be left out" if optional else "")
+            + " (--no-text-encoder is for PixArt, whose T5-XXL encoder is 4.7B parameters)"
+        )
+    if golden and without:
+        raise ExportError("--golden runs the plan from a prompt, which a bundle without its text encoder cannot encode; drop one of them")
     start = time.perf_counter()
     with staged_bundle(output, overwrite=overwrite) as folder, split_for(unet_of(model), compiled.recipe) as split:
         # the small pipeline graphs (class or text encoders, VAE decoder) first: a bad option or an interruption
         # shows up in seconds, before the long UNet conversions
-        sources = model.family.pipeline_graphs(model) + unet_graphs(split, compiled, model)
+        around = [g for g in model.family.pipeline_graphs(model) if g.role not in without]
+        sources = around + unet_graphs(split, compiled, model)
         graphs = []
         for i, src in enumerate(sources, 1):
             log(f"[{i}/{len(sources)}] {src.name}: converting")
@@ -145,10 +159,11 @@ def export_bundle(
             )
             graphs += made
         facts = backend.finish(folder, job, graphs, log, **options)
-        save_tokenizers(model, folder)
+        if not without:
+            save_tokenizers(model, folder)
         manifest = Manifest(
             backend=backend.name,
-            model=model_info(model, job.latent_hw, compiled),
+            model={**model_info(model, job.latent_hw, compiled), **({"without": list(without)} if without else {})},
             recipe=compiled.recipe.to_dict(),
             plan=compiled.to_dict(),
             cache_block=compiled.recipe.cache_block,

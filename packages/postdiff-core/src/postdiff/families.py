@@ -57,6 +57,7 @@ class Family:
     default_guidance = 7.5  # diffusers' default for SD pipelines
     condition = "prompt"  # what a condition is: "prompt" (text) or "label" (class index)
     roles: tuple[str, ...] = ()  # the graphs a bundle holds besides its UNet graphs
+    optional_roles: tuple[str, ...] = ()  # roles an export may leave out (``--no-text-encoder``), noted in the manifest
     tokenizers: tuple[str, ...] = ()  # tokenizer folders a bundle holds
     generates = True  # False: a bundle of this family serves per-graph benchmarks only
 
@@ -318,7 +319,7 @@ class TextToImage(Family):
         vae = pipe.manifest.graph("vae_decoder")
         images, finals = [], []
         for i, prompt in enumerate(conditions):
-            cond = self.conditioning(pipe, str(prompt), guidance, ops)
+            cond = self.conditioning(pipe, prompt, guidance, ops)
             gen = self.generator(seed, i, ops)
             sch = pipe.scheduler(scheduler, ops)
             sch.set_timesteps(plan.recipe.steps)
@@ -451,6 +452,7 @@ class PixArt(TextToImage):
     name = "pixart"
     default_guidance = 4.5  # the PixArt pipelines' default
     roles = ("text_encoder", "vae_decoder")
+    optional_roles = ("text_encoder",)  # T5-XXL: an app may encode prompts elsewhere (PromptEmbeddings)
     tokenizers = ("tokenizer",)
 
     def matches(self, model) -> bool:
@@ -476,23 +478,40 @@ class PixArt(TextToImage):
             "resolution_conditioned": bool(model.pipeline.transformer.use_additional_conditions),
         }
 
-    def conditioning(self, pipe, prompt: str, guidance: float, ops):
-        from .conditioning import Conditioning
+    def conditioning(self, pipe, prompt, guidance: float, ops):
+        """``prompt``: text, or a ``PromptEmbeddings`` (the only kind a bundle exported without its T5 encoder takes)."""
+        from .conditioning import Conditioning, PromptEmbeddings
 
         length = int(pipe.info["text_len"])
+        given = prompt if isinstance(prompt, PromptEmbeddings) else None
+        if given is None and "text_encoder" in pipe.info.get("without", ()):
+            raise BundleError(
+                "this bundle was exported without its T5 text encoder (--no-text-encoder): give the prompt as embeddings "
+                "(--prompt-embeds FILE.npz with prompt_embeds and prompt_attention_mask, and the negative pair for guidance)"
+            )
 
-        def encode(text):
-            ehs, mask = pipe.encode_masked(text.lower().strip(), self.roles[0], self.tokenizers[0], length)
+        def encode(negative: bool):
+            if given is None:
+                text = "" if negative else str(prompt)
+                ehs, mask = pipe.encode_masked(text.lower().strip(), self.roles[0], self.tokenizers[0], length)
+            elif negative:
+                ehs, mask = given.negative_prompt_embeds, given.negative_prompt_attention_mask
+                if ehs is None:
+                    raise BundleError(
+                        f"guidance {guidance:g} needs negative_prompt_embeds and negative_prompt_attention_mask; add them, or use --guidance 1"
+                    )
+            else:
+                ehs, mask = given.prompt_embeds, given.prompt_attention_mask
             return ops.asarray(ehs), ops.like(ops.asarray(mask), ops.asarray(ehs))
 
-        ehs, mask = encode(prompt)
+        ehs, mask = encode(negative=False)
         resolution = aspect = None
         if pipe.info.get("resolution_conditioned"):
             h, w = pipe.image_hw
             resolution, aspect = (ops.like(ops.asarray(x), ehs) for x in ([[h, w]], [[h / w]]))
         if guidance <= 1.0:
             return Conditioning(ehs, has_uncond=False, encoder_attention_mask=mask, resolution=resolution, aspect_ratio=aspect)
-        neg, neg_mask = encode("")
+        neg, neg_mask = encode(negative=True)
 
         def both(x):
             return None if x is None else ops.cat([x, x])

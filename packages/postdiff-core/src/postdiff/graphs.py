@@ -56,7 +56,12 @@ class _MaskedTextEncoder(nn.Module):
         self.encoder = encoder
 
     def forward(self, input_ids, attention_mask):
-        return (self.encoder(input_ids, attention_mask=attention_mask.to(torch.int64))[0],)
+        # the mask as the additive 4-D bias transformers builds from it (what a 2-D mask becomes inside; given
+        # ready, transformers' mask utilities, which coremltools cannot convert, stay out of the graph). -1e4: exact
+        # in fp32, finite in fp16
+        n = attention_mask.shape[-1]
+        bias = ((1.0 - attention_mask) * -10000.0)[:, None, None, :].expand(-1, 1, n, -1)
+        return (self.encoder(input_ids, attention_mask=bias)[0],)
 
 
 class _VaeDecoder(nn.Module):

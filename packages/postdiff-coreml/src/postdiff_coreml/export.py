@@ -156,7 +156,7 @@ def _convert(
     feeds = src.example(tuple(hw), batch)
     with _quiet(), torch.no_grad():
         try:
-            program = _drop_aliases(torch.export.export(src.module, tuple(feeds.values())).run_decompositions({}))
+            program = _drop_aliases(torch.export.export(src.module, tuple(feeds.values())).run_decompositions(_decompositions()))
         except Exception as exc:
             raise ExportError(f"torch.export cannot trace {src.name} at {hw_key(hw)}: {str(exc).splitlines()[0][:200]}") from None
         expected = src.module(*feeds.values())
@@ -197,6 +197,14 @@ def _convert(
     spec_in = [TensorSpec(n, list(x.shape), "int32" if n in _INT_INPUTS else "float32") for n, x in feeds.items()]
     spec_out = [TensorSpec(n, list(e.shape), "float32") for n, e in zip(src.output_names, expected)]
     return spec_in, spec_out
+
+
+def _decompositions() -> dict:
+    """Only the operators coremltools has no converter for, as the ones it has: ``new_ones`` / ``new_zeros`` (from
+    transformers' T5 mask code) as ``ones`` / ``zeros`` (``run_decompositions({})`` keeps every other operator)."""
+    from torch._decomp import get_decompositions
+
+    return get_decompositions([torch.ops.aten.new_ones, torch.ops.aten.new_zeros])
 
 
 def _drop_aliases(program):

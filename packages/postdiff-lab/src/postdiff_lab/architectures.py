@@ -219,9 +219,11 @@ TOY_PIXART = Architecture(
     {
         **PIXART_ALPHA.unet,
         "num_layers": 4,
-        "num_attention_heads": 2,
-        "attention_head_dim": 12,  # width 24: the resolution conditioning takes a third of it per size
-        "cross_attention_dim": 24,
+        # width 96: the resolution conditioning takes a third of it per size, and the weights (about 2 MB in fp16)
+        # outweigh the Core ML program text of a function, as a real model's do
+        "num_attention_heads": 4,
+        "attention_head_dim": 24,
+        "cross_attention_dim": 96,
         "caption_channels": 32,
     },
     text_len=120,

@@ -21,6 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="generate an image from a bundle (made with: postdiff export onnx)")
     r.add_argument("bundle", help="the bundle folder")
     r.add_argument("--prompt", default=None, help="the prompt; for a class-conditional bundle a class name or index")
+    r.add_argument(
+        "--prompt-embeds",
+        default=None,
+        metavar="FILE.npz",
+        help="the prompt already encoded (a PixArt bundle exported with --no-text-encoder): prompt_embeds, prompt_attention_mask "
+        "and, for guidance, negative_prompt_embeds and negative_prompt_attention_mask",
+    )
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("-o", "--output", default="postdiff.png", help="PNG file to write (default: postdiff.png)")
     r.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's plan)")
@@ -69,7 +76,9 @@ def run(args) -> int:
     plan = pipe.compile(args.plan, args.steps, args.scheduler)
     if pipe.plan_note:
         print(f"postdiff_onnx: note: {pipe.plan_note}", file=sys.stderr)
-    condition = pipe.parse_condition(args.prompt)
+    from postdiff.bundle_runtime import bundle_condition
+
+    condition = bundle_condition(pipe, args.prompt, args.prompt_embeds)
     count = pipe.static_batch if pipe.static else 1
     start = time.perf_counter()
     images = pipe.generate([condition] * count, plan, seed=args.seed, guidance_scale=args.guidance, progress=not args.no_progress)

@@ -30,6 +30,11 @@ def add_parser(sub) -> None:
             action="store_true",
             help="also save golden.npz: each graph's first inputs and outputs and the final latent for seed 0, to test an app against",
         )
+        p.add_argument(
+            "--no-text-encoder",
+            action="store_true",
+            help="leave the text encoder out (PixArt: T5-XXL is 4.7B parameters); the bundle then takes --prompt-embeds",
+        )
         backend.add_options(p, "export")
 
 
@@ -50,6 +55,7 @@ def run(args) -> int:
         batch=args.batch,
         overwrite=args.overwrite,
         golden=args.golden,
+        without=("text_encoder",) if args.no_text_encoder else (),
         log=log,
         **backend.options(args, "export"),
     )

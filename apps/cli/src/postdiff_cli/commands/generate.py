@@ -20,6 +20,13 @@ def add_parser(sub) -> None:
     )
     g.add_argument("--negative-prompt", default=None)
     g.add_argument(
+        "--prompt-embeds",
+        default=None,
+        metavar="FILE.npz",
+        help="the prompt already encoded, for a bundle exported with --no-text-encoder (PixArt): prompt_embeds, "
+        "prompt_attention_mask and, for guidance, negative_prompt_embeds and negative_prompt_attention_mask",
+    )
+    g.add_argument(
         "--plan",
         default=None,
         help=f"built-in plan ({plans_help()}) or a recipe JSON file (default: postdiff; with --bundle, the bundle's plan)",
@@ -46,6 +53,8 @@ def run(args) -> int:
         return _from_bundle(args)
     if args.bundle:
         raise PostDiffError("--bundle is for exported runtimes; add --backend onnx (or another installed backend) and --bundle DIR")
+    if args.prompt_embeds:
+        raise PostDiffError("--prompt-embeds is for bundles exported with --no-text-encoder; add --backend onnx and --bundle DIR")
     src = make_source(args)
     plan_recipe = recipe(args.plan or "postdiff", args.steps)
     warn(src.model.untrained_warning(src.compile(plan_recipe)))
@@ -72,7 +81,7 @@ def _runner_flags(args) -> dict[str, list[str]]:
 def _from_bundle(args) -> int:
     """Generation that builds no PyTorch model: every network runs in the bundle's runtime."""
     from postdiff import backends
-    from postdiff.bundle_runtime import load_bundle
+    from postdiff.bundle_runtime import bundle_condition, load_bundle
     from postdiff.errors import PostDiffError
     from postdiff.models import untrained_warning
     from postdiff_lab.images import save_png
@@ -94,7 +103,7 @@ def _from_bundle(args) -> int:
         log(f"postdiff: note: {pipe.plan_note}")
     info = pipe.info
     warn(untrained_warning(info["name"], info.get("training_sizes"), plan, info.get("vae_scale_factor", 1)))
-    condition = pipe.parse_condition(args.prompt)
+    condition = bundle_condition(pipe, args.prompt, args.prompt_embeds)
     start = time.perf_counter()
     images = pipe.generate([condition] * (pipe.static_batch if pipe.static else 1), plan, seed=args.seed, guidance_scale=args.guidance)
     seconds = time.perf_counter() - start
