@@ -30,6 +30,18 @@ def test_plan_show_json_is_a_compiled_plan(capsys):
     assert [s["index"] for s in data["steps"] if "switch_resolution" in s["events"]] == [10]
 
 
+def test_plan_show_on_a_transformer_lists_patches_and_blocks(capsys, tmp_path):
+    path = tmp_path / "dit.json"
+    path.write_text('{"steps": 8, "low_res": {"scale": 0.75, "until": 0.5}, "deepcache": {"interval": 2, "span": [1, 3]}}')
+    assert main(["plan", "show", str(path), "--model", "toy-pixart-sigma"]) == 0
+    out = capsys.readouterr().out
+    assert "8 transformer calls" in out and "| patches" in out and "| blocks run" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert "12x12=144" in rows[0] and "0-3" in rows[0] and "full" in rows[0]  # 24x24 latent at beta 3/4, patch 2
+    assert "0,3 (+kept 1-2)" in rows[1] and "shallow" in rows[1]
+    assert "16x16=256" in rows[-1]
+
+
 def test_generate_writes_a_png(tmp_path, capsys):
     out = tmp_path / "img.png"
     assert main(["generate", "--model", "toy-sd", "--plan", "postdiff", "--steps", "12", "--prompt", "a cat", "-o", str(out)]) == 0
