@@ -9,8 +9,8 @@ the span would run. The PostDiff paper does not say how it cached on PixArt: thi
 README. The residual travels as a (batch, h / patch, w / patch, channels) map, the layout of the cached
 cross-attention outputs, so exported graphs keep every dimension a multiple of the latent size.
 
-Cross-attention caching works as for the UNet (``postdiff.unet``): every block's ``attn2`` is wrapped by a processor
-that computes, captures or returns a given tensor, decided by each call's explicit inputs.
+Cross-attention caching works as for the UNet (``postdiff.split_base``): every block's ``attn2`` is wrapped by a
+processor that computes, captures or returns a given tensor, decided by each call's explicit inputs.
 
 Variants (``Step.variant``), the UNet's names:
     full            (sample, timestep, ehs, mask[, resolution, aspect_ratio]) -> (eps, deep)
@@ -25,7 +25,6 @@ which the pipelines drop); ``TransformerVariantModule`` (what exporters trace) r
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -33,7 +32,7 @@ from torch import nn
 
 from .errors import ModelError
 from .plan import ModelSpec, block_span, cut_choices
-from .unet import _XAttnIO, _XAttnProcessor
+from .split_base import CrossAttentionSplit, SplitVariantModule
 
 SUPPORTED_TRANSFORMERS = ("PixArtTransformer2DModel",)
 
@@ -66,7 +65,7 @@ def learned_sigma(config) -> bool:
     return int(out) // 2 == int(config.in_channels)
 
 
-class TransformerSplit:
+class TransformerSplit(CrossAttentionSplit):
     """The callables of one PixArt transformer for one cached span. A context manager like ``UNetSplit``."""
 
     def __init__(self, transformer, block: int = 0, *, span: Sequence[int] | None = None, cpu_conv: str | None = None) -> None:
@@ -79,44 +78,9 @@ class TransformerSplit:
         self.patch = int(transformer.config.patch_size)
         self.additional = bool(transformer.use_additional_conditions)
         self.learned_sigma = learned_sigma(transformer.config)
-        self.io = _XAttnIO()
-        blocks = list(transformer.transformer_blocks)
-        self.attn2 = [blk.attn2 for blk in blocks if getattr(blk, "attn2", None) is not None]
-        self._xattn_block = [i for i, blk in enumerate(blocks) if getattr(blk, "attn2", None) is not None]
+        with_attn2 = [i for i, blk in enumerate(transformer.transformer_blocks) if getattr(blk, "attn2", None) is not None]
         a, b = self.span
-        self.shallow_xattn = [k for k, i in enumerate(self._xattn_block) if not a <= i < b]
-        self._originals = [m.processor for m in self.attn2]
-        for k, m in enumerate(self.attn2):
-            m.processor = _XAttnProcessor(m.processor, k, self.io)
-
-    @property
-    def num_xattn(self) -> int:
-        return len(self.attn2)
-
-    def xattn_indices(self, variant: str) -> list[int]:
-        if variant.endswith("_cached") or variant.endswith("_capture"):
-            return self.shallow_xattn if variant.startswith("shallow") else list(range(self.num_xattn))
-        return []
-
-    def close(self) -> None:
-        for m, p in zip(self.attn2, self._originals):
-            m.processor = p
-        self.attn2 = []
-
-    def __enter__(self) -> TransformerSplit:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    @contextlib.contextmanager
-    def _xattn(self, mode: str, inputs):
-        io = self.io
-        io.mode, io.inputs, io.outputs = mode, inputs or {}, {}
-        try:
-            yield io
-        finally:
-            io.mode, io.inputs = "compute", {}
+        self._wrap([transformer.transformer_blocks[i].attn2 for i in with_attn2], [k for k, i in enumerate(with_attn2) if not a <= i < b])
 
     def step(self, variant: str, sample, timestep, cond, deep=None, xattn: Sequence = ()):
         """``forward`` with the inputs a ``Conditioning`` holds (what ``TorchDenoiser`` calls)."""
@@ -147,15 +111,8 @@ class TransformerSplit:
         cross_attention_kwargs: dict | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """One variant, as ``PixArtTransformer2DModel.forward`` computes it: (eps, deep[, *xattn]) or (eps,)."""
-        depth, _, mode = variant.partition("_")
-        mode = mode or "compute"
-        if depth not in ("full", "shallow") or mode not in ("compute", "capture", "cached") or variant == "shallow_capture":
-            raise ValueError(f"unknown transformer variant {variant!r}")
-        if depth == "shallow" and deep is None:
-            raise ValueError("a shallow pass needs the cached block residual (deep=...)")
         wanted = self.xattn_indices(variant)
-        if mode == "cached" and len(xattn) != len(wanted):
-            raise ValueError(f"{variant} takes {len(wanted)} cached cross-attention tensors, got {len(xattn)}")
+        depth, mode = self._check_variant(variant, deep, xattn, wanted)
         model = self.transformer
         if self.additional and (resolution is None or aspect_ratio is None):
             raise ValueError("this PixArt transformer is conditioned on the image's resolution and aspect ratio; pass both")
@@ -234,7 +191,7 @@ class TransformerSplit:
         return TransformerVariantModule(self, variant)
 
 
-class TransformerVariantModule(nn.Module):
+class TransformerVariantModule(SplitVariantModule):
     """One variant with explicit tensor inputs and outputs, for ``torch.export`` and the exporters (the interface of
     ``postdiff.unet.VariantModule``).
 
@@ -244,14 +201,7 @@ class TransformerVariantModule(nn.Module):
     ``encoder_attention_mask`` is float, 1 for a kept token and 0 for padding."""
 
     def __init__(self, split: TransformerSplit, variant: str) -> None:
-        super().__init__()
-        self.unet = split.transformer  # registers the parameters
-        self._split = split
-        self.variant = variant
-        self.takes_deep = variant.startswith("shallow")
-        indices = split.xattn_indices(variant)
-        self.xattn_in = indices if variant.endswith("_cached") else []
-        self.xattn_out = indices if variant.endswith("_capture") else []
+        super().__init__(split, split.transformer, variant)
 
     def input_names(self) -> list[str]:
         names = ["sample", "timestep", "encoder_hidden_states", "encoder_attention_mask"]
@@ -260,10 +210,6 @@ class TransformerVariantModule(nn.Module):
         if self.takes_deep:
             names.append("deep")
         return names + [f"xattn_{i}" for i in self.xattn_in]
-
-    def output_names(self) -> list[str]:
-        names = ["eps"] if self.takes_deep else ["eps", "deep"]
-        return names + [f"xattn_{i}" for i in self.xattn_out]
 
     def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask, *rest):
         rest = list(rest)
@@ -309,11 +255,7 @@ class TransformerVariantModule(nn.Module):
         if self.takes_deep or self.xattn_in:
             with torch.no_grad():
                 probe = self._split.forward("full_capture", *list(ins.values())[:4], ins.get("resolution"), ins.get("aspect_ratio"))
-            captured = dict(zip(self._split.xattn_indices("full_capture"), probe[2:]))
-            if self.takes_deep:
-                ins["deep"] = probe[1]
-            for i in self.xattn_in:
-                ins[f"xattn_{i}"] = captured[i]
+            ins = self._with_caches(ins, probe)
         return ins
 
     def dynamic_shapes(self, max_side: int = 2048) -> tuple:

@@ -7,11 +7,8 @@ each (resnet[, attention]) layer and each downsampler. The up path consumes them
 mirrored last layers of the up path, conv_out) and takes the hidden state that enters the first mirrored up
 layer from the cache; the *full* pass runs everything and returns that hidden state as the cache.
 
-Cross-attention caching works on every ``attn2`` module (cross-attention) through a processor wrapper that
-either computes as usual, computes and hands the output back ("capture"), or returns a tensor it is given
-("cached"). Cached outputs travel as (batch, height, width, channels) feature maps rather than token lists, so
-exported graphs keep every dimension a multiple of the latent size. What the wrapper does is decided by the explicit inputs of each call: the callables keep no
-Python state between calls, so ``torch.export`` traces exactly what runs here.
+Cross-attention caching works on every ``attn2`` module (cross-attention) through the processor wrappers of
+``postdiff.split_base``, which this split shares with the transformer's.
 
 Variants (``Step.variant``):
     full            (sample, timestep, ehs[, text_embeds, time_ids]) -> (eps, deep)
@@ -23,10 +20,8 @@ Variants (``Step.variant``):
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +29,7 @@ from torch import nn
 from .cpu_conv import ConvPath, mode_from_env
 from .errors import ModelError
 from .plan import ModelSpec, guidance_dim
+from .split_base import CrossAttentionSplit, SplitVariantModule
 
 SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 SUPPORTED_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -49,37 +45,6 @@ class _Layer:
     attention: nn.Module | None = None
     sampler: nn.Module | None = None
     xattn: list[int] = field(default_factory=list)  # indices of the attn2 modules this layer runs
-
-
-class _XAttnIO:
-    """Per-call instructions for the cross-attention wrappers, set at the start of a forward and cleared at its end."""
-
-    def __init__(self) -> None:
-        self.mode = "compute"
-        self.inputs: dict[int, torch.Tensor] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.hw: tuple[int, int] = (0, 0)  # spatial size of the feature map the running attention works on
-
-
-class _XAttnProcessor:
-    """Wraps an attn2 processor. Idle (mode "compute") it is exactly the wrapped processor."""
-
-    def __init__(self, inner: Any, index: int, io: _XAttnIO) -> None:
-        self.inner, self.index, self.io = inner, index, io
-
-    def __call__(self, attn, hidden_states, *args, **kwargs):
-        io = self.io
-        if io.mode == "cached":
-            return io.inputs[self.index].flatten(1, 2)  # (B, H, W, C) -> (B, H*W, C), the tokens' row-major order
-        out = self.inner(attn, hidden_states, *args, **kwargs)
-        if io.mode == "capture":
-            io.outputs[self.index] = out.unflatten(1, io.hw)
-        return out
-
-    def __getattr__(self, name):  # diffusers inspects processors (e.g. for IP-Adapter scales)
-        if name == "inner" or name.startswith("__"):  # not set yet: copy and pickle build the object empty first
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
 
 def _attn2_modules(module: nn.Module | None) -> list[nn.Module]:
@@ -125,7 +90,7 @@ def _check_supported(unet) -> None:
         raise ModelError(f"unsupported UNet configuration {unsupported}; PostDiff supports SD 1.x/2.x and SDXL UNets")
 
 
-class UNetSplit:
+class UNetSplit(CrossAttentionSplit):
     """The callables of one UNet for one DeepCache cut. Use as a context manager (or call ``close``) so the
     cross-attention wrappers are removed from the UNet afterwards."""
 
@@ -172,7 +137,6 @@ class UNetSplit:
                     break
 
         # Cross-attention modules in execution order, and which of them the shallow pass runs.
-        self.io = _XAttnIO()
         attn2: list[nn.Module] = []
         layers = [*self.down_layers, ("mid", unet.mid_block), *self.up_layers]
         for layer in layers:
@@ -182,11 +146,7 @@ class UNetSplit:
                 found = _attn2_modules(layer.attention)
                 layer.xattn = list(range(len(attn2), len(attn2) + len(found)))
             attn2.extend(found)
-        self.attn2 = attn2
-        self.shallow_xattn = [i for layer in self.shallow_down + self.shallow_up for i in layer.xattn]
-        self._originals = [m.processor for m in attn2]
-        for i, m in enumerate(attn2):
-            m.processor = _XAttnProcessor(m.processor, i, self.io)
+        self._wrap(attn2, [i for layer in self.shallow_down + self.shallow_up for i in layer.xattn])
 
     # -- structure -------------------------------------------------------------------------------------------------
     @property
@@ -197,37 +157,7 @@ class UNetSplit:
     def shallow_up(self) -> list[_Layer]:
         return self.up_layers[self.entry :]
 
-    @property
-    def num_xattn(self) -> int:
-        return len(self.attn2)
-
-    def xattn_indices(self, variant: str) -> list[int]:
-        """Indices of the cross-attention tensors a variant takes (cached) or returns (capture)."""
-        if variant.endswith("_cached") or variant.endswith("_capture"):
-            return self.shallow_xattn if variant.startswith("shallow") else list(range(self.num_xattn))
-        return []
-
-    def close(self) -> None:
-        for m, p in zip(self.attn2, self._originals):
-            m.processor = p
-        self.attn2 = []
-
-    def __enter__(self) -> UNetSplit:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # -- the forward -----------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _xattn(self, mode: str, inputs: dict[int, torch.Tensor] | None):
-        io = self.io
-        io.mode, io.inputs, io.outputs = mode, inputs or {}, {}
-        try:
-            yield io
-        finally:
-            io.mode, io.inputs = "compute", {}
-
     def _embed(self, sample, timestep, ehs, text_embeds, time_ids, timestep_cond):
         unet = self.unet
         if unet.config.center_input_sample:
@@ -282,15 +212,8 @@ class UNetSplit:
         timestep_cond: torch.Tensor | None = None,
         cross_attention_kwargs: dict | None = None,
     ) -> tuple[torch.Tensor, ...]:
-        depth, _, mode = variant.partition("_")
-        mode = mode or "compute"
-        if depth not in ("full", "shallow") or mode not in ("compute", "capture", "cached") or variant == "shallow_capture":
-            raise ValueError(f"unknown UNet variant {variant!r}")
-        if depth == "shallow" and deep is None:
-            raise ValueError("a shallow pass needs the DeepCache feature (deep=...)")
         wanted = self.xattn_indices(variant)
-        if mode == "cached" and len(xattn) != len(wanted):
-            raise ValueError(f"{variant} takes {len(wanted)} cached cross-attention tensors, got {len(xattn)}")
+        depth, mode = self._check_variant(variant, deep, xattn, wanted)
         kw = cross_attention_kwargs
         unet = self.unet
         sample, emb, ehs = self._embed(sample, timestep, encoder_hidden_states, text_embeds, time_ids, timestep_cond)
@@ -345,28 +268,19 @@ class UNetSplit:
         return VariantModule(self, variant)
 
 
-class VariantModule(nn.Module):
-    """One variant with explicit tensor inputs and outputs, for ``torch.export`` and the exporters.
+class VariantModule(SplitVariantModule):
+    """One UNet variant with explicit tensor inputs and outputs, for ``torch.export`` and the exporters.
 
     forward(sample, timestep, encoder_hidden_states[, text_embeds, time_ids][, timestep_cond][, deep][, *xattn]) -> tuple
 
-    Cross-attention tensors are named by module index (``xattn_3`` is the output of the fourth attn2 module in
-    execution order), so what ``full_capture`` returns as ``xattn_3`` is what a ``*_cached`` variant takes as
-    ``xattn_3``. ``timestep`` has one value per batch row.
+    ``timestep`` has one value per batch row.
     """
 
     def __init__(self, split: UNetSplit, variant: str) -> None:
-        super().__init__()
-        self.unet = split.unet  # registers the parameters
-        self._split = split
-        self.variant = variant
-        self.takes_deep = variant.startswith("shallow")
+        super().__init__(split, split.unet, variant)
         # a guidance-distilled UNet (LCM) takes the guidance scale's embedding as an input of every variant
         self.cond_dim = guidance_dim(split.unet.config)
         self.takes_guidance = self.cond_dim is not None
-        indices = split.xattn_indices(variant)
-        self.xattn_in = indices if variant.endswith("_cached") else []
-        self.xattn_out = indices if variant.endswith("_capture") else []
 
     def input_names(self) -> list[str]:
         names = ["sample", "timestep", "encoder_hidden_states"]
@@ -377,10 +291,6 @@ class VariantModule(nn.Module):
         if self.takes_deep:
             names.append("deep")
         return names + [f"xattn_{i}" for i in self.xattn_in]
-
-    def output_names(self) -> list[str]:
-        names = ["eps"] if self.takes_deep else ["eps", "deep"]
-        return names + [f"xattn_{i}" for i in self.xattn_out]
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
         rest = list(rest)
@@ -422,12 +332,7 @@ class VariantModule(nn.Module):
             ins["timestep_cond"] = randn(batch, int(self.cond_dim))
         if self.takes_deep or self.xattn_in:
             with torch.no_grad():
-                probe = self._split.forward("full_capture", *ins.values())
-            captured = dict(zip(self._split.xattn_indices("full_capture"), probe[2:]))
-            if self.takes_deep:
-                ins["deep"] = probe[1]
-            for i in self.xattn_in:
-                ins[f"xattn_{i}"] = captured[i]
+                ins = self._with_caches(ins, self._split.forward("full_capture", *ins.values()))
         return ins
 
     def dynamic_shapes(self, max_side: int = 2048) -> tuple:

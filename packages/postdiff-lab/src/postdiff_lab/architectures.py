@@ -187,7 +187,15 @@ _PIXART_SCHEDULER = {
     "use_karras_sigmas": False,
 }
 
-PIXART_ALPHA = Architecture(
+
+def _pixart(name: str, transformer: dict[str, Any], text_len: int = 120) -> Architecture:
+    """A PixArt architecture: its transformer, its T5 length (120 for α, 300 for Σ), DPM-Solver++."""
+    return Architecture(
+        name, transformer, text_len=text_len, scheduler=dict(_PIXART_SCHEDULER), scheduler_class="DPMSolverMultistepScheduler"
+    )
+
+
+PIXART_ALPHA = _pixart(
     "pixart-alpha",
     {
         "_class_name": "PixArtTransformer2DModel",
@@ -207,14 +215,11 @@ PIXART_ALPHA = Architecture(
         "norm_eps": 1e-6,
         "num_embeds_ada_norm": 1000,
     },
-    text_len=120,
-    scheduler=dict(_PIXART_SCHEDULER),
-    scheduler_class="DPMSolverMultistepScheduler",
 )
 
 # A tiny PixArt-α: its 128 sample size keeps the resolution conditioning (the pipeline passes it for that size only);
 # a tiny PixArt-Σ: sample size 32, no resolution conditioning, the Σ pipeline's 300-token default.
-TOY_PIXART = Architecture(
+TOY_PIXART = _pixart(
     "toy-pixart",
     {
         **PIXART_ALPHA.unet,
@@ -226,16 +231,7 @@ TOY_PIXART = Architecture(
         "cross_attention_dim": 96,
         "caption_channels": 32,
     },
-    text_len=120,
-    scheduler=dict(_PIXART_SCHEDULER),
-    scheduler_class="DPMSolverMultistepScheduler",
 )
-TOY_PIXART_SIGMA = Architecture(
-    "toy-pixart-sigma",
-    {**TOY_PIXART.unet, "sample_size": 32, "interpolation_scale": 1},
-    text_len=300,
-    scheduler=dict(_PIXART_SCHEDULER),
-    scheduler_class="DPMSolverMultistepScheduler",
-)
+TOY_PIXART_SIGMA = _pixart("toy-pixart-sigma", {**TOY_PIXART.unet, "sample_size": 32, "interpolation_scale": 1}, text_len=300)
 
 ARCHITECTURES = {a.name: a for a in (SD15, SD21, SDXL, LCM_SD15, PIXART_ALPHA, TOY_SD, TOY_SDXL, TOY_LCM, TOY_PIXART, TOY_PIXART_SIGMA)}
