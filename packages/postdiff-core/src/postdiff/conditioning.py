@@ -63,7 +63,7 @@ class Conditioning:
     def at_size(self, latent_hw: tuple[int, int], full_hw: tuple[int, int]) -> Conditioning:
         """Size conditioning follows the stage's resolution, scaled by the ratio of the stage's latent size to the full
         one: SDXL's ``time_ids`` (original size, crop coordinates and target size: [orig_h, orig_w, crop_top,
-        crop_left, target_h, target_w]) and PixArt-α's ``resolution`` (height, width), rounded to whole pixels.
+        crop_left, target_h, target_w], or the refiner's five with an aesthetic score last, which stays) and PixArt-α's ``resolution`` (height, width), rounded to whole pixels.
         PixArt's aspect ratio is the image's and stays. Other models are unchanged."""
         if tuple(latent_hw) == tuple(full_hw) or (self.time_ids is None and self.resolution is None):
             return self
@@ -73,7 +73,8 @@ class Conditioning:
             if x is None:
                 return None
             ops = ops_for(x)
-            scale = ops.like(ops.asarray([rh, rw] * (int(x.shape[-1]) // 2)), x)
+            n = int(x.shape[-1])  # SDXL refiner: [orig_h, orig_w, crop_top, crop_left, aesthetic_score]
+            scale = ops.like(ops.asarray([rh, rw] * (n // 2) + [1.0] * (n % 2)), x)
             if ops.name == "torch":
                 scale = scale.to(x.device)
             return ops.round(x * scale)

@@ -1,4 +1,5 @@
-"""Run a plan inside a diffusers Stable Diffusion / SDXL / LCM / PixArt pipeline: ``postdiff.apply(pipe, "postdiff")``.
+"""Run a plan inside a diffusers Stable Diffusion / SDXL / LCM / PixArt pipeline (text-to-image, image-to-image,
+inpainting, the SDXL refiner): ``postdiff.apply(pipe, "postdiff")``.
 
 After ``apply``, the usual ``pipe(prompt, ...)`` call runs the plan; ``postdiff.remove(pipe)`` restores the
 vanilla pipeline. The pipeline's own loop stays in charge (prompt encoding, CFG arithmetic, callbacks, VAE
@@ -10,6 +11,13 @@ decoding, every ``__call__`` option); for the duration of each call only, PostDi
   cross-attention),
 * puts a thin proxy in front of the scheduler whose ``step`` is ``PlanRun.advance`` (the resolution switch),
 * draws the initial latent at the plan's first latent size from the call's generator.
+
+Image-to-image and inpainting runs denoise only the last steps of the schedule (``strength``, SDXL's
+``denoising_start``/``denoising_end``): the plan is compiled for the steps that run (``Recipe.for_partial_run``),
+its steps keep their place in the whole schedule (``plan.starting_at``). At a lower stage size the tensors the
+pipeline prepared once at full size and uses every step (the encoded image and its noise, the inpainting mask and
+masked image) follow the stage: PostDiff resizes them in place, so the pipeline's own blending and the 9-channel
+inpainting UNet's input are at the stage's size, and back at full size from the switch on.
 
 All of it is torn down when the call returns: nothing carries over from one call to the next.
 """
@@ -27,15 +35,19 @@ from diffusers.hooks import HookRegistry, ModelHook
 from .backbone import network_of, spec_of, split_for
 from .conditioning import Conditioning
 from .errors import ModelError, PlanError
-from .plan import Plan, compile_plan
+from .plan import Plan, compile_plan, starting_at
 from .recipe import Recipe, load_recipe
-from .resolution import is_consistency_scheduler
+from .resolution import downsample_latent, downsample_noise, downsample_noisy, is_consistency_scheduler, noise_level
 from .sampling import PlanRun, initial_latents
 from .torch_denoiser import TorchDenoiser
 
 SUPPORTED_PIPELINES = (
     "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
     "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
     "LatentConsistencyModelPipeline",
     "PixArtAlphaPipeline",
     "PixArtSigmaPipeline",
@@ -86,20 +98,41 @@ def _call(self, *args, **kwargs):
         arguments["num_inference_steps"] = recipe.steps
     elif arguments["num_inference_steps"] != recipe.steps:
         recipe = recipe.with_steps(int(arguments["num_inference_steps"]))
-    if arguments.get("denoising_end") is not None:
-        raise PlanError("denoising_end cuts the plan short; PostDiff plans run every step. Drop denoising_end")
-    size = network_of(self).config.sample_size * self.vae_scale_factor
-    height = arguments.get("height") or size
-    width = arguments.get("width") or size
-    if getattr(self, "transformer", None) is not None and arguments.get("use_resolution_binning", True):
-        height, width = _pixart_bin(self, int(height), int(width))
-    latent_hw = (int(height) // self.vae_scale_factor, int(width) // self.vae_scale_factor)
-    session = _Session(self, recipe, latent_hw, arguments.get("generator"))
+    latent_hw = _latent_hw(self, base, arguments)
+    params = inspect.signature(base.__call__).parameters
+    if "original_size" in params and "image" in params:
+        # SDXL img2img/inpaint take the size conditioning's default from the prepared latent, which PostDiff makes at
+        # the first stage's size: give the pipeline the full size it would have read
+        full = (latent_hw[0] * self.vae_scale_factor, latent_hw[1] * self.vae_scale_factor)
+        for key in ("original_size", "target_size"):
+            if arguments.get(key) is None:
+                arguments[key] = full
+    end = arguments.get("denoising_end")
+    end = float(end) if isinstance(end, float) and 0 < end < 1 else None  # as the pipelines test it
+    session = _Session(self, recipe, latent_hw, arguments.get("generator"), end=end)
     try:
         with session.installed():
             return base.__call__(*bound.args, **bound.kwargs)
     finally:
         object.__setattr__(self, "_postdiff_last_plan", session.plan)
+
+
+def _latent_hw(pipe, base, arguments) -> tuple[int, int]:
+    """The full latent size of a call: the input image's (image-to-image pipelines, which have no ``height``), else
+    ``height``/``width`` or the network's sample size (PixArt: after resolution binning)."""
+    factor = pipe.vae_scale_factor
+    image = arguments.get("image")
+    if "height" not in inspect.signature(base.__call__).parameters and image is not None:
+        prepared = pipe.image_processor.preprocess(image)  # as the pipeline prepares it (a latent passes unchanged)
+        h, w = (int(v) for v in prepared.shape[-2:])
+        latent_channels = int(getattr(pipe.vae.config, "latent_channels", 4))
+        return (h, w) if prepared.shape[1] == latent_channels else (h // factor, w // factor)
+    size = network_of(pipe).config.sample_size * factor
+    height = arguments.get("height") or size
+    width = arguments.get("width") or size
+    if getattr(pipe, "transformer", None) is not None and arguments.get("use_resolution_binning", True):
+        height, width = _pixart_bin(pipe, int(height), int(width))
+    return (int(height) // factor, int(width) // factor)
 
 
 def _pixart_bin(pipe, height: int, width: int) -> tuple[int, int]:
@@ -122,19 +155,28 @@ def last_plan(pipe) -> Plan | None:
 
 
 class _Session:
-    """The per-call state: compiled plan, its PlanRun, the UNet split and its caches."""
+    """The per-call state: compiled plan, its PlanRun, the UNet split and its caches, and the tensors that follow the
+    stage's size."""
 
-    def __init__(self, pipe, recipe: Recipe, latent_hw: tuple[int, int], generator) -> None:
+    def __init__(self, pipe, recipe: Recipe, latent_hw: tuple[int, int], generator, end: float | None = None) -> None:
         self.pipe = pipe
         self.recipe = recipe
         self.latent_hw = latent_hw
         self.generator = generator
+        self.end = end  # denoising_end: the run stops at this fraction of the schedule
         self.network = network_of(pipe)
         self.spec = spec_of(self.network)
         self.images: int | None = None  # latents per call (the CFG batch is twice that)
         self.plan: Plan | None = None
         self.run: PlanRun | None = None
         self.denoiser: TorchDenoiser | None = None
+        self.scheduler = None  # the real scheduler, once the pipeline set its timesteps
+        self.begin = 0  # where the run starts in the scheduler's timesteps (set_begin_index)
+        self.shifted = False  # the plan re-noises to another point of the schedule at its switch
+        self.noised = None  # (x0, noise, timestep) of the add_noise call that made an img2img starting latent
+        self.preparing = False
+        self.stage_hw: tuple[int, int] | None = None
+        self.stage_tensors: list[tuple[Any, Any, str]] = []  # (tensor the pipeline holds, its full-size data, kind)
 
     @contextlib.contextmanager
     def installed(self):
@@ -146,41 +188,161 @@ class _Session:
         registry.register_hook(_UNetHook(self), _HOOK_NAME)
         object.__setattr__(pipe, "scheduler", _SchedulerProxy(scheduler, self))
         object.__setattr__(pipe, "prepare_latents", self._prepare_latents(pipe.prepare_latents))
+        if hasattr(pipe, "prepare_mask_latents"):
+            object.__setattr__(pipe, "prepare_mask_latents", self._prepare_mask_latents(pipe.prepare_mask_latents))
         try:
             yield
         finally:
+            self._resize_stage(self.latent_hw)  # what the pipeline keeps of this call is at full size
             pipe.__dict__.pop("prepare_latents", None)
+            pipe.__dict__.pop("prepare_mask_latents", None)
             object.__setattr__(pipe, "scheduler", scheduler)
             registry.remove_hook(_HOOK_NAME)
             split.close()
 
-    # -- called by the pipeline through the proxies ----------------------------------------------------------------
+    # -- the plan ---------------------------------------------------------------------------------------------------
     def on_set_timesteps(self, scheduler, args, kwargs) -> None:
+        self.scheduler, self._set_timesteps, self.begin = scheduler, (args, kwargs), 0
+        self._compile()
+
+    def on_set_begin_index(self, begin: int) -> None:
+        if self.scheduler is not None:
+            self.begin = int(begin)
+            self._compile()
+
+    def _begin_at(self, timestep) -> None:
+        """The run starts at ``timestep`` (img2img's first timestep, which ``prepare_latents`` noises the image to):
+        with schedulers that have no ``set_begin_index`` (DDIM, ...) this is how PostDiff learns that ``strength``
+        cut the schedule."""
+        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        listed = [float(v) for v in self.scheduler.timesteps]
+        if listed and abs(listed[0] - t) > 1e-6:
+            begin = next((i for i, v in enumerate(listed) if abs(v - t) <= 1e-6), None)
+            if begin is None:
+                raise PlanError(
+                    f"the pipeline starts at timestep {t:g}, which is not in its scheduler's timesteps; PostDiff cannot plan this call"
+                )
+            self.begin = begin
+            self._compile()
+
+    def _compile(self) -> None:
+        """Compile the recipe for the steps this call runs: the schedule from ``begin`` on, cut at ``denoising_end``."""
+        scheduler = self.scheduler
         n = int(scheduler.num_inference_steps)
         recipe = self.recipe if n == self.recipe.steps else self.recipe.with_steps(n)
-        self.plan = compile_plan(
-            recipe,
-            timesteps=[float(t) for t in scheduler.timesteps],
-            latent_hw=self.latent_hw,
-            model=self.spec,
-            order=int(getattr(scheduler, "order", 1)),
-            scheduler=type(scheduler).__name__,
+        timesteps = [float(t) for t in scheduler.timesteps]
+        running = timesteps[self.begin :]
+        if self.end is not None:  # as SDXL pipelines cut their loop at denoising_end
+            trained = int(scheduler.config.num_train_timesteps)
+            cutoff = int(round(trained - self.end * trained))
+            running = running[: sum(1 for t in running if t >= cutoff)]
+        if not running:
+            raise PlanError("this call runs no denoising step (strength or denoising_start/denoising_end leave none); raise strength")
+        order = int(getattr(scheduler, "order", 1))
+        partial = len(running) != len(timesteps)
+        if partial:
+            recipe = recipe.for_partial_run(-(-len(running) // order))
+        plan = compile_plan(
+            recipe, timesteps=running, latent_hw=self.latent_hw, model=self.spec, order=order, scheduler=type(scheduler).__name__
         )
-        self.run = PlanRun(self.plan, scheduler, self.generator, (args, kwargs))
+        self.shifted = any(s.schedule_index is not None for s in plan.steps)
+        if self.shifted and partial:
+            raise PlanError(
+                "low_res.renoise_shift moves the switch along the schedule, and this call runs only part of it (img2img "
+                "strength, inpainting or denoising_start/denoising_end); use renoise_shift 0 for partial runs"
+            )
+        self.plan = starting_at(plan, self.begin)
+        self.run = PlanRun(self.plan, scheduler, self.generator, self._set_timesteps)
         self.denoiser.reset()
 
+    # -- the pipeline's prepared tensors ----------------------------------------------------------------------------
     def _prepare_latents(self, original):
+        signature = inspect.signature(original)
+        from_image = next(iter(signature.parameters), None) == "image"  # img2img: prepare_latents(image, timestep, ...)
+
         @functools.wraps(original)
-        def prepare_latents(batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None, *rest):
+        def prepare_latents(*args, **kwargs):
             if self.plan is None:
                 raise PlanError("the pipeline prepared latents before setting timesteps; PostDiff cannot plan this call")
-            # The noise is drawn at full size exactly as the vanilla pipeline draws it (or taken from latents=), then
-            # derived for the plan's first, possibly lower, resolution: one seed, one starting point for every plan.
-            drawn = original(batch_size, num_channels_latents, height, width, dtype, device, generator, latents, *rest)
-            self.images = int(drawn.shape[0])
-            return initial_latents(self.plan, drawn)
+            start_t = signature.bind_partial(*args, **kwargs).arguments.get("timestep")
+            if start_t is not None and self.begin == 0:
+                self._begin_at(start_t)
+            self.noised, self.preparing = None, True
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                self.preparing = False
+            latents, extras = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
+            if from_image and tuple(latents.shape[-2:]) != tuple(self.latent_hw):
+                self.latent_hw = tuple(int(v) for v in latents.shape[-2:])  # the encoded image sets the size
+                self._compile()
+            self.images = int(latents.shape[0])
+            start = self._starting_latent(latents)
+            if not extras:
+                return start
+            # inpainting: (latents, noise[, image_latents]), used at every step's blending: they follow the stage
+            return (start, *(self._follow_stage(t, kind) for t, kind in zip(extras, ("noise", "latent"))))
 
         return prepare_latents
+
+    def _starting_latent(self, latents):
+        """The plan's starting latent from the one the pipeline prepared at full size: the same seed gives one
+        starting point for every plan. Noise is area-averaged to unit variance; an img2img start is the encoded image
+        area-averaged and noised with the averaged noise; an already-noised latent (a refiner's input) is
+        area-averaged and given back the noise variance the averaging took away."""
+        step = self.plan.steps[0]
+        first = tuple(step.latent_hw)
+        if tuple(latents.shape[-2:]) == first:
+            return latents
+        self.stage_hw = first
+        if self.noised is not None:
+            x0, noise, t = self.noised
+            return self.scheduler.add_noise(downsample_latent(x0, first), downsample_noise(noise, first), t)
+        if self.begin > 0:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            fresh = randn_tensor((*latents.shape[:-2], *first), generator=self.generator, device=latents.device, dtype=latents.dtype)
+            return downsample_noisy(latents, first, noise_level(self.scheduler, step.scheduler_index, step.timestep), fresh)
+        return initial_latents(self.plan, latents)
+
+    def _prepare_mask_latents(self, original):
+        @functools.wraps(original)
+        def prepare_mask_latents(*args, **kwargs):
+            mask, masked_image_latents = original(*args, **kwargs)
+            return self._follow_stage(mask, "mask"), self._follow_stage(masked_image_latents, "latent")
+
+        return prepare_mask_latents
+
+    def _follow_stage(self, tensor, kind: str):
+        """Register a tensor the pipeline prepared at full size and uses every step; it is resized in place (same
+        object, so the pipeline's variable follows) to the current stage's size now and at every switch."""
+        if not torch.is_tensor(tensor) or tensor.ndim != 4 or tuple(tensor.shape[-2:]) != tuple(self.latent_hw):
+            return tensor
+        entry = (tensor, tensor.detach(), kind)
+        self.stage_tensors.append(entry)
+        self._resize_entry(entry, tuple(self.plan.steps[0].latent_hw))
+        return tensor
+
+    @staticmethod
+    def _resize_entry(entry, hw: tuple[int, int]) -> None:
+        tensor, full, kind = entry
+        if tuple(tensor.shape[-2:]) == hw:
+            return
+        if tuple(full.shape[-2:]) == hw:
+            tensor.set_(full)
+        else:
+            tensor.set_((downsample_noise if kind == "noise" else downsample_latent)(full, hw).contiguous())
+
+    def _resize_stage(self, hw: tuple[int, int]) -> None:
+        for entry in self.stage_tensors:
+            self._resize_entry(entry, tuple(hw))
+        self.stage_hw = tuple(hw)
+
+    def after_step(self) -> None:
+        """Called after each scheduler step: at a switch, the stage-following tensors go to the new size."""
+        nxt = self.run.step if self.run.index < len(self.plan.steps) else None
+        if nxt is not None and tuple(nxt.latent_hw) != self.stage_hw and self.stage_tensors:
+            self._resize_stage(nxt.latent_hw)
 
     def unet_call(
         self,
@@ -261,7 +423,7 @@ class _SchedulerProxy:
         def set_timesteps(*args, **kwargs):
             out = inner.set_timesteps(*args, **kwargs)
             session.on_set_timesteps(inner, args, kwargs)
-            if any(s.schedule_index is not None for s in session.plan.steps):
+            if session.shifted:
                 # a shifted switch repeats or skips timesteps: the pipeline's loop (which reads the timesteps right
                 # after setting them) runs the plan's calls instead of the schedule's
                 object.__setattr__(self, "timesteps", inner.timesteps.new_tensor(session.plan.timesteps))
@@ -275,6 +437,7 @@ class _SchedulerProxy:
                 raise PlanError("PostDiff expects scheduler.step's options as keywords")
             run = session.run
             out = run.advance(model_output, timestep, sample, **kwargs)
+            session.after_step()
             if is_consistency_scheduler(inner):  # LCM: (prev_sample, denoised)
                 if return_dict:
                     from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
@@ -287,8 +450,24 @@ class _SchedulerProxy:
                 return SchedulerOutput(prev_sample=out)
             return (out,)
 
+        @functools.wraps(inner.add_noise)
+        def add_noise(original_samples, noise, timesteps):
+            out = inner.add_noise(original_samples, noise, timesteps)
+            if session.preparing:  # the img2img starting latent: kept to make it at the first stage's size
+                session.noised = (original_samples, noise, timesteps)
+            return out
+
         object.__setattr__(self, "set_timesteps", set_timesteps)
         object.__setattr__(self, "step", step)
+        object.__setattr__(self, "add_noise", add_noise)
+        if hasattr(inner, "set_begin_index"):  # pipelines test hasattr before they call it
+
+            @functools.wraps(inner.set_begin_index)
+            def set_begin_index(begin_index: int = 0):
+                inner.set_begin_index(begin_index)
+                session.on_set_begin_index(begin_index)
+
+            object.__setattr__(self, "set_begin_index", set_begin_index)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

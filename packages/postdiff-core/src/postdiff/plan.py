@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +275,15 @@ def nonuniform_full_steps(total: int, n_full: int, center: float, power: float) 
             return picks[:n_full]
         p -= 0.02
     return sorted(set(round(i * total / n_full) for i in range(n_full)))
+
+
+def starting_at(plan: Plan, begin: int) -> Plan:
+    """``plan`` for a run that starts at position ``begin`` of its scheduler's timesteps (img2img's ``strength``,
+    SDXL's ``denoising_start``): the plan was compiled for the steps that run, and every step's ``schedule_index``
+    now counts from the start of the whole schedule, where the scheduler restarts at a switch."""
+    if begin == 0:
+        return plan
+    return replace(plan, steps=tuple(replace(s, schedule_index=s.scheduler_index + begin) for s in plan.steps))
 
 
 def compile_plan(

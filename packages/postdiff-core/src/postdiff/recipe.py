@@ -118,6 +118,19 @@ class Recipe:
         """The same recipe for another number of steps (the gate step stays where the user put it)."""
         return _validated(dataclasses.replace(self, steps=steps), "recipe")
 
+    def for_partial_run(self, steps: int) -> Recipe:
+        """The recipe for a run that denoises only the last ``steps`` of its schedule (img2img's ``strength``, SDXL's
+        ``denoising_start`` / ``denoising_end``): ``low_res.until`` is already a fraction of the steps that run, and the
+        gate keeps CFG for the same fraction of them as of the whole schedule (at least one step; no gate when a
+        single step runs)."""
+        if steps == self.steps:
+            return self
+        gate = self.xattn_gate
+        if gate is not None:
+            after = min(max(1, round(gate.after * steps / self.steps)), steps - 1)
+            gate = dataclasses.replace(gate, after=after) if after >= 1 else None
+        return _validated(dataclasses.replace(self, steps=steps, xattn_gate=gate), "recipe")
+
     @property
     def cache_block(self) -> int:
         """The DeepCache cut a UNet split needs for this recipe (block 0 when DeepCache is off)."""

@@ -117,6 +117,32 @@ def renoise(scheduler, x0, noise, index: int, timestep: float):
     return alpha * x0 + sigma * noise
 
 
+def noise_level(scheduler, index: int, timestep: float) -> float:
+    """The standard deviation of the noise in a sample at plan step ``index`` (in the scheduler's sample space)."""
+    if _sigma_space(scheduler):
+        return float(scheduler.sigmas[index])
+    return _vp_coefficients(scheduler, index, timestep)[1]
+
+
+def downsample_latent(x, latent_hw: tuple[int, int]):
+    """A clean latent (an encoded image, an inpainting mask) at a lower stage size: area averaging."""
+    if tuple(x.shape[-2:]) == tuple(latent_hw):
+        return x
+    return ops_for(x).resize(x, tuple(latent_hw), "area")
+
+
+def downsample_noisy(sample, latent_hw: tuple[int, int], sigma: float, fresh_noise):
+    """An already-noised sample (x = a x0 + sigma eps, e.g. the SDXL base's output handed to its refiner) at a
+    lower stage size. Area averaging keeps the signal but divides the noise's variance by the area ratio r;
+    ``sigma * sqrt(1 - 1/r) * fresh_noise`` (unit-variance noise at the low size) puts the missing variance back, so
+    the result is a sample of the same noise level (exactly for integer factors, on average otherwise)."""
+    h, w = sample.shape[-2:]
+    if (h, w) == tuple(latent_hw):
+        return sample
+    ratio = (h * w) / (latent_hw[0] * latent_hw[1])
+    return downsample_latent(sample, latent_hw) + (sigma * max(0.0, 1.0 - 1.0 / ratio) ** 0.5) * fresh_noise
+
+
 def upsample(x0, latent_hw: tuple[int, int]):
     """Bilinear upsampling of the predicted clean latent (the paper's choice; ``align_corners=False``)."""
     return ops_for(x0).resize(x0, tuple(latent_hw), "bilinear")

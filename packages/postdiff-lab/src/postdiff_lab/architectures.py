@@ -161,6 +161,18 @@ TOY_SDXL = Architecture(
     vae_scale_factor=2,
 )
 
+# An inpainting UNet (SD-inpainting's layout: latent 4 + mask 1 + masked image latent 4 input channels).
+TOY_SD_INPAINT = Architecture("toy-sd-inpaint", {**TOY_SD.unet, "in_channels": 9}, vae_scale_factor=2)
+
+# The SDXL refiner's layout: conditioned on the second text encoder only (its 32-wide tokens), and on five size ids
+# (original size, crop, aesthetic score) instead of six.
+TOY_SDXL_REFINER = Architecture(
+    "toy-sdxl-refiner",
+    {**TOY_SDXL.unet, "cross_attention_dim": 32, "projection_class_embeddings_input_dim": 72},  # pooled 32 + 5 * 8
+    pooled_dim=32,
+    vae_scale_factor=2,
+)
+
 TOY_LCM = Architecture(
     "toy-lcm",
     {**TOY_SD.unet, "time_cond_proj_dim": 16},

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .architectures import TOY_LCM, TOY_PIXART, TOY_PIXART_SIGMA, TOY_SD, TOY_SDXL, Architecture
+from .architectures import TOY_LCM, TOY_PIXART, TOY_PIXART_SIGMA, TOY_SD, TOY_SD_INPAINT, TOY_SDXL, TOY_SDXL_REFINER, Architecture
 
 TEXT_HIDDEN = 32
 
@@ -147,7 +147,9 @@ def toy_pipeline(kind: str = "sd", seed: int = 0, scheduler: str | None = None):
     """A complete tiny ``StableDiffusionPipeline`` (kind="sd"), ``StableDiffusionXLPipeline`` (kind="sdxl"),
     ``LatentConsistencyModelPipeline`` (kind="lcm": a UNet with a guidance embedding, ``LCMScheduler``),
     ``PixArtAlphaPipeline`` (kind="pixart": resolution-conditioned, 1024 px sample size, VAE factor 8) or
-    ``PixArtSigmaPipeline`` (kind="pixart-sigma": 256 px sample size). The scheduler is the kind's own (DDIM for sd and
+    ``PixArtSigmaPipeline`` (kind="pixart-sigma": 256 px sample size), ``StableDiffusionInpaintPipeline`` with a
+    9-channel inpainting UNet (kind="sd-inpaint") or an SDXL refiner (kind="sdxl-refiner": ``StableDiffusionXLImg2ImgPipeline``
+    with the second text encoder only and an aesthetic score). The scheduler is the kind's own (DDIM for sd and
     sdxl, LCM for lcm, DPM-Solver++ for PixArt) unless named."""
     from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -178,6 +180,26 @@ def toy_pipeline(kind: str = "sd", seed: int = 0, scheduler: str | None = None):
     def lcm():
         return sd(LatentConsistencyModelPipeline, TOY_LCM)
 
+    def sd_inpaint():
+        from diffusers import StableDiffusionInpaintPipeline
+
+        return sd(StableDiffusionInpaintPipeline, TOY_SD_INPAINT)
+
+    def sdxl_refiner():
+        from diffusers import StableDiffusionXLImg2ImgPipeline
+
+        return StableDiffusionXLImg2ImgPipeline(
+            vae=_vae(seed + 1),
+            text_encoder=None,
+            text_encoder_2=_text_encoder(seed + 3, with_projection=True),
+            tokenizer=None,
+            tokenizer_2=toy_tokenizer(),
+            unet=build_unet(TOY_SDXL_REFINER, seed + 4),
+            scheduler=build_scheduler(TOY_SDXL_REFINER, scheduler),
+            requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
+        )
+
     def pixart(sigma: bool = False):
         from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
 
@@ -190,7 +212,15 @@ def toy_pipeline(kind: str = "sd", seed: int = 0, scheduler: str | None = None):
             scheduler=build_scheduler(arch, scheduler),
         )
 
-    builders = {"sd": sd, "sdxl": sdxl, "lcm": lcm, "pixart": pixart, "pixart-sigma": lambda: pixart(sigma=True)}
+    builders = {
+        "sd": sd,
+        "sdxl": sdxl,
+        "lcm": lcm,
+        "pixart": pixart,
+        "pixart-sigma": lambda: pixart(sigma=True),
+        "sd-inpaint": sd_inpaint,
+        "sdxl-refiner": sdxl_refiner,
+    }
     if kind not in builders:
         raise ValueError(f"toy pipeline kind must be one of {', '.join(builders)}, got {kind!r}")
     pipe = builders[kind]()
