@@ -26,7 +26,9 @@ class Conditioning:
     and the conditional half second, as diffusers pipelines lay them out.
     ``text_embeds``/``time_ids`` are SDXL's added conditioning; ``time_ids`` refer to the full-resolution image.
     ``encoder_attention_mask`` (PixArt: 1 for a kept T5 token, 0 for padding), ``resolution`` (height, width in
-    pixels) and ``aspect_ratio`` are PixArt's.
+    pixels) and ``aspect_ratio`` are PixArt's. ``down_block_additional_residuals`` and
+    ``mid_block_additional_residual`` are a ControlNet's outputs (made at the stage's size: PostDiff resizes the
+    control image).
     """
 
     encoder_hidden_states: Array
@@ -38,6 +40,9 @@ class Conditioning:
     encoder_attention_mask: Array | None = None
     resolution: Array | None = None
     aspect_ratio: Array | None = None
+    # ControlNet's residuals as diffusers pipelines pass them to the UNet (one per skip connection, and the middle's)
+    down_block_additional_residuals: tuple | None = None
+    mid_block_additional_residual: Array | None = None
 
     @property
     def batch(self) -> int:
@@ -58,6 +63,10 @@ class Conditioning:
             encoder_attention_mask=_second_half(self.encoder_attention_mask, n),
             resolution=_second_half(self.resolution, n),
             aspect_ratio=_second_half(self.aspect_ratio, n),
+            down_block_additional_residuals=None
+            if self.down_block_additional_residuals is None
+            else tuple(_second_half(r, n) for r in self.down_block_additional_residuals),
+            mid_block_additional_residual=_second_half(self.mid_block_additional_residual, n),
         )
 
     def at_size(self, latent_hw: tuple[int, int], full_hw: tuple[int, int]) -> Conditioning:

@@ -48,6 +48,12 @@ SUPPORTED_PIPELINES = (
     "StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline",
+    "StableDiffusionControlNetPipeline",
+    "StableDiffusionControlNetImg2ImgPipeline",
+    "StableDiffusionControlNetInpaintPipeline",
+    "StableDiffusionXLControlNetPipeline",
+    "StableDiffusionXLControlNetImg2ImgPipeline",
+    "StableDiffusionXLControlNetInpaintPipeline",
     "LatentConsistencyModelPipeline",
     "PixArtAlphaPipeline",
     "PixArtSigmaPipeline",
@@ -186,6 +192,9 @@ class _Session:
         self.denoiser = TorchDenoiser(split)
         registry = HookRegistry.check_if_exists_or_initialize(self.network)
         registry.register_hook(_UNetHook(self), _HOOK_NAME)
+        controlnets = [HookRegistry.check_if_exists_or_initialize(net) for net in _controlnets(pipe)]
+        for r in controlnets:
+            r.register_hook(_ControlNetHook(self), _HOOK_NAME)
         object.__setattr__(pipe, "scheduler", _SchedulerProxy(scheduler, self))
         object.__setattr__(pipe, "prepare_latents", self._prepare_latents(pipe.prepare_latents))
         if hasattr(pipe, "prepare_mask_latents"):
@@ -198,6 +207,8 @@ class _Session:
             pipe.__dict__.pop("prepare_mask_latents", None)
             object.__setattr__(pipe, "scheduler", scheduler)
             registry.remove_hook(_HOOK_NAME)
+            for r in controlnets:
+                r.remove_hook(_HOOK_NAME)
             split.close()
 
     # -- the plan ---------------------------------------------------------------------------------------------------
@@ -353,6 +364,8 @@ class _Session:
         cross_attention_kwargs=None,
         added_cond_kwargs=None,
         encoder_attention_mask=None,
+        down_block_additional_residuals=None,
+        mid_block_additional_residual=None,
         **other,
     ):
         transformer = self.spec.is_transformer
@@ -361,6 +374,8 @@ class _Session:
         extra = sorted(k for k, v in (added_cond_kwargs or {}).items() if k not in allowed and v is not None)
         if encoder_attention_mask is not None and not transformer:
             extra.append("encoder_attention_mask")
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            extra.append("down_block_additional_residuals without mid_block_additional_residual (or the reverse)")
         if unsupported or extra:
             raise PlanError(f"PostDiff plans do not support these UNet inputs yet: {unsupported + extra}")
         if self.run is None:
@@ -379,6 +394,8 @@ class _Session:
             encoder_attention_mask=encoder_attention_mask,
             resolution=added.get("resolution"),
             aspect_ratio=added.get("aspect_ratio"),
+            down_block_additional_residuals=None if down_block_additional_residuals is None else tuple(down_block_additional_residuals),
+            mid_block_additional_residual=mid_block_additional_residual,
         )
         full_hw = self.plan.latent_hw
         if step.guidance == "cond" and cond.has_uncond:
@@ -409,6 +426,64 @@ class _UNetHook(ModelHook):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         return UNet2DConditionOutput(sample=out)
+
+
+def _controlnets(pipe) -> list:
+    """The ControlNet models a pipeline runs: one, or each of a ``MultiControlNetModel``'s."""
+    net = getattr(pipe, "controlnet", None)
+    if net is None:
+        return []
+    nets = list(getattr(net, "nets", [net]))
+    unknown = sorted({type(n).__name__ for n in nets if type(n).__name__ != "ControlNetModel"})
+    if unknown:
+        raise ModelError(f"PostDiff runs ControlNetModel (one, or several in a MultiControlNetModel), not {', '.join(unknown)}")
+    return nets
+
+
+def _second_half(x, batch: int):
+    if torch.is_tensor(x) and x.ndim > 0 and x.shape[0] == batch:
+        return x[batch // 2 :]
+    if isinstance(x, dict):
+        return {k: _second_half(v, batch) for k, v in x.items()}
+    return x
+
+
+class _ControlNetHook(ModelHook):
+    """On each ControlNet during a call. At a lower stage size the control image is area-averaged to the stage's size
+    (the ControlNet's residuals must match the UNet's skips there). On a step with CFG dropped, only the conditional
+    half runs: the UNet uses only that half's residuals, so the other half would be computed for nothing."""
+
+    def __init__(self, session: _Session) -> None:
+        super().__init__()
+        self.session = session
+
+    def new_forward(self, module, sample, timestep, encoder_hidden_states=None, controlnet_cond=None, *args, **kwargs):
+        if args:
+            raise PlanError("PostDiff expects the ControlNet's optional inputs as keywords, as diffusers pipelines pass them")
+        session = self.session
+        stage, full = tuple(sample.shape[-2:]), tuple(session.plan.latent_hw)
+        if stage != full and torch.is_tensor(controlnet_cond):
+            h, w = controlnet_cond.shape[-2:]
+            controlnet_cond = torch.nn.functional.interpolate(
+                controlnet_cond, size=(h * stage[0] // full[0], w * stage[1] // full[1]), mode="area"
+            )
+        step = session.run.step if session.run is not None else None
+        batch = int(sample.shape[0])
+        if step is None or step.guidance != "cond" or session.images is None or batch != 2 * session.images:
+            return self.fn_ref.original_forward(sample, timestep, encoder_hidden_states, controlnet_cond, **kwargs)
+        half = {k: _second_half(v, batch) for k, v in kwargs.items()}
+        out = self.fn_ref.original_forward(
+            sample[batch // 2 :],
+            _second_half(timestep, batch),
+            _second_half(encoder_hidden_states, batch),
+            _second_half(controlnet_cond, batch),
+            **half,
+        )
+        down, mid = (out[0], out[1]) if isinstance(out, tuple) else (out.down_block_res_samples, out.mid_block_res_sample)
+        down, mid = tuple(torch.cat([d, d]) for d in down), torch.cat([mid, mid])
+        if isinstance(out, tuple):
+            return (down, mid)
+        return type(out)(down_block_res_samples=down, mid_block_res_sample=mid)
 
 
 class _SchedulerProxy:

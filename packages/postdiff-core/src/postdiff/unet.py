@@ -191,6 +191,8 @@ class UNetSplit(CrossAttentionSplit):
             xattn,
             cond.timestep_cond,
             cond.cross_attention_kwargs,
+            cond.down_block_additional_residuals,
+            cond.mid_block_additional_residual,
         )
 
     def forward(self, variant: str, sample: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, ...]:
@@ -211,6 +213,8 @@ class UNetSplit(CrossAttentionSplit):
         xattn: Sequence[torch.Tensor] = (),
         timestep_cond: torch.Tensor | None = None,
         cross_attention_kwargs: dict | None = None,
+        down_residuals: Sequence[torch.Tensor] | None = None,
+        mid_residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         wanted = self.xattn_indices(variant)
         depth, mode = self._check_variant(variant, deep, xattn, wanted)
@@ -233,6 +237,15 @@ class UNetSplit(CrossAttentionSplit):
                     for s in layer.sampler:
                         h = s(h)
                 res.append(h)
+            if down_residuals is not None:
+                # ControlNet, as UNet2DConditionModel adds it: one residual per skip connection, added after the down
+                # path ran. A shallow pass produces (and its up layers consume) only the skips above the cut, so it
+                # uses only their residuals: the first cut + 1, the cut layer's input and everything above it.
+                if len(down_residuals) != len(self.down_layers):
+                    raise ModelError(
+                        f"ControlNet gave {len(down_residuals)} residuals; this UNet has {len(self.down_layers)} skip connections"
+                    )
+                res = [r + extra for r, extra in zip(res, down_residuals)]
             if depth == "full":
                 if unet.mid_block is not None:
                     io.hw = tuple(h.shape[-2:])
@@ -240,6 +253,8 @@ class UNetSplit(CrossAttentionSplit):
                         h = unet.mid_block(h, emb, encoder_hidden_states=ehs, cross_attention_kwargs=kw)
                     else:
                         h = unet.mid_block(h, emb)
+                if mid_residual is not None:
+                    h = h + mid_residual
                 up_layers = self.up_layers
             else:
                 h = deep

@@ -226,3 +226,19 @@ def toy_pipeline(kind: str = "sd", seed: int = 0, scheduler: str | None = None):
     pipe = builders[kind]()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def toy_controlnet(pipe, seed: int = 0):
+    """A ControlNet for a toy SD or SDXL pipeline (``ControlNetModel.from_unet``: the UNet's down path and layout)
+    whose control-image encoder downsamples by the toy VAE's factor 2. diffusers initialises the zero convolutions
+    (and the conditioning encoder's last convolution) to zero, which a trained ControlNet is not: they get random
+    weights so the residuals change the UNet's output."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0.0, 0.05)
+    return net
