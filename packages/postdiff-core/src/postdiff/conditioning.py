@@ -43,6 +43,8 @@ class Conditioning:
     # ControlNet's residuals as diffusers pipelines pass them to the UNet (one per skip connection, and the middle's)
     down_block_additional_residuals: tuple | None = None
     mid_block_additional_residual: Array | None = None
+    # IP-Adapter's image embeddings (one tensor per loaded adapter), as pipelines pass them in added_cond_kwargs
+    image_embeds: tuple | None = None
 
     @property
     def batch(self) -> int:
@@ -67,6 +69,7 @@ class Conditioning:
             if self.down_block_additional_residuals is None
             else tuple(_second_half(r, n) for r in self.down_block_additional_residuals),
             mid_block_additional_residual=_second_half(self.mid_block_additional_residual, n),
+            image_embeds=None if self.image_embeds is None else tuple(_second_half(e, n) for e in self.image_embeds),
         )
 
     def at_size(self, latent_hw: tuple[int, int], full_hw: tuple[int, int]) -> Conditioning:

@@ -370,7 +370,7 @@ class _Session:
     ):
         transformer = self.spec.is_transformer
         unsupported = sorted(k for k, v in other.items() if v is not None and k != "return_dict")
-        allowed = {"resolution", "aspect_ratio"} if transformer else {"text_embeds", "time_ids"}
+        allowed = {"resolution", "aspect_ratio"} if transformer else {"text_embeds", "time_ids", "image_embeds"}
         extra = sorted(k for k, v in (added_cond_kwargs or {}).items() if k not in allowed and v is not None)
         if encoder_attention_mask is not None and not transformer:
             extra.append("encoder_attention_mask")
@@ -396,6 +396,7 @@ class _Session:
             aspect_ratio=added.get("aspect_ratio"),
             down_block_additional_residuals=None if down_block_additional_residuals is None else tuple(down_block_additional_residuals),
             mid_block_additional_residual=mid_block_additional_residual,
+            image_embeds=None if added.get("image_embeds") is None else tuple(added["image_embeds"]),
         )
         full_hw = self.plan.latent_hw
         if step.guidance == "cond" and cond.has_uncond:

@@ -61,7 +61,9 @@ class CrossAttentionSplit:
         self.shallow_xattn = shallow_xattn
         self._originals = [m.processor for m in attn2]
         for k, m in enumerate(attn2):
-            m.processor = _XAttnProcessor(m.processor, k, self.io)
+            # set_processor, not assignment: an IP-Adapter's processor is a module (its image key/value projections),
+            # which the Attention module holds as a child until the wrapper stands in for it
+            m.set_processor(_XAttnProcessor(m.processor, k, self.io))
 
     @property
     def num_xattn(self) -> int:
@@ -75,7 +77,7 @@ class CrossAttentionSplit:
 
     def close(self) -> None:
         for m, p in zip(self.attn2, self._originals):
-            m.processor = p
+            m.set_processor(p)
         self.attn2 = []
 
     def __enter__(self):

@@ -20,6 +20,8 @@ Variants (``Step.variant``):
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -83,11 +85,32 @@ def _check_supported(unet) -> None:
     unsupported = {
         "class_embed_type": cfg.class_embed_type,
         "addition_embed_type": cfg.addition_embed_type if cfg.addition_embed_type not in (None, "text_time") else None,
-        "encoder_hid_dim_type": cfg.encoder_hid_dim_type,
+        # "ip_image_proj": an IP-Adapter loaded with load_ip_adapter (its image tokens come in added_cond_kwargs)
+        "encoder_hid_dim_type": cfg.encoder_hid_dim_type if cfg.encoder_hid_dim_type != "ip_image_proj" else None,
     }
     unsupported = {k: v for k, v in unsupported.items() if v is not None}
     if unsupported:
         raise ModelError(f"unsupported UNet configuration {unsupported}; PostDiff supports SD 1.x/2.x and SDXL UNets")
+
+
+@contextlib.contextmanager
+def _lora_scaled(unet, cross_attention_kwargs: dict | None):
+    """As ``UNet2DConditionModel.forward`` does: ``cross_attention_kwargs["scale"]`` scales the UNet's PEFT LoRA layers
+    (``load_lora_weights``, unfused) for this call and is not passed on to the attention processors."""
+    if not cross_attention_kwargs or "scale" not in cross_attention_kwargs:
+        yield cross_attention_kwargs
+        return
+    from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
+
+    kw = dict(cross_attention_kwargs)
+    scale = kw.pop("scale")
+    if USE_PEFT_BACKEND:
+        scale_lora_layers(unet, scale)
+    try:
+        yield kw or None
+    finally:
+        if USE_PEFT_BACKEND:
+            unscale_lora_layers(unet, scale)
 
 
 class UNetSplit(CrossAttentionSplit):
@@ -158,12 +181,14 @@ class UNetSplit(CrossAttentionSplit):
         return self.up_layers[self.entry :]
 
     # -- the forward -----------------------------------------------------------------------------------------------
-    def _embed(self, sample, timestep, ehs, text_embeds, time_ids, timestep_cond):
+    def _embed(self, sample, timestep, ehs, text_embeds, time_ids, timestep_cond, image_embeds=None):
         unet = self.unet
         if unet.config.center_input_sample:
             sample = 2 * sample - 1.0
         emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), timestep_cond)
         added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.is_sdxl else None
+        if image_embeds is not None:  # IP-Adapter: process_encoder_hidden_states adds the projected image tokens
+            added = {**(added or {}), "image_embeds": list(image_embeds)}
         aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=ehs, added_cond_kwargs=added)
         if aug is not None:
             emb = emb + aug
@@ -193,6 +218,7 @@ class UNetSplit(CrossAttentionSplit):
             cond.cross_attention_kwargs,
             cond.down_block_additional_residuals,
             cond.mid_block_additional_residual,
+            cond.image_embeds,
         )
 
     def forward(self, variant: str, sample: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, ...]:
@@ -215,12 +241,16 @@ class UNetSplit(CrossAttentionSplit):
         cross_attention_kwargs: dict | None = None,
         down_residuals: Sequence[torch.Tensor] | None = None,
         mid_residual: torch.Tensor | None = None,
+        image_embeds: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, ...]:
+        with _lora_scaled(self.unet, cross_attention_kwargs) as kw:
+            sample, emb, ehs = self._embed(sample, timestep, encoder_hidden_states, text_embeds, time_ids, timestep_cond, image_embeds)
+            return self._run(variant, sample, emb, ehs, deep, xattn, kw, down_residuals, mid_residual)
+
+    def _run(self, variant, sample, emb, ehs, deep, xattn, kw, down_residuals, mid_residual):
         wanted = self.xattn_indices(variant)
         depth, mode = self._check_variant(variant, deep, xattn, wanted)
-        kw = cross_attention_kwargs
         unet = self.unet
-        sample, emb, ehs = self._embed(sample, timestep, encoder_hidden_states, text_embeds, time_ids, timestep_cond)
         up_factor = 2**self.num_upsamplers
         forward_size = any(d % up_factor != 0 for d in sample.shape[-2:])
 
