@@ -19,10 +19,20 @@ ROOT = Path(__file__).resolve().parents[3]
 ENGINE = ROOT / "packages/postdiff-core"
 
 
+# peft (installed for the LoRA tests) is imported by diffusers.hooks whenever it is installed, and it imports
+# transformers' modeling code, which imports scipy: third-party, not the engine. Hidden from the probe, so the
+# probe measures what PostDiff's own imports load.
+_HIDE_PEFT = "import sys\nsys.modules['peft'] = None  # importlib.util.find_spec('peft') is None: not installed\n"
+
+
 def _loaded_after(code: str) -> set[str]:
-    """Top-level modules in sys.modules after running ``code`` in a fresh interpreter."""
+    """Top-level modules in sys.modules after running ``code`` in a fresh interpreter (peft hidden, see above)."""
     out = subprocess.run(
-        [sys.executable, "-c", f"{code}\nimport sys, json; print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"],
+        [
+            sys.executable,
+            "-c",
+            f"{_HIDE_PEFT}{code}\nimport sys, json; print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))",
+        ],
         capture_output=True,
         text=True,
         check=True,

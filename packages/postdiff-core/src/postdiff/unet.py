@@ -21,7 +21,6 @@ Variants (``Step.variant``):
 from __future__ import annotations
 
 import contextlib
-
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
