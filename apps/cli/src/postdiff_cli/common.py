@@ -70,6 +70,68 @@ def search_args(p: argparse.ArgumentParser) -> None:
     )
     guidance_arg(p)
     p.add_argument("--seed", type=int, default=0, help="calibration seed; held-out samples use seed + 1")
+    executor_args(p)
+
+
+def executor_args(p: argparse.ArgumentParser) -> None:
+    """Where the quality cells run (postdiff_lab.cluster): here, or on a Dask or Ray cluster."""
+    p.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "dask", "ray"],
+        help="where the samples are generated and measured: local (this process, the default), dask or ray "
+        "(a local cluster on this machine, or the one --address names)",
+    )
+    p.add_argument("--address", default=None, help="join an existing cluster: tcp://host:8786 (dask) or ray://host:10001 (ray)")
+    p.add_argument("--shard", type=int, default=None, help="samples per cell (default: 100, the sampler's batch)")
+    p.add_argument(
+        "--cell-threads",
+        type=int,
+        default=None,
+        help="torch threads per cell (default: this process's); equal counts give equal numbers on every executor",
+    )
+
+
+def make_executor(args):
+    """The executor of --executor/--address (the cluster library is imported only when one is asked for)."""
+    import torch
+
+    from postdiff.errors import PostDiffError
+    from postdiff_lab.cluster import make_executor as make
+
+    if args.shard is not None and args.shard < 1:
+        raise PostDiffError(f"--shard must be at least 1 sample, got {args.shard}")
+    if args.cell_threads is not None and args.cell_threads < 1:
+        raise PostDiffError(f"--cell-threads must be at least 1, got {args.cell_threads}")
+    return make(args.executor, args.address, threads=args.cell_threads or torch.get_num_threads())
+
+
+def executor_options(args) -> dict:
+    return {"shard": args.shard, "threads": args.cell_threads}
+
+
+def run_search(args, measure, target, **specific) -> dict:
+    """``postdiff plan search`` and ``sweep``: ``measure(source, target, ...)`` (``postdiff_lab.search.search`` or
+    ``sweep``) on the model, grid and executor the arguments name; the result records how it was made."""
+    from postdiff_lab.report import machine_info
+
+    grid = search_grid(args)
+    source = make_source(args)
+    with make_executor(args) as executor:
+        result = measure(
+            source,
+            target,
+            grid=grid,
+            calibration=args.calibration,
+            metric=args.metric,
+            seed=args.seed,
+            log=log,
+            executor=executor,
+            **executor_options(args),
+            **specific,
+        )
+    result.update({"command": args.command_line, "machine": machine_info(), "grid": grid.__dict__, "executor": args.executor})
+    return result
 
 
 def grid_args(p: argparse.ArgumentParser) -> None:

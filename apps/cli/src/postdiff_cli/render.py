@@ -133,8 +133,8 @@ def eval_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         row = [
             r["plan"],
             f"{r['macs_ratio']:.3f}",
-            f"{r['seconds']:.1f}",
-            f"{r['speedup']:.2f}x",
+            "-" if r["seconds"] is None else f"{r['seconds']:.1f}",
+            "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
             "identical" if base else f"{r['psnr']:.2f} ± {r['psnr_ci95']:.2f}",
             "1" if base else f"{r['ssim']:.3f}",
             "0" if base else f"{r['lpips']:.3f} ± {r['lpips_ci95']:.3f}",

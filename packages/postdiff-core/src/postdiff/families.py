@@ -224,6 +224,7 @@ class ClassConditional(Family):
         progress: bool = False,
         ops=None,
         latents_out: list | None = None,
+        first: int = 0,
     ):
         """The class-conditional sampling loop, whatever runs the networks (PyTorch, a bundle's graphs) and whatever
         holds the arrays (``ops``: ``postdiff.arrays.TORCH`` by default, ``NUMPY`` for the runtime without PyTorch):
@@ -241,7 +242,8 @@ class ClassConditional(Family):
             return np.zeros((0, h, w), dtype=np.uint8)
         if min(labels) < 0 or max(labels) >= num_classes:
             raise RecipeError(f"labels must be class indices 0-{num_classes - 1}")
-        noise = ops.cat([ops.randn((1, channels, h, w), self.generator(seed, i, ops)) for i in range(len(labels))])
+        # image i of the request is sample first + i: a shard of a larger request draws that sample's noise
+        noise = ops.cat([ops.randn((1, channels, h, w), self.generator(seed, first + i, ops)) for i in range(len(labels))])
         out = []
         for start in range(0, len(labels), batch_size):
             y = labels[start : start + batch_size]
@@ -251,7 +253,7 @@ class ClassConditional(Family):
                 cond = Conditioning(encode(ops.asarray(y, dtype="int64")), has_uncond=False)
             sch = make_scheduler()
             # per-sample generators for the noise drawn later (resolution switch, ancestral samplers)
-            g = [ops.generator(seed * 7919 + i) for i in range(start, start + len(y))]
+            g = [ops.generator(seed * 7919 + first + i) for i in range(start, start + len(y))]
             x = noise[start : start + batch_size] * sch.init_noise_sigma
             x = run_plan(
                 plan, denoiser, sch, cond, guidance_scale=guidance_scale, generator=g, latents=x, channels=channels, progress=progress

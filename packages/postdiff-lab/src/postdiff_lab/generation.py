@@ -60,8 +60,15 @@ class Source:
     def macs_ratio(self, plan: Plan) -> float:
         return self.cost(plan).ratio
 
-    def generate(self, recipe: Recipe, n: int, seed: int = 0, *, conditions: Sequence | None = None, progress: bool = False) -> Batch:
+    def generate(
+        self, recipe: Recipe, n: int, seed: int = 0, *, conditions: Sequence | None = None, progress: bool = False, first: int = 0
+    ) -> Batch:
+        """``n`` images of seed ``seed``; ``first``: they are images first .. first + n - 1 of a larger request (a shard
+        of it, as cluster cells generate): the same images, with the same conditions, as in the whole request."""
         raise NotImplementedError
+
+    def conditions_of(self, n: int, first: int = 0) -> list:
+        return self.default_conditions(first + n)[first:]
 
 
 def baseline_steps(plan: Plan) -> int:
@@ -77,9 +84,9 @@ class ClassSource(Source):
     """A class-conditional pipeline (the embedded Fashion-MNIST and digits models); conditions are class labels
     (image i gets class i mod 10). Other sizes than 32 px run the model at that pixel size (``postdiff eval --sizes``)."""
 
-    def generate(self, recipe, n, seed=0, *, conditions=None, progress=False) -> Batch:
+    def generate(self, recipe, n, seed=0, *, conditions=None, progress=False, first=0) -> Batch:
         pipe = self.model.pipeline
-        labels = list(conditions) if conditions is not None else self.default_conditions(n)
+        labels = list(conditions) if conditions is not None else self.conditions_of(n, first)
         plan = self.compile(recipe)
         start = time.perf_counter()
         images = pipe.generate(
@@ -89,6 +96,7 @@ class ClassSource(Source):
             guidance_scale=self.guidance,
             scheduler=self.scheduler_name or "DDIMScheduler",
             progress=progress,
+            first=first,
         )
         seconds = time.perf_counter() - start
         return Batch(images.astype(np.float32)[..., None] / 255.0, labels, seconds)
@@ -97,13 +105,13 @@ class ClassSource(Source):
 class DiffusersSource(Source):
     """A diffusers SD/SDXL/LCM/PixArt pipeline run through ``postdiff.apply``; conditions are prompts."""
 
-    def generate(self, recipe, n, seed=0, *, conditions=None, progress=False) -> Batch:
+    def generate(self, recipe, n, seed=0, *, conditions=None, progress=False, first=0) -> Batch:
         from postdiff import diffusers_hook
 
         pipe = self.model.pipeline
         if self.scheduler_name:
             pipe.scheduler = self.model.scheduler(self.scheduler_name)
-        prompts = list(conditions) if conditions is not None else self.default_conditions(n)
+        prompts = list(conditions) if conditions is not None else self.conditions_of(n, first)
         diffusers_hook.apply(pipe, load_recipe(recipe))
         images = []
         start = time.perf_counter()
@@ -114,7 +122,7 @@ class DiffusersSource(Source):
                     height=self.height,
                     width=self.width,
                     guidance_scale=self.guidance,
-                    generator=self.model.family.generator(seed, i),
+                    generator=self.model.family.generator(seed, first + i),
                     output_type="np",
                     **self.model.family.call_options(),
                 )

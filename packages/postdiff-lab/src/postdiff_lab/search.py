@@ -134,9 +134,17 @@ def candidates(source: Source, grid: Grid, steps: int = 20, max_ratio: float = 1
 
 
 class Scorer:
-    """Quality of a plan from ``n`` samples of seed ``seed`` (lower is better), each measured once and kept."""
+    """Quality of a plan from ``n`` samples of seed ``seed`` (lower is better), each measured once and kept.
 
-    def __init__(self, source: Source, metric: str, steps: int = 20) -> None:
+    Samples are measured in cells (``postdiff_lab.cluster``) by ``executor`` (in this process by default, or on a
+    Dask or Ray cluster); FID and KID are computed here from the gathered features, LPIPS is the mean of the
+    per-sample distances the cells return."""
+
+    def __init__(
+        self, source: Source, metric: str, steps: int = 20, *, executor=None, shard: int | None = None, threads: int | None = None
+    ) -> None:
+        from .cluster import DEFAULT_SHARD, Executor
+
         if metric not in METRICS:
             raise PostDiffError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
         if metric in ("fid", "kid") and source.model.dataset is None:
@@ -144,36 +152,69 @@ class Scorer:
                 f"--metric {metric} needs a reference set, which only the embedded reference models have; use --metric lpips for {source.model.name}"
             )
         self.source, self.metric, self.steps = source, metric, steps
+        self.executor = executor or Executor()
+        self.shard = DEFAULT_SHARD if shard is None else int(shard)
+        if threads is None:
+            import torch
+
+            threads = torch.get_num_threads()
+        self.threads = int(threads)  # torch threads per cell: equal counts give equal numbers on every executor
         self._scores: dict[tuple[str, int, int], float] = {}
-        self._baseline: dict[tuple[int, int], np.ndarray] = {}
+        self._model_hash: str | None = None
         self.seconds = 0.0
 
+    @property
+    def model_hash(self) -> str:
+        if self._model_hash is None:
+            from .cluster import model_fingerprint
+
+            self._model_hash = model_fingerprint(self.source.model)
+        return self._model_hash
+
     def score(self, recipe: Recipe, n: int, seed: int) -> float:
-        key = (recipe.to_json(indent=None), n, seed)
-        if key in self._scores:
-            return self._scores[key]
-        start = time.perf_counter()
-        images = self.source.generate(recipe, n, seed).images
+        return self.score_many([(recipe, n, seed)])[0]
+
+    def score_many(self, requests: Sequence[tuple[Recipe, int, int]]) -> list[float]:
+        """Scores of several (recipe, n, seed) at once: their cells go to the executor together."""
+        from .cluster import cells_for
+
+        keys = [(r.to_json(indent=None), n, seed) for r, n, seed in requests]
+        todo = {k: req for k, req in zip(keys, requests) if k not in self._scores}
+        if todo:
+            start = time.perf_counter()
+            cells = {
+                k: cells_for(
+                    self.source,
+                    r,
+                    n,
+                    seed,
+                    self.metric,
+                    model_hash=self.model_hash,
+                    shard=self.shard,
+                    baseline_steps=self.steps,
+                    threads=self.threads,
+                )
+                for k, (r, n, seed) in todo.items()
+            }
+            results = self.executor.run([c for cs in cells.values() for c in cs], self.source)
+            at = 0
+            for k, cs in cells.items():
+                self._scores[k] = self._combine(results[at : at + len(cs)])
+                at += len(cs)
+            self.seconds += time.perf_counter() - start
+        return [self._scores[k] for k in keys]
+
+    def _combine(self, results: list[dict[str, Any]]) -> float:
         if self.metric == "lpips":
-            from .metrics import lpips_distance
+            return float(np.concatenate([r["lpips"] for r in results]).mean())
+        from .metrics import frechet_distance, kernel_inception_distance
+        from .reference.classifier import test_set_features
 
-            if (n, seed) not in self._baseline:
-                self._baseline[(n, seed)] = self.source.generate(Recipe(name="baseline", steps=self.steps), n, seed).images
-            small = images.shape[1] < 64
-            value = float(lpips_distance(images, self._baseline[(n, seed)], resize_to=64 if small else None).mean())
-        else:
-            from .metrics import frechet_distance, kernel_inception_distance
-            from .reference.classifier import classify_samples, test_set_features
-
-            dataset = self.source.model.dataset
-            feats = classify_samples(images, dataset)[2]
-            if self.metric == "fid":
-                value = frechet_distance(feats, test_set_features(dataset))
-            else:
-                value = kernel_inception_distance(feats, test_set_features(dataset), subset_size=min(1000, n))[0]
-        self.seconds += time.perf_counter() - start
-        self._scores[key] = value
-        return value
+        feats = np.concatenate([r["features"] for r in results])
+        reference = test_set_features(self.source.model.dataset)
+        if self.metric == "fid":
+            return float(frechet_distance(feats, reference))
+        return float(kernel_inception_distance(feats, reference, subset_size=min(1000, len(feats)))[0])
 
 
 def default_metric(source: Source) -> str:
@@ -186,10 +227,11 @@ def check_budget(budget: float, name: str = "a budget") -> None:
 
 
 def _calibrate(pool: Sequence[Candidate], scorer: Scorer, n: int, seed: int, log: Callable[[str], None]) -> None:
-    for i, c in enumerate(pool, 1):
-        if "calibration" not in c.scores:
-            c.scores["calibration"] = scorer.score(c.recipe, n, seed)
-            log(f"calibration [{i}/{len(pool)}] {c.name}: MACs {c.macs_ratio:.3f}, {scorer.metric} {c.scores['calibration']:.4g}")
+    todo = [c for c in pool if "calibration" not in c.scores]
+    log(f"calibration: {len(todo)} plans x {n} samples on the {scorer.executor.name} executor")
+    for i, (c, value) in enumerate(zip(todo, scorer.score_many([(c.recipe, n, seed) for c in todo])), 1):
+        c.scores["calibration"] = value
+        log(f"calibration [{i}/{len(todo)}] {c.name}: MACs {c.macs_ratio:.3f}, {scorer.metric} {value:.4g}")
 
 
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
@@ -213,6 +255,9 @@ def search(
     metric: str | None = None,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    executor=None,
+    shard: int | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """The best plan of either family with MACs within ``budget``, chosen on ``calibration`` samples; the ``top``
     best are then measured on ``holdout`` held-out samples (0: skip) to report how well the rankings agree."""
@@ -222,7 +267,7 @@ def search(
     if holdout < 0 or top < 1:
         raise PostDiffError(f"--holdout must be 0 or more and --top at least 1, got {holdout} and {top}")
     grid.check_steps(steps)
-    scorer = Scorer(source, metric or default_metric(source), steps)
+    scorer = Scorer(source, metric or default_metric(source), steps, executor=executor, shard=shard, threads=threads)
     pool = candidates(source, grid, steps, budget)
     if not pool:
         raise PostDiffError(f"no plan in the grid fits a budget of {budget} of the baseline's MACs; raise --budget or widen the grid")
@@ -233,9 +278,10 @@ def search(
     agreement: dict[str, Any] = {"holdout_samples": holdout}
     if holdout:
         best = ranked[:top]
-        for i, c in enumerate(best, 1):
-            c.scores["holdout"] = scorer.score(c.recipe, holdout, seed + HOLDOUT_SEED_OFFSET)
-            log(f"held out [{i}/{len(best)}] {c.name}: {scorer.metric} {c.scores['holdout']:.4g}")
+        values = scorer.score_many([(c.recipe, holdout, seed + HOLDOUT_SEED_OFFSET) for c in best])
+        for i, (c, value) in enumerate(zip(best, values), 1):
+            c.scores["holdout"] = value
+            log(f"held out [{i}/{len(best)}] {c.name}: {scorer.metric} {value:.4g}")
         held = sorted(best, key=lambda c: c.scores["holdout"])
         agreement.update(
             {
@@ -269,6 +315,9 @@ def sweep(
     metric: str | None = None,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    executor=None,
+    shard: int | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """For each budget, the best plan of each family (chosen on the calibration set), both measured on
     ``samples`` held-out samples, with the baseline measured the same way."""
@@ -280,34 +329,38 @@ def sweep(
         raise PostDiffError(f"--calibration and --samples must be at least 1, got {calibration} and {samples}")
     budgets = sorted(set(budgets))
     grid.check_steps(steps)
-    scorer = Scorer(source, metric or default_metric(source), steps)
+    scorer = Scorer(source, metric or default_metric(source), steps, executor=executor, shard=shard, threads=threads)
     pool = candidates(source, grid, steps, max(budgets))
     log(f"sweep: {len(pool)} plans within {max(budgets)} of the baseline's MACs, {calibration} calibration samples each ({scorer.metric})")
     _calibrate(pool, scorer, calibration, seed, log)
     held_seed = seed + HOLDOUT_SEED_OFFSET
-    baseline = scorer.score(Recipe(name="baseline", steps=steps), samples, held_seed)
 
-    def measured_best(fits: list[Candidate], budget: float, label: str) -> dict[str, Any] | None:
-        """The calibration winner among ``fits``, measured on the held-out samples (once per plan)."""
-        if not fits:
-            return None
-        best = min(fits, key=lambda c: c.scores["calibration"])
-        if "holdout" not in best.scores:
-            best.scores["holdout"] = scorer.score(best.recipe, samples, held_seed)
-            log(f"sweep: budget {budget}: {label} {best.name}: {scorer.metric} {best.scores['holdout']:.4g} on {samples} held-out samples")
-        return best.to_dict()
+    def winner(fits: list[Candidate]) -> Candidate | None:
+        """The calibration winner among ``fits``."""
+        return min(fits, key=lambda c: c.scores["calibration"]) if fits else None
 
-    rows = []
+    chosen: list[dict[str, Candidate | None]] = []
     for b in budgets:
         fits = [c for c in pool if c.macs_ratio <= b + 1e-9]
+        picks = {family: winner([c for c in fits if c.family == family]) for family in FAMILIES}
+        if any(grid.shifts):  # the best plan with the paper's switch beside it: does the shift move the frontier?
+            picks[PAPER_SWITCH] = winner([c for c in fits if c.family == "cheaper-steps" and not _shift(c.recipe)])
+        chosen.append(picks)
+    # every winner and the baseline on the held-out samples, in one batch of cells (each plan once)
+    held = list({id(c): c for picks in chosen for c in picks.values() if c is not None}.values())
+    values = scorer.score_many(
+        [(Recipe(name="baseline", steps=steps), samples, held_seed)] + [(c.recipe, samples, held_seed) for c in held]
+    )
+    baseline = values[0]
+    for c, value in zip(held, values[1:]):
+        c.scores["holdout"] = value
+        log(f"sweep: {c.name}: {scorer.metric} {value:.4g} on {samples} held-out samples")
+    rows = []
+    for b, picks in zip(budgets, chosen):
         row: dict[str, Any] = {"budget": b}
-        for family in FAMILIES:
-            row[family] = measured_best([c for c in fits if c.family == family], b, family)
+        row.update({label: (c.to_dict() if c is not None else None) for label, c in picks.items()})
         present = [f for f in FAMILIES if row[f]]
         row["winner"] = min(present, key=lambda f: row[f]["holdout"]) if present else None
-        if any(grid.shifts):  # the best plan with the paper's switch beside it: does the shift move the frontier?
-            paper = [c for c in fits if c.family == "cheaper-steps" and not _shift(c.recipe)]
-            row[PAPER_SWITCH] = measured_best(paper, b, "paper's switch")
         rows.append(row)
     return {
         "model": source.model.name,

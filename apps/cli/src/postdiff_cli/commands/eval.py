@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..common import guidance_arg, log, make_source, model_args, numbers, warn
+from ..common import executor_args, executor_options, guidance_arg, log, make_executor, make_source, model_args, numbers, warn
 from ..render import eval_size_table, eval_table, print_table
 
 DEFAULT_PLANS = "baseline,steps:8,deepcache,mixed-res,xattn-gate,postdiff"
@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
     e.add_argument("--json", default=None, help="write the results as JSON to this file")
     e.add_argument("--grid", default="postdiff-eval.png", help="grid image of the first samples under each plan")
     e.add_argument("--no-progress", action="store_true")
+    executor_args(e)
 
 
 def run(args) -> int:
@@ -37,6 +38,8 @@ def run(args) -> int:
     from postdiff_lab.images import save_grid
     from postdiff_lab.report import write_json
 
+    if args.sizes is not None and args.executor != "local":
+        raise PostDiffError("--sizes runs here; leave out --executor (only --plans evaluations run on a cluster)")
     if args.sizes is not None and args.plans is not None:
         raise PostDiffError("--sizes runs baseline at each size; leave out --plans (or run the plans without --sizes)")
     sizes = numbers(args.sizes, "--sizes", int) if args.sizes is not None else ()
@@ -60,16 +63,19 @@ def run(args) -> int:
             raise PostDiffError(f"--plans is empty; give comma-separated plans, e.g. {DEFAULT_PLANS}")
         for p in plans:
             warn(source.model.untrained_warning(source.compile(p)))  # unknown plans fail before any generation
-        result = evaluate(
-            source,
-            plans,
-            args.samples,
-            seed=args.seed,
-            inception=args.inception,
-            inception_reference=args.inception_reference,
-            log=log,
-            progress=not args.no_progress,
-        )
+        with make_executor(args) as executor:
+            result = evaluate(
+                source,
+                plans,
+                args.samples,
+                seed=args.seed,
+                inception=args.inception,
+                inception_reference=args.inception_reference,
+                log=log,
+                progress=not args.no_progress,
+                executor=executor,
+                **executor_options(args),
+            )
         headers, rows = eval_table(result)
         title = f"{args.samples} samples per plan, seed {args.seed}, {result['scheduler']}"
         labels = [r["plan"] for r in result["plans"]]

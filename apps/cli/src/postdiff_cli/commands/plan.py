@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ..common import grid_args, log, make_source, model_args, plans_help, search_args, search_grid, warn
+from ..common import grid_args, make_source, model_args, plans_help, run_search, search_args, warn
 from ..render import fmt_macs, print_table
 
 
@@ -138,24 +138,11 @@ def _transformer_columns(spec, plan):
 
 def _search(args) -> int:
     from postdiff.recipe import Recipe
-    from postdiff_lab.report import machine_info, write_json
+    from postdiff_lab.report import write_json
     from postdiff_lab.search import check_budget, search
 
     check_budget(args.budget)
-    grid = search_grid(args)
-    source = make_source(args)
-    result = search(
-        source,
-        args.budget,
-        grid=grid,
-        calibration=args.calibration,
-        holdout=args.holdout,
-        top=args.top,
-        metric=args.metric,
-        seed=args.seed,
-        log=log,
-    )
-    result.update({"command": args.command_line, "machine": machine_info(), "grid": grid.__dict__})
+    result = run_search(args, search, args.budget, holdout=args.holdout, top=args.top)
     chosen = result["chosen"]
     recipe = Recipe.from_dict(chosen["recipe"])
     agreement = result["agreement"]

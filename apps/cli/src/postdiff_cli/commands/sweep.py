@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..common import grid_args, log, make_source, numbers, search_args, search_grid
+from ..common import grid_args, numbers, run_search, search_args
 from ..render import print_table
 
 
@@ -20,18 +20,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from postdiff_lab.report import machine_info, write_json
+    from postdiff_lab.report import write_json
     from postdiff_lab.search import PAPER_SWITCH, check_budget, pareto_plot, sweep
 
     budgets = numbers(args.budgets, "--budgets")
     for b in budgets:
         check_budget(b)
-    grid = search_grid(args)
-    source = make_source(args)
-    result = sweep(
-        source, budgets, grid=grid, calibration=args.calibration, samples=args.samples, metric=args.metric, seed=args.seed, log=log
-    )
-    result.update({"command": args.command_line, "machine": machine_info(), "grid": grid.__dict__})
+    result = run_search(args, sweep, budgets, samples=args.samples)
     print(
         f"postdiff sweep on {result['model']}: {result['metric']} on {args.samples} held-out samples (plans chosen on {args.calibration} "
         f"calibration samples); baseline {result['baseline']['holdout']:.4g}"

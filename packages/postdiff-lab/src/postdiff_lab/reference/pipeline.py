@@ -125,9 +125,11 @@ class ReferencePipeline:
         steps: int | None = None,
         batch_size: int = 100,
         progress: bool = False,
+        first: int = 0,
     ) -> np.ndarray:
         """uint8 images (N x 32 x 32), one per label. Sample i's noise (initial, and any drawn later) depends only
-        on (seed, i), so the same seed gives the same noise under every plan and batch size: outputs are paired."""
+        on (seed, i), so the same seed gives the same noise under every plan and batch size: outputs are paired.
+        ``first``: the labels are samples first, first + 1, ... of a larger request (a shard of it)."""
         compiled = plan if isinstance(plan, Plan) else self.compile(plan, steps, scheduler)
         with UNetSplit(self.unet, block=compiled.recipe.cache_block) as split:
             return FAMILY.sample(
@@ -142,4 +144,5 @@ class ReferencePipeline:
                 guidance_scale=guidance_scale,
                 batch_size=batch_size,
                 progress=progress,
+                first=first,
             )
