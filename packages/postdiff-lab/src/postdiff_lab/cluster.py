@@ -110,7 +110,7 @@ def cells_for(
 
 
 # -- the worker side ----------------------------------------------------------------------------------------------
-_WORKER: dict[str, Any] = {"spec": None, "hash": None, "source": None, "baselines": {}}
+_WORKER: dict[str, Any] = {"spec": None, "hash": None, "model": None, "baselines": {}}
 _LOCK = threading.Lock()  # one cell at a time per process: a loaded model is not shared between threads
 
 
@@ -123,8 +123,7 @@ def _worker_source(cell: Cell, local_source=None):
         return local_source
     if _WORKER["spec"] != cell.model:
         model = load_model(cell.model, need_pipeline=True)
-        _WORKER.update(spec=cell.model, hash=model_fingerprint(model), source=None, baselines={})
-        _WORKER["model"] = model
+        _WORKER.update(spec=cell.model, hash=model_fingerprint(model), model=model, baselines={})
     if _WORKER["hash"] != cell.model_hash:
         raise PostDiffError(
             f"this worker's {cell.model!r} is not the driver's (content hash {_WORKER['hash']} vs {cell.model_hash}); "
