@@ -112,3 +112,27 @@ def test_ip_adapter_tokens_are_used_on_computed_steps_and_cached_on_gated_ones(k
     assert np.abs(first - other).max() > 1e-3
     postdiff.remove(pipe)
     assert np.abs(run(pipe, **options) - vanilla).max() <= 1e-6
+
+
+def test_captured_cross_attention_carries_the_ip_adapter_tokens():
+    """What a gated step replays is the attn2 output captured on the last CFG step, IP-Adapter part included:
+    captures made with two image embeddings differ, and a cached pass replaying a capture equals the full pass."""
+    from postdiff.unet import UNetSplit
+
+    pipe = make_pipe("sd")
+    embeds = load_toy_ip_adapter(pipe)
+    unet = pipe.unet
+    g = gen(2)
+    sample, t = torch.randn(1, 4, 16, 16, generator=g), torch.tensor(400.0)
+    ehs = torch.randn(1, 8, unet.config.cross_attention_dim, generator=g)
+    with UNetSplit(unet, 0) as split, torch.no_grad():
+
+        def capture(e):
+            return split.forward("full_capture", sample, t, ehs, image_embeds=[e])
+
+        a, b = capture(embeds[1:]), capture(embeds[:1])
+        assert all(not torch.allclose(x, y) for x, y in zip(a[2:], b[2:]))
+        vanilla = unet(sample, t, ehs, added_cond_kwargs={"image_embeds": [embeds[1:]]}).sample
+        assert torch.abs(a[0] - vanilla).max() <= 1e-5
+        cached = split.forward("full_cached", sample, t, ehs, None, None, None, tuple(a[2:]), image_embeds=[embeds[:1]])[0]
+        assert torch.allclose(cached, a[0], atol=1e-5)  # the replayed outputs win over the call's own image tokens
