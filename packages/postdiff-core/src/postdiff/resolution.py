@@ -157,5 +157,4 @@ def downsample_noise(noise, latent_hw: tuple[int, int]):
     h, w = noise.shape[-2:]
     if (h, w) == tuple(latent_hw):
         return noise
-    low = ops_for(noise).resize(noise, tuple(latent_hw), "area")
-    return low * ((h * w) / (latent_hw[0] * latent_hw[1])) ** 0.5
+    return downsample_latent(noise, latent_hw) * ((h * w) / (latent_hw[0] * latent_hw[1])) ** 0.5
