@@ -7,7 +7,7 @@ from pathlib import Path
 
 from postdiff.backends import Backend
 from postdiff.bundle import Manifest
-from postdiff.errors import BundleError
+from postdiff.errors import BundleError, ExportError
 
 from .session import DEFAULT_PROVIDER, PREPACK_HELP
 
@@ -74,6 +74,8 @@ class OnnxBackend(Backend):
         size, same = share_weights(folder, [g.file for g in graphs])
         for g in graphs:
             g.file = same.get(g.file, g.file)
+        if options.get("verify", True):
+            _check_loads(folder, dict.fromkeys(g.file for g in graphs))
         log(
             f"weights: every tensor of the {len(graphs)} graphs stored once in {WEIGHTS_FILE} ({size / 1e6:.1f} MB)"
             + (f"; {', '.join(same)} kept once as {', '.join(same.values())} (identical graphs)" if same else "")
@@ -96,3 +98,18 @@ class OnnxBackend(Backend):
         if static and not any(g.batch is not None for g in manifest.graphs):
             raise BundleError(f"{folder} has no static graphs; export it with --static, or run it without --static")
         return OrtRunner(folder, provider=provider, threads=threads, prepack=prepack), static
+
+
+def _check_loads(folder: Path, files) -> None:
+    """Open every rewritten graph the way the runtime does (on the shared weights): the graphs were checked against
+    PyTorch before their tensors moved into the shared file, so a graph that no longer loads is caught here, at
+    export, not on the user's device."""
+    from .session import make_session
+    from .weights import WEIGHTS_FILE, SharedInitializers
+
+    shared = SharedInitializers(folder)
+    for file in files:
+        try:
+            make_session(folder / file, initializers=shared.for_graph(folder / file), prepack=False)
+        except BundleError as exc:
+            raise ExportError(f"{file} does not load once its tensors are in {WEIGHTS_FILE} ({exc}); please report this") from None

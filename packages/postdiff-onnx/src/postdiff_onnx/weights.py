@@ -29,6 +29,10 @@ ALIGN = 4096  # bytes: page-aligned offsets, so each tensor can be memory-mapped
 MIN_BYTES = 1024
 SMALL_ALIGN = 16
 INLINE_BYTES = 64
+# Only floating-point tensors are weights. Integer tensors are shapes, pads, axes and indices: they stay inside the
+# graph whatever their size, because ONNX shape inference, which runs when a session loads the graph, cannot read
+# them from an external file (a 4-D Pad's 64-byte int64 pads made the graph fail to load).
+WEIGHT_TYPES = (1, 10, 11, 16)  # TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
 
 def _tensors(proto):
@@ -67,6 +71,13 @@ def share_weights(folder: Path, files: list[str]) -> tuple[int, dict[str, str]]:
                     with open(folder / info["location"], "rb") as f:
                         f.seek(int(info.get("offset", 0)))
                         data = f.read(int(info["length"])) if "length" in info else f.read()
+                    if tensor.data_type not in WEIGHT_TYPES:  # back into the graph
+                        del tensor.external_data[:]
+                        tensor.data_location = TensorProto.DEFAULT
+                        tensor.raw_data = data
+                        continue
+                elif tensor.data_type not in WEIGHT_TYPES:
+                    continue
                 elif tensor.HasField("raw_data") and len(tensor.raw_data) >= INLINE_BYTES:
                     data = tensor.raw_data
                 else:
