@@ -16,8 +16,9 @@ sessions' ORT_ENABLE_EXTENDED without pre-packing unless a row says "prepack"):
 2. ``matmul``: a 1280x10240 linear layer (50 MB) on 2 x T tokens, with and without ORT's weight pre-packing: the
    cost of packing the weight on every call, which the shared sessions pay (pre-packing gives each session a copy).
 3. ``profile`` (with a bundle): ORT's profiler on the bundle's ``unet_full`` graph at the plan's low and full latent
-   sizes (batch 2), time per operator type, and for each the part that does not shrink with the MACs,
-   ``c = (r t_low - t_full) / (r - 1)`` for a MACs ratio r (a fit of t = c + MACs / rate through the two sizes).
+   sizes (batch 2), time per operator type, and for each the part that does not shrink with the latent,
+   ``c = (r t_low - t_full) / (r - 1)`` for the area ratio r of the two sizes (a fit of t = c + area / rate: the
+   MACs of convolutions and linear layers grow with the area; attention's grow faster, so its c comes out negative).
 
 Prints Markdown tables and writes JSON (``--out``).
 """
@@ -40,6 +41,10 @@ DEFAULT_BUNDLE = HERE / ".bundles" / "arch-sd15-postdiff-256"  # what bench_onnx
 
 
 def session(model_bytes_or_path, *, prepack: bool = False, threads: int = 2, initializers=None, profile: str | None = None):
+    """The runtime's shared-session settings (``postdiff_onnx.session.make_session`` with ``prepack=False``), built
+    here rather than called because this benchmark needs what the runtime never does: in-memory models, ORT's
+    profiler, and pre-packing without the NCHWc layout (``make_session``'s ``prepack`` brings both), so that the
+    ``prepack`` rows measure the packing alone."""
     import onnxruntime as ort
 
     o = ort.SessionOptions()
