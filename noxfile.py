@@ -77,12 +77,33 @@ def runtime(session: nox.Session) -> None:
         session.error("the main venv is missing: run bash scripts/setup.sh first (it exports the bundle this session runs)")
     work = Path(session.create_tmp()).resolve()
     bundle, reference = work / "reference-postdiff", work / "reference-images.npz"
-    # the main suite checks every exported graph against PyTorch; here the bundle only needs to exist
-    export = ["export", "onnx", "--model", "reference", "--plan", "postdiff", "-o", str(bundle), "--overwrite", "--no-verify"]
-    session.run(str(main / "postdiff"), *export, external=True)
-    session.run(
-        str(main / "python"), "packages/postdiff-onnx/runtime_tests/reference_images.py", str(bundle), str(reference), external=True
-    )
+    quantized = []  # every other weight type, on a two-graph plan (the main suite tests the quantized graphs themselves)
+    # the main suite checks every exported graph against PyTorch; here the bundles only need to exist
+    for folder, plan, weights in [(bundle, "postdiff", "fp32"), *((work / f"reference-{w}", "deepcache", w) for w in ("int8", "int4"))]:
+        export = [
+            "export",
+            "onnx",
+            "--model",
+            "reference",
+            "--plan",
+            plan,
+            "--weights",
+            weights,
+            "-o",
+            str(folder),
+            "--overwrite",
+            "--no-verify",
+        ]
+        session.run(str(main / "postdiff"), *export, external=True)
+        images = reference if folder == bundle else folder.with_suffix(".npz")
+        script = "packages/postdiff-onnx/runtime_tests/reference_images.py"
+        session.run(str(main / "python"), script, str(folder), str(images), external=True)
+        if folder != bundle:
+            quantized.append(f"{folder}={images}")
     session.install("-c", "constraints.txt", "./packages/postdiff-core", "./packages/postdiff-onnx", "pytest")
-    env = {"POSTDIFF_RUNTIME_BUNDLE": str(bundle), "POSTDIFF_RUNTIME_REFERENCE": str(reference)}
+    env = {
+        "POSTDIFF_RUNTIME_BUNDLE": str(bundle),
+        "POSTDIFF_RUNTIME_REFERENCE": str(reference),
+        "POSTDIFF_RUNTIME_QUANTIZED": ",".join(quantized),
+    }
     session.run("pytest", "-q", "-s", "--noconftest", "-p", "no:cacheprovider", "packages/postdiff-onnx/runtime_tests", env=env)

@@ -92,7 +92,10 @@ def main(argv=None) -> int:
         default="torch,onnx",
         help="comma-separated backends of the whole runs: torch, onnx, onnx-prepack (default: torch,onnx)",
     )
-    ap.add_argument("--bundle", default=None, help="bundle folder (default: benchmarks/.bundles/<model>-<plan>-<size>)")
+    ap.add_argument("--weights", default="fp32", help="weights of the exported bundle: fp32, fp16, int8, int4 (default: fp32)")
+    ap.add_argument(
+        "--bundle", default=None, help="bundle folder (default: benchmarks/.bundles/<model>-<plan>-<size>[-<weights>]; exported if missing)"
+    )
     ap.add_argument("--out", default=str(HERE / "results" / "onnx_cpu_sd15_256.json"))
     args = ap.parse_args(argv)
     if min(args.variant_runs, args.rounds, args.images, args.threads) < 1 or min(args.plan_runs, args.plan_warmup) < 0:
@@ -113,10 +116,11 @@ def main(argv=None) -> int:
     counter = model.mac_counter(recipe)
     cost = plan_cost(plan, counter, base, images=args.images)
 
-    bundle = Path(args.bundle or HERE / ".bundles" / f"{args.model.replace(':', '-')}-{recipe.label}-{px}")
+    suffix = "" if args.weights == "fp32" else f"-{args.weights}"
+    bundle = Path(args.bundle or HERE / ".bundles" / f"{args.model.replace(':', '-')}-{recipe.label}-{px}{suffix}")
     t0 = time.perf_counter()
     if not (bundle / "manifest.json").is_file():
-        export_onnx(model, args.plan, bundle, height=px, width=px, steps=args.steps, scheduler="DDIMScheduler")
+        export_onnx(model, args.plan, bundle, height=px, width=px, steps=args.steps, scheduler="DDIMScheduler", weights=args.weights)
     export_s = time.perf_counter() - t0
     folder, manifest = read_manifest(bundle, "onnx")
     runner = OrtRunner(folder, threads=args.threads)

@@ -37,11 +37,38 @@ DEFAULT_CKPT = HERE / "checkpoint.pt"
 WEIGHTS = {name: Path(ref.__file__).resolve().parent / folder for name, folder in ref.WEIGHT_FOLDERS.items()}
 
 
-def ddpm_alphas(device) -> torch.Tensor:
+# The noise schedules a run may train with: v1 to v2.1 used the cosine schedule; v3 uses Stable Diffusion's own
+# (scaled_linear, beta 0.00085 to 0.012), so every scheduler an SD user picks sees the noise levels it expects.
+SCHEDULES = {
+    "squaredcos_cap_v2": {"beta_schedule": "squaredcos_cap_v2"},
+    "scaled_linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+}
+
+
+def scheduler_config(schedule: str) -> dict:
+    """The sampling scheduler config of a model trained with ``schedule`` (training.json records it)."""
+    base = {k: v for k, v in ref.SCHEDULER_CONFIG.items() if k not in ("beta_schedule", "beta_start", "beta_end")}
+    return {**base, **SCHEDULES[schedule]}
+
+
+def ddpm_alphas(device, schedule: str) -> torch.Tensor:
     from diffusers import DDPMScheduler
 
-    sch = DDPMScheduler(**{k: v for k, v in ref.SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one", "steps_offset")})
-    return sch.alphas_cumprod.to(device)
+    config = {k: v for k, v in scheduler_config(schedule).items() if k not in ("set_alpha_to_one", "steps_offset")}
+    return DDPMScheduler(**config).alphas_cumprod.to(device)
+
+
+def load_init(path: Path, device) -> dict:
+    """Weights to start a new run from: a training checkpoint (.pt) or shipped weights (model.safetensors, whose EMA
+    weights then start both the model and its EMA)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path), device=str(device))
+        unet = {k.removeprefix("unet."): v for k, v in tensors.items() if k.startswith("unet.")}
+        enc = {k.removeprefix("class_encoder."): v for k, v in tensors.items() if k.startswith("class_encoder.")}
+        return {"unet": unet, "enc": enc, "ema_unet": unet, "ema_enc": enc, "step": "shipped"}
+    return torch.load(path, map_location=device, weights_only=True)
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -75,7 +102,7 @@ def train(args) -> None:
     ckpt = Path(args.ckpt)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     if not ckpt.exists() and args.init:
-        init = torch.load(args.init, map_location=device, weights_only=True)
+        init = load_init(Path(args.init), device)
         for name, module in (("unet", unet), ("enc", enc), ("ema_unet", ema_unet), ("ema_enc", ema_enc)):
             module.load_state_dict(init[name])
         print(f"initialised from {args.init} (iteration {init['step']}, sha256 {data.sha256(Path(args.init))[:12]})", flush=True)
@@ -88,8 +115,14 @@ def train(args) -> None:
         opt.load_state_dict(state["opt"])
         step = int(state["step"])
         args.init_sha256 = state["args"].get("init_sha256")  # the run's origin, whatever this sitting was given
+        saved = state["args"].get("schedule", "squaredcos_cap_v2")
+        if args.schedule not in (None, saved):
+            raise SystemExit(f"--schedule {args.schedule}: the checkpoint {ckpt} trains {saved}; resume with --schedule {saved}")
+        args.schedule = saved
         print(f"resumed from {ckpt} at iteration {step}", flush=True)
-    alphas = ddpm_alphas(device)
+    if args.schedule is None:  # a new run
+        args.schedule = "scaled_linear"
+    alphas = ddpm_alphas(device, args.schedule)
 
     def checkpoint(at: int) -> None:
         modules = {"unet": unet, "enc": enc, "ema_unet": ema_unet, "ema_enc": ema_enc, "opt": opt}
@@ -170,7 +203,7 @@ def export(args) -> None:
         "init_from": run.get("init_sha256"),
         "data": data.train_hashes(run.get("dataset", "fashion")),
         "unet": ref.UNET_CONFIG,
-        "scheduler": ref.SCHEDULER_CONFIG,
+        "scheduler": scheduler_config(run.get("schedule") or "squaredcos_cap_v2"),
         "class_tokens": {"tokens": ref.TOKENS, "dim": ref.TOKEN_DIM, "null_class": ref.NULL_CLASS},
     }
     (weights / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -185,6 +218,12 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt", default=None, help="checkpoint to resume and write (default: checkpoint.pt, digits/checkpoint.pt)")
     ap.add_argument("--init", default=None, help="start a new run from this checkpoint's weights (ignored when resuming)")
     ap.add_argument("--sizes", default="16,24,32", help="training sizes in px, one drawn per batch")
+    ap.add_argument(
+        "--schedule",
+        choices=sorted(SCHEDULES),
+        default=None,
+        help="noise schedule (default: the checkpoint's when resuming, else scaled_linear, Stable Diffusion's)",
+    )
     ap.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 0 at --iters")
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this sitting")
     ap.add_argument("--iters", type=int, default=1_000_000, help="stop at this total iteration count")

@@ -16,6 +16,8 @@ import pytest
 
 BUNDLE = os.environ.get("POSTDIFF_RUNTIME_BUNDLE")
 REFERENCE = os.environ.get("POSTDIFF_RUNTIME_REFERENCE")
+# the int8 and int4 bundles and their torch-loop images: "bundle=images.npz,..."
+QUANTIZED = [tuple(pair.split("=", 1)) for pair in os.environ.get("POSTDIFF_RUNTIME_QUANTIZED", "").split(",") if pair]
 pytestmark = pytest.mark.skipif(not BUNDLE, reason="runs in the runtime-only venv of nox -s runtime")
 
 
@@ -65,6 +67,30 @@ def test_images_match_the_pytorch_backed_run_of_the_same_bundle():
     assert min(scores) >= 60.0 and latent_db >= 60.0, (scores, latent_db)
     other = load_bundle(BUNDLE).generate([int(ref["conditions"][0])], seed=int(ref["seed"]) + 1)
     assert _psnr(other[0], ref["images"][0]) < 40.0  # another seed differs: the comparison can fail
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_every_weight_type_runs_and_matches_its_pytorch_backed_run(index, tmp_path):
+    """int8 and int4 bundles, plain and --low-memory, against the torch loop over the same graphs; and the command."""
+    from postdiff_onnx import load_bundle
+
+    assert len(QUANTIZED) == 2, "nox -s runtime exports an int8 and an int4 bundle"
+    bundle, reference = QUANTIZED[index]
+    ref = np.load(reference)
+    runs = []
+    for low_memory in (False, True):
+        pipe = load_bundle(bundle, low_memory=low_memory)
+        runs.append(pipe.generate([int(c) for c in ref["conditions"]], seed=int(ref["seed"])))
+        assert pipe.manifest.weights == ("int8", "int4")[index]
+        # 30 dB, not 60: activations are quantized per call, so the schedulers' 1e-7 rounding differences move a few
+        # values across a quantization step (test_quantize.py measures it)
+        assert min(_psnr(a, b) for a, b in zip(runs[-1], ref["images"])) >= 30.0
+    assert np.array_equal(*runs)  # --low-memory changes the memory, not the image
+    out = tmp_path / "x.png"
+    cmd = [sys.executable, "-m", "postdiff_onnx", "run", bundle, "--prompt", "3", "--low-memory", "--no-progress", "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and out.is_file(), proc.stderr[-2000:]
+    assert f"{('int8', 'int4')[index]} weights" in proc.stdout
 
 
 def test_run_command_writes_the_image(tmp_path):

@@ -34,6 +34,7 @@ def _fmt(x: float, digits: int = 2) -> str:
 def bench_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     headers = [
         "backend",
+        "weights",
         "plan",
         "GMACs",
         "MACs ratio",
@@ -54,6 +55,7 @@ def bench_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         rows.append(
             [
                 r["backend"],
+                r.get("weights", "fp32"),
                 r["plan"],
                 _fmt(r["macs"] / 1e9, 1),
                 _fmt(r["macs_ratio"], 3),
@@ -70,18 +72,19 @@ def bench_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             ]
         )
     for s in result["skipped"]:
-        rows.append([s["backend"], "skipped (reason below)", *["-"] * (len(headers) - 2)])
+        rows.append([s["backend"], "-", "skipped (reason below)", *["-"] * (len(headers) - 3)])
     return headers, rows
 
 
 def bench_step_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    headers = ["backend", "plan", "UNet variant", "latent", "batch", "calls", "median ms", "min ms", "max ms"]
+    headers = ["backend", "weights", "plan", "UNet variant", "latent", "batch", "calls", "median ms", "min ms", "max ms"]
     rows = []
     for r in result["results"]:
         for c in r["unet_calls"]:
             rows.append(
                 [
                     r["backend"],
+                    r.get("weights", "fp32"),
                     r["plan"],
                     c["variant"],
                     c["latent"],

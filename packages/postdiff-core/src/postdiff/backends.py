@@ -77,16 +77,30 @@ class Backend:
         raise NotImplementedError
 
     def finish(self, folder: Path, job, graphs: list[Graph], log: Callable[[str], None], **options) -> dict[str, Any]:
-        """After every graph: packaging (Core ML merges its functions). Returns the manifest's ``precision`` and the
-        backend's ``tools`` entries (versions, settings)."""
+        """After every graph: packaging (Core ML merges its functions). Returns the manifest's ``precision`` (what
+        the activations compute in), ``weights`` (how the weights are stored; default: the precision),
+        ``quantization`` (optional) and the backend's ``tools`` entries (versions, settings)."""
         return {"precision": "fp32", "tools": {}}
 
     # -- running -----------------------------------------------------------------------------------------------------
     def check_open(self, **options) -> None:
         """Refuse bad runner options, or a machine that cannot run this backend, before the bundle is read."""
 
-    def open_runner(self, folder: Path, manifest: Manifest, **options):
-        """A ``GraphRunner`` over the bundle's graphs, and whether it runs the fixed-shape graphs: (runner, static)."""
+    def export_weights(self, weights: str) -> dict[str, Any]:
+        """The export options that store the weights as ``weights`` (``--weights``: fp32, fp16, int8, int4), for
+        ``postdiff bench``; a ``PostDiffError`` when this backend cannot store them so."""
+        if weights != "fp32":
+            raise PostDiffError(f"{self.name} bundles hold fp32 weights only (asked for {weights})")
+        return {}
+
+    def check_bundle(self, manifest: Manifest, **options) -> None:
+        """Refuse, before any graph runs, a bundle this backend cannot run as asked (a weight type it has no kernels
+        for): one line that names what it can run (raise ``BundleError``)."""
+
+    def open_runner(self, folder: Path, manifest: Manifest, *, low_memory: bool = False, **options):
+        """A ``GraphRunner`` over the bundle's graphs, and whether it runs the fixed-shape graphs: (runner, static).
+        ``low_memory``: the generation runs under ``bundle_runtime.LeanRunner``; a runner may trade speed for memory
+        too (ONNX Runtime gives its arenas up)."""
         raise NotImplementedError
 
     def unavailable(self) -> str | None:

@@ -65,6 +65,17 @@ class Graph:
     exporter: str | None = None  # how it was made ("dynamo", "torchscript", ...)
     macs: dict[str, int] = field(default_factory=dict)  # latent size "HxW" -> MACs per call at batch 1
     psnr: dict[str, float] = field(default_factory=dict)  # latent size "HxW" -> min PSNR over outputs vs torch
+    # quantized bundles: what the graph's large layers hold ("int8", "int4"; None: the bundle's precision), and the
+    # min PSNR of its outputs against its own fp32 graph per latent size, measured at export (the fidelity gate)
+    weights: str | None = None
+    psnr_fp32: dict[str, float] = field(default_factory=dict)
+    # the same graph written for another runtime over the same weights file ({"openvino": file}): int8 graphs
+    # quantize activations per call for ONNX Runtime and keep them fp32 for OpenVINO (postdiff_onnx.quantize)
+    alternates: dict[str, str] = field(default_factory=dict)
+
+    def file_for(self, runtime: str) -> str:
+        """The graph file ``runtime`` runs (its alternate, when the bundle has one)."""
+        return self.alternates.get(runtime, self.file)
 
     @property
     def input_names(self) -> list[str]:
@@ -97,6 +108,10 @@ class Manifest:
     images_per_call: int = 1  # images per call of the fixed-shape graphs (batch 2N on CFG steps, N on the others)
     golden: dict[str, Any] | None = None  # what golden.npz holds (postdiff.golden), when exported with --golden
     cache_span: list[int] | None = None  # a transformer's cached blocks [start, end), when the recipe named them
+    # what the weights are stored as (--weights: fp32, fp16, int8, int4; Core ML: fp16, 8bit, 6bit, 4bit), and for
+    # quantized bundles how: scheme, layers {weight name: what it holds}, calibration, fidelity gate
+    weights: str = "fp32"
+    quantization: dict[str, Any] | None = None
     files: dict[str, str] = field(default_factory=dict)
     created: str = ""
     format: str = BUNDLE_FORMAT
@@ -164,6 +179,8 @@ class Manifest:
             d["cache_tensors"] = [TensorSpec(**t) for t in d.get("cache_tensors", [])]
             if "images_per_call" not in d:  # bundles written before it was a field kept it in tools, as a string
                 d["images_per_call"] = int(d.get("tools", {}).get("images_per_call", 1))
+            if "weights" not in d:  # bundles written before --weights: their precision says it
+                d["weights"] = "fp16" if "fp16" in str(d.get("precision", "")) else "fp32"
             return cls(**d)
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{where} is not a valid PostDiff manifest ({exc}); re-export the bundle") from None
@@ -346,5 +363,6 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
             raise BundleError(f"bundle file {rel} does not match its checksum in {MANIFEST} (truncated or modified); re-export the bundle")
     listed = set(manifest.files)
     for g in manifest.graphs:
-        if g.file not in listed and not any(f.startswith(g.file.rstrip("/") + "/") for f in listed):
-            raise BundleError(f"graph {g.name} names file {g.file}, which {MANIFEST} does not list; re-export the bundle")
+        for file in (g.file, *g.alternates.values()):
+            if file not in listed and not any(f.startswith(file.rstrip("/") + "/") for f in listed):
+                raise BundleError(f"graph {g.name} names file {file}, which {MANIFEST} does not list; re-export the bundle")

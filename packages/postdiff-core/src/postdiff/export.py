@@ -154,8 +154,11 @@ def export_bundle(
             t0 = time.perf_counter()
             made = backend.convert(src, job, folder, log, **options)
             psnr = ", ".join(f"{k} {v:.1f} dB" for g in made[:1] for k, v in g.psnr.items())
+            quantized = ", ".join(f"{k} {v:.1f} dB" for g in made[:1] for k, v in g.psnr_fp32.items())
+            checks = [f"PSNR vs torch: {psnr}"] if psnr else []
+            checks += [f"{made[0].weights} vs fp32: {quantized}"] if quantized else []
             log(
-                f"[{i}/{len(sources)}] {src.name}: done in {time.perf_counter() - t0:.1f} s" + (f" (PSNR vs torch: {psnr})" if psnr else "")
+                f"[{i}/{len(sources)}] {src.name}: done in {time.perf_counter() - t0:.1f} s" + (f" ({'; '.join(checks)})" if checks else "")
             )
             graphs += made
         facts = backend.finish(folder, job, graphs, log, **options)
@@ -170,6 +173,8 @@ def export_bundle(
             cache_span=list(compiled.recipe.cache_span) if compiled.recipe.cache_span else None,
             latent_sizes=[list(hw) for hw in job.sizes],
             precision=facts["precision"],
+            weights=facts.get("weights", facts["precision"]),
+            quantization=facts.get("quantization"),
             graphs=graphs,
             cache_tensors=cache_tensors(graphs),
             tools={**tool_versions(*([backend.package] if backend.package else [])), **facts.get("tools", {})},

@@ -35,15 +35,24 @@ class CoreMLBackend(Backend):
                 help="macos15: one multifunction package; macos14: one package per function",
             )
             parser.add_argument(
-                "--weights", default=None, choices=[w for w in export.WEIGHTS if w], help="compress the weights (default: fp16)"
+                "--weights",
+                default=None,
+                metavar="{fp16,8bit,6bit,4bit}",
+                help="how the weights are stored: fp16, 8bit (linear quantization), 6bit or 4bit (palettized) (default: fp16)",
             )
         else:  # generate, bench
             parser.add_argument("--compute-units", default=None, help=f"Core ML compute units: {', '.join(COMPUTE_UNITS)} (default: ALL)")
 
     def options(self, args, command: str) -> dict:
         if command == "export":
-            return {"target": args.target_version, "weights": args.weights}
+            return {"target": args.target_version, "weights": self.exporter().core_ml_weights(args.weights)}
         return {"compute_units": getattr(args, "compute_units", None) or "ALL"}
+
+    def export_weights(self, weights: str) -> dict:
+        # bench compares weight types across backends by size: Core ML's 8-bit (linear) and 4-bit (palettized) rows
+        # stand beside ONNX's int8 and int4, its fp16 (its widest) beside fp32
+        named = {"fp32": None, "fp16": None, "int8": "8bit", "int4": "4bit"}.get(weights, weights)
+        return {"weights": self.exporter().core_ml_weights(named)}
 
     def check_export(self, **options) -> None:
         self.exporter().check_options(**options)
@@ -60,7 +69,7 @@ class CoreMLBackend(Backend):
         check_compute_units(compute_units)
         require_macos()
 
-    def open_runner(self, folder: Path, manifest: Manifest, *, compute_units: str = "ALL"):
+    def open_runner(self, folder: Path, manifest: Manifest, *, compute_units: str = "ALL", low_memory: bool = False):
         from .runtime import CoreMLRunner, inspect_bundle
 
         inspect_bundle(folder, verify=False)  # every package opens and has its functions (checksums: read_manifest)

@@ -33,7 +33,9 @@ from postdiff.graphs import GraphSource
 from postdiff.models import Model
 
 TARGETS = ("macos15", "macos14")
-WEIGHTS = (None, "8bit", "6bit", "4bit")
+WEIGHTS = (None, "8bit", "6bit", "4bit")  # None: fp16, as the default
+# --weights is one flag for every backend; the ONNX types that Core ML stores another way, named for the user
+_ONNX_NAMES = {"fp16": None, "fp32": "fp16", "int8": "8bit", "int4": "4bit"}
 UNET_PACKAGE = "unet.mlpackage"
 FUNCTIONS = ".functions"  # where the UNet functions wait for finish() to merge them
 EXPORTER = "torch.export+coremltools"
@@ -45,11 +47,26 @@ def function_name(variant: str, hw, batch: int, images: int) -> str:
     return f"{variant}_{hw_key(hw)}" if batch in (images, 2 * images) else f"{variant}_{hw_key(hw)}_b{batch}"
 
 
+def core_ml_weights(weights: str | None) -> str | None:
+    """``--weights`` as Core ML stores it (None: fp16), or an ExportError naming the Core ML type to use."""
+    if weights in WEIGHTS:
+        return weights
+    if weights == "fp16":
+        return None
+    if weights in _ONNX_NAMES:
+        kind = {
+            "fp32": "Core ML computes in fp16: its widest weights are fp16 (the default)",
+            "int8": "Core ML's 8-bit weights (linear quantization) are --weights 8bit",
+            "int4": "Core ML's 4-bit weights (palettized) are --weights 4bit",
+        }[weights]
+        raise ExportError(f"--weights {weights} is an ONNX type; {kind}")
+    raise ExportError(f"--weights must be one of fp16, 8bit, 6bit, 4bit (default fp16), got {weights!r}")
+
+
 def check_options(*, target: str = "macos15", weights: str | None = None) -> None:
     if target not in TARGETS:
         raise ExportError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
-    if weights not in WEIGHTS:
-        raise ExportError(f"--weights must be one of 8bit, 6bit, 4bit (or left out for fp16), got {weights!r}")
+    core_ml_weights(weights)
     _coremltools()
 
 
@@ -89,6 +106,7 @@ def convert(src: GraphSource, job: ExportJob, folder: Path, log, *, target: str 
 def finish(folder: Path, job: ExportJob, graphs: list[Graph], log, *, target: str = "macos15", weights: str | None = None) -> dict:
     """macos15: every UNet function merged into one multifunction package (identical weights stored once);
     macos14: one package per function."""
+    weights = core_ml_weights(weights)
     ct = _coremltools()
     work = folder / FUNCTIONS
     unet_files = {g.name: work / f"{g.name}.mlpackage" for g in graphs if g.role == UNET}
@@ -114,7 +132,11 @@ def finish(folder: Path, job: ExportJob, graphs: list[Graph], log, *, target: st
         for name, path in unet_files.items():
             shutil.move(str(path), str(folder / f"unet_{name}.mlpackage"))
     shutil.rmtree(work, ignore_errors=True)
-    return {"precision": f"fp16 compute, {weights or 'fp16'} weights", "tools": {**tool_versions("coremltools"), "target": target}}
+    return {
+        "precision": f"fp16 compute, {weights or 'fp16'} weights",
+        "weights": weights or "fp16",
+        "tools": {**tool_versions("coremltools"), "target": target},
+    }
 
 
 def export_coreml(model: str | Model, plan: str = "postdiff", output: str | Path = "bundle-coreml", **options) -> Path:
@@ -219,6 +241,7 @@ def _drop_aliases(program):
 
 
 def _compress(ct, mlmodel, weights: str | None):
+    weights = core_ml_weights(weights)
     if weights is None:
         return mlmodel
     opt = ct.optimize.coreml

@@ -50,6 +50,8 @@ class BenchConfig:
     guidance: float | None = None
     threads: int | None = None
     cache_dir: str | None = None
+    weights: list[str] = field(default_factory=lambda: ["fp32"])  # bundle weight types (--weights); torch runs fp32
+    low_memory: bool = False  # bundles under bundle_runtime.LeanRunner
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # backend name -> its runner options
 
     def check(self) -> None:
@@ -66,6 +68,13 @@ class BenchConfig:
             raise PostDiffError("--plans is empty; name at least one plan, e.g. --plans baseline,postdiff")
         if not self.backends:
             raise PostDiffError("--backends is empty; name at least one of: " + ", ".join(backends.names()))
+        if not self.weights:
+            raise PostDiffError("--weights is empty; name at least one of fp32, fp16, int8, int4")
+        known = ("fp32", "fp16", "int8", "int4")
+        for w in self.weights:
+            if w not in known:
+                raise PostDiffError(f"--weights: unknown weight type {w!r}; choose from {', '.join(known)}")
+        self.weights = list(dict.fromkeys(self.weights))
         for name in self.backends:
             if name != backends.TORCH:
                 backends.get(name)
@@ -84,9 +93,9 @@ def split_list(text: str) -> list[str]:
 class _Target:
     """One (backend, plan): how to load it and how to generate with it."""
 
-    def __init__(self, backend: str, plan_name: str) -> None:
-        self.backend, self.plan_name = backend, plan_name
-        self.row: dict[str, Any] = {"backend": backend, "plan": plan_name}
+    def __init__(self, backend: str, plan_name: str, weights: str = "fp32") -> None:
+        self.backend, self.plan_name, self.weights = backend, plan_name, weights
+        self.row: dict[str, Any] = {"backend": backend, "plan": plan_name, "weights": weights}
         self.times = StepTimes()
         self.seconds: list[float] = []
         self.memory: list[dict] = []
@@ -149,21 +158,31 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             log(f"bench: {backend}: skipped ({reason})")
             result["skipped"].append({"backend": backend, "reason": reason})
             continue
-        for name in cfg.plans:
-            t = _Target(backend, name)
-            if backend == backends.TORCH:
+        if backend == backends.TORCH:
+            for name in cfg.plans:
+                t = _Target(backend, name)
                 t.row.update(load_s=load_s, load_warm_s=load_warm_s, load_note="load_model (weights into a PyTorch pipeline)")
                 recipe = compiled[name].recipe
                 t.generate = lambda r=recipe: source.generate(r, cfg.images, cfg.seed, conditions=conditions).images
-            else:
-                _prepare_bundle(t, cfg, compiled[name], conditions, guidance, log)
-            targets.append(t)
+                targets.append(t)
+            continue
+        for weights in cfg.weights:
+            try:
+                export_weights = backends.get(backend).export_weights(weights)
+            except PostDiffError as exc:
+                log(f"bench: {backend} {weights}: skipped ({exc})")
+                result["skipped"].append({"backend": f"{backend} {weights}", "reason": str(exc)})
+                continue
+            for name in cfg.plans:
+                t = _Target(backend, name, weights)
+                _prepare_bundle(t, cfg, compiled[name], conditions, guidance, log, export_weights)
+                targets.append(t)
     if not targets:
         raise PostDiffError("no backend in --backends can run here: " + "; ".join(s["reason"] for s in result["skipped"]))
 
-    for backend in dict.fromkeys(t.backend for t in targets):
-        block = [t for t in targets if t.backend == backend]
-        log(f"bench: {backend}: first run, {cfg.warmup} warm-up run(s) and {cfg.runs} timed runs per plan")
+    for backend in dict.fromkeys((t.backend, t.weights) for t in targets):
+        block = [t for t in targets if (t.backend, t.weights) == backend]
+        log(f"bench: {' '.join(backend)}: first run, {cfg.warmup} warm-up run(s) and {cfg.runs} timed runs per plan")
         for t in block:
             if cfg.warmup:  # the first warm-up is the first run; without warm-ups, the first timed run is
                 start = time.perf_counter()
@@ -181,7 +200,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     if torch_base is None:
         log("bench: PyTorch baseline images for the fidelity columns")
         torch_base = source.generate(compiled["baseline"].recipe, cfg.images, cfg.seed, conditions=conditions).images
-    base_median = {t.backend: statistics.median(t.seconds) for t in targets if t.plan_name == "baseline"}
+    base_median = {(t.backend, t.weights): statistics.median(t.seconds) for t in targets if t.plan_name == "baseline"}
     for t in targets:
         cost = costs[t.plan_name]
         median = statistics.median(t.seconds)
@@ -191,7 +210,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
                 "median_s": median,
                 "min_s": min(t.seconds),
                 "max_s": max(t.seconds),
-                "speedup": base_median[t.backend] / median,
+                "speedup": base_median[(t.backend, t.weights)] / median,
                 "macs": cost.total_macs * cfg.images,
                 "macs_ratio": cost.ratio,
                 "memory": max(t.memory, key=lambda m: m["peak_rss_mb"]),
@@ -201,16 +220,17 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         )
         result["results"].append(t.row)
     result["grid"] = [t.images[:10] for t in targets]
-    result["grid_labels"] = [f"{t.backend} {t.plan_name}" for t in targets]
+    result["grid_labels"] = [f"{t.backend} {t.weights} {t.plan_name}" for t in targets]
     result["timestamp"] = time.strftime("%Y-%m-%d %H:%M:%S")
     return result
 
 
-def _prepare_bundle(t: _Target, cfg: BenchConfig, plan, conditions, guidance, log) -> None:
+def _prepare_bundle(t: _Target, cfg: BenchConfig, plan, conditions, guidance, log, export_weights: dict) -> None:
     from postdiff.bundle_runtime import load_bundle
 
     backend = backends.get(t.backend)
     options: dict[str, Any] = {"height": cfg.height, "width": cfg.width, "steps": plan.recipe.steps, "scheduler": cfg.scheduler}
+    options.update(export_weights)
     if backend.fixed_shapes:  # graphs of one batch size: export for the bench's images per call
         options["batch"] = cfg.images
     load_options: dict[str, Any] = dict(cfg.options.get(t.backend, {}))
@@ -221,12 +241,13 @@ def _prepare_bundle(t: _Target, cfg: BenchConfig, plan, conditions, guidance, lo
     t.row.update({"bundle": str(folder), "export_cached": cached, "export_s": seconds})
 
     def opened():
-        pipe = load_bundle(folder, backend, **load_options)
+        pipe = load_bundle(folder, backend, low_memory=cfg.low_memory, **load_options)
         pipe.open(pipe.compile(plan.recipe, scheduler=cfg.scheduler))
         return pipe
 
     pipe, t.row["load_s"] = _timed_load(opened)
     pipe, t.row["load_warm_s"] = _timed_load(opened)
+    t.row["weights"] = pipe.manifest.weights  # what the bundle holds, as its manifest says
     t.row["load_note"] = "manifest and checksums read, every graph the plan runs opened"
     bundle_plan = pipe.compile(plan.recipe, scheduler=cfg.scheduler)
     t.generate = lambda: pipe.generate(conditions, bundle_plan, seed=cfg.seed, guidance_scale=guidance, scheduler=cfg.scheduler)

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=PREPACK_HELP,
     )
+    from postdiff.bundle_runtime import LOW_MEMORY_HELP
+
+    r.add_argument("--low-memory", action="store_true", help=LOW_MEMORY_HELP)
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -71,7 +74,12 @@ def run(args) -> int:
     if output.suffix.lower() != ".png":
         raise PostDiffError(f"{output}: the output is a PNG file; give a name ending in .png")
     pipe = load_bundle(
-        args.bundle, provider=args.provider or DEFAULT_PROVIDER, threads=args.threads, static=args.static, prepack=args.prepack
+        args.bundle,
+        provider=args.provider or DEFAULT_PROVIDER,
+        threads=args.threads,
+        static=args.static,
+        prepack=args.prepack,
+        low_memory=args.low_memory,
     )
     plan = pipe.compile(args.plan, args.steps, args.scheduler)
     if pipe.plan_note:
@@ -84,7 +92,10 @@ def run(args) -> int:
     images = pipe.generate([condition] * count, plan, seed=args.seed, guidance_scale=args.guidance, progress=not args.no_progress)
     seconds = time.perf_counter() - start
     path = save_png(images[0], output)
-    print(f"wrote {path} ({pipe.info['name']} bundle, plan {plan.name}, {plan.recipe.steps} steps, seed {args.seed}, {seconds:.2f} s)")
+    print(
+        f"wrote {path} ({pipe.info['name']} bundle, {pipe.manifest.weights} weights, plan {plan.name}, {plan.recipe.steps} steps, "
+        f"seed {args.seed}, {seconds:.2f} s)"
+    )
     return 0
 
 

@@ -9,6 +9,12 @@ stores each distinct tensor of all of them once, in ``weights.onnx.data`` (``--s
 Every graph is checked at export: PyTorch and ONNX Runtime run the same inputs at every latent size the plan
 uses, and the export fails unless the PSNR of every output is at least ``PSNR_GATE`` dB. The measured values go
 into the manifest.
+
+``weights`` (``--weights``): fp32; fp16 (weights and compute where ONNX Runtime has fp16 kernels); int8 and int4
+(``postdiff_onnx.quantize``): the fp32 graph is exported and checked as above, then quantized, and the quantized
+graph is checked against it on the same inputs (``psnr_fp32`` in the manifest; the export fails below
+``--min-psnr``). The UNet (or transformer) and text encoder graphs are quantized; the VAE decoder and class
+encoders stay fp32 (see ``quantize``).
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ from postdiff.export import PSNR_GATE, ExportJob, export_bundle, tensor_psnr
 from postdiff.graphs import GraphSource
 from postdiff.models import Model
 
+from . import quantize
 from .session import make_session, run, tensor_specs
 
-PRECISIONS = ("fp32", "fp16")
+WEIGHTS = quantize.WEIGHT_TYPES
+QUANTIZED_ROLES = (UNET, "text_encoder", "text_encoder_2")  # the graphs --weights int8/int4 quantize
 # Opset 23 has the standard Attention and Gelu operators, which ONNX Runtime runs fused (arch:sd15 shallow pass
 # on this CPU: 0.19 s at opset 23 against 0.21 s at opset 18, where attention is MatMul/Softmax). --opset 18 for
 # older runtimes. GroupNormalization is rewritten either way (_group_norm_as_layer_norm).
@@ -44,22 +52,41 @@ OPSETS = range(17, 24)
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
-def check_options(*, precision: str = "fp32", opset: int = DEFAULT_OPSET, static: bool = False, verify: bool = True) -> None:
-    if precision not in PRECISIONS:
-        raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+def check_options(
+    *, weights: str = "fp32", opset: int = DEFAULT_OPSET, static: bool = False, verify: bool = True, min_psnr: float | None = None
+) -> None:
+    if weights not in WEIGHTS:
+        raise ExportError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if min_psnr is not None:
+        if weights not in quantize.QUANTIZED:
+            raise ExportError(f"--min-psnr is the fidelity gate of quantized weights (int8, int4); --weights {weights} has none")
+        if not (isinstance(min_psnr, (int, float)) and math.isfinite(min_psnr) and 0 < min_psnr <= 200):
+            raise ExportError(f"--min-psnr must be a number of dB between 0 and 200, got {min_psnr!r}")
     if opset not in OPSETS:
         raise ExportError(f"--opset must be from {OPSETS.start} to {OPSETS.stop - 1}, got {opset}")
 
 
 def convert(
-    src: GraphSource, job: ExportJob, folder: Path, *, precision="fp32", static=False, verify=True, opset=DEFAULT_OPSET
+    src: GraphSource,
+    job: ExportJob,
+    folder: Path,
+    *,
+    weights="fp32",
+    static=False,
+    verify=True,
+    opset=DEFAULT_OPSET,
+    min_psnr: float | None = None,
 ) -> list[Graph]:
     """One graph as ONNX with dynamic batch and latent size, checked against PyTorch at every latent size the plan
-    uses; with ``static``, a fixed-shape copy per latent size and batch the plan calls a UNet variant at."""
-    graph = _export_graph(src, folder, precision, opset)
+    uses, then quantized if ``weights`` asks for it and checked against its fp32 self; with ``static``, a
+    fixed-shape copy per latent size and batch the plan calls a UNet variant at."""
+    graph = _export_graph(src, folder, "fp16" if weights == "fp16" else "fp32", opset)
     if src.role == UNET:  # the core's cost model, so manifest and `postdiff plan cost` agree
         graph.macs = {hw_key(hw): job.counter.macs(src.variant, hw, 1) for hw in job.sizes}
-    _measure(src, graph, folder, job.sizes if src.role == UNET else [job.latent_hw], verify)
+    sizes = job.sizes if src.role == UNET else [job.latent_hw]
+    reference = _measure(src, graph, folder, sizes, verify)
+    if weights in quantize.QUANTIZED and src.role in QUANTIZED_ROLES:
+        _quantize(graph, folder, weights, reference, quantize.DEFAULT_MIN_PSNR[weights] if min_psnr is None else min_psnr)
     graphs = [graph]
     if static and src.role == UNET:
         for hw in job.sizes:
@@ -71,13 +98,14 @@ def convert(
 def export_onnx(model: str | Model, plan: str = "postdiff", output: str | Path = "bundle", **options) -> Path:
     """Export the graphs ``plan`` needs for ``model`` into the ONNX bundle folder ``output``; returns its path.
     Options: height, width, steps, scheduler, batch, overwrite, log (``postdiff.export.export_bundle``) and
-    precision ("fp32" | "fp16"), static, verify, opset."""
+    weights ("fp32" | "fp16" | "int8" | "int4"), min_psnr (the quantized graphs' gate, dB), static, verify, opset."""
     from .backend import OnnxBackend
 
     return export_bundle(OnnxBackend(), model, plan, output, **options)
 
 
 def _export_graph(src: GraphSource, folder: Path, precision: str, opset: int) -> Graph:
+    """The graph exported in ``precision`` ("fp32" | "fp16"); quantization comes after (``_quantize``)."""
     example = src.example(_example_hw(src), 2)
     path = folder / f"{src.name}.onnx"
     args = tuple(example.values())
@@ -218,10 +246,12 @@ def _to_fp16(path: Path) -> None:
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
 
 
-def _measure(src: GraphSource, graph: Graph, folder: Path, sizes, verify: bool, *, batch: int = 2) -> None:
+def _measure(src: GraphSource, graph: Graph, folder: Path, sizes, verify: bool, *, batch: int = 2) -> dict:
     """MACs per call (batch 1) counted on the PyTorch run where the graph has none yet (UNet graphs get the cost
-    model's); with ``verify``, the PSNR of ONNX Runtime against that run."""
+    model's); with ``verify``, the PSNR of ONNX Runtime against that run. Returns {hw: (inputs, ONNX Runtime's
+    outputs)} (empty without ``verify``), the reference a quantized graph is measured against."""
     session = make_session(folder / graph.file) if verify else None
+    reference = {}
     for hw in sizes:
         feeds = src.example(hw, batch)
         count = hw_key(hw) not in graph.macs
@@ -231,7 +261,9 @@ def _measure(src: GraphSource, graph: Graph, folder: Path, sizes, verify: bool, 
             graph.macs[hw_key(hw)] = int(counter.get_total_flops()) // 2 // batch
         if session is None:
             continue
-        got = run(session, {k: v.numpy() for k, v in feeds.items()})
+        inputs = {k: v.numpy() for k, v in feeds.items()}
+        got = run(session, inputs)
+        reference[tuple(hw)] = (inputs, got)
         worst = min(tensor_psnr(got[name], ref.numpy()) for name, ref in zip(src.output_names, expected))
         graph.psnr[hw_key(hw)] = round(worst, 2) if math.isfinite(worst) else 999.0
         if worst < PSNR_GATE:
@@ -239,6 +271,32 @@ def _measure(src: GraphSource, graph: Graph, folder: Path, sizes, verify: bool, 
                 f"{graph.name} at {hw_key(hw)}: ONNX Runtime output differs from PyTorch (PSNR {worst:.1f} dB, gate "
                 f"{PSNR_GATE:.0f} dB); the export is wrong and was not written"
             )
+    return reference
+
+
+def _quantize(graph: Graph, folder: Path, weights: str, reference: dict, gate: float) -> None:
+    """Quantize the graph file in place (``quantize.quantize_file``); with a ``reference`` (the fp32 graph's outputs),
+    measure the quantized graph on the same inputs and refuse it below ``gate`` dB; int8 graphs get their OpenVINO
+    twin (``quantize.openvino_form``) as an alternate file."""
+    path = folder / graph.file
+    quantize.quantize_file(path, weights)
+    graph.weights = weights
+    if reference:
+        session = make_session(path, prepack=weights == "int4")
+        for hw, (inputs, expected) in reference.items():
+            got = run(session, inputs)
+            worst = min(tensor_psnr(got[name], expected[name]) for name in expected)
+            graph.psnr_fp32[hw_key(hw)] = round(worst, 2) if math.isfinite(worst) else 999.0
+            if worst < gate:
+                raise ExportError(
+                    f"{graph.name} at {hw_key(hw)}: the {weights} graph differs from its fp32 graph by PSNR {worst:.1f} dB, "
+                    f"under the gate of {gate:g} dB (--min-psnr); the bundle was not written. Export with a wider type "
+                    f"({'int8' if weights == 'int4' else 'fp16 or fp32'}) or lower --min-psnr if this model tolerates it"
+                )
+    if weights == "int8":
+        twin = path.with_name(path.stem + ".openvino.onnx")
+        quantize.write_openvino_form(path, twin)
+        graph.alternates["openvino"] = twin.name
 
 
 def _static_copy(src: GraphSource, graph: Graph, folder: Path, hw, batch: int, verify: bool) -> Graph:

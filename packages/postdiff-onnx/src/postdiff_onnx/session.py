@@ -27,13 +27,18 @@ DEFAULT_PROVIDER = "CPUExecutionProvider"
 PREPACK_BELOW_BYTES = 256 * 2**20
 PREPACK_HELP = (
     "ONNX Runtime sessions re-lay out and pre-pack weights, each into a copy of its own (faster kernels, more memory); "
-    f"--no-prepack: every session on the bundle's one copy (default: prepack below {PREPACK_BELOW_BYTES >> 20} MB of weights)"
+    f"--no-prepack: every session on the bundle's one copy (default: prepack below {PREPACK_BELOW_BYTES >> 20} MB of weights "
+    "and for int4 bundles)"
 )
 
 
-def default_prepack(folder: Path) -> bool:
-    """Whether the sessions of the bundle in ``folder`` pre-pack when not told: below ``PREPACK_BELOW_BYTES``."""
-    return weights_bytes(folder) < PREPACK_BELOW_BYTES
+def default_prepack(folder: Path, weights: str = "fp32", *, small: bool | None = None) -> bool:
+    """Whether a session of the bundle in ``folder`` pre-packs when not told: below ``PREPACK_BELOW_BYTES`` of weights
+    (``small``, when the caller has measured it already), and always for a graph of int4 weights (``MatMulNBits``
+    unpacked dequantizes every block on every call: 3-10x slower, ``benchmarks/bench_quant_ops.py``)."""
+    if weights == "int4":
+        return True
+    return weights_bytes(folder) < PREPACK_BELOW_BYTES if small is None else small
 
 
 def make_session(
@@ -43,6 +48,7 @@ def make_session(
     threads: int | None = None,
     initializers: dict | None = None,
     prepack: bool = True,
+    arena: bool = True,
 ):
     """An ONNX Runtime session for one graph; ``initializers`` ({name: OrtValue}) are weights shared with the
     other sessions of the bundle instead of loaded from the file again (``weights.SharedInitializers``).
@@ -52,7 +58,8 @@ def make_session(
     of five UNet graphs holds up to five copies. Without it the session keeps to the shared weights
     (ORT_ENABLE_EXTENDED, no pre-packing). ``runtime.OrtRunner`` chooses by the bundle's size. Measured on arch:sd15 at 256 px (benchmarks/results/onnx_cpu_sd15_256_lowmem.json
     and bundles.json): a postdiff run peaked at 11.6 GB with ``prepack`` against 4.0 GB without, and ran no faster
-    (fastest of 2 whole runs: 11.7 s against 11.3 s; baseline 41.1 s against 43.1 s)."""
+    (fastest of 2 whole runs: 11.7 s against 11.3 s; baseline 41.1 s against 43.1 s). ``arena``: ONNX Runtime's CPU
+    memory arena (``runtime.OrtRunner``)."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -66,6 +73,7 @@ def make_session(
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = bool(arena)
     # No busy-waiting between runs: every session has its own worker pool, a plan switches between several
     # sessions, and the spinning workers of the idle ones take the cores of the one running (measured on the
     # reference model, 10 images per call, 2 cores: a whole postdiff run 1.7x slower with spinning on).

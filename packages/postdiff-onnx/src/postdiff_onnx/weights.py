@@ -29,10 +29,11 @@ ALIGN = 4096  # bytes: page-aligned offsets, so each tensor can be memory-mapped
 MIN_BYTES = 1024
 SMALL_ALIGN = 16
 INLINE_BYTES = 64
-# Only floating-point tensors are weights. Integer tensors are shapes, pads, axes and indices: they stay inside the
-# graph whatever their size, because ONNX shape inference, which runs when a session loads the graph, cannot read
-# them from an external file (a 4-D Pad's 64-byte int64 pads made the graph fail to load).
-WEIGHT_TYPES = (1, 10, 11, 16)  # TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
+# Only floating-point and 8-bit tensors are weights (int8 weights of --weights int8, the packed uint8 blocks of
+# int4). Wider integer tensors are shapes, pads, axes and indices: they stay inside the graph whatever their size,
+# because ONNX shape inference, which runs when a session loads the graph, cannot read them from an external file
+# (a 4-D Pad's 64-byte int64 pads made the graph fail to load).
+WEIGHT_TYPES = (1, 2, 3, 10, 11, 16)  # TensorProto FLOAT, UINT8, INT8, FLOAT16, DOUBLE, BFLOAT16
 
 
 def _tensors(proto):

@@ -44,13 +44,26 @@ class OpenVINOBackend(Backend):
             "threads": getattr(args, "threads", None),
         }
 
+    def export_weights(self, weights: str) -> dict:
+        from postdiff import backends
+
+        return backends.get(self.bundle_format).export_weights(weights)
+
     def check_open(self, *, device: str = "CPU", precision: str = "f32", static: bool = False, threads: int | None = None) -> None:
         from .runtime import check_options
 
         check_options(device, precision, static)
 
     def open_runner(
-        self, folder: Path, manifest: Manifest, *, device: str = "CPU", precision: str = "f32", static: bool = False, threads=None
+        self,
+        folder: Path,
+        manifest: Manifest,
+        *,
+        device: str = "CPU",
+        precision: str = "f32",
+        static: bool = False,
+        threads=None,
+        low_memory: bool = False,
     ):
         from .runtime import OpenVINORunner
 

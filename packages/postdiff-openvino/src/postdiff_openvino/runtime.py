@@ -57,8 +57,10 @@ class OpenVINORunner:
 
     def model(self, graph: Graph):
         if graph.file not in self.compiled:
+            # an int8 bundle's graphs have an OpenVINO twin over the same weights (postdiff_onnx.quantize.openvino_form)
+            path = self.folder / graph.file_for("openvino")
             try:
-                self.compiled[graph.file] = self.core.compile_model(str(self.folder / graph.file), self.device, self.config())
+                self.compiled[graph.file] = self.core.compile_model(str(path), self.device, self.config())
             except Exception as exc:  # openvino raises RuntimeError with multi-line messages
                 raise BundleError(
                     f"OpenVINO cannot compile {graph.file} for {self.device}: {str(exc).strip().splitlines()[0][:300]}"
@@ -67,6 +69,9 @@ class OpenVINORunner:
 
     def load(self, graph: Graph) -> None:
         self.model(graph)
+
+    def release(self, graph: Graph) -> None:
+        self.compiled.pop(graph.file, None)
 
     def run(self, graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # inputs are checked against the manifest by postdiff.bundle_runtime.CheckedRunner
@@ -83,8 +88,12 @@ def load_bundle(
     static: bool = False,
     threads: int | None = None,
     verify: bool = True,
+    low_memory: bool = False,
 ) -> BundlePipeline:
-    """Open an ONNX bundle with OpenVINO after checking its manifest and the checksum of every file."""
+    """Open an ONNX bundle with OpenVINO after checking its manifest and the checksum of every file (``low_memory``:
+    ``postdiff.bundle_runtime.LeanRunner``)."""
     from .backend import OpenVINOBackend
 
-    return open_bundle(folder, OpenVINOBackend(), verify=verify, device=device, precision=precision, static=static, threads=threads)
+    return open_bundle(
+        folder, OpenVINOBackend(), verify=verify, low_memory=low_memory, device=device, precision=precision, static=static, threads=threads
+    )

@@ -20,6 +20,15 @@ def add_parser(sub) -> None:
     b.add_argument("--seed", type=int, default=0)
     guidance_arg(b)
     b.add_argument("--threads", type=int, default=None, help="threads for PyTorch and ONNX Runtime (default: each library's own)")
+    b.add_argument(
+        "--weights",
+        default="fp32",
+        help="comma-separated weight types of the exported bundles, a row each: fp32, fp16, int8, int4 (default: fp32; "
+        "Core ML stores int8 as 8bit and int4 as 4bit; PyTorch runs fp32)",
+    )
+    from postdiff.bundle_runtime import LOW_MEMORY_HELP
+
+    b.add_argument("--low-memory", action="store_true", help=f"bundle backends: {LOW_MEMORY_HELP}")
     for backend in backends.available().values():  # each backend's runner flags (--compute-units, ...)
         backend.add_options(b, "bench")
     b.add_argument("--cache-dir", default=None, help="exported bundles cache (default: $POSTDIFF_CACHE or ~/.cache/postdiff)")
@@ -35,11 +44,10 @@ def run(args) -> int:
     from postdiff_lab.images import save_grid
     from postdiff_lab.report import write_json
 
-    given = {f.name for f in dataclasses.fields(BenchConfig)} - {"plans", "backends", "options"}  # the flags of the same names
+    lists = {"plans", "backends", "weights"}  # comma-separated flags
+    given = {f.name for f in dataclasses.fields(BenchConfig)} - lists - {"options"}  # the flags of the same names
     options = {name: b.options(args, "bench") for name, b in backends.available().items()}
-    cfg = BenchConfig(
-        plans=split_list(args.plans), backends=split_list(args.backends), options=options, **{k: getattr(args, k) for k in given}
-    )
+    cfg = BenchConfig(options=options, **{k: split_list(getattr(args, k)) for k in lists}, **{k: getattr(args, k) for k in given})
     result = run_bench(cfg, log=log)
     result["command"] = args.command_line
     grid, labels = result.pop("grid"), result.pop("grid_labels")

@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
     g.add_argument("--bundle", default=None, help="exported bundle folder (any backend but torch); the bundle defines the model")
     for backend in backends.available().values():  # each backend's runner flags (--provider, --compute-units, ...)
         backend.add_options(g, "generate")
+    from postdiff.bundle_runtime import LOW_MEMORY_HELP
+
+    g.add_argument("--low-memory", action="store_true", help=f"with --bundle: {LOW_MEMORY_HELP}")
     guidance_arg(g)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("-o", "--output", default="postdiff.png", help="image file to write, PNG or JPEG by suffix (default: postdiff.png)")
@@ -55,12 +58,17 @@ def run(args) -> int:
         raise PostDiffError("--bundle is for exported runtimes; add --backend onnx (or another installed backend) and --bundle DIR")
     if args.prompt_embeds:
         raise PostDiffError("--prompt-embeds is for bundles exported with --no-text-encoder; add --backend onnx and --bundle DIR")
+    if args.low_memory:
+        raise PostDiffError("--low-memory runs an exported bundle graph by graph; add --backend onnx (or openvino) and --bundle DIR")
     src = make_source(args)
     plan_recipe = recipe(args.plan or "postdiff", args.steps)
     warn(src.model.untrained_warning(src.compile(plan_recipe)))
     batch = src.generate(plan_recipe, 1, args.seed, conditions=[src.parse_condition(args.prompt)])
     path = save_png(batch.images[0], args.output)
-    print(f"wrote {path} ({src.model.name}, plan {plan_recipe.label}, {plan_recipe.steps} steps, seed {args.seed}, {batch.seconds:.2f} s)")
+    print(
+        f"wrote {path} ({src.model.name}, torch, fp32 weights, plan {plan_recipe.label}, {plan_recipe.steps} steps, seed {args.seed}, "
+        f"{batch.seconds:.2f} s)"
+    )
     return 0
 
 
@@ -97,7 +105,7 @@ def _from_bundle(args) -> int:
             "Leave them out, or export a bundle for another model or size"
         )
     backend = backends.get(args.backend)
-    pipe = load_bundle(args.bundle, backend, **backend.options(args, "generate"))
+    pipe = load_bundle(args.bundle, backend, low_memory=args.low_memory, **backend.options(args, "generate"))
     plan = pipe.compile(args.plan, args.steps, args.scheduler)
     if pipe.plan_note:
         log(f"postdiff: note: {pipe.plan_note}")
@@ -109,6 +117,7 @@ def _from_bundle(args) -> int:
     seconds = time.perf_counter() - start
     path = save_png(images[0], args.output)
     print(
-        f"wrote {path} ({info['name']} bundle, {args.backend}, plan {plan.name}, {plan.recipe.steps} steps, seed {args.seed}, {seconds:.2f} s)"
+        f"wrote {path} ({info['name']} bundle, {args.backend}, {pipe.manifest.weights} weights, plan {plan.name}, {plan.recipe.steps} steps, "
+        f"seed {args.seed}, {seconds:.2f} s)"
     )
     return 0
