@@ -28,6 +28,17 @@ CASES = [
     ("HeunDiscreteScheduler", SD),
     ("HeunDiscreteScheduler", dict(SD, use_karras_sigmas=True)),
     ("LCMScheduler", dict(SD, timestep_spacing="leading")),
+    ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)),  # DPM++ 2M SDE Karras
+    ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver++", solver_type="heun")),
+    ("UniPCMultistepScheduler", SD),
+    ("UniPCMultistepScheduler", dict(SD, use_karras_sigmas=True)),
+    # bh1 ends in NaN in diffusers when the last sigma is 0 (-inf * 0 in its predictor): tested with sigma_min
+    ("UniPCMultistepScheduler", dict(SD, solver_type="bh1", final_sigmas_type="sigma_min")),
+    ("UniPCMultistepScheduler", dict(SD, solver_order=3, prediction_type="v_prediction")),
+    ("LMSDiscreteScheduler", SD),
+    ("LMSDiscreteScheduler", dict(SD, use_karras_sigmas=True)),
+    ("PNDMScheduler", dict(SD, skip_prk_steps=True)),
+    ("DDIMScheduler", dict(SD, beta_schedule="squaredcos_cap_v2")),
 ]
 
 
@@ -81,12 +92,14 @@ def test_every_named_scheduler_is_tested():
 
 
 def test_unknown_and_unsupported_schedulers_are_refused_by_name():
-    with pytest.raises(ModelError, match="PNDMScheduler.*no numpy implementation"):
-        numpy_scheduler("PNDMScheduler", {})
+    with pytest.raises(ModelError, match="DDPMScheduler.*no numpy implementation"):
+        numpy_scheduler("DDPMScheduler", {})
+    with pytest.raises(ModelError, match="skip_prk_steps"):
+        numpy_scheduler("PNDMScheduler", {})  # the Runge-Kutta warm-up Stable Diffusion's pipelines skip
     with pytest.raises(ModelError, match="thresholding"):
         numpy_scheduler("DDIMScheduler", {"thresholding": True})
     with pytest.raises(ModelError, match="algorithm_type"):
-        numpy_scheduler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"})
+        numpy_scheduler("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"})
 
 
 def test_torch_generator_draws_what_torch_draws():
@@ -103,6 +116,8 @@ def test_a_config_saved_by_another_scheduler_class_reads_as_diffusers_reads_it(n
     saved = dict(diffusers.DDIMScheduler(**SD).config)
     saved["_use_default_values"] = ["timestep_spacing", "clip_sample_range"]
     saved["timestep_spacing"] = "leading"
+    if name == "PNDMScheduler":  # PLMS, the only PNDM form the numpy runtime has
+        saved["skip_prk_steps"] = True
     ref, ours = getattr(diffusers, name).from_config(saved), numpy_scheduler(name, saved)
     assert ours.config.get("timestep_spacing") == ref.config.get("timestep_spacing")
     ref.set_timesteps(10)

@@ -3,6 +3,7 @@ the lean runtime and bad input."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -72,6 +73,29 @@ def test_convs_it_cannot_rewrite_stay_convs():
         assert [n.op_type for n in model.graph.node] == ["Conv"]
     model = _conv_model(8, 8, (3, 3), 1, (1,) * 4, True)
     assert quantize.conv_as_matmul(model, min_params=1, keep={"conv.weight"}) == []
+
+
+def test_a_quantized_convolution_and_its_openvino_twin():
+    """int8: one activation quantization and one per-channel scale for all nine taps (int32 partial sums); the twin
+    dequantizes the same bytes; int4: a MatMulNBits per tap."""
+    model = _conv_model(32, 48, (3, 3), 1, (1, 1, 1, 1), True)
+    x = RNG.standard_normal((2, 32, 9, 7)).astype(np.float32)
+    (expected,) = _run(model, {"x": x})
+    quantize.conv_as_matmul(model, min_params=1)
+    int4 = quantize.quantize_int4(copy.deepcopy(model), min_params=1, block=32)
+    quantize.quantize_int8(model, min_params=1)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("DynamicQuantizeLinear") == 1 and ops.count("MatMulInteger") == 9 and ops.count("Cast") == 1
+    assert quantize.layer_types(model) == {"conv.weight": "int8"}
+    (got,) = _run(model, {"x": x})
+    assert 30.0 <= tensor_psnr(got, expected) < 100.0
+    assert quantize.openvino_form(model) == 1
+    assert "MatMulInteger" not in {n.op_type for n in model.graph.node}
+    (twin,) = _run(model, {"x": x})
+    assert tensor_psnr(twin, expected) >= 35.0 and tensor_psnr(twin, got) < 100.0  # fp32 activations: another result
+    assert [n.op_type for n in int4.graph.node].count("MatMulNBits") == 9
+    (got4,) = _run(int4, {"x": x}, prepack=True)
+    assert 15.0 <= tensor_psnr(got4, expected) < 60.0
 
 
 def _mlp(width=64, depth=3, gemm=False):

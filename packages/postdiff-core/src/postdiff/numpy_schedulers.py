@@ -7,8 +7,9 @@ that the resolution switch relies on; ``tests/test_numpy_schedulers.py`` holds e
 ignored. Noise (ancestral steps, LCM) comes from ``postdiff.torch_random`` generators, so that a seed draws what
 PyTorch draws.
 
-    DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
-    DPMSolverMultistepScheduler (DPM-Solver++ 2M, Karras sigmas too), HeunDiscreteScheduler, LCMScheduler
+    DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler (DPM-Solver++
+    2M and 2M SDE, Karras sigmas too), HeunDiscreteScheduler, LCMScheduler, LMSDiscreteScheduler, PNDMScheduler (PLMS),
+    UniPCMultistepScheduler
 
 Why our own and not a library's: diffusers' schedulers are the reference but need PyTorch; the runtime this module
 serves is for machines without it.
@@ -387,7 +388,8 @@ class HeunDiscreteScheduler(_SigmaScheduler):
 
 
 class DPMSolverMultistepScheduler(NumpyScheduler):
-    """DPM-Solver++ of order 1 or 2 (the "2M" sampler), with Karras sigmas as an option."""
+    """DPM-Solver++ of order 1 or 2 (the "2M" sampler), with Karras sigmas as an option; ``sde-dpmsolver++`` (the
+    "2M SDE" sampler) draws noise on every step, as diffusers does, from the step's generator."""
 
     name = "DPMSolverMultistepScheduler"
     defaults = dict(
@@ -400,7 +402,7 @@ class DPMSolverMultistepScheduler(NumpyScheduler):
     )  # fmt: skip
     unsupported = {
         **NumpyScheduler.unsupported,
-        "algorithm_type": "dpmsolver++",
+        "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
         "solver_order": (1, 2),
         "use_lu_lambdas": False,
         "use_flow_sigmas": False,
@@ -473,21 +475,33 @@ class DPMSolverMultistepScheduler(NumpyScheduler):
             x0 = alpha_s0 * sample - sigma_s0 * model_output
         self.model_outputs = [*self.model_outputs[1:], x0]
         sample = sample.astype(F32, copy=False)
+        sde = self.config.algorithm_type == "sde-dpmsolver++"
+        noise = randn(model_output.shape, generator) if sde else None  # drawn on every step, the last included
         alpha_t, sigma_t, lambda_t = self._lambda(i + 1)
         h = lambda_t - lambda_s0
-        if self.order == 1 or self.lower_order_nums < 1 or lower_final:
-            prev_sample = sigma_t / sigma_s0 * sample - alpha_t * (np.exp(-h) - 1.0) * x0
+        first = self.order == 1 or self.lower_order_nums < 1 or lower_final
+        if first:
+            m0, d1 = x0, None
         else:
             _, _, lambda_s1 = self._lambda(i - 1)
             m0, m1 = self.model_outputs[-1], self.model_outputs[-2]
             r0 = (lambda_s0 - lambda_s1) / h
             d1 = 1.0 / r0 * (m0 - m1)
-            if self.config.solver_type == "midpoint":
-                prev_sample = sigma_t / sigma_s0 * sample - alpha_t * (np.exp(-h) - 1.0) * m0 - 0.5 * (alpha_t * (np.exp(-h) - 1.0)) * d1
-            else:
-                prev_sample = (
-                    sigma_t / sigma_s0 * sample - alpha_t * (np.exp(-h) - 1.0) * m0 + alpha_t * ((np.exp(-h) - 1.0) / h + 1.0) * d1
-                )
+        if sde:
+            with np.errstate(invalid="ignore"):  # the last step: h is +inf, its terms 0 or 1 as in torch
+                decay, grow = sigma_t / sigma_s0 * np.exp(-h), alpha_t * (1 - np.exp(-2.0 * h))
+            prev_sample = decay * sample + grow * m0 + sigma_t * np.sqrt(1.0 - np.exp(-2 * h)) * noise
+            if d1 is not None:
+                if self.config.solver_type == "midpoint":
+                    prev_sample = prev_sample + 0.5 * grow * d1
+                else:
+                    prev_sample = prev_sample + (alpha_t * ((1.0 - np.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * d1
+        elif first:
+            prev_sample = sigma_t / sigma_s0 * sample - alpha_t * (np.exp(-h) - 1.0) * x0
+        elif self.config.solver_type == "midpoint":
+            prev_sample = sigma_t / sigma_s0 * sample - alpha_t * (np.exp(-h) - 1.0) * m0 - 0.5 * (alpha_t * (np.exp(-h) - 1.0)) * d1
+        else:
+            prev_sample = sigma_t / sigma_s0 * sample - alpha_t * (np.exp(-h) - 1.0) * m0 + alpha_t * ((np.exp(-h) - 1.0) / h + 1.0) * d1
         if self.lower_order_nums < self.order:
             self.lower_order_nums += 1
         self._step_index += 1
@@ -550,6 +564,274 @@ class LCMScheduler(NumpyScheduler):
         return prev_sample.astype(np.float32, copy=False), denoised
 
 
+class LMSDiscreteScheduler(_SigmaScheduler):
+    """Linear multistep (order 4) in sigma space. diffusers integrates each Lagrange coefficient with
+    ``scipy.integrate.quad``; the integrand is a polynomial of degree under 4, so Gauss-Legendre quadrature with 4
+    points is exact here and needs no scipy."""
+
+    name = "LMSDiscreteScheduler"
+    defaults = dict(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
+        use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False, prediction_type="epsilon",
+        timestep_spacing="linspace", steps_offset=0,
+    )  # fmt: skip
+    _nodes, _weights = np.polynomial.legendre.leggauss(4)
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        n = self.num_inference_steps = int(num_inference_steps)
+        timesteps, sigmas = self._inference_sigmas(n)
+        self.sigmas = np.concatenate([sigmas, [0.0]]).astype(F32)
+        self.timesteps = np.asarray(timesteps, dtype=np.float32)
+        self.derivatives: list = []
+        self._reset()
+
+    def _coefficient(self, order: int, t: int, current: int) -> float:
+        a, b = float(self.sigmas[t]), float(self.sigmas[t + 1])
+        tau = (b - a) / 2 * self._nodes + (a + b) / 2
+        prod = np.ones_like(tau)
+        for k in range(order):
+            if k != current:
+                prod *= (tau - float(self.sigmas[t - k])) / (float(self.sigmas[t - current]) - float(self.sigmas[t - k]))
+        return float((b - a) / 2 * np.dot(self._weights, prod))
+
+    def step(self, model_output, timestep, sample, order: int = 4, return_dict: bool = False):
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        sigma = self.sigmas[self._step_index]
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            x0 = sample - sigma * model_output
+        elif kind == "v_prediction":
+            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+        else:
+            x0 = model_output
+        self.derivatives.append((sample - x0) / sigma)
+        if len(self.derivatives) > order:
+            self.derivatives.pop(0)
+        order = min(self._step_index + 1, order)
+        coeffs = [self._coefficient(order, self._step_index, k) for k in range(order)]
+        prev_sample = sample + sum(c * d for c, d in zip(coeffs, reversed(self.derivatives)))
+        self._step_index += 1
+        return prev_sample.astype(model_output.dtype, copy=False), x0
+
+
+class PNDMScheduler(NumpyScheduler):
+    """PLMS (``skip_prk_steps``, what Stable Diffusion's pipelines use): its first step is evaluated twice (the
+    schedule repeats that timestep), then Adams-Bashforth steps of growing order on the kept model outputs. It keeps
+    no step index; a restart (``set_timesteps``) starts over with the double first step."""
+
+    name = "PNDMScheduler"
+    defaults = dict(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
+        skip_prk_steps=False, set_alpha_to_one=False, prediction_type="epsilon", timestep_spacing="leading", steps_offset=0,
+    )  # fmt: skip
+    unsupported = {**NumpyScheduler.unsupported, "skip_prk_steps": True}
+    init_noise_sigma = 1.0
+
+    def __init__(self, **config) -> None:
+        super().__init__(**config)
+        self._check_prediction(("epsilon", "v_prediction"))
+        self.final_alpha_cumprod = F32(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        n, train = int(num_inference_steps), int(self.config.num_train_timesteps)
+        self.num_inference_steps = n
+        spacing = self.config.timestep_spacing
+        if spacing == "linspace":
+            t = np.linspace(0, train - 1, n).round().astype(np.int64)
+        elif spacing == "leading":
+            t = (np.arange(0, n) * (train // n)).round() + int(self.config.steps_offset)
+        elif spacing == "trailing":
+            t = np.round(np.arange(train, 0, -train / n))[::-1].astype(np.int64) - 1
+        else:
+            raise ModelError(f"timestep_spacing {brief(spacing)} is not supported; use linspace, leading or trailing")
+        self.timesteps = np.concatenate([t[:-1], t[-2:-1], t[-1:]])[::-1].copy().astype(np.int64)
+        self.ets: list = []
+        self.counter = 0
+        self.cur_sample = None
+
+    def step(self, model_output, timestep, sample, return_dict: bool = False):
+        if self.num_inference_steps is None:
+            raise ModelError("set_timesteps must be called before step")
+        ratio = int(self.config.num_train_timesteps) // self.num_inference_steps
+        timestep = int(timestep)
+        prev_timestep = timestep - ratio
+        if self.counter != 1:
+            self.ets = [*self.ets[-3:], model_output]
+        else:
+            prev_timestep, timestep = timestep, timestep + ratio
+        ets = self.ets
+        if len(ets) == 1 and self.counter == 0:
+            self.cur_sample = sample
+        elif len(ets) == 1 and self.counter == 1:
+            model_output = (model_output + ets[-1]) / 2
+            sample, self.cur_sample = self.cur_sample, None
+        elif len(ets) == 2:
+            model_output = (3 * ets[-1] - ets[-2]) / 2
+        elif len(ets) == 3:
+            model_output = (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
+        else:
+            model_output = (1 / 24) * (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4])
+        a_t = self.alphas_cumprod[timestep]
+        a_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        b_t, b_prev = 1 - a_t, 1 - a_prev
+        if self.config.prediction_type == "v_prediction":
+            model_output = (a_t**0.5) * model_output + (b_t**0.5) * sample
+        denom = a_t * b_prev ** (0.5) + (a_t * b_t * a_prev) ** (0.5)
+        prev_sample = (a_prev / a_t) ** (0.5) * sample - (a_prev - a_t) * model_output / denom
+        self.counter += 1
+        return (prev_sample,)
+
+
+class UniPCMultistepScheduler(NumpyScheduler):
+    """UniPC (predictor-corrector, ``bh1``/``bh2``, data prediction), as diffusers implements it."""
+
+    name = "UniPCMultistepScheduler"
+    defaults = dict(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None, solver_order=2,
+        prediction_type="epsilon", thresholding=False, predict_x0=True, solver_type="bh2", lower_order_final=True,
+        disable_corrector=[], solver_p=None, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+        use_flow_sigmas=False, timestep_spacing="linspace", steps_offset=0, final_sigmas_type="zero",
+        rescale_betas_zero_snr=False, use_dynamic_shifting=False,
+    )  # fmt: skip
+    unsupported = {
+        **NumpyScheduler.unsupported,
+        "predict_x0": True,
+        "solver_p": None,
+        "use_flow_sigmas": False,
+        "use_dynamic_shifting": False,
+        "solver_type": ("bh1", "bh2"),
+    }
+    init_noise_sigma = 1.0
+
+    def __init__(self, **config) -> None:
+        super().__init__(**config)
+        self._check_prediction()
+        self.disable_corrector = list(self.config.disable_corrector or [])
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        n, train = int(num_inference_steps), int(self.config.num_train_timesteps)
+        spacing = self.config.timestep_spacing
+        if spacing == "linspace":
+            t = np.linspace(0, train - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+        elif spacing == "leading":
+            t = (np.arange(0, n + 1) * (train // (n + 1))).round()[::-1][:-1].copy().astype(np.int64) + int(self.config.steps_offset)
+        elif spacing == "trailing":
+            t = np.arange(train, 0, -train / n).round().copy().astype(np.int64) - 1
+        else:
+            raise ModelError(f"timestep_spacing {brief(spacing)} is not supported; use linspace, leading or trailing")
+        train_sigmas = np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5)
+        if self.config.use_karras_sigmas:
+            log_sigmas = np.log(train_sigmas)
+            sigmas = _karras(self.config, np.flip(train_sigmas).copy(), n)
+            t = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas]).round()
+            last = sigmas[-1] if self.config.final_sigmas_type == "sigma_min" else 0
+        else:
+            sigmas = np.interp(t, np.arange(0, len(train_sigmas)), train_sigmas)
+            last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5 if self.config.final_sigmas_type == "sigma_min" else 0
+        self.sigmas = np.concatenate([sigmas, [last]]).astype(F32)
+        self.timesteps = np.asarray(t).astype(np.int64)
+        self.num_inference_steps = len(self.timesteps)
+        order = int(self.config.solver_order)
+        self.model_outputs: list = [None] * order
+        self.timestep_list: list = [None] * order
+        self.lower_order_nums = 0
+        self.last_sample = None
+        self.this_order = 1
+        self._reset()
+
+    def _alpha_sigma(self, sigma):
+        alpha_t = F32(1) / ((sigma**2 + 1) ** 0.5)
+        return alpha_t, sigma * alpha_t
+
+    def _lam(self, i: int):
+        alpha, sigma = self._alpha_sigma(self.sigmas[i])
+        with np.errstate(divide="ignore"):  # the final sigma is 0: lambda is +inf, as in torch
+            return alpha, sigma, np.log(alpha) - np.log(sigma)
+
+    def _terms(self, h, rks):
+        """(R, b, h_phi_1, B_h) of UniPC's linear system, in float32 as torch computes them."""
+        hh = -h
+        h_phi_1 = np.expm1(hh)
+        h_phi_k = h_phi_1 / hh - 1
+        factorial = 1
+        b_h = hh if self.config.solver_type == "bh1" else np.expm1(hh)
+        rows, b = [], []
+        for i in range(1, len(rks) + 1):
+            rows.append(np.power(rks, i - 1))
+            b.append(h_phi_k * factorial / b_h)
+            factorial *= i + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial
+        return np.stack(rows).astype(F32), np.asarray(b, dtype=F32), h_phi_1, b_h
+
+    def _differences(self, i0: int, base: int, order: int, m0, h, lambda_s0):
+        rks, d1s = [], []
+        for i in range(1, order):
+            _, _, lambda_si = self._lam(base - i)
+            rk = (lambda_si - lambda_s0) / h
+            rks.append(rk)
+            d1s.append((self.model_outputs[-(i + 1)] - m0) / rk)
+        rks.append(F32(1.0))
+        return np.asarray(rks, dtype=F32), d1s
+
+    def _predict(self, sample, order: int):
+        i = self._step_index
+        m0 = self.model_outputs[-1]
+        alpha_t, sigma_t, lambda_t = self._lam(i + 1)
+        _, sigma_s0, lambda_s0 = self._lam(i)
+        h = lambda_t - lambda_s0
+        rks, d1s = self._differences(i, i, order, m0, h, lambda_s0)
+        rmat, b, h_phi_1, b_h = self._terms(h, rks)
+        x_t = sigma_t / sigma_s0 * sample - alpha_t * h_phi_1 * m0
+        if d1s:
+            rhos = np.ones(1, F32) * 0.5 if order == 2 else np.linalg.solve(rmat[:-1, :-1], b[:-1]).astype(F32)
+            x_t = x_t - alpha_t * b_h * sum(r * d for r, d in zip(rhos, d1s))
+        return x_t.astype(sample.dtype, copy=False)
+
+    def _correct(self, model_t, last_sample, this_sample, order: int):
+        i = self._step_index
+        m0 = self.model_outputs[-1]
+        alpha_t, sigma_t, lambda_t = self._lam(i)
+        _, sigma_s0, lambda_s0 = self._lam(i - 1)
+        h = lambda_t - lambda_s0
+        rks, d1s = self._differences(i, i - 1, order, m0, h, lambda_s0)
+        rmat, b, h_phi_1, b_h = self._terms(h, rks)
+        rhos = np.ones(1, F32) * 0.5 if order == 1 else np.linalg.solve(rmat, b).astype(F32)
+        x_t = sigma_t / sigma_s0 * last_sample - alpha_t * h_phi_1 * m0
+        corr = sum(r * d for r, d in zip(rhos[:-1], d1s)) if d1s else 0
+        x_t = x_t - alpha_t * b_h * (corr + rhos[-1] * (model_t - m0))
+        return x_t.astype(this_sample.dtype, copy=False)
+
+    def step(self, model_output, timestep, sample, return_dict: bool = False):
+        if self.num_inference_steps is None:
+            raise ModelError("set_timesteps must be called before step")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        i = self._step_index
+        use_corrector = i > 0 and (i - 1) not in self.disable_corrector and self.last_sample is not None
+        alpha_t, sigma_t, _ = self._lam(i)
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            x0 = (sample - sigma_t * model_output) / alpha_t
+        elif kind == "sample":
+            x0 = model_output
+        else:
+            x0 = alpha_t * sample - sigma_t * model_output
+        if use_corrector:
+            sample = self._correct(x0, self.last_sample, sample, self.this_order)
+        order = int(self.config.solver_order)
+        self.model_outputs = [*self.model_outputs[1:], x0]
+        self.timestep_list = [*self.timestep_list[1:], timestep]
+        this_order = min(order, len(self.timesteps) - i) if self.config.lower_order_final else order
+        self.this_order = min(this_order, self.lower_order_nums + 1)
+        self.last_sample = sample
+        prev_sample = self._predict(sample, self.this_order)
+        if self.lower_order_nums < order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        return (prev_sample,)
+
+
 SCHEDULERS: dict[str, type[NumpyScheduler]] = {
     cls.name: cls
     for cls in (
@@ -559,6 +841,9 @@ SCHEDULERS: dict[str, type[NumpyScheduler]] = {
         DPMSolverMultistepScheduler,
         HeunDiscreteScheduler,
         LCMScheduler,
+        LMSDiscreteScheduler,
+        PNDMScheduler,
+        UniPCMultistepScheduler,
     )
 }
 

@@ -21,13 +21,13 @@ TOY_MODELS = {"toy-sd": "sd", "toy-sdxl": "sdxl", "toy-lcm": "lcm", "toy-pixart"
 
 def _reference(name: str, need_pipeline: bool | None) -> Model:
     from .reference import model as ref
-    from .reference.pipeline import ReferencePipeline, training_sizes
+    from .reference.pipeline import ReferencePipeline, scheduler_config, training_sizes
 
     dataset = REFERENCE_MODELS[name]
     return Model(
         name=name,
         unet_config=dict(ref.UNET_CONFIG),
-        scheduler_config={"_class_name": "DDIMScheduler", **ref.SCHEDULER_CONFIG},
+        scheduler_config={"_class_name": "DDIMScheduler", **scheduler_config(dataset)},
         vae_scale_factor=1,
         text_len=ref.TOKENS,
         pipeline=ReferencePipeline.load(dataset=dataset) if need_pipeline is not False else None,

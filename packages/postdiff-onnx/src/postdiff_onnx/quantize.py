@@ -97,6 +97,23 @@ class _Graph:
             self.small[key] = name
         return name
 
+    def named_const(self, array: np.ndarray, name: str) -> str:
+        """A new initializer under ``name`` (made unique if taken)."""
+        from onnx import numpy_helper
+
+        if name in self.taken:
+            name = self.name(name)
+        self.taken.add(name)
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
+        self.inits[name] = self.graph.initializer[-1]
+        return name
+
+    def drop(self, name: str) -> None:
+        """One consumer of initializer ``name`` is gone; remove it with its last consumer."""
+        self.consumers[name] = self.consumers.get(name, 1) - 1
+        if self.consumers[name] <= 0 and name in self.inits:
+            self.graph.initializer.remove(self.inits.pop(name))
+
     def array(self, name: str) -> np.ndarray | None:
         from onnx import numpy_helper
 
@@ -129,15 +146,24 @@ def _attrs(node) -> dict:
 
 
 # -- convolutions as matrix products -----------------------------------------------------------------------------------
+TAP = ".tap"  # a convolution's weight for one kernel tap: "<weight>.tap<dy><dx>"
+
+
 def conv_as_matmul(model, *, min_params: int = MIN_PARAMS, keep=frozenset()) -> list[str]:
     """Rewrite every 2-D ``Conv`` with a constant weight of at least ``min_params`` values (group 1, no dilation,
-    explicit pads; not in ``keep``) as im2col and a ``MatMul`` with the weight as a (kh*kw*Cin, Cout) matrix, in
-    place; exact up to summation order. Returns the weights rewritten."""
+    explicit pads; not in ``keep``) as matrix products, in place; exact up to summation order. Returns the weights
+    rewritten.
+
+    The input is padded and put channels last once; each kernel tap (dy, dx) is a strided slice of it times that
+    tap's (Cin, Cout) weight, and a ``Sum`` adds the taps: im2col without its buffer. Measured on SD1.5's int4 UNet
+    at 32x32, the concatenated im2col buffers were the largest activations (up to 35 MB each) and the slicing and
+    concatenating 21% of a call; per tap, each slice is one ninth of that and lives until its product is done."""
     from onnx import helper
 
     g = _Graph(model)
     replacements: dict[int, list] = {}
     done = []
+    big = np.iinfo(np.int64).max
     for k, node in enumerate(g.graph.node):
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
@@ -167,35 +193,28 @@ def conv_as_matmul(model, *, min_params: int = MIN_PARAMS, keep=frozenset()) -> 
             padded = g.name("pad")
             nodes.append(helper.make_node("Pad", [x, g.const(np.array([0, 0, pt, pl, 0, 0, pb, pr], np.int64), "pads")], [padded]))
             x = padded
-        last = g.name("nhwc")
-        nodes.append(helper.make_node("Transpose", [x], [last], perm=[0, 2, 3, 1]))
-        if (kh, kw, sh, sw) != (1, 1, 1, 1):
-            taps = []
-            big = np.iinfo(np.int64).max
+        nhwc = g.name("nhwc")
+        nodes.append(helper.make_node("Transpose", [x], [nhwc], perm=[0, 2, 3, 1]))
+        if (kh, kw, sh, sw) == (1, 1, 1, 1):
+            matrix = g.set_matrix(node.input[1], np.ascontiguousarray(w[:, :, 0, 0].T))
+            product = g.name("mm")
+            nodes.append(helper.make_node("MatMul", [nhwc, matrix], [product]))
+        else:
+            products = []
             for dy in range(kh):
                 for dx in range(kw):
-                    tap = g.name("tap")
+                    tap, product = g.name("tap"), g.name("tapmm")
                     ends = [-(kh - 1 - dy) if kh - 1 - dy else big, -(kw - 1 - dx) if kw - 1 - dx else big]
-                    nodes.append(
-                        helper.make_node(
-                            "Slice",
-                            [
-                                last,
-                                g.const(np.array([dy, dx], np.int64), "starts"),
-                                g.const(np.array(ends, np.int64), "ends"),
-                                g.const(np.array([1, 2], np.int64), "axes"),
-                                g.const(np.array([sh, sw], np.int64), "steps"),
-                            ],
-                            [tap],
-                        )
-                    )
-                    taps.append(tap)
-            cols = g.name("im2col")
-            nodes.append(helper.make_node("Concat", taps, [cols], axis=3) if len(taps) > 1 else helper.make_node("Identity", taps, [cols]))
-            last = cols
-        matrix = g.set_matrix(node.input[1], np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(kh * kw * cin, cout)))
-        product = g.name("mm")
-        nodes.append(helper.make_node("MatMul", [last, matrix], [product]))
+                    bounds = [
+                        g.const(np.array(v, np.int64), n)
+                        for v, n in (([dy, dx], "starts"), (ends, "ends"), ([1, 2], "axes"), ([sh, sw], "steps"))
+                    ]
+                    matrix = g.named_const(np.ascontiguousarray(w[:, :, dy, dx].T), f"{node.input[1]}{TAP}{dy}{dx}")
+                    nodes += [helper.make_node("Slice", [nhwc, *bounds], [tap]), helper.make_node("MatMul", [tap, matrix], [product])]
+                    products.append(product)
+            g.drop(node.input[1])
+            product = g.name("taps")
+            nodes.append(helper.make_node("Sum", products, [product]))
         if bias is not None:
             biased = g.name("bias")
             nodes.append(helper.make_node("Add", [product, node.input[2]], [biased]))
@@ -259,8 +278,48 @@ def _matmuls_int8(model, min_params: int, keep) -> None:
     g = _Graph(model)
     producer = {o: (k, n) for k, n in enumerate(g.graph.node) for o in n.output}
     replacements: dict[int, list] = {}
-    for k, node in enumerate(g.graph.node):
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+    grouped: set[int] = set()
+
+    def scaled(y32: str, xs: str, ws: str, out: list[str]) -> list:
+        yf, s = g.name("yf"), g.name("scale")
+        return [
+            helper.make_node("Cast", [y32], [yf], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [xs, ws], [s]),
+            helper.make_node("Mul", [yf, s], out),
+        ]
+
+    for k, node in enumerate(g.graph.node):  # a convolution's taps: one quantization of its input, one scale
+        taps = _taps_of(node, g, producer) if node.op_type == "Sum" else None
+        if not taps or any(mm.input[1] in keep for _, mm, _, _ in taps[0]):
+            continue
+        members, source = taps
+        weights = [g.array(mm.input[1]) for _, mm, _, _ in members]
+        if sum(w.size for w in weights) < min_params:
+            continue
+        # per output channel over every tap: the scale of the convolution's own weight
+        peak = np.max([np.abs(w).max(axis=0) for w in weights], axis=0).astype(np.float32)
+        scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+        ws = g.const(scale, "w_scale")
+        xq, xs, xz, y32 = g.name("xq"), g.name("xs"), g.name("xz"), g.name("y32")
+        nodes = [helper.make_node("DynamicQuantizeLinear", [source], [xq, xs, xz])]
+        products = []
+        for (mm_k, mm, slice_k, sl), w in zip(members, weights):
+            tap, product = g.name("tap_u8"), g.name("tap_i32")
+            wq = g.set_matrix(mm.input[1], np.clip(np.rint(w / scale), -127, 127).astype(np.int8))
+            nodes += [helper.make_node("Slice", [xq, *sl.input[1:]], [tap]), helper.make_node("MatMulInteger", [tap, wq, xz], [product])]
+            products.append(product)
+            replacements[slice_k] = replacements[mm_k] = []
+            grouped.add(mm_k)
+        total = products[0]  # int32 partial sums, added pairwise (ONNX's Sum takes floating-point tensors only)
+        for i, product in enumerate(products[1:], 2):
+            added = y32 if i == len(products) else g.name("acc_i32")
+            nodes.append(helper.make_node("Add", [total, product], [added]))
+            total = added
+        if len(products) == 1:
+            nodes[-1].output[0] = y32
+        replacements[k] = nodes + scaled(y32, xs, ws, list(node.output))
+    for k, node in enumerate(g.graph.node):  # every other matrix product with a constant weight
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or k in grouped:
             continue
         w = g.array(node.input[1])
         if w is None or w.ndim != 2 or w.size < min_params or w.dtype != np.float32 or node.input[1] in keep:
@@ -268,53 +327,51 @@ def _matmuls_int8(model, min_params: int, keep) -> None:
         q, scale = _int8_columns(w)
         wq = g.set_matrix(node.input[1], q)  # the int8 weight keeps the layer's name
         ws = g.const(scale, "w_scale")
-        xq, xs, xz, y32, yf, s = (g.name(h) for h in ("xq", "xs", "xz", "y32", "yf", "scale"))
-        nodes = []
-        im2col = _im2col_of(node.input[0], producer)
-        if im2col is not None:
-            # quantize the activation once, before im2col, and gather the taps as uint8: the same numbers (the taps
-            # hold the activation's values and the pads' zeros, and the range always includes 0) in a quarter of
-            # the memory and traffic of the fp32 taps
-            concat_k, concat, slices, source = im2col
-            nodes.append(helper.make_node("DynamicQuantizeLinear", [source], [xq, xs, xz]))
-            taps = []
-            for slice_k, sl in slices:
-                tap = g.name("tap_u8")
-                nodes.append(helper.make_node("Slice", [xq, *sl.input[1:]], [tap]))
-                replacements[slice_k] = []
-                taps.append(tap)
-            cols = g.name("im2col_u8")
-            nodes.append(helper.make_node("Concat", taps, [cols], axis=_attrs(concat)["axis"]))
-            replacements[concat_k] = []
-            a = cols
-        else:
-            nodes.append(helper.make_node("DynamicQuantizeLinear", [node.input[0]], [xq, xs, xz]))
-            a = xq
-        nodes += [
-            helper.make_node("MatMulInteger", [a, wq, xz], [y32]),
-            helper.make_node("Cast", [y32], [yf], to=TensorProto.FLOAT),
-            helper.make_node("Mul", [xs, ws], [s]),
-            helper.make_node("Mul", [yf, s], list(node.output)),
+        xq, xs, xz, y32 = g.name("xq"), g.name("xs"), g.name("xz"), g.name("y32")
+        replacements[k] = [
+            helper.make_node("DynamicQuantizeLinear", [node.input[0]], [xq, xs, xz]),
+            helper.make_node("MatMulInteger", [xq, wq, xz], [y32]),
+            *scaled(y32, xs, ws, list(node.output)),
         ]
-        replacements[k] = nodes
     g.replace(replacements)
 
 
-def _im2col_of(value: str, producer: dict):
-    """(concat index, concat node, [(slice index, slice node)], the sliced tensor) when ``value`` is the im2col of
-    ``conv_as_matmul`` (a Concat of Slices of one tensor, each used only there), else None."""
-    if value not in producer:
+def _tap(value: str, g: _Graph, producer: dict):
+    """(matmul index, matmul, slice index, slice) when ``value`` is one tap's product as ``conv_as_matmul`` (or
+    ``_matmuls_int8``) writes it: a MatMul of a Slice by a constant weight; else None."""
+    mm_k, mm = producer.get(value, (None, None))
+    if mm is None or mm.op_type not in ("MatMul", "MatMulInteger") or mm.input[1] not in g.inits:
         return None
-    concat_k, concat = producer[value]
-    if concat.op_type != "Concat" or not concat.input:
+    slice_k, sl = producer.get(mm.input[0], (None, None))
+    if sl is None or sl.op_type != "Slice" or not sl.output[0].startswith(_PREFIX):
         return None
-    slices = [producer.get(v) for v in concat.input]
-    if any(s is None or s[1].op_type != "Slice" for s in slices):
+    return mm_k, mm, slice_k, sl
+
+
+def _taps_of(node, g: _Graph, producer: dict):
+    """([(matmul index, matmul, slice index, slice)], the sliced tensor) when ``node`` is the ``Sum`` of a
+    convolution's taps as ``conv_as_matmul`` writes it (each input a MatMul of a Slice of one tensor by a constant
+    weight), else None."""
+    members = [_tap(value, g, producer) for value in node.input]
+    if not members or any(m is None for m in members):
         return None
-    sources = {s[1].input[0] for s in slices}
-    if len(sources) != 1 or not all(s[1].output[0].startswith(_PREFIX) for s in slices):
-        return None
-    return concat_k, concat, slices, sources.pop()
+    sources = {sl.input[0] for _, _, _, sl in members}
+    return (members, sources.pop()) if len(sources) == 1 else None
+
+
+def _add_chain(k: int, node, producer: dict) -> tuple[list[int], list[str] | None]:
+    """(indices of the Adds, the values they add up) of the pairwise sum ending at ``node``, as ``_matmuls_int8``
+    writes a convolution's int32 taps (its partial sums are named by the rewrite); leaves None if it is not one."""
+    adds, leaves, stack = [k], [], list(node.input)
+    while stack:
+        value = stack.pop(0)
+        k2, n2 = producer.get(value, (None, None))
+        if n2 is not None and n2.op_type == "Add" and value.startswith(_PREFIX) and "acc_i32" in value:
+            adds.append(k2)
+            stack = list(n2.input) + stack
+        else:
+            leaves.append(value)
+    return adds, (leaves if len(leaves) > 1 else None)
 
 
 def _tables_int8(model, min_params: int, keep=frozenset()) -> None:
@@ -346,9 +403,9 @@ def _tables_int8(model, min_params: int, keep=frozenset()) -> None:
 
 def openvino_form(model) -> int:
     """The int8 ONNX Runtime graph as OpenVINO runs it fast, in place: each ``DynamicQuantizeLinear`` ->
-    ``MatMulInteger`` -> ``Cast`` -> scale chain becomes ``DequantizeLinear`` of the same int8 weight and scale
-    (per column) -> ``MatMul`` on fp32 activations, so both graphs read the same bytes. Returns the chains
-    rewritten."""
+    ``MatMulInteger`` -> ``Cast`` -> scale chain (a convolution's taps: their ``Sum`` before the cast) becomes
+    ``DequantizeLinear`` of the same int8 weights and scale (per column) -> ``MatMul`` on fp32 activations, so both
+    graphs read the same bytes. Returns the chains rewritten."""
     from onnx import helper
 
     g = _Graph(model)
@@ -360,37 +417,46 @@ def openvino_form(model) -> int:
     replacements: dict[int, list] = {}
     count = 0
     for k, node in enumerate(g.graph.node):
-        if node.op_type != "MatMulInteger":
+        after = [g.graph.node[c] for c in consumers.get(node.output[0], [])] if node.output else []
+        if not (len(after) == 1 and after[0].op_type == "Cast"):
+            continue
+        if node.op_type == "Add":  # the int32 sum of a convolution's taps (_matmuls_int8)
+            adds, leaves = _add_chain(k, node, producer)
+            members = [] if leaves is None else [_tap(value, g, producer) for value in leaves]
+            if not members or any(m is None or m[1].op_type != "MatMulInteger" for m in members):
+                continue
+            for add_k in adds:
+                replacements[add_k] = []
+            quantized = members[0][3].input[0]
+        elif node.op_type == "MatMulInteger":
+            members, quantized = [(k, node, None, None)], node.input[0]
+        else:
             continue
         cast_k = consumers[node.output[0]][0]
-        cast = g.graph.node[cast_k]
-        mul_k = consumers[cast.output[0]][0]
+        mul_k = consumers[g.graph.node[cast_k].output[0]][0]
         mul = g.graph.node[mul_k]
         scale_k, scale_mul = producer[mul.input[1]]
-        weight_scale = scale_mul.input[1]
-        w = g.name("w_fp")
-        nodes = [helper.make_node("DequantizeLinear", [node.input[1], weight_scale], [w], axis=1)]
-        im2col = _im2col_of(node.input[0], producer)
-        if im2col is not None:  # the uint8 taps of _matmuls_int8: the same taps of the fp32 activation
-            concat_k, concat, slices, source = im2col
-            dq_k, dq = producer[source]
-            taps = []
-            for slice_k, sl in slices:
-                tap = g.name("tap")
-                nodes.insert(len(taps), helper.make_node("Slice", [dq.input[0], *sl.input[1:]], [tap]))
-                replacements[slice_k] = []
-                taps.append(tap)
-            cols = g.name("im2col")
-            nodes.insert(len(taps), helper.make_node("Concat", taps, [cols], axis=_attrs(concat)["axis"]))
-            replacements[concat_k] = []
-            a = cols
-        else:
-            dq_k, dq = producer[node.input[0]]
+        dq_k, dq = producer[quantized]  # the DynamicQuantizeLinear: its input is the fp32 activation
+        nodes, products = [], []
+        for mm_k, mm, slice_k, sl in members:
+            w, product = g.name("w_fp"), g.name("mm")
             a = dq.input[0]
-        nodes.append(helper.make_node("MatMul", [a, w], list(mul.output)))
-        replacements[dq_k] = []
+            if sl is not None:
+                a = g.name("tap")
+                nodes.append(helper.make_node("Slice", [dq.input[0], *sl.input[1:]], [a]))
+                replacements[slice_k] = []
+            nodes += [
+                helper.make_node("DequantizeLinear", [mm.input[1], scale_mul.input[1]], [w], axis=1),
+                helper.make_node("MatMul", [a, w], [product]),
+            ]
+            replacements[mm_k] = []
+            products.append(product)
+        if len(products) == 1:
+            nodes[-1].output[0] = mul.output[0]
+        else:
+            nodes.append(helper.make_node("Sum", products, list(mul.output)))
         replacements[k] = nodes
-        replacements[cast_k] = replacements[scale_k] = replacements[mul_k] = []
+        replacements[dq_k] = replacements[cast_k] = replacements[scale_k] = replacements[mul_k] = []
         count += 1
     g.replace(replacements)
     return count
@@ -401,7 +467,7 @@ def quantize_int4(model, *, min_params: int = MIN_PARAMS, block: int = INT4_BLOC
     """Every ``MatMul`` with a constant 2-D weight of at least ``min_params`` values (not in ``keep``) ->
     ``MatMulNBits`` 4-bit (ONNX Runtime's ``MatMulNBitsQuantizer``), embedding tables -> int8 rows; returns the new
     model proto."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer = _nbits_quantizer()
 
     g = _Graph(model)
     for k, node in enumerate(g.graph.node):  # the quantizer excludes nodes by name: every node gets one
@@ -469,6 +535,20 @@ def io_layers(model, inputs=("sample",), outputs=("eps",)) -> frozenset[str]:
     return frozenset(nearest(inputs, after) | nearest(outputs, before))
 
 
+def _nbits_quantizer():
+    """ONNX Runtime's 4-bit quantizer, imported without its side effect: the module calls ``logging.basicConfig`` at
+    INFO when imported, which would print every INFO line of every library (onnxscript's constant folding) after it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    return DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+
 # -- files ---------------------------------------------------------------------------------------------------------------
 def quantize_file(path, weights: str) -> None:
     """Quantize the exported fp32 graph at ``path`` (and its external data) to ``weights`` ("int8" | "int4"), in
@@ -515,19 +595,23 @@ def layer_types(model) -> dict[str, str]:
 
     kinds = {t.name: t.data_type for t in model.graph.initializer}
     out: dict[str, str] = {}
+
+    def layer(name: str) -> str:  # a convolution's taps are one layer
+        return re.sub(re.escape(TAP) + r"\d\d$", "", re.sub(r"_Q4$", "", name))
+
     for node in model.graph.node:
         if node.op_type == "MatMulInteger" and node.input[1] in kinds:
-            out[node.input[1]] = "int8"
+            out[layer(node.input[1])] = "int8"
         elif node.op_type == "DequantizeLinear" and kinds.get(node.input[0]) == TensorProto.INT8:
-            out[node.input[0]] = "int8"
+            out[layer(node.input[0])] = "int8"
         elif node.op_type == "MatMulNBits" and node.input[1] in kinds:
-            out[re.sub(r"_Q4$", "", node.input[1])] = f"int4 (blocks of {_attrs(node).get('block_size')})"
+            out[layer(node.input[1])] = f"int4 (blocks of {_attrs(node).get('block_size')})"
         elif node.op_type == "Gather" and kinds.get(node.input[0]) == TensorProto.INT8:
             out[node.input[0]] = "int8 rows"
         elif node.op_type in ("MatMul", "Conv", "Gemm", "Gather") and len(node.input) > 1:
             w = node.input[1] if node.op_type != "Gather" else node.input[0]
             if kinds.get(w) in (TensorProto.FLOAT, TensorProto.FLOAT16) and not w.startswith(_PREFIX):  # not our scales
-                out.setdefault(w, "fp32" if kinds[w] == TensorProto.FLOAT else "fp16")
+                out.setdefault(layer(w), "fp32" if kinds[w] == TensorProto.FLOAT else "fp16")
     return out
 
 

@@ -42,6 +42,14 @@ def training_sizes(dataset: str = "fashion", folder: str | Path | None = None) -
     return tuple(int(s) for s in (sizes or [ref.IMAGE_SIZE]))
 
 
+def scheduler_config(dataset: str = "fashion", folder: str | Path | None = None) -> dict:
+    """The noise schedule the shipped weights were trained with (``scheduler`` in training.json; the model module's
+    default when a folder has none): v1 to v2.1 used the cosine schedule, v3 Stable Diffusion's."""
+    meta = Path(folder or weights_dir(dataset)) / "training.json"
+    config = json.loads(meta.read_text()).get("scheduler") if meta.is_file() else None
+    return dict(config or ref.SCHEDULER_CONFIG)
+
+
 # What the class-conditional family needs to read a condition, per dataset: the noun of its error messages,
 # extra names, and the default class of `postdiff generate`
 _CLASS_WORDS = {
@@ -96,9 +104,7 @@ class ReferencePipeline:
         state = load_file(str(weights))
         unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
         enc.load_state_dict({k[14:]: v for k, v in state.items() if k.startswith("class_encoder.")})
-        meta = folder / "training.json"
-        scheduler_config = json.loads(meta.read_text()).get("scheduler") if meta.is_file() else None
-        return cls(unet, enc, scheduler_config, dataset)
+        return cls(unet, enc, scheduler_config(dataset, folder), dataset)
 
     # -- plans -----------------------------------------------------------------------------------------------------
     def scheduler(self, kind: str = "DDIMScheduler"):
