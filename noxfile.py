@@ -1,6 +1,7 @@
 """nox sessions: tests, lint, demo, bench. Each builds its own virtualenv with the pinned versions.
 
 nox -s tests      # the test suite (what CI runs, via .ci/run)
+nox -s slow       # the tests marked slow, which the default run leaves out
 nox -s lint       # ruff check + format check
 nox -s demo       # the main job: baseline vs postdiff on the default model
 nox -s bench      # the torch CPU and ONNX Runtime benchmarks of benchmarks/ (slow: tens of minutes)
@@ -35,6 +36,14 @@ def tests(session: nox.Session) -> None:
     install(session, "pytest", "-e", "packages/postdiff-coreml[export]")
     session.install("--no-deps", "DeepCache==0.1.1")  # the parity test's reference (see scripts/setup.sh)
     session.run("pytest", *session.posargs)
+
+
+@nox.session
+def slow(session: nox.Session) -> None:
+    """The tests the default run leaves out (marked slow): the same checks on more families and schedulers."""
+    install(session, "pytest", "-e", "packages/postdiff-coreml[export]")
+    session.install("--no-deps", "DeepCache==0.1.1")
+    session.run("pytest", "-m", "slow", *session.posargs)
 
 
 @nox.session

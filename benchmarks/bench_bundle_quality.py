@@ -13,7 +13,6 @@ seed. Prints a Markdown table; writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -102,9 +101,9 @@ def main(argv=None) -> int:
                 print(lines[-1], flush=True)
     text = "\n".join(lines)
     print(text)
-    out = Path(args.out)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".txt").write_text(text + "\n")
+    from postdiff_lab.report import write_results
+
+    print(f"wrote {write_results(args.out, result, text)}")
     return 0
 
 

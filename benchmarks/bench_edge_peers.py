@@ -351,9 +351,9 @@ def main(argv=None) -> int:
         result["rows"][row] = {"runs": runs[row], "medians": {k: median(runs[row], k) for k in keys}, "bytes": tree_bytes(weights_path)}
     text = table(result)
     print(text)
-    out = Path(args.out or HERE / "results" / f"edge_peers_{args.size}.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".txt").write_text(text + "\n")
+    from postdiff_lab.report import write_results
+
+    out = write_results(args.out or HERE / "results" / f"edge_peers_{args.size}.json", result, text)
     print(f"wrote {out}")
     return 0
 

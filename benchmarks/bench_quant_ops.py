@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import subprocess
@@ -252,9 +251,9 @@ def main(argv=None) -> int:
         f"{m['growth_mb']} MB on the first call (the dequantized fp32 weights, held)"
     )
     print(text)
-    out = Path(args.out)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".txt").write_text(text + "\n")
+    from postdiff_lab.report import write_results
+
+    print(f"wrote {write_results(args.out, result, text)}")
     return 0
 
 

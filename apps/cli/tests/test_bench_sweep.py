@@ -26,7 +26,7 @@ def test_bench_reference_torch_and_onnx_then_cached_exports(tmp_path, capsys):
     args += ["--warmup", "0", "--images", "10", "--cache-dir", str(cache), "--json", str(out), "--grid", str(grid)]
     assert main(args) == 0
     captured = capsys.readouterr()
-    assert "| onnx    | postdiff" in captured.out and "LPIPS" in captured.out and "| full_cached" in captured.out
+    assert "| onnx    | fp32    | postdiff" in captured.out and "LPIPS" in captured.out and "| full_cached" in captured.out
     result = strict_loads(out.read_text())
     rows = {(r["backend"], r["plan"]): r for r in result["results"]}
     assert set(rows) == {(b, p) for b in ("torch", "onnx") for p in ("baseline", "postdiff")}

@@ -39,6 +39,7 @@ def test_a_sweep_on_a_dask_cluster_equals_the_local_sweep(tmp_path, capsys):
     assert [r["winner"] for r in a["rows"]] and all(r["cheaper-steps"]["holdout"] > 0 for r in a["rows"])
 
 
+@pytest.mark.slow
 def test_plan_search_with_lpips_on_a_dask_cluster_equals_local(tmp_path, capsys):
     """LPIPS cells make their own baseline shard (a paired metric) on whichever worker runs them."""
     common = ["plan", "search", "--budget", "0.5", "--metric", "lpips", "--calibration", "3", "--holdout", "5", "--top", "2"]

@@ -38,15 +38,26 @@ def controlnet_pipe(kind: str, multi: bool = False, scheduler: str = "DDIMSchedu
     return pipe
 
 
+DEFAULT_CASES = {("DDIMScheduler", "sd", False), ("DPMSolverMultistepScheduler", "sdxl", True)}
+
+
 def run(pipe, multi=False, seed=1, **kw):
     image = [CONTROL, CONTROL.flip(-1)] if multi else CONTROL
     kw.setdefault("num_inference_steps", STEPS)
     return pipe("a cat", image=image, generator=gen(seed), output_type="np", **kw).images
 
 
-@pytest.mark.parametrize("multi", [False, True], ids=["one", "multi"])
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
-@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "DPMSolverMultistepScheduler"])
+# two of the eight combinations by default (SD with one ControlNet and DDIM, SDXL with two and DPM-Solver++); the
+# other six with -m slow (about 30 s each here)
+CONTROLNET_CASES = [
+    pytest.param(s, k, m, marks=[] if (s, k, m) in DEFAULT_CASES else [pytest.mark.slow])
+    for s in ("DDIMScheduler", "DPMSolverMultistepScheduler")
+    for k in ("sd", "sdxl")
+    for m in (False, True)
+]
+
+
+@pytest.mark.parametrize("scheduler, kind, multi", CONTROLNET_CASES)
 def test_exact_plans_equal_vanilla_and_postdiff_stays_paired(kind, multi, scheduler):
     pipe = controlnet_pipe(kind, multi, scheduler)
     vanilla = run(pipe, multi)

@@ -154,3 +154,43 @@ def test_low_res_noise_is_derived_from_the_full_size_noise_of_the_seed():
     assert np.allclose(a, b, atol=1e-6)
     noise = torch.randn(64, 4, 32, 32, generator=gen(0))
     assert downsample_noise(noise, (16, 16)).std().item() == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.parametrize("name", ["dpmpp-2m-karras", "heun"])
+def test_plans_run_on_repeated_timesteps_and_baseline_equals_vanilla(name):
+    """Plans name steps by position: DPM++ 2M Karras on a cosine schedule calls the UNet at t=998 nine times over 20
+    steps (the issue's PlanError), Heun twice per timestep; baseline still equals the vanilla loop, postdiff runs."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from postdiff.families import scheduler_from_config
+
+    pipe = make_pipe("sd")
+    config = {**dict(pipe.scheduler.config), "beta_schedule": "squaredcos_cap_v2"}
+    with pytest.warns() if name in ("heun", "lms", "euler-a") else _quiet():  # sigma 20,291: PostDiffWarning
+        pipe.scheduler = scheduler_from_config(name, config)
+    steps = 20
+    if isinstance(pipe.scheduler, DPMSolverMultistepScheduler):
+        probe = scheduler_from_config(name, config)
+        probe.set_timesteps(steps)
+        assert len(set(probe.timesteps.tolist())) < steps  # repeated timesteps, the case under test
+    repeated = isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+    if repeated:  # diffusers' own loop looks the first step up by value, lands on the second 998 and runs off the end
+        with pytest.raises(IndexError):
+            run(pipe, num_inference_steps=steps)
+        pipe.scheduler.set_begin_index(0)
+        vanilla = None
+    else:
+        vanilla = run(pipe, num_inference_steps=steps)
+    postdiff.apply(pipe, "baseline")
+    ours = run(pipe, num_inference_steps=steps)
+    assert np.isfinite(ours).all()
+    if vanilla is not None:
+        assert np.abs(ours - vanilla).max() <= 1e-6
+    postdiff.apply(pipe, {**POSTDIFF, "steps": steps, "xattn_gate": {"after": 10}, "low_res": {"scale": 1.0, "until": 0.5}})
+    assert np.isfinite(run(pipe, num_inference_steps=steps)).all()
+
+
+def _quiet():
+    import contextlib
+
+    return contextlib.nullcontext()

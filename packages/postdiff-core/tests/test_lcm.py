@@ -124,7 +124,7 @@ def test_the_lcm_plan_compiles_at_4_to_8_steps_and_saves_macs(steps):
 
 def test_lcm_models_take_their_own_scheduler_only():
     model = load_model("toy-lcm", need_pipeline=True)
-    with pytest.raises(postdiff.ModelError, match="LCM models sample with LCMScheduler only, not 'EulerDiscreteScheduler'"):
+    with pytest.raises(postdiff.ModelError, match="LCM models sample with LCMScheduler \\(lcm\\) only, not 'EulerDiscreteScheduler'"):
         model.scheduler("EulerDiscreteScheduler")
     assert type(model.scheduler("LCMScheduler")).__name__ == "LCMScheduler"
     assert type(load_model("arch:lcm-sd15").scheduler()).__name__ == "LCMScheduler"

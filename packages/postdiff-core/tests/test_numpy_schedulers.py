@@ -10,6 +10,7 @@ import torch
 
 from postdiff.errors import ModelError
 from postdiff.numpy_schedulers import SCHEDULERS, numpy_scheduler
+from postdiff.schedulers import NAMES, name_of, resolve
 from postdiff.torch_random import TorchGenerator
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False, set_alpha_to_one=False)
@@ -123,3 +124,58 @@ def test_a_config_saved_by_another_scheduler_class_reads_as_diffusers_reads_it(n
     ref.set_timesteps(10)
     ours.set_timesteps(10)
     np.testing.assert_allclose(ours.timesteps.astype(np.float64), ref.timesteps.numpy().astype(np.float64), rtol=1e-5)
+
+
+# -- short names (postdiff.schedulers) ------------------------------------------------------------------------------------
+SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+COSINE = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "lcm"])
+def test_every_short_name_is_one_diffusers_configuration_and_its_numpy_twin_follows_it(name):
+    """Each UI name builds its diffusers class with its settings over the model's schedule, reads back as the same name,
+    and the numpy scheduler of that name gives diffusers' timesteps and first step (1e-5)."""
+    from postdiff.families import scheduler_from_config
+
+    ref = scheduler_from_config(name, SD_SCHEDULE)
+    assert type(ref).__name__ == NAMES[name][0] and name_of(type(ref).__name__, dict(ref.config)) == name
+    mine = numpy_scheduler(name, SD_SCHEDULE)
+    ref.set_timesteps(12)
+    mine.set_timesteps(12)
+    np.testing.assert_allclose(mine.timesteps.astype(np.float64), ref.timesteps.numpy().astype(np.float64), rtol=1e-5)
+    a = run(ref, 12, None, torch.Generator().manual_seed(3), torch.from_numpy, lambda x: x.numpy())
+    b = run(mine, 12, None, TorchGenerator(3), lambda x: x, lambda x: x)
+    for x, y in zip(a, b):
+        assert np.abs(x - y).max() <= 1e-5 * max(1.0, float(np.abs(x).max()))
+
+
+@pytest.mark.parametrize("text", ["DPM++ 2M Karras", "dpmpp_2m_karras", "DPMPP-2M-KARRAS"])
+def test_ui_spellings_read_as_the_short_name(text):
+    assert resolve(text) == resolve("dpmpp-2m-karras")
+
+
+@pytest.mark.parametrize("bad", ["", "  ", "euler_b", "dpm3", "ddim;rm -rf", "x" * 500, "ddimscheduler"])
+def test_an_unknown_scheduler_name_is_one_line_listing_the_names(bad):
+    with pytest.raises(ModelError) as info:
+        resolve(bad)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 400 and all(n in message for n in ("dpmpp-2m-karras", "euler-a", "unipc"))
+
+
+def test_sigma_space_samplers_on_a_cosine_schedule_warn_once_in_one_line():
+    """Euler, Heun and LMS scale the start latent by sigma_max: 20,291 on squaredcos_cap_v2 (noise out), 14.6 on SD's."""
+    import warnings
+
+    from postdiff.errors import PostDiffWarning
+    from postdiff.families import scheduler_from_config
+
+    for name in ("euler", "heun", "lms", "EulerAncestralDiscreteScheduler"):
+        for build in (scheduler_from_config, numpy_scheduler):
+            with pytest.warns(PostDiffWarning, match=r"sigma 20,291 .* use ddim"):
+                build(name, COSINE)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", PostDiffWarning)
+                build(name, SD_SCHEDULE)  # about 14.6: quiet
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PostDiffWarning)
+        scheduler_from_config("ddim", COSINE)  # DDIM starts at unit variance whatever the schedule

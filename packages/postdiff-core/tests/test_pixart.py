@@ -43,7 +43,7 @@ def test_the_toys_are_pixart_and_recognised(toy):
     assert pipe.transformer.use_additional_conditions == (kind == "pixart")
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("scheduler", [SCHEDULERS[0], *(pytest.param(s, marks=pytest.mark.slow) for s in SCHEDULERS[1:])])
 def test_baseline_equals_vanilla_diffusers(toy, scheduler):
     kind, pipe = toy
     original = pipe.scheduler

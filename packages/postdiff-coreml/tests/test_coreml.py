@@ -31,6 +31,8 @@ NEEDS_MACOS = pytest.mark.skipif(
     reason="Core ML prediction needs macOS: coremltools converts on Linux but cannot run a model, so numerics are checked on macOS only",
 )
 ALL = ["reference", "sd", "sdxl", "lcm", "pixart", "pixart-sigma"]
+# the family-wide parametrized tests run reference and sd by default, every family with -m slow (a conversion each)
+FAMILIES = [n if n in ("reference", "sd") else pytest.param(n, marks=pytest.mark.slow) for n in ALL]
 DTYPES = {65568: "float32", 131104: "int32", 65552: "float16"}
 
 
@@ -48,7 +50,7 @@ def _pipeline(folder) -> BundlePipeline:
     return BundlePipeline(folder, manifest, runner=None, static=True, static_batch=1)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_package_has_exactly_the_functions_the_plan_needs(coreml_bundles, name):
     folder, manifest = inspect_bundle(coreml_bundles(name))
     plan = _pipeline(folder).compile()
@@ -105,7 +107,7 @@ def _one_function_package(multi: Path, function: str, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_functions_share_one_copy_of_the_weights(coreml_bundles, name, tmp_path):
     folder, manifest = inspect_bundle(coreml_bundles(name))
     multi = folder / UNET_PACKAGE
@@ -207,6 +209,7 @@ def test_8bit_weights_are_compressed_in_every_function(tmp_path):
     assert blob < 1.3 * params  # about one byte per weight (fp16 would be two), stored once for both functions
 
 
+@pytest.mark.slow
 def test_macos14_target_writes_one_package_per_function(tmp_path):
     folder = export_coreml("reference", "deepcache", tmp_path / "m14", target="macos14", log=lambda m: None)
     _, manifest = inspect_bundle(folder)
@@ -226,7 +229,7 @@ def test_macos14_target_writes_one_package_per_function(tmp_path):
 
 # -- numerics: macOS only ----------------------------------------------------------------------------------------------
 @NEEDS_MACOS
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_every_function_matches_torch(coreml_bundles, name):
     folder, manifest = read_manifest(coreml_bundles(name), "coreml")
     pipe = load_bundle(folder, compute_units="CPU_ONLY")
@@ -243,7 +246,7 @@ def test_every_function_matches_torch(coreml_bundles, name):
 
 
 @NEEDS_MACOS
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_end_to_end_image_matches_torch(coreml_bundles, name):
     pipe = load_bundle(coreml_bundles(name), compute_units="CPU_ONLY")
     plan = pipe.compile()
@@ -261,6 +264,7 @@ def _unet_params() -> int:
     return sum(p.numel() for p in load_model("reference", need_pipeline=True).pipeline.unet.parameters())
 
 
+@pytest.mark.slow
 def test_6bit_palettised_export_stores_about_three_quarters_of_a_byte_per_weight(tmp_path):
     """k-means palettisation needs scikit-learn, a declared dependency of postdiff-coreml: end to end through the CLI
     (4 bits: test_macos14_target_writes_one_package_per_function)."""

@@ -51,6 +51,7 @@ def test_models_without_known_training_sizes_never_warn():
 
 
 @needs_fashion
+@pytest.mark.slow
 def test_per_size_check_on_the_reference_model():
     from postdiff_lab.evaluation import evaluate_sizes
 

@@ -19,7 +19,7 @@ BUNDLES = {
     "pixart": ("toy-pixart", "postdiff-dit", {"height": 128, "width": 128}),
     # PixArt-Σ with block caching (the shallow variants), resolution unconditioned, at its 256 px default
     "pixart-sigma": ("toy-pixart-sigma", {"name": "dit-cache", **PIXART_CACHE}, {}),
-    "reference_fp16": ("reference", "deepcache", {"precision": "fp16"}),
+    "reference_fp16": ("reference", "deepcache", {"weights": "fp16"}),
 }
 
 

@@ -132,8 +132,8 @@ def test_interrupted_export_leaves_no_half_written_bundle(tmp_path, monkeypatch)
 
 
 def test_bad_options():
-    with pytest.raises(ExportError, match="--precision"):
-        export_onnx("reference", "deepcache", "x", precision="int3")
+    with pytest.raises(ExportError, match="--weights"):
+        export_onnx("reference", "deepcache", "x", weights="int3")
     with pytest.raises(ExportError, match="--batch"):
         export_onnx("reference", "deepcache", "x", batch=0)
 

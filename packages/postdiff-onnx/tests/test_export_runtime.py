@@ -18,6 +18,7 @@ from postdiff.cost import MacCounter
 from postdiff.errors import ModelError
 from postdiff.graphs import unet_of
 from postdiff.models import load_model
+from postdiff.schedulers import NAMES, resolve
 from postdiff_lab.generation import source_for
 from postdiff_lab.metrics import psnr, tensor_psnr
 from postdiff_onnx.runtime import load_bundle
@@ -25,6 +26,14 @@ from postdiff_onnx.session import make_session, run
 
 HERE = Path(__file__).resolve().parent
 ALL = ["reference", "sd", "sdxl", "lcm", "pixart", "pixart-sigma"]
+# every family with -m slow; by default LCM and PixArt-α are left out (an export each: the LCM path is covered by the
+# core's LCM tests and the DiT path by PixArt-Σ)
+SLOW_FAMILIES = ("lcm", "pixart")
+
+
+def families(names=ALL, *more):
+    """pytest params over ``names`` (with ``more`` values each), the slow families marked."""
+    return [pytest.param(n, *more, marks=[pytest.mark.slow] if n in SLOW_FAMILIES else []) for n in names]
 
 
 def _graph_psnrs(bundle: Path) -> dict[tuple[str, str], float]:
@@ -59,7 +68,7 @@ def _graph_psnrs(bundle: Path) -> dict[tuple[str, str], float]:
     return out
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", families())
 def test_every_graph_matches_torch_at_every_size_fp32(bundles, name):
     psnrs = _graph_psnrs(bundles(name))
     assert psnrs, "no graphs checked"
@@ -80,7 +89,7 @@ def test_fp16_graphs_and_image_pass_the_35_db_gate(bundles):
     assert min(psnr(a, b) for a, b in zip(got, ref.images)) >= 35.0
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", families())
 def test_end_to_end_image_matches_torch(bundles, name):
     pipe = load_bundle(bundles(name))
     plan = pipe.compile()
@@ -204,7 +213,9 @@ def test_every_tensor_of_every_graph_is_stored_once_in_one_file(bundles):
 
 
 # LCM's own scheduler draws noise at every step, and it takes no other (test_lcm_takes_its_own_scheduler_only)
-@pytest.mark.parametrize("name, scheduler", [(n, None) for n in ALL] + [(n, "EulerAncestralDiscreteScheduler") for n in ALL if n != "lcm"])
+@pytest.mark.parametrize(
+    "name, scheduler", families(ALL, None) + families([n for n in ALL if n != "lcm"], "EulerAncestralDiscreteScheduler")
+)
 def test_numpy_loop_matches_the_torch_loop_on_the_same_bundle(bundles, name, scheduler):
     """The runtime without PyTorch (numpy schedulers, PyTorch-equal noise) against the same graphs driven by
     diffusers' schedulers on tensors: the stored plan, and an ancestral sampler that draws noise at every step."""
@@ -215,6 +226,26 @@ def test_numpy_loop_matches_the_torch_loop_on_the_same_bundle(bundles, name, sch
     b = pipe.generate(conditions, plan, seed=4, scheduler=scheduler, loop="torch")
     scores = [psnr(x, y) for x, y in zip(a, b)]
     assert min(scores) >= 60.0, scores
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        n if n in ("dpmpp-2m-karras", "heun", "euler-a", "pndm") else pytest.param(n, marks=pytest.mark.slow)
+        for n in [*(n for n in NAMES if n != "lcm"), "HeunDiscreteScheduler"]
+    ],
+)
+def test_a_bundle_runs_another_scheduler_from_its_recompiled_plan(bundles, scheduler):
+    """README: asking a bundle for another scheduler recompiles the plan from the recipe for it; the plan carries the
+    scheduler it was compiled for, so generate(plan) runs that scheduler (numpy and torch loops alike) and no other."""
+    pipe = load_bundle(bundles("reference"))
+    plan = pipe.compile("postdiff", scheduler=scheduler)
+    assert "scheduler differs from the bundle's" in pipe.plan_note and resolve(plan.scheduler) == resolve(scheduler)
+    a = pipe.generate([3, 9], plan, seed=4, loop="numpy")
+    b = pipe.generate([3, 9], plan, seed=4, loop="torch")
+    assert min(psnr(x, y) for x, y in zip(a, b)) >= 60.0
+    ddim = pipe.generate([3, 9], "postdiff", seed=4)
+    assert max(psnr(x, y) for x, y in zip(a, ddim)) < 60.0  # another sampler, another image
 
 
 def test_bundle_tokenizer_gives_the_ids_transformers_gives(bundles):
@@ -292,19 +323,22 @@ def test_shared_and_prepacked_sessions_give_the_same_images(bundles, monkeypatch
     shared = load_bundle(folder, prepack=False)
     b = shared.generate([3, 9], seed=8)
     assert min(psnr(x, y) for x, y in zip(a, b)) >= 60.0
-    levels = {
-        r.prepack: {s.get_session_options().graph_optimization_level.name for s in r.sessions.values()}
-        for r in (shared.runner, packed.runner)
-    }
-    assert levels == {False: {"ORT_ENABLE_EXTENDED"}, True: {"ORT_ENABLE_ALL"}}
+
+    def levels(runner):
+        return {s.get_session_options().graph_optimization_level.name for s in runner.sessions.values()}
+
+    assert levels(shared.runner) == {"ORT_ENABLE_EXTENDED"} and levels(packed.runner) == {"ORT_ENABLE_ALL"}
     assert weights_bytes(folder) > 4e6
+    graphs = read_manifest(folder, "onnx")[1].graphs
     monkeypatch.setattr(session, "PREPACK_BELOW_BYTES", 4e6)  # as if the weights were large: shared by default
-    assert load_bundle(folder).runner.prepack is False and load_bundle(folder, prepack=True).runner.prepack is True
+    assert not any(load_bundle(folder).runner.prepacks(g) for g in graphs)
+    assert all(load_bundle(folder, prepack=True).runner.prepacks(g) for g in graphs)
 
 
+@pytest.mark.slow
 def test_lcm_takes_its_own_scheduler_only(bundles):
     pipe = load_bundle(bundles("lcm"))
-    with pytest.raises(ModelError, match="LCM models sample with LCMScheduler only, not 'DDIMScheduler'"):
+    with pytest.raises(ModelError, match="LCM models sample with LCMScheduler \\(lcm\\) only, not 'DDIMScheduler'"):
         pipe.compile(scheduler="DDIMScheduler")
     assert pipe.compile(scheduler="LCMScheduler").scheduler == "LCMScheduler"
 
@@ -327,6 +361,7 @@ def test_a_shifted_switch_runs_from_the_bundle_on_both_loops(bundles, shift):
     assert min(psnr(x, y) for x, y in zip(a, ref.images)) >= 35.0
 
 
+@pytest.mark.slow
 def test_pixart_bundle_without_its_text_encoder_takes_prompt_embeddings(bundles, tmp_path):
     """T5-XXL is 4.7B parameters: a PixArt bundle may leave it out and take the embeddings the diffusers pipeline's
     encode_prompt gives; the image equals the full bundle's from the prompt."""

@@ -50,9 +50,9 @@ def model_args(p: argparse.ArgumentParser, *, steps: bool = True) -> None:
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     if steps:
         p.add_argument("--steps", type=int, default=None, help="number of inference steps (overrides the plan's)")
-    p.add_argument(
-        "--scheduler", default=None, help="diffusers scheduler class, e.g. DDIMScheduler, EulerDiscreteScheduler (default: the model's)"
-    )
+    from postdiff.schedulers import HELP as SCHEDULER_HELP
+
+    p.add_argument("--scheduler", default=None, help=SCHEDULER_HELP)
 
 
 def guidance_arg(p: argparse.ArgumentParser) -> None:

@@ -2,7 +2,7 @@
 
     postdiff generate [--model M] [--prompt P] [--plan PLAN] [--seed S] [-o FILE]
     postdiff generate --backend onnx --bundle DIR [--prompt P] [--plan PLAN] [--seed S] [-o FILE]
-    postdiff export onnx --model M --plan PLAN -o DIR [--precision fp16] [--static]
+    postdiff export onnx --model M --plan PLAN -o DIR [--weights fp32|fp16|int8|int4] [--static]
     postdiff export coreml --model M --plan PLAN -o DIR [--target macos14] [--weights 8bit]
     postdiff generate --backend coreml --bundle DIR [--compute-units CPU_AND_NE]      (macOS)
     postdiff plan show|cost PLAN [--model M] [--height H --width W] [--steps N] [--json]
@@ -105,6 +105,10 @@ def _check_args(args) -> None:
         raise PostDiffError("--model is empty; give a model name, a local diffusers folder or a Hub id")
     if hasattr(args, "model") and not args.model_given:
         args.model = DEFAULT_MODEL
+    if getattr(args, "scheduler", None) is not None:
+        from postdiff.schedulers import resolve
+
+        resolve(args.scheduler)  # an empty or unknown name: one line listing the names, before any model loads
     for (command, name), suffixes in _OUTPUTS.items():
         value = getattr(args, name, None)
         if args.command != command or value is None or isinstance(value, bool):
@@ -125,8 +129,9 @@ def _check_args(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from postdiff.errors import PostDiffError
+    from postdiff.errors import PostDiffError, warnings_in_one_line
 
+    warnings_in_one_line("postdiff")
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command_line = " ".join(["postdiff", *(argv if argv is not None else sys.argv[1:])])

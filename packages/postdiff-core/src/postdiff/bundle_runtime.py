@@ -292,7 +292,7 @@ class BundlePipeline:
         wanted = load_recipe(recipe) if recipe is not None else stored
         if steps is not None:
             wanted = wanted.with_steps(steps)
-        same_scheduler = scheduler in (None, self.info.get("scheduler"))
+        same_scheduler = scheduler is None or _same_scheduler(scheduler, self.info.get("scheduler"))
         if wanted.to_dict() == stored.to_dict() and same_scheduler:
             plan = Plan.from_dict(self.manifest.plan, where=f"{self.folder / 'manifest.json'}: plan")
             validate_plan(plan, self.spec)
@@ -303,7 +303,7 @@ class BundlePipeline:
                 what for what, differs in (("plan", wanted.label != stored.label), ("steps", wanted.steps != stored.steps)) if differs
             ]
             changed += [] if same_scheduler else ["scheduler"]
-            self.plan_note = f"{', '.join(changed) or 'recipe'} differ from the bundle's: plan {plan.name} recompiled from its recipe instead of the stored plan"
+            self.plan_note = f"{', '.join(changed) or 'recipe'} {'differ' if len(changed) > 1 else 'differs'} from the bundle's: plan {plan.name} recompiled from its recipe instead of the stored plan"
         self.manifest.check_plan(plan, static=self.static, batch_of=self._static_batch_of)
         return plan
 
@@ -351,7 +351,10 @@ class BundlePipeline:
         "torch" (diffusers' schedulers on tensors; the reference the numpy loop matches)."""
         if loop not in LOOPS:
             raise BundleError(f"unknown loop {loop!r}; use one of {', '.join(LOOPS)}")
-        plan = plan if isinstance(plan, Plan) else self.compile(plan, scheduler=scheduler)
+        if isinstance(plan, Plan):
+            scheduler = scheduler or plan.scheduler  # the scheduler the plan was compiled for (``compile``)
+        else:
+            plan = self.compile(plan, scheduler=scheduler)
         guidance = float(guidance_scale if guidance_scale is not None else self.info.get("guidance", 1.0))
         last = self.last_calls(plan) if self.low_memory else None
         denoiser = GraphDenoiser(self.manifest, self.runner, static=self.static, last_calls=last)
@@ -397,6 +400,14 @@ class BundlePipeline:
             if "text_embeds" in out:
                 pooled = out["text_embeds"]
         return np.concatenate(hidden, axis=-1), pooled
+
+
+def _same_scheduler(a: str, b: str | None) -> bool:
+    """Two scheduler names that mean the same scheduler (``dpmpp-2m-karras`` and its class with those settings are
+    not the same as the bare class)."""
+    from .schedulers import resolve
+
+    return b is not None and resolve(a) == resolve(b)
 
 
 class BundleTokenizer:

@@ -37,8 +37,15 @@ from .conditioning import Conditioning, second_half
 from .errors import ModelError, PlanError
 from .plan import Plan, compile_plan, starting_at
 from .recipe import Recipe, load_recipe
-from .resolution import downsample_latent, downsample_noise, downsample_noisy, is_consistency_scheduler, noise_level
-from .sampling import PlanRun, initial_latents
+from .resolution import (
+    downsample_latent,
+    downsample_noise,
+    downsample_noisy,
+    is_consistency_scheduler,
+    noise_level,
+    restart_repeat,
+)
+from .sampling import PlanRun, begin_by_position, initial_latents
 from .torch_denoiser import TorchDenoiser
 
 SUPPORTED_PIPELINES = (
@@ -255,6 +262,13 @@ class _Session:
         plan = compile_plan(
             recipe, timesteps=running, latent_hw=self.latent_hw, model=self.spec, order=order, scheduler=type(scheduler).__name__
         )
+        if restart_repeat(scheduler) and any(s.switches_resolution for s in plan.steps):
+            raise PlanError(
+                f"{type(scheduler).__name__} starts over after the resolution switch with a repeated call, which the "
+                f"pipeline's own loop (one UNet call per timestep) cannot make; use a plan without low_res, or another "
+                f"scheduler (ddim, euler, dpmpp-2m-karras, unipc, ...) for this pipeline. PostDiff's own loop (bundles, "
+                f"the embedded models) runs it"
+            )
         self.shifted = any(s.schedule_index is not None for s in plan.steps)
         if self.shifted and partial:
             raise PlanError(
@@ -484,6 +498,7 @@ class _SchedulerProxy:
         @functools.wraps(inner.set_timesteps)
         def set_timesteps(*args, **kwargs):
             out = inner.set_timesteps(*args, **kwargs)
+            begin_by_position(inner)
             session.on_set_timesteps(inner, args, kwargs)
             if session.shifted:
                 # a shifted switch repeats or skips timesteps: the pipeline's loop (which reads the timesteps right

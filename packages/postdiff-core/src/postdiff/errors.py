@@ -30,6 +30,30 @@ class ExportError(PostDiffError, RuntimeError):
     """An export cannot be made as asked (existing output folder, unsupported option, failed verification)."""
 
 
+class PostDiffWarning(UserWarning):
+    """Work that runs as asked but will likely give poor results (the CLI prints it in one line)."""
+
+
+def warnings_in_one_line(prog: str) -> None:
+    """Print ``PostDiffWarning``s as ``prog: warning: ...`` on stderr (the CLIs' form for errors too); other warnings
+    keep Python's format."""
+    import sys
+    import warnings
+
+    previous = warnings.showwarning
+    if getattr(previous, "postdiff_prog", None) == prog:  # installed already (main() called again in one process)
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PostDiffWarning):
+            print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    show.postdiff_prog = prog
+    warnings.showwarning = show
+
+
 def brief(value, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters, for echoing user input in an error (a 100k-character prompt
     must not become a 100k-character message)."""

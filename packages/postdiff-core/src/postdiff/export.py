@@ -118,7 +118,7 @@ def export_bundle(
     **options,
 ) -> Path:
     """Export the graphs ``plan`` needs for ``model`` with ``backend`` (a ``Backend`` or its name) into the bundle
-    folder ``output``; returns its path. ``options`` are the backend's own (``--precision``, ``--target``, ...).
+    folder ``output``; returns its path. ``options`` are the backend's own (``--weights``, ``--target``, ...).
     ``golden``: also save each graph's first inputs and outputs and the final latent for seed 0 (``postdiff.golden``).
     ``without``: graphs of the family's ``optional_roles`` to leave out (PixArt's ``text_encoder``: the bundle then
     takes prompt embeddings)."""
@@ -166,7 +166,7 @@ def export_bundle(
             save_tokenizers(model, folder)
         manifest = Manifest(
             backend=backend.name,
-            model={**model_info(model, job.latent_hw, compiled), **({"without": list(without)} if without else {})},
+            model={**model_info(model, job.latent_hw, compiled, scheduler), **({"without": list(without)} if without else {})},
             recipe=compiled.recipe.to_dict(),
             plan=compiled.to_dict(),
             cache_block=compiled.recipe.cache_block,

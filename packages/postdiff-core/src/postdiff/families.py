@@ -40,13 +40,19 @@ def image_seed(seed: int, index: int) -> int:
 
 
 def scheduler_from_config(name: str, config: dict[str, Any]):
-    """A diffusers scheduler class by name, built from a scheduler configuration (the one lookup of the engine)."""
+    """A diffusers scheduler by name (a short name of ``postdiff.schedulers`` or a class name), built from a scheduler
+    configuration with the name's settings over it (the one lookup of the engine)."""
     import diffusers
 
-    cls = getattr(diffusers, str(name), None)
+    from .schedulers import NAMES, resolve, warn_if_sigmas_explode
+
+    class_name, settings = resolve(name)
+    cls = getattr(diffusers, class_name, None)
     if cls is None or not hasattr(cls, "from_config") or not hasattr(cls, "set_timesteps"):
-        raise ModelError(f"unknown scheduler {brief(name)}; use a diffusers scheduler class name such as DDIMScheduler")
-    return cls.from_config(dict(config))
+        raise ModelError(f"unknown scheduler {brief(name)}; use one of {', '.join(NAMES)}, or a diffusers scheduler class name")
+    scheduler = cls.from_config({**dict(config), **settings})
+    warn_if_sigmas_explode(scheduler, str(name))
+    return scheduler
 
 
 class Family:
@@ -82,10 +88,26 @@ class Family:
         return (ops or TORCH).generator(image_seed(seed, index))
 
     def scheduler(self, name: str | None, config: dict[str, Any], ops=None):
-        """The scheduler by name: diffusers' class, or with ``ops=NUMPY`` its numpy twin (``postdiff.numpy_schedulers``)."""
+        """The scheduler by name (``postdiff.schedulers``: a short name or a class name; None: the configuration's
+        own class): diffusers' class, or with ``ops=NUMPY`` its numpy twin (``postdiff.numpy_schedulers``)."""
         from .arrays import TORCH
+        from .schedulers import resolve
 
-        return (ops or TORCH).scheduler(name or config.get("_class_name", "DDIMScheduler"), config)
+        own = config.get("_class_name", "DDIMScheduler")
+        name = name or own
+        if resolve(name)[0] != own:  # the model's own scheduler class is always its to use
+            self.check_scheduler(name)
+        return (ops or TORCH).scheduler(name, config)
+
+    def check_scheduler(self, name: str) -> None:
+        """Refuse, before any work, a scheduler this family's models cannot sample with."""
+        from .schedulers import resolve
+
+        if resolve(name)[0] == "LCMScheduler":
+            raise ModelError(
+                f"--scheduler {name}: LCMScheduler samples LCM-distilled models (LatentConsistencyModelPipeline); this "
+                f"{self.name} model was not distilled for it. Use ddim, euler, dpmpp-2m-karras or another of its schedulers"
+            )
 
     def condition_info(self, pipe) -> dict[str, Any]:
         """What ``parse_condition`` needs from a loaded pipeline (also recorded in a bundle's manifest)."""
@@ -432,9 +454,14 @@ class LatentConsistency(StableDiffusion):
     def scheduler(self, name, config, ops=None):
         """LCMScheduler only: the model was distilled for its consistency steps (and the diffusers pipeline passes
         ``original_inference_steps``, which other schedulers refuse)."""
-        if name not in (None, "LCMScheduler"):
-            raise ModelError(f"LCM models sample with LCMScheduler only, not {brief(name)}; drop --scheduler")
+        from .schedulers import resolve
+
+        if name is not None and resolve(name)[0] != "LCMScheduler":
+            raise ModelError(f"LCM models sample with LCMScheduler (lcm) only, not {brief(name)}; drop --scheduler")
         return super().scheduler("LCMScheduler", config, ops)
+
+    def check_scheduler(self, name: str) -> None:
+        pass
 
     def conditioning(self, pipe, prompt: str, guidance: float, ops):
         from .conditioning import Conditioning, guidance_embedding

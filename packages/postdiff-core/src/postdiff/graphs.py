@@ -17,6 +17,7 @@ from torch import nn
 from .errors import ModelError
 from .models import Model
 from .plan import Plan
+from .schedulers import resolve
 
 
 @dataclass
@@ -172,8 +173,10 @@ def save_tokenizers(model: Model, folder) -> None:
         getattr(model.pipeline, name).save_pretrained(str(Path(folder) / name))
 
 
-def model_info(model: Model, latent_hw: tuple[int, int], plan: Plan) -> dict[str, Any]:
-    """What a runtime needs to know about the model to run its bundle without the PyTorch model code."""
+def model_info(model: Model, latent_hw: tuple[int, int], plan: Plan, scheduler: str | None = None) -> dict[str, Any]:
+    """What a runtime needs to know about the model to run its bundle without the PyTorch model code. The scheduler
+    is recorded by the name it was asked for (``postdiff.schedulers``: ``dpmpp-2m-karras`` carries its settings), with
+    its class and the model's own configuration the settings apply over."""
     spec = model.spec()
     return {
         "name": model.name,
@@ -185,7 +188,8 @@ def model_info(model: Model, latent_hw: tuple[int, int], plan: Plan) -> dict[str
         "in_channels": int(model.unet_config.get("in_channels", 4)),
         "text_len": model.text_len,
         "pooled_dim": model.pooled_dim,
-        "scheduler": plan.scheduler,
+        "scheduler": scheduler or plan.scheduler,
+        "scheduler_class": resolve(plan.scheduler)[0] if plan.scheduler else None,
         "scheduler_config": dict(model.scheduler_config),
         **model.family.bundle_info(model),
     }

@@ -70,6 +70,20 @@ def _spaced_timesteps(config, n: int, dtype) -> np.ndarray:
     raise ModelError(f"timestep_spacing {brief(spacing)} is not supported; use linspace, leading or trailing")
 
 
+def _multistep_timesteps(config, n: int) -> np.ndarray:
+    """The inference timesteps of the multistep solvers (DPM-Solver, UniPC) for ``timestep_spacing``: n + 1 points,
+    the last dropped, as diffusers spaces them."""
+    train = int(config.num_train_timesteps)
+    spacing = config.timestep_spacing
+    if spacing == "linspace":
+        return np.linspace(0, train - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+    if spacing == "leading":
+        return (np.arange(0, n + 1) * (train // (n + 1))).round()[::-1][:-1].copy().astype(np.int64) + int(config.steps_offset)
+    if spacing == "trailing":
+        return np.arange(train, 0, -train / n).round().copy().astype(np.int64) - 1
+    raise ModelError(f"timestep_spacing {brief(spacing)} is not supported; use linspace, leading or trailing")
+
+
 def _sigma_to_t(sigma, log_sigmas: np.ndarray):
     log_sigma = np.log(np.maximum(sigma, 1e-10))
     dists = log_sigma - log_sigmas[:, np.newaxis]
@@ -419,16 +433,8 @@ class DPMSolverMultistepScheduler(NumpyScheduler):
         self.sigmas = np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5)
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        n, train = int(num_inference_steps), int(self.config.num_train_timesteps)
-        spacing = self.config.timestep_spacing
-        if spacing == "linspace":
-            t = np.linspace(0, train - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-        elif spacing == "leading":
-            t = (np.arange(0, n + 1) * (train // (n + 1))).round()[::-1][:-1].copy().astype(np.int64) + int(self.config.steps_offset)
-        elif spacing == "trailing":
-            t = np.arange(train, 0, -train / n).round().copy().astype(np.int64) - 1
-        else:
-            raise ModelError(f"timestep_spacing {brief(spacing)} is not supported; use linspace, leading or trailing")
+        n = int(num_inference_steps)
+        t = _multistep_timesteps(self.config, n)
         sigmas = np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5)
         log_sigmas = np.log(sigmas)
         if self.config.use_karras_sigmas:
@@ -710,16 +716,8 @@ class UniPCMultistepScheduler(NumpyScheduler):
         self.disable_corrector = list(self.config.disable_corrector or [])
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        n, train = int(num_inference_steps), int(self.config.num_train_timesteps)
-        spacing = self.config.timestep_spacing
-        if spacing == "linspace":
-            t = np.linspace(0, train - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-        elif spacing == "leading":
-            t = (np.arange(0, n + 1) * (train // (n + 1))).round()[::-1][:-1].copy().astype(np.int64) + int(self.config.steps_offset)
-        elif spacing == "trailing":
-            t = np.arange(train, 0, -train / n).round().copy().astype(np.int64) - 1
-        else:
-            raise ModelError(f"timestep_spacing {brief(spacing)} is not supported; use linspace, leading or trailing")
+        n = int(num_inference_steps)
+        t = _multistep_timesteps(self.config, n)
         train_sigmas = np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5)
         if self.config.use_karras_sigmas:
             log_sigmas = np.log(train_sigmas)
@@ -849,11 +847,17 @@ SCHEDULERS: dict[str, type[NumpyScheduler]] = {
 
 
 def numpy_scheduler(name: str, config: dict) -> NumpyScheduler:
-    """The numpy scheduler of diffusers class ``name``, from a diffusers scheduler configuration."""
-    cls = SCHEDULERS.get(str(name))
+    """The numpy scheduler ``name`` (a short name of ``postdiff.schedulers`` or a diffusers class name), from a
+    diffusers scheduler configuration with the name's settings over it."""
+    from .schedulers import resolve, warn_if_sigmas_explode
+
+    class_name, settings = resolve(name)
+    cls = SCHEDULERS.get(class_name)
     if cls is None:
         raise ModelError(
             f"scheduler {brief(name)} has no numpy implementation; the runtime without PyTorch has {', '.join(SCHEDULERS)}. "
             f"Export with one of them, or run with the PyTorch-backed runtime (install postdiff-core[torch])"
         )
-    return cls.from_config(config)
+    scheduler = cls.from_config({**dict(config), **settings})
+    warn_if_sigmas_explode(scheduler, str(name))
+    return scheduler

@@ -14,6 +14,8 @@ Fields of a step:
               or "cached" (reuse the kept outputs instead of computing cross-attention)
     events    "switch_resolution": the latent arrives from a lower resolution (x0 upsampled and re-noised);
               every cache is invalid from here on and the scheduler's history is reset.
+              "repeat_step": the call runs again at the previous call's point of the schedule: the warm-up a
+              scheduler makes after it restarts at the switch (PNDM evaluates its first step twice).
     schedule_index  (only where it differs from ``index``) the call's position in the scheduler's timesteps: a
               switch with ``low_res.renoise_shift`` re-noises to another point of the schedule, and the steps after
               it repeat (or skip) that many positions. The scheduler restarts there at the switch.
@@ -38,7 +40,7 @@ PLAN_FORMAT = "postdiff.plan/1"
 UNET_KINDS = ("full", "shallow")
 GUIDANCE_KINDS = ("cfg", "cond")
 XATTN_KINDS = ("compute", "capture", "cached")
-EVENTS = ("switch_resolution",)
+EVENTS = ("switch_resolution", "repeat_step")
 
 
 @dataclass(frozen=True)
@@ -294,9 +296,12 @@ def compile_plan(
     model: ModelSpec,
     order: int = 1,
     scheduler: str = "",
+    restart_repeat: int = 0,
 ) -> Plan:
     """Compile ``recipe`` for one scheduler (its ``timesteps`` after ``set_timesteps(recipe.steps)`` and its
-    ``order``), one full-resolution latent size and one model."""
+    ``order``), one full-resolution latent size and one model. ``restart_repeat``: calls the scheduler repeats after
+    it restarts at the resolution switch (PNDM starts over with its double first step: the call after the restart
+    runs twice at one timestep, as its schedule's second call does)."""
     n = recipe.steps
     timesteps = [float(t) for t in timesteps]
     if len(timesteps) < n:
@@ -345,6 +350,11 @@ def compile_plan(
     calls = [(i, step_of(i)) for i in range(len(timesteps))]
     sequence = [(i, k, k, low_hw) for i, k in calls if k < switch_k]
     sequence += [(i, k, k + shift, full_hw) for i, k in calls if k >= switch_k - shift]
+    repeats: set[int] = set()  # positions in ``sequence`` that repeat the call before them
+    first_full = next((p for p, entry in enumerate(sequence) if entry[3] == full_hw), None)
+    if restart_repeat and first_full and first_full + 1 < len(sequence):
+        sequence[first_full + 2 : first_full + 2] = [sequence[first_full + 1]] * restart_repeat
+        repeats = set(range(first_full + 2, first_full + 2 + restart_repeat))
     stage_starts = [0] + ([switch_k] if 0 < switch_k < n else [])
     full = _full_steps(dc, n + shift, stage_starts)
 
@@ -359,7 +369,7 @@ def compile_plan(
                 unet="full" if q in full else "shallow",
                 guidance="cond" if gate is not None and k >= gate.after else "cfg",
                 xattn="compute",
-                events=("switch_resolution",) if p > 0 and hw != raw[p - 1]["latent_hw"] else (),
+                events=("switch_resolution",) if p > 0 and hw != raw[p - 1]["latent_hw"] else ("repeat_step",) if p in repeats else (),
                 schedule_index=None if i == p else i,
             )
         )
@@ -400,7 +410,10 @@ def validate_plan(plan: Plan, model: ModelSpec | None = None) -> None:
             raise PlanError(f"{where}: index is {s.index}; steps must be numbered 0, 1, 2, ... in order")
         if i == 0 and s.scheduler_index != 0:
             raise PlanError(f"{where}: schedule_index is {s.scheduler_index}; a plan starts at the schedule's first timestep (0)")
-        if i > 0 and not s.switches_resolution and s.scheduler_index != plan.steps[i - 1].scheduler_index + 1:
+        repeat = "repeat_step" in s.events
+        if repeat and (i == 0 or s.scheduler_index != plan.steps[i - 1].scheduler_index):
+            raise PlanError(f"{where}: a repeat_step runs at the previous step's point of the schedule ({s.scheduler_index} is not)")
+        if i > 0 and not s.switches_resolution and not repeat and s.scheduler_index != plan.steps[i - 1].scheduler_index + 1:
             raise PlanError(
                 f"{where}: schedule_index {s.scheduler_index} does not follow the previous step's "
                 f"({plan.steps[i - 1].scheduler_index}); only a resolution switch may move to another point of the schedule"

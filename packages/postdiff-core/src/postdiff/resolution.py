@@ -26,7 +26,17 @@ RESTARTABLE_SCHEDULERS = (
     "UniPCMultistepScheduler",
     "LMSDiscreteScheduler",
     "LCMScheduler",
+    "PNDMScheduler",
 )
+# Schedulers that start over with warm-up calls after a restart: {class: calls repeated after the restart}. PNDM's
+# PLMS evaluates its first step twice (its schedule repeats its second timestep); after a restart at the switch the
+# plan repeats the call after the switch the same way (``plan.compile_plan``'s ``restart_repeat``).
+RESTART_REPEATS = {"PNDMScheduler": 1}
+
+
+def restart_repeat(scheduler) -> int:
+    """Calls ``scheduler`` repeats after a restart (``RESTART_REPEATS``)."""
+    return RESTART_REPEATS.get(type(scheduler).__name__, 0)
 
 
 def check_switchable(scheduler) -> None:

@@ -23,7 +23,8 @@ from .denoiser import Denoiser
 from .errors import PlanError
 from .plan import ModelSpec, Plan, Step, compile_plan
 from .recipe import Recipe
-from .resolution import check_switchable, downsample_noise, predict_x0, renoise, upsample
+from .resolution import check_switchable, downsample_noise, predict_x0, renoise, restart_repeat, upsample
+from .schedulers import label_of
 
 
 def compile_for_scheduler(recipe: Recipe, scheduler, latent_hw: tuple[int, int], model: ModelSpec, device=None) -> Plan:
@@ -41,7 +42,8 @@ def compile_for_scheduler(recipe: Recipe, scheduler, latent_hw: tuple[int, int],
         latent_hw=tuple(latent_hw),
         model=model,
         order=int(getattr(scheduler, "order", 1)),
-        scheduler=type(scheduler).__name__,
+        scheduler=label_of(scheduler),
+        restart_repeat=restart_repeat(scheduler),
     )
 
 
@@ -96,6 +98,21 @@ class PlanRun:
         self.scheduler.set_timesteps(*args, **kwargs)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(index)
+
+
+def begin_by_position(scheduler) -> None:
+    """Start the solver at position 0 of its timesteps when they repeat a value. Without a begin index, diffusers
+    finds the first step by value and, when the value repeats (DPM++ Karras at 998 nine times on a cosine schedule),
+    takes its second occurrence and runs off the end of the schedule; plans count steps by position. Unique
+    timesteps are left alone (the lookup gives position 0 there, and img2img pipelines set their own begin)."""
+    listed = [float(t) for t in scheduler.timesteps]
+    if len(set(listed)) < len(listed) and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+
+
+def _brief_timesteps(timesteps) -> str:
+    t = [round(float(x)) for x in timesteps]
+    return f"{len(t)}: {', '.join(map(str, t[:4]))}, ..., {t[-1]}" if len(t) > 6 else ", ".join(map(str, t))
 
 
 def same_timesteps(a: list[float], b: list[float]) -> bool:
@@ -154,14 +171,16 @@ def run_plan(
     generators, a ``postdiff.numpy_schedulers`` scheduler), numpy arrays out.
     """
     scheduler.set_timesteps(plan.recipe.steps, device=device)
+    begin_by_position(scheduler)
     timesteps = scheduler.timesteps
     listed = [float(t) for t in timesteps]
     at = [s.scheduler_index for s in plan.steps]
     # every call at its point of the schedule, and the plan ends where the schedule does
     if at[-1] != len(listed) - 1 or max(at) >= len(listed) or not same_timesteps([listed[i] for i in at], plan.timesteps):
         raise PlanError(
-            f"plan {plan.name!r} was compiled for other timesteps ({plan.scheduler or 'unknown scheduler'}); "
-            f"recompile it for {type(scheduler).__name__}"
+            f"plan {plan.name!r} was compiled for {plan.scheduler or 'another scheduler'}'s timesteps "
+            f"({_brief_timesteps(plan.timesteps)}); {label_of(scheduler)} at {plan.recipe.steps} steps gives "
+            f"{_brief_timesteps(listed)}: recompile the plan for it (compile_for_scheduler, or pass --scheduler)"
         )
     run = PlanRun(plan, scheduler, generator, ((plan.recipe.steps,), {"device": device}))
     denoiser.reset()

@@ -39,6 +39,16 @@ def write_json(path: str | Path, data) -> None:
     atomic_write_text(path, json.dumps(strict_json(data), indent=2, allow_nan=False))
 
 
+def write_results(path: str | Path, data, table: str) -> Path:
+    """A benchmark's results: ``data`` as strict JSON at ``path`` and its Markdown ``table`` beside it (``.txt``)."""
+    from postdiff.files import atomic_write_text
+
+    path = Path(path)
+    write_json(path, data)
+    atomic_write_text(path.with_suffix(".txt"), table + "\n")
+    return path
+
+
 def strict_json(value):
     """``value`` with every NaN or infinity replaced by None: Python's ``json`` writes them as ``NaN``/``Infinity``,
     which JSON does not have and strict parsers (browsers, jq, Go, Rust) refuse."""

@@ -33,7 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's plan)")
     r.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the bundle's)")
     r.add_argument("--plan", default=None, help="a built-in plan name or recipe JSON (default: the bundle's stored plan)")
-    r.add_argument("--scheduler", default=None, help="a scheduler class name (default: the bundle's)")
+    from postdiff.schedulers import NAMES
+
+    r.add_argument(
+        "--scheduler",
+        default=None,
+        help=f"{', '.join(NAMES)}, or a scheduler class name (default: the bundle's; the plan is recompiled for it)",
+    )
     r.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")
     r.add_argument("--provider", default=None, help="ONNX Runtime execution provider (default: CPUExecutionProvider)")
     r.add_argument("--static", action="store_true", help="run the bundle's fixed-shape graphs (exported with --static)")
@@ -112,10 +118,11 @@ def save_png(image, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from postdiff.errors import PostDiffError
+        from postdiff.errors import PostDiffError, warnings_in_one_line
     except ImportError:
         print("postdiff_onnx: error: postdiff-core is not installed: pip install postdiff-core postdiff-onnx", file=sys.stderr)
         return 2
+    warnings_in_one_line("postdiff_onnx")
     try:
         return run(args)
     except PostDiffError as exc:

@@ -22,7 +22,8 @@ the convolution), and then every large matrix product is quantized:
   (``DynamicQuantizeLinear`` -> ``MatMulInteger`` -> scale, the pattern ONNX Runtime fuses into
   ``DynamicQuantizeMatMul``), so no calibration data is needed; its OpenVINO twin (``openvino_form``) reads the
   same int8 bytes through ``DequantizeLinear`` and keeps the activations fp32.
-* ``int4``: ``MatMulNBits`` (4-bit symmetric blocks of ``INT4_BLOCK`` along the input axis, ``accuracy_level`` 4:
+* ``int4``: ``MatMulNBits`` (4-bit symmetric blocks along the input axis, ``INT4_BLOCK`` values or the largest of
+  64/32/16 that divides a layer's inputs (``int4_block``), ``accuracy_level`` 4:
   int8 activations per block), packed by ONNX Runtime's own ``MatMulNBitsQuantizer``; OpenVINO reads it too.
 * Token embedding tables (CLIP's 49408 x 768): int8 per row (``Gather`` on int8, then the row's scale).
 
@@ -463,6 +464,16 @@ def openvino_form(model) -> int:
 
 
 # -- int4 ---------------------------------------------------------------------------------------------------------------
+def int4_block(k: int, largest: int = INT4_BLOCK) -> int:
+    """The block along the input axis for a weight of ``k`` input values: the largest of ``largest``, 64, 32, 16 that
+    divides ``k``, so that no block is padded (``MatMulNBits`` pads the last block: with 128, a 320-channel layer
+    would store 384 values a column, and a 32-channel one 128), else 16 (the smallest block, the least padding)."""
+    for size in (largest, 64, 32, 16):
+        if size <= largest and k % size == 0:
+            return size
+    return 16
+
+
 def quantize_int4(model, *, min_params: int = MIN_PARAMS, block: int = INT4_BLOCK, keep=frozenset()):
     """Every ``MatMul`` with a constant 2-D weight of at least ``min_params`` values (not in ``keep``) ->
     ``MatMulNBits`` 4-bit (ONNX Runtime's ``MatMulNBitsQuantizer``), embedding tables -> int8 rows; returns the new
@@ -473,19 +484,24 @@ def quantize_int4(model, *, min_params: int = MIN_PARAMS, block: int = INT4_BLOC
     for k, node in enumerate(g.graph.node):  # the quantizer excludes nodes by name: every node gets one
         if not node.name:
             node.name = f"pdq_node{k}"
-    small = []
+    by_block: dict[int, list[str]] = {}
     for node in g.graph.node:
         if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
             w = g.array(node.input[1])
-            if w is not None and (w.ndim != 2 or w.size < min_params or w.shape[0] % 2 or w.dtype != np.float32 or node.input[1] in keep):
-                small.append(node.name)
-    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=INT4_ACCURACY, bits=4)
+            if w is None or w.ndim != 2 or w.size < min_params or w.shape[0] % 2 or w.dtype != np.float32 or node.input[1] in keep:
+                continue
+            by_block.setdefault(int4_block(w.shape[0], block), []).append(node.name)
     quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # it logs every node it skips or quantizes at INFO
     try:
-        quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=small, algo_config=config)
-        quantizer.process()
+        for size, names in sorted(by_block.items()):  # one pass per block size: the quantizer takes one size a run
+            chosen = set(names)
+            others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in chosen]
+            config = DefaultWeightOnlyQuantConfig(block_size=size, is_symmetric=True, accuracy_level=INT4_ACCURACY, bits=4)
+            quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=config)
+            quantizer.process()
+            model = quantizer.model.model
     finally:
         quiet.setLevel(level)
     model = quantizer.model.model
@@ -622,11 +638,11 @@ def _tensors(model):
 
 
 SCHEMES = {
-    "int8": "convolutions as im2col matrix products; matrix products with symmetric per-output-channel int8 weights, "
+    "int8": "convolutions as per-tap matrix products; matrix products with symmetric per-output-channel int8 weights, "
     "activations quantized per call per tensor (DynamicQuantizeMatMul; OpenVINO twin: DequantizeLinear -> MatMul); "
     "embedding tables int8 per row",
-    "int4": f"convolutions as im2col matrix products; MatMulNBits with symmetric 4-bit weights in blocks of {INT4_BLOCK} "
-    f"along the input axis, accuracy level {INT4_ACCURACY} (int8 activations per block); embedding tables int8 per row",
+    "int4": f"convolutions as per-tap matrix products; MatMulNBits with symmetric 4-bit weights in blocks of {INT4_BLOCK} "
+    "(or the largest of 64, 32, 16 that divides the layer's inputs) along the input axis, accuracy level {INT4_ACCURACY} (int8 activations per block); embedding tables int8 per row",
 }
 
 

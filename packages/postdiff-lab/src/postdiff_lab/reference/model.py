@@ -33,10 +33,13 @@ UNET_CONFIG = {
     "norm_num_groups": 8,
 }
 
-# One noise schedule for training (DDPM forward process) and sampling (DDIM and the other schedulers).
+# One noise schedule for training (DDPM forward process) and sampling (DDIM and the other schedulers): Stable
+# Diffusion's (v3 on; v1 to v2.1 were trained on squaredcos_cap_v2, which training.json records for old folders).
 SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
-    "beta_schedule": "squaredcos_cap_v2",
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
     "prediction_type": "epsilon",
     "clip_sample": False,
     "set_alpha_to_one": False,
