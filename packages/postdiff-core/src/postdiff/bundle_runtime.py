@@ -303,7 +303,7 @@ class BundlePipeline:
                 what for what, differs in (("plan", wanted.label != stored.label), ("steps", wanted.steps != stored.steps)) if differs
             ]
             changed += [] if same_scheduler else ["scheduler"]
-            self.plan_note = f"{', '.join(changed) or 'recipe'} {'differ' if len(changed) > 1 else 'differs'} from the bundle's: plan {plan.name} recompiled from its recipe instead of the stored plan"
+            self.plan_note = f"{', '.join(changed) or 'recipe'} {'differs' if changed in (['plan'], ['scheduler']) else 'differ'} from the bundle's: plan {plan.name} recompiled from its recipe instead of the stored plan"
         self.manifest.check_plan(plan, static=self.static, batch_of=self._static_batch_of)
         return plan
 
