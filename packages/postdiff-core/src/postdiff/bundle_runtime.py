@@ -32,6 +32,7 @@ from .plan import ModelSpec, Plan, Step, step_batch, validate_plan
 from .profiling import timed_call
 from .recipe import Recipe, load_recipe
 from .sampling import compile_for_scheduler
+from .schedulers import same_scheduler_name
 
 
 class GraphRunner(Protocol):
@@ -292,7 +293,7 @@ class BundlePipeline:
         wanted = load_recipe(recipe) if recipe is not None else stored
         if steps is not None:
             wanted = wanted.with_steps(steps)
-        same_scheduler = scheduler is None or _same_scheduler(scheduler, self.info.get("scheduler"))
+        same_scheduler = scheduler is None or same_scheduler_name(scheduler, self.info.get("scheduler"))
         if wanted.to_dict() == stored.to_dict() and same_scheduler:
             plan = Plan.from_dict(self.manifest.plan, where=f"{self.folder / 'manifest.json'}: plan")
             validate_plan(plan, self.spec)
@@ -400,14 +401,6 @@ class BundlePipeline:
             if "text_embeds" in out:
                 pooled = out["text_embeds"]
         return np.concatenate(hidden, axis=-1), pooled
-
-
-def _same_scheduler(a: str, b: str | None) -> bool:
-    """Two scheduler names that mean the same scheduler (``dpmpp-2m-karras`` and its class with those settings are
-    not the same as the bare class)."""
-    from .schedulers import resolve
-
-    return b is not None and resolve(a) == resolve(b)
 
 
 class BundleTokenizer:

@@ -70,6 +70,15 @@ def _spaced_timesteps(config, n: int, dtype) -> np.ndarray:
     raise ModelError(f"timestep_spacing {brief(spacing)} is not supported; use linspace, leading or trailing")
 
 
+def _sigma_space_x0(prediction_type: str, sample, model_output, sigma):
+    """The clean sample a sigma-space scheduler (Euler, Heun, LMS) predicts from the model output at ``sigma``."""
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+    return model_output  # "sample"
+
+
 def _multistep_timesteps(config, n: int) -> np.ndarray:
     """The inference timesteps of the multistep solvers (DPM-Solver, UniPC) for ``timestep_spacing``: n + 1 points,
     the last dropped, as diffusers spaces them."""
@@ -299,13 +308,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
             self._init_step_index(timestep)
         sample = sample.astype(F32, copy=False)
         sigma = self.sigmas[self._step_index]
-        kind = self.config.prediction_type
-        if kind == "sample":
-            x0 = model_output
-        elif kind == "epsilon":
-            x0 = sample - sigma * model_output
-        else:
-            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+        x0 = _sigma_space_x0(self.config.prediction_type, sample, model_output, sigma)
         derivative = (sample - x0) / sigma
         prev_sample = sample + derivative * (self.sigmas[self._step_index + 1] - sigma)
         self._step_index += 1
@@ -380,13 +383,7 @@ class HeunDiscreteScheduler(_SigmaScheduler):
         i = self._step_index
         sigma, sigma_next = (self.sigmas[i], self.sigmas[i + 1]) if first else (self.sigmas[i - 1], self.sigmas[i])
         sigma_input = sigma if first else sigma_next
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            x0 = sample - sigma_input * model_output
-        elif kind == "v_prediction":
-            x0 = model_output * (-sigma_input / (sigma_input**2 + 1) ** 0.5) + sample / (sigma_input**2 + 1)
-        else:
-            x0 = model_output
+        x0 = _sigma_space_x0(self.config.prediction_type, sample, model_output, sigma_input)
         if self.config.clip_sample:
             x0 = np.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
         if first:
@@ -604,13 +601,7 @@ class LMSDiscreteScheduler(_SigmaScheduler):
         if self._step_index is None:
             self._init_step_index(timestep)
         sigma = self.sigmas[self._step_index]
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            x0 = sample - sigma * model_output
-        elif kind == "v_prediction":
-            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        else:
-            x0 = model_output
+        x0 = _sigma_space_x0(self.config.prediction_type, sample, model_output, sigma)
         self.derivatives.append((sample - x0) / sigma)
         if len(self.derivatives) > order:
             self.derivatives.pop(0)

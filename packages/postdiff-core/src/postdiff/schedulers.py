@@ -61,6 +61,12 @@ def resolve(name: str) -> tuple[str, dict[str, Any]]:
     raise ModelError(f"unknown scheduler {brief(name)}; use one of {', '.join(NAMES)}, or a diffusers scheduler class name")
 
 
+def same_scheduler_name(a: str, b: str | None) -> bool:
+    """Two scheduler names that mean the same scheduler (``dpmpp-2m-karras`` and its class with those settings are
+    not the same as the bare class)."""
+    return b is not None and resolve(a) == resolve(b)
+
+
 def name_of(class_name: str, config: dict[str, Any]) -> str | None:
     """The short name a configuration runs as (``dpmpp-2m-karras``), or None when no short name describes it."""
     for short, (cls, settings) in NAMES.items():
