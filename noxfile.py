@@ -87,22 +87,11 @@ def runtime(session: nox.Session) -> None:
     work = Path(session.create_tmp()).resolve()
     bundle, reference = work / "reference-postdiff", work / "reference-images.npz"
     quantized = []  # every other weight type, on a two-graph plan (the main suite tests the quantized graphs themselves)
-    # the main suite checks every exported graph against PyTorch; here the bundles only need to exist
+    # the main suite checks every exported graph against PyTorch; here the bundles only need to exist. The fp32 bundle
+    # samples with DPM++ 2M Karras (the scheduler most SD users run), which the runtime must do in numpy
     for folder, plan, weights in [(bundle, "postdiff", "fp32"), *((work / f"reference-{w}", "deepcache", w) for w in ("int8", "int4"))]:
-        export = [
-            "export",
-            "onnx",
-            "--model",
-            "reference",
-            "--plan",
-            plan,
-            "--weights",
-            weights,
-            "-o",
-            str(folder),
-            "--overwrite",
-            "--no-verify",
-        ]
+        export = ["export", "onnx", "--model", "reference", "--plan", plan, "--weights", weights, "-o", str(folder), "--overwrite"]
+        export += ["--no-verify", *(["--scheduler", "dpmpp-2m-karras"] if folder == bundle else [])]
         session.run(str(main / "postdiff"), *export, external=True)
         images = reference if folder == bundle else folder.with_suffix(".npz")
         script = "packages/postdiff-onnx/runtime_tests/reference_images.py"

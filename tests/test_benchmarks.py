@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,3 +30,40 @@ def test_torch_cpu_benchmark_smoke(tmp_path, capsys):
     assert entry["whole"]["baseline"]["median_s"] > 0 and entry["whole"]["postdiff"]["median_s"] > 0
     assert 0 < entry["macs_ratio"] < 0.5
     assert "| 32 |" in capsys.readouterr().out
+
+
+def test_scheduler_benchmark_runs_the_cli_per_solver_and_writes_its_table(tmp_path, capsys):
+    """bench_schedulers.py solvers on one solver and a tiny grid: one `postdiff sweep` per solver, its table per budget."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_schedulers
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "solvers.json"
+    grid = "--betas 1,0.5 --switches 0.5 --intervals 1,2 --gates 0"
+    argv = [
+        "solvers",
+        "--solvers",
+        "euler-a",
+        "--samples",
+        "4",
+        "--calibration",
+        "2",
+        "--budgets",
+        "0.4",
+        "--grid",
+        grid,
+        "--out",
+        str(out),
+    ]
+    assert bench_schedulers.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["samples"] == 4 and data["grid"] == grid and [r["solver"] for r in data["rows"]] == ["euler-a"]
+    sweep = data["rows"][0]["sweep"]
+    assert sweep["grid"]["betas"] == [1.0, 0.5] and [b["budget"] for b in sweep["rows"]] == [0.4]
+    table = out.with_suffix(".txt").read_text()
+    assert "| euler-a |" in table and "| 0.4 |" in table and "4 held-out samples" in table
+    assert table.strip() in capsys.readouterr().out
+    assert (tmp_path / "solvers" / "sweep_reference_euler-a.png").is_file()  # each sweep's own files, beside the results
+    with pytest.raises(SystemExit):
+        bench_schedulers.main(["check", "--model", "toy-sd"])  # no classifier: refused before any run

@@ -47,6 +47,10 @@ def test_generate_writes_a_png(tmp_path, capsys):
     assert main(["generate", "--model", "toy-sd", "--plan", "postdiff", "--steps", "12", "--prompt", "a cat", "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote" in capsys.readouterr().out
+    # the line says what ran: the scheduler asked for, by the name the user knows
+    argv = ["generate", "--model", "reference", "--plan", "postdiff", "--scheduler", "dpmpp-2m-karras", "--prompt", "3", "-o", str(out)]
+    assert main(argv) == 0
+    assert "20 steps of dpmpp-2m-karras" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,8 @@ def test_images_match_the_pytorch_backed_run_of_the_same_bundle():
 
     ref = np.load(REFERENCE)
     pipe = load_bundle(BUNDLE)
+    # nox exports this bundle with DPM++ 2M Karras: the numpy runtime's multistep solver on Karras sigmas
+    assert pipe.manifest.model["scheduler"] == "dpmpp-2m-karras", pipe.manifest.model["scheduler"]
     images = pipe.generate([int(c) for c in ref["conditions"]], seed=int(ref["seed"]))
     scores = [_psnr(a, b) for a, b in zip(images, ref["images"])]
     # the final latents too: the reference model's images are uint8-rounded, its latents are not

@@ -99,8 +99,8 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
     path = save_png(images[0], output)
     print(
-        f"wrote {path} ({pipe.info['name']} bundle, {pipe.manifest.weights} weights, plan {plan.name}, {plan.recipe.steps} steps, "
-        f"seed {args.seed}, {seconds:.2f} s)"
+        f"wrote {path} ({pipe.info['name']} bundle, {pipe.manifest.weights} weights, plan {plan.name}, "
+        f"{plan.recipe.steps} steps of {plan.scheduler}, seed {args.seed}, {seconds:.2f} s)"
     )
     return 0
 

@@ -62,12 +62,13 @@ def run(args) -> int:
         raise PostDiffError("--low-memory runs an exported bundle graph by graph; add --backend onnx (or openvino) and --bundle DIR")
     src = make_source(args)
     plan_recipe = recipe(args.plan or "postdiff", args.steps)
-    warn(src.model.untrained_warning(src.compile(plan_recipe)))
+    plan = src.compile(plan_recipe)
+    warn(src.model.untrained_warning(plan))
     batch = src.generate(plan_recipe, 1, args.seed, conditions=[src.parse_condition(args.prompt)])
     path = save_png(batch.images[0], args.output)
     print(
-        f"wrote {path} ({src.model.name}, torch, fp32 weights, plan {plan_recipe.label}, {plan_recipe.steps} steps, seed {args.seed}, "
-        f"{batch.seconds:.2f} s)"
+        f"wrote {path} ({src.model.name}, torch, fp32 weights, plan {plan_recipe.label}, {plan_recipe.steps} steps of {plan.scheduler}, "
+        f"seed {args.seed}, {batch.seconds:.2f} s)"
     )
     return 0
 
@@ -117,7 +118,7 @@ def _from_bundle(args) -> int:
     seconds = time.perf_counter() - start
     path = save_png(images[0], args.output)
     print(
-        f"wrote {path} ({info['name']} bundle, {args.backend}, {pipe.manifest.weights} weights, plan {plan.name}, {plan.recipe.steps} steps, "
-        f"seed {args.seed}, {seconds:.2f} s)"
+        f"wrote {path} ({info['name']} bundle, {args.backend}, {pipe.manifest.weights} weights, plan {plan.name}, "
+        f"{plan.recipe.steps} steps of {plan.scheduler}, seed {args.seed}, {seconds:.2f} s)"
     )
     return 0

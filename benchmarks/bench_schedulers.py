@@ -1,0 +1,137 @@
+"""Every scheduler users pick, on an embedded model: what the baseline and the ``postdiff`` plan give with each, and
+the paper's question (cheaper steps or fewer steps?) per solver.
+
+    python benchmarks/bench_schedulers.py check [--model reference] [--samples 300] [--seed 11]
+    python benchmarks/bench_schedulers.py solvers [--model reference] [--samples 2000] [--budgets 0.25,0.4,0.6]
+
+``check``: ``postdiff eval --plans baseline,postdiff`` once per scheduler name (every name ``--scheduler`` takes but
+``lcm``, which only LCM UNets run): class accuracy, in-domain FID, MACs ratio and time per scheduler.
+``solvers``: ``postdiff sweep`` once per solver (DDIM, Euler a, DPM++ 2M Karras, UniPC at 20 steps): at each budget the
+best ``steps:N`` plan against the best cheaper-steps plan from the sweep's grid, chosen on calibration samples and
+measured on held-out ones. Each command runs in its own process (the CLI as a user runs it); its JSON is kept
+beside the table. Prints a Markdown table; writes JSON and the table (``--out``, default under benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "packages" / "postdiff-lab" / "src"))
+
+SOLVERS = ["ddim", "euler-a", "dpmpp-2m-karras", "unipc"]
+
+
+def postdiff(*args: str) -> None:
+    cmd = [str(Path(sys.executable).parent / "postdiff"), *args]
+    print("$ postdiff " + " ".join(args), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
+def check(args, work: Path) -> tuple[dict, str]:
+    from postdiff.schedulers import NAMES
+
+    rows = []
+    for name in [n for n in NAMES if n != "lcm"]:
+        out = work / f"check_{args.model}_{name}.json"
+        t0 = time.perf_counter()
+        postdiff("eval", "--model", args.model, "--scheduler", name, "--plans", "baseline,postdiff", "--samples", str(args.samples),
+                 "--seed", str(args.seed), "--no-progress", "--json", str(out), "--grid", str(out.with_suffix(".png")))  # fmt: skip
+        plans = {p["plan"]: p for p in json.loads(out.read_text())["plans"]}
+        rows.append({"scheduler": name, "seconds": round(time.perf_counter() - t0, 1), "plans": plans})
+    data = {"mode": "check", "model": args.model, "samples": args.samples, "seed": args.seed, "rows": rows}
+    return data, check_table(data)
+
+
+def check_table(data: dict) -> str:
+    """The Markdown table of a ``check`` run. No times: the runs are a quality check, not a benchmark."""
+    lines = [
+        f"{data['model']}, N = {data['samples']} per plan, seed {data['seed']}, 20 steps, the model's CFG; class accuracy by the "
+        "embedded classifier, FID on its 128-d features against the 10,000 test images (not Inception FID)",
+        "| scheduler | UNet calls | baseline acc | postdiff acc | baseline FID | postdiff FID | postdiff MACs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        b, p = r["plans"]["baseline"], r["plans"]["postdiff"]
+        lines.append(
+            f"| {r['scheduler']} | {b['unet_calls']} | {100 * b['class_accuracy']:.1f}% | {100 * p['class_accuracy']:.1f}% | "
+            f"{b['fid_classifier']:.2f} | {p['fid_classifier']:.2f} | {p['macs_ratio']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def solvers(args, work: Path) -> tuple[dict, str]:
+    rows = []
+    for name in args.solvers.split(","):
+        out = work / f"sweep_{args.model}_{name}.json"
+        t0 = time.perf_counter()
+        postdiff("sweep", "--model", args.model, "--scheduler", name, "--budgets", args.budgets, "--samples", str(args.samples),
+                 "--calibration", str(args.calibration), "--seed", str(args.seed), "--json", str(out), "--plot", str(out.with_suffix(".png")),
+                 *args.grid.split())  # fmt: skip
+        rows.append({"solver": name, "seconds": round(time.perf_counter() - t0, 1), "sweep": json.loads(out.read_text())})
+    meta = {"calibration": args.calibration, "budgets": args.budgets, "seed": args.seed, "grid": args.grid or "the sweep's default"}
+    data = {"mode": "solvers", "model": args.model, "samples": args.samples, **meta, "rows": rows}
+    return data, solvers_table(data)
+
+
+def solvers_table(data: dict) -> str:
+    """The Markdown table of a ``solvers`` run: per solver and budget, the best of each family on held-out samples."""
+    seed = data["seed"]
+    lines = [
+        f"{data['model']}, 20 steps; plans chosen on {data['calibration']} calibration samples (seed {seed}) from the grid "
+        f"{data['grid']}, measured on {data['samples']} held-out samples (seed {seed + 1}); FID on the embedded "
+        "classifier's features (lower is better)",
+        "| solver | baseline FID | budget | fewer steps (MACs): FID | cheaper steps (MACs): FID | better |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        s = r["sweep"]
+        for b in s["rows"]:
+            few, cheap = b["fewer-steps"], b["cheaper-steps"]
+            better = "cheaper steps" if cheap["holdout"] < few["holdout"] else "fewer steps"
+            lines.append(
+                f"| {r['solver']} | {s['baseline']['holdout']:.2f} | {b['budget']} | {few['name']} ({few['macs_ratio']:.3f}): "
+                f"{few['holdout']:.2f} | {cheap['name']} ({cheap['macs_ratio']:.3f}): {cheap['holdout']:.2f} | {better} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from postdiff_lab.report import write_results
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("mode", choices=["check", "solvers"])
+    ap.add_argument("--model", default="reference", help="an embedded model: reference or digits (default: reference)")
+    ap.add_argument("--samples", type=int, default=None, help="samples per plan (check: 300; solvers: held-out, 2000)")
+    ap.add_argument("--seed", type=int, default=None, help="seed (check: 11; solvers: the calibration seed, 0)")
+    ap.add_argument("--budgets", default="0.25,0.4,0.6", help="solvers: fractions of the baseline's MACs")
+    ap.add_argument("--calibration", type=int, default=100, help="solvers: calibration samples per candidate plan")
+    ap.add_argument("--solvers", default=",".join(SOLVERS), help=f"solvers: scheduler names (default: {','.join(SOLVERS)})")
+    ap.add_argument("--grid", default="", help="solvers: sweep grid options, e.g. '--betas 1,0.5 --intervals 1,2,3' (default: the sweep's)")
+    ap.add_argument("--out", default=None, help="JSON results (default: benchmarks/results/<mode>_<model>.json)")
+    args = ap.parse_args(argv)
+    if args.model not in ("reference", "digits"):
+        ap.error(f"--model must be reference or digits (the embedded models with a classifier), got {args.model!r}")
+    args.samples = args.samples or (300 if args.mode == "check" else 2000)
+    args.seed = (11 if args.mode == "check" else 0) if args.seed is None else args.seed
+    out = Path(args.out or HERE / "results" / f"schedulers_{args.mode}_{args.model}.json")
+    work = out.with_suffix("")
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data, table = (check if args.mode == "check" else solvers)(args, work)
+    data |= {"machine": f"{platform.processor() or platform.machine()}, {platform.node()}", "seconds": round(time.perf_counter() - t0, 1)}
+    data["command"] = " ".join(["bench_schedulers.py", *(argv if argv is not None else sys.argv[1:])])
+    write_results(out, data, table)
+    print(table)
+    print(f"wrote {out} and {out.with_suffix('.txt')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
