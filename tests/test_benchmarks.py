@@ -9,12 +9,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_torch_cpu_benchmark_smoke(tmp_path, capsys):
+def _benchmark(name: str):
+    """A script of benchmarks/ as a module (they import each other by file name, not as a package)."""
+    import importlib
+
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import bench_torch_cpu
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
+
+
+def test_torch_cpu_benchmark_smoke(tmp_path, capsys):
+    bench_torch_cpu = _benchmark("bench_torch_cpu")
     out = tmp_path / "bench.json"
     assert (
         bench_torch_cpu.main(
@@ -34,11 +41,7 @@ def test_torch_cpu_benchmark_smoke(tmp_path, capsys):
 
 def test_scheduler_benchmark_runs_the_cli_per_solver_and_writes_its_table(tmp_path, capsys):
     """bench_schedulers.py solvers on one solver and a tiny grid: one `postdiff sweep` per solver, its table per budget."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_schedulers
-    finally:
-        sys.path.pop(0)
+    bench_schedulers = _benchmark("bench_schedulers")
     out = tmp_path / "solvers.json"
     grid = "--betas 1,0.5 --switches 0.5 --intervals 1,2 --gates 0"
     argv = [

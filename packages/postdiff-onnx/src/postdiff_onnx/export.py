@@ -333,10 +333,9 @@ def _attention_as_multihead(path: Path) -> None:
     nodes = []
     for n in every:
         nodes += replaced.get(id(n), [n])
-    # the reshapes and transposes that fed only the replaced operators
-    used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
-    dead = {id(n) for n in orphans if not any(o in used for o in n.output)}
-    while True:  # a transpose's reshape is dead once the transpose is
+    # the reshapes and transposes that fed only the replaced operators (a transpose's reshape once the transpose is)
+    dead: set[int] = set()
+    while True:
         used = {i for n in nodes if id(n) not in dead for i in n.input} | {o.name for o in graph.output}
         more = {id(n) for n in orphans if id(n) not in dead and not any(o in used for o in n.output)}
         if not more:
