@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "packages" / "postdiff-lab" / "src"))
 
 SOLVERS = ["ddim", "euler-a", "dpmpp-2m-karras", "unipc"]
 
@@ -103,7 +101,7 @@ def solvers_table(data: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from postdiff_lab.report import write_results
+    from postdiff_lab.report import machine_info, write_results
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("mode", choices=["check", "solvers"])
@@ -125,7 +123,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data, table = (check if args.mode == "check" else solvers)(args, work)
-    data |= {"machine": f"{platform.processor() or platform.machine()}, {platform.node()}", "seconds": round(time.perf_counter() - t0, 1)}
+    data |= {"machine": machine_info(), "seconds": round(time.perf_counter() - t0, 1)}
     data["command"] = " ".join(["bench_schedulers.py", *(argv if argv is not None else sys.argv[1:])])
     write_results(out, data, table)
     print(table)
