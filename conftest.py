@@ -18,7 +18,7 @@ def export_once(tmp_path_factory):
         label = plan if isinstance(plan, str) else plan["name"]
         key = (backend, model, json.dumps(plan, sort_keys=True), tuple(sorted(options.items())))
         if key not in made:
-            from postdiff.export import export_bundle
+            from postdiff.bundle.export import export_bundle
 
             folder = tmp_path_factory.mktemp(backend) / f"{model}-{label}"
             made[key] = export_bundle(backend, model, plan, folder, log=lambda m: None, **options)

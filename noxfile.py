@@ -6,6 +6,7 @@ nox -s lint       # ruff check + format check
 nox -s demo       # the main job: baseline vs postdiff on the default model
 nox -s bench      # the torch CPU and ONNX Runtime benchmarks of benchmarks/ (slow: tens of minutes)
 nox -s runtime    # the ONNX runtime without PyTorch: a venv with postdiff-core and postdiff-onnx only (CI runs it)
+nox -s docs       # the documentation site (docs/, mkdocs.yml), built with --strict: a warning fails (CI runs it)
 """
 
 from pathlib import Path
@@ -44,6 +45,16 @@ def slow(session: nox.Session) -> None:
     install(session, "pytest", "-e", "packages/postdiff-coreml[export]")
     session.install("--no-deps", "DeepCache==0.1.1")
     session.run("pytest", "-m", "slow", *session.posargs)
+
+
+DOCS = ["mkdocs", "mkdocs-material", "mkdocstrings", "mkdocstrings-python", "pymdown-extensions"]
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The site: MkDocs Material, the API from the docstrings (mkdocstrings), the CLI reference from the parsers."""
+    install(session, "-e", "packages/postdiff-coreml", *DOCS)  # every backend: `export` has a subcommand per backend
+    session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
 
 
 @nox.session

@@ -24,7 +24,7 @@ WEIGHTS = ("fp32", "int8", "int4")
 
 
 def bundle(model: str, plan: str, weights: str) -> Path:
-    from postdiff.export import export_bundle
+    from postdiff.bundle.export import export_bundle
 
     folder = HERE / ".bundles" / f"quality-{model}-{plan}-{weights}"
     if not (folder / "manifest.json").is_file():
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(HERE / "results" / "bundle_quality.json"))
     args = ap.parse_args(argv)
-    from postdiff.bundle import read_manifest
+    from postdiff.bundle.manifest import read_manifest
     from postdiff_lab.evaluation import _distribution_note
     from postdiff_lab.metrics import frechet_distance, kernel_inception_distance, psnr
     from postdiff_lab.reference.classifier import classify_samples, test_set_features

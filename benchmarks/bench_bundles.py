@@ -34,7 +34,7 @@ def bundle_bytes(folder: Path) -> int:
 
 
 def export(model: str, plan: str, px: int | None) -> Path:
-    from postdiff.export import export_bundle
+    from postdiff.bundle.export import export_bundle
 
     folder = HERE / ".bundles" / f"edge-{model.replace(':', '-')}-{plan}-{px or 'default'}"
     if not (folder / "manifest.json").is_file():
@@ -48,8 +48,8 @@ def child(kind: str, model_name: str, bundle: str, images: int) -> dict:
     """One whole run of the bundle's plan; what a process of this kind holds at its peak."""
     import numpy as np
 
-    from postdiff.bundle import read_manifest
-    from postdiff.families import family_named
+    from postdiff.bundle.manifest import read_manifest
+    from postdiff.families.registry import family_named
 
     folder, manifest = read_manifest(bundle, "onnx")
     start = time.perf_counter()
@@ -62,11 +62,11 @@ def child(kind: str, model_name: str, bundle: str, images: int) -> dict:
         else:
             load_bundle(folder, prepack=prepack).generate(list(range(images)), seed=0)
     else:
-        from postdiff.models import load_model
+        from postdiff.families.model import load_model
 
         model = load_model(model_name, need_pipeline=None)
         if model.family.generates:
-            from postdiff.recipe import Recipe
+            from postdiff.plan.recipe import Recipe
             from postdiff_lab.generation import source_for
 
             source_for(model).generate(Recipe.from_dict(manifest.recipe), images, seed=0)
@@ -88,7 +88,7 @@ def peak_rss_mb() -> float:
 def _random_cond(manifest, images: int, ops):
     import numpy as np
 
-    from postdiff.conditioning import Conditioning
+    from postdiff.loop.conditioning import Conditioning
 
     rng = np.random.default_rng(0)
     spec = next(t for g in manifest.graphs for t in g.inputs if t.name == "encoder_hidden_states")
@@ -97,12 +97,12 @@ def _random_cond(manifest, images: int, ops):
 
 
 def _unet_run(manifest, folder, runner, images: int) -> None:
-    from postdiff.arrays import NUMPY
-    from postdiff.bundle_runtime import CheckedRunner, GraphDenoiser
-    from postdiff.numpy_schedulers import numpy_scheduler
-    from postdiff.plan import Plan
-    from postdiff.sampling import run_plan
-    from postdiff.torch_random import TorchGenerator
+    from postdiff.bundle.runtime import CheckedRunner, GraphDenoiser
+    from postdiff.loop.arrays import NUMPY
+    from postdiff.loop.numpy_schedulers import numpy_scheduler
+    from postdiff.loop.sampling import run_plan
+    from postdiff.loop.torch_random import TorchGenerator
+    from postdiff.plan.compiler import Plan
 
     plan = Plan.from_dict(manifest.plan, where="manifest")
     sch = numpy_scheduler(manifest.model["scheduler"], manifest.model["scheduler_config"])
@@ -114,16 +114,15 @@ def _unet_run(manifest, folder, runner, images: int) -> None:
 def _unet_run_torch(manifest, model, images: int) -> None:
     import torch
 
-    from postdiff.arrays import TORCH
-    from postdiff.graphs import unet_of
-    from postdiff.plan import Plan
-    from postdiff.sampling import run_plan
-    from postdiff.torch_denoiser import TorchDenoiser
-    from postdiff.unet import UNetSplit
+    from postdiff.loop.arrays import TORCH
+    from postdiff.loop.sampling import run_plan
+    from postdiff.plan.compiler import Plan
+    from postdiff.pytorch.denoiser import TorchDenoiser
+    from postdiff.pytorch.unet import UNetSplit
 
     plan = Plan.from_dict(manifest.plan, where="manifest")
     sch = model.scheduler(manifest.model["scheduler"])
-    with UNetSplit(unet_of(model), block=plan.recipe.cache_block) as split, torch.no_grad():
+    with UNetSplit(model.network(), block=plan.recipe.cache_block) as split, torch.no_grad():
         run_plan(
             plan,
             TorchDenoiser(split),
@@ -144,8 +143,8 @@ def in_child(kind: str, model: str, bundle: Path, images: int) -> dict:
 
 # -- agreement ---------------------------------------------------------------------------------------------------------
 def agreement(bundle: Path, images: int) -> dict:
-    from postdiff.bundle import read_manifest
-    from postdiff.bundle_runtime import BundlePipeline
+    from postdiff.bundle.manifest import read_manifest
+    from postdiff.bundle.runtime import BundlePipeline
     from postdiff_lab.metrics import psnr, tensor_psnr
     from postdiff_onnx.runtime import OrtRunner, load_bundle
 
@@ -210,15 +209,15 @@ def main(argv=None) -> int:
     for item in args.models.split(","):
         model, _, px = item.partition("@")
         px = int(px) if px else None
-        from postdiff.models import load_model
+        from postdiff.families.model import load_model
 
         row: dict = {"weights": load_model(model, need_pipeline=False).weights}
         folders = {plan: export(model, plan, px) for plan in PLANS}
         row["bytes"] = {plan: bundle_bytes(f) for plan, f in folders.items()}
         row["rss"] = {f"{kind}/{plan}": in_child(kind, model, folders[plan], args.images) for kind in KINDS for plan in PLANS}
         r = {k: v["peak_rss_mb"] for k, v in row["rss"].items()}
-        from postdiff.bundle import read_manifest
-        from postdiff.families import family_named
+        from postdiff.bundle.manifest import read_manifest
+        from postdiff.families.registry import family_named
 
         if family_named(read_manifest(folders["postdiff"], "onnx")[1].model["kind"]).generates:
             row["agreement"] = agreement(folders["postdiff"], args.images)

@@ -131,7 +131,7 @@ def build_model(folder: Path = MODELS / "sd15-random") -> tuple[Path, Path]:
 
 def bundle_for(model: Path, weights: str, plan: str, size: int) -> Path:
     """The ONNX bundle of ``plan`` at ``size`` px with ``weights``, exported once (cached by name)."""
-    from postdiff.export import export_bundle
+    from postdiff.bundle.export import export_bundle
 
     folder = BUNDLES / f"edge-sd15-{plan}-{weights}-{size}"
     if not (folder / "manifest.json").is_file():
@@ -174,7 +174,7 @@ class PhaseTimer:
 
 
 def child_bundle(engine: str, bundle: str, threads: int, low_memory: bool) -> dict:
-    from postdiff.bundle_runtime import load_bundle
+    from postdiff.bundle.runtime import load_bundle
 
     options = {"threads": threads}
     start = time.perf_counter()

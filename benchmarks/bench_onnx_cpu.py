@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 
 from postdiff import Conditioning, TorchDenoiser, UNetSplit, compile_for_scheduler, load_recipe, run_plan
-from postdiff.bundle import read_manifest
-from postdiff.bundle_runtime import GraphDenoiser
-from postdiff.cost import plan_cost, step_batch
-from postdiff.graphs import unet_of
-from postdiff.models import load_model
+from postdiff.bundle.manifest import read_manifest
+from postdiff.bundle.runtime import GraphDenoiser
+from postdiff.families.model import load_model
+from postdiff.plan.compiler import step_batch
+from postdiff.plan.cost import plan_cost
 from postdiff_lab.report import machine_info, write_json
 from postdiff_onnx.export import export_onnx
 from postdiff_onnx.runtime import OrtRunner
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     def save() -> None:
         write_json(out_path, result)
 
-    unet = unet_of(model)
+    unet = model.network()
     with UNetSplit(unet, block=recipe.cache_block) as split, torch.no_grad():
         needed = []
         for s in (*base.steps, *plan.steps):

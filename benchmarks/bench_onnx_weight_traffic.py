@@ -180,7 +180,7 @@ def part_matmul(runs: int, threads: int) -> list[dict]:
 
 def part_profile(bundle: Path, runs: int, threads: int) -> dict:
     """Per-operator time of ``unet_full`` at the plan's low and full latent size (batch 2), the runtime's sessions."""
-    from postdiff.bundle import read_manifest
+    from postdiff.bundle.manifest import read_manifest
     from postdiff_onnx.weights import SharedInitializers
 
     folder, manifest = read_manifest(bundle, "onnx")

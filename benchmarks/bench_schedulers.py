@@ -33,7 +33,7 @@ def postdiff(*args: str) -> None:
 
 
 def check(args, work: Path) -> tuple[dict, str]:
-    from postdiff.schedulers import NAMES
+    from postdiff.plan.schedulers import NAMES
 
     rows = []
     for name in [n for n in NAMES if n != "lcm"]:

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from postdiff import Conditioning, TorchDenoiser, UNetSplit, compile_for_scheduler, load_recipe, run_plan
-from postdiff.cost import plan_cost, step_batch
-from postdiff.models import load_model
+from postdiff.families.model import load_model
+from postdiff.plan.compiler import step_batch
+from postdiff.plan.cost import plan_cost
 from postdiff_lab.report import machine_info, write_json
 
 HERE = Path(__file__).resolve().parent

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import coremltools as ct
 
-from postdiff.models import load_model
+from postdiff.families.model import load_model
 from postdiff_coreml.export import UNET_PACKAGE, export_coreml
 from postdiff_lab.report import machine_info
 

@@ -1,4 +1,4 @@
-"""Print a recorded ``postdiff eval --json`` result as the Markdown table README shows, plus the matched-MACs
+"""Print a recorded ``postdiff eval --json`` result as the Markdown table the docs show (docs/evaluation.md), plus the matched-MACs
 comparisons it answers, computed from the JSON (nothing typed by hand).
 
     python benchmarks/reference/readme_table.py benchmarks/results/eval_reference_2000.json

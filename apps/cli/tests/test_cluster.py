@@ -52,8 +52,8 @@ def test_plan_search_with_lpips_on_a_dask_cluster_equals_local(tmp_path, capsys)
 
 
 def test_repeated_cells_are_computed_once():
-    from postdiff.models import load_model
-    from postdiff.recipe import load_recipe
+    from postdiff.families.model import load_model
+    from postdiff.plan.recipe import load_recipe
     from postdiff_lab.cluster import Executor, cells_for
     from postdiff_lab.generation import source_for
 

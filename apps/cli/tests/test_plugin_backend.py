@@ -15,9 +15,9 @@ import pytest
 import torch
 from cli_helpers import strict_loads
 
-from postdiff import backends
-from postdiff.backends import Backend
-from postdiff.bundle import Graph, TensorSpec
+from postdiff.bundle import backends
+from postdiff.bundle.backends import Backend
+from postdiff.bundle.manifest import Graph, TensorSpec
 from postdiff_cli.main import main
 
 

@@ -117,7 +117,7 @@ def test_ip_adapter_tokens_are_used_on_computed_steps_and_cached_on_gated_ones(k
 def test_captured_cross_attention_carries_the_ip_adapter_tokens():
     """What a gated step replays is the attn2 output captured on the last CFG step, IP-Adapter part included:
     captures made with two image embeddings differ, and a cached pass replaying a capture equals the full pass."""
-    from postdiff.unet import UNetSplit
+    from postdiff.pytorch.unet import UNetSplit
 
     pipe = make_pipe("sd")
     embeds = load_toy_ip_adapter(pipe)

@@ -6,8 +6,8 @@ import torch
 from core_helpers import gen, make_pipe
 
 import postdiff
-from postdiff.diffusers_hook import last_plan
-from postdiff.unet import UNetSplit
+from postdiff.pytorch.diffusers_hook import last_plan
+from postdiff.pytorch.unet import UNetSplit
 
 STEPS = 8
 POSTDIFF = {"steps": STEPS, "low_res": {"scale": 0.5, "until": 0.5}, "deepcache": {"interval": 2}, "xattn_gate": {"after": 4}}

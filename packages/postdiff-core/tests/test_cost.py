@@ -6,8 +6,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from postdiff import UNetSplit, compile_plan, load_recipe
-from postdiff.cost import MacCounter, plan_cost
-from postdiff.plan import ModelSpec
+from postdiff.plan.compiler import ModelSpec
+from postdiff.plan.cost import plan_cost
+from postdiff.pytorch.macs import MacCounter
 from postdiff_lab.architectures import SD15, TOY_SD, TOY_SDXL
 from postdiff_lab.toy import build_unet
 

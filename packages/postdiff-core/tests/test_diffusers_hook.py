@@ -137,7 +137,7 @@ def test_wrong_size_latents_are_refused():
 
 def test_low_res_noise_is_derived_from_the_full_size_noise_of_the_seed():
     """Mixed resolution starts from the seed's full-size noise, area-averaged: runs stay paired with baseline."""
-    from postdiff.resolution import downsample_noise
+    from postdiff.loop.resolution import downsample_noise
 
     pipe = postdiff.apply(make_pipe("sd"), {"steps": 4, "low_res": {}})
     first = []
@@ -162,7 +162,7 @@ def test_plans_run_on_repeated_timesteps_and_baseline_equals_vanilla(name):
     steps (the issue's PlanError), Heun twice per timestep; baseline still equals the vanilla loop, postdiff runs."""
     from diffusers import DPMSolverMultistepScheduler
 
-    from postdiff.families import scheduler_from_config
+    from postdiff.loop.arrays import scheduler_from_config
 
     pipe = make_pipe("sd")
     config = {**dict(pipe.scheduler.config), "beta_schedule": "squaredcos_cap_v2"}

@@ -9,7 +9,7 @@ from core_helpers import gen, make_pipe
 
 import postdiff
 from postdiff import PlanError
-from postdiff.diffusers_hook import last_plan
+from postdiff.pytorch.diffusers_hook import last_plan
 
 STEPS = 8
 POSTDIFF = {"steps": STEPS, "low_res": {"scale": 0.5, "until": 0.5}, "deepcache": {"interval": 2}, "xattn_gate": {"after": 4}}

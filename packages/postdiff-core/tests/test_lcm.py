@@ -7,12 +7,13 @@ import torch
 from core_helpers import gen, make_pipe
 
 import postdiff
-from postdiff.conditioning import guidance_embedding
-from postdiff.cost import MacCounter, plan_cost
-from postdiff.diffusers_hook import last_plan
-from postdiff.models import load_model
-from postdiff.recipe import load_recipe
-from postdiff.unet import UNetSplit
+from postdiff.families.model import load_model
+from postdiff.loop.conditioning import guidance_embedding
+from postdiff.plan.cost import plan_cost
+from postdiff.plan.recipe import load_recipe
+from postdiff.pytorch.diffusers_hook import last_plan
+from postdiff.pytorch.macs import MacCounter
+from postdiff.pytorch.unet import UNetSplit
 
 STEPS = 4
 LOW_RES = {"steps": STEPS, "low_res": {"scale": 0.5, "until": 0.5}}

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from postdiff.errors import ModelError
-from postdiff.numpy_schedulers import SCHEDULERS, numpy_scheduler
-from postdiff.schedulers import NAMES, name_of, resolve
-from postdiff.torch_random import TorchGenerator
+from postdiff.loop.numpy_schedulers import SCHEDULERS, numpy_scheduler
+from postdiff.loop.torch_random import TorchGenerator
+from postdiff.plan.schedulers import NAMES, name_of, resolve
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False, set_alpha_to_one=False)
 CASES = [
@@ -126,7 +126,7 @@ def test_a_config_saved_by_another_scheduler_class_reads_as_diffusers_reads_it(n
     np.testing.assert_allclose(ours.timesteps.astype(np.float64), ref.timesteps.numpy().astype(np.float64), rtol=1e-5)
 
 
-# -- short names (postdiff.schedulers) ------------------------------------------------------------------------------------
+# -- short names (postdiff.plan.schedulers) ------------------------------------------------------------------------------------
 SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 COSINE = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
 
@@ -135,7 +135,7 @@ COSINE = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
 def test_every_short_name_is_one_diffusers_configuration_and_its_numpy_twin_follows_it(name):
     """Each UI name builds its diffusers class with its settings over the model's schedule, reads back as the same name,
     and the numpy scheduler of that name gives diffusers' timesteps and first step (1e-5)."""
-    from postdiff.families import scheduler_from_config
+    from postdiff.loop.arrays import scheduler_from_config
 
     ref = scheduler_from_config(name, SD_SCHEDULE)
     assert type(ref).__name__ == NAMES[name][0] and name_of(type(ref).__name__, dict(ref.config)) == name
@@ -167,7 +167,7 @@ def test_sigma_space_samplers_on_a_cosine_schedule_warn_once_in_one_line():
     import warnings
 
     from postdiff.errors import PostDiffWarning
-    from postdiff.families import scheduler_from_config
+    from postdiff.loop.arrays import scheduler_from_config
 
     for name in ("euler", "heun", "lms", "EulerAncestralDiscreteScheduler"):
         for build in (scheduler_from_config, numpy_scheduler):

@@ -140,7 +140,7 @@ def test_steps_are_counted_by_plan_index_not_by_timestep_value(scheduler):
     finally:
         handle.remove()
         pre.remove()
-    plan = postdiff.diffusers_hook.last_plan(pipe)
+    plan = postdiff.pytorch.diffusers_hook.last_plan(pipe)
     assert len(calls) == len(plan.steps)  # one UNet call per planned step, repeated timesteps included
     assert [i + 1 for i, s in enumerate(plan.steps) if s.unet == "full"] == deep_ran
     assert np.isfinite(out.numpy()).all()
@@ -177,4 +177,4 @@ def test_baseline_equals_vanilla_where_the_latent_is_not_a_multiple_of_the_unet_
         postdiff.apply(pipe, plan)
         out = latents(pipe, **size)
         assert out.shape == vanilla.shape and torch.isfinite(out).all()
-    assert {s.latent_hw for s in postdiff.diffusers_hook.last_plan(pipe).steps} == {(8, 16), (20, 28)}  # 10x14 -> 8x16
+    assert {s.latent_hw for s in postdiff.pytorch.diffusers_hook.last_plan(pipe).steps} == {(8, 16), (20, 28)}  # 10x14 -> 8x16

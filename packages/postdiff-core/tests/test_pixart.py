@@ -8,14 +8,14 @@ import torch
 from core_helpers import gen, make_pipe
 
 import postdiff
-import postdiff.transformer
-from postdiff.backbone import split_for
-from postdiff.conditioning import Conditioning
-from postdiff.diffusers_hook import last_plan
+import postdiff.pytorch.transformer
 from postdiff.errors import RecipeError
-from postdiff.models import load_model
-from postdiff.plan import block_span
-from postdiff.recipe import Recipe, load_recipe
+from postdiff.families.model import load_model
+from postdiff.loop.conditioning import Conditioning
+from postdiff.plan.compiler import block_span
+from postdiff.plan.recipe import Recipe, load_recipe
+from postdiff.pytorch.backbone import split_for
+from postdiff.pytorch.diffusers_hook import last_plan
 
 KINDS = {"pixart": dict(height=128, width=128, use_resolution_binning=False), "pixart-sigma": {}}
 SCHEDULERS = ["DPMSolverMultistepScheduler", "DDIMScheduler", "EulerDiscreteScheduler"]
@@ -136,19 +136,19 @@ def test_a_shallow_step_runs_exactly_the_blocks_outside_the_span(toy):
 def test_low_resolution_steps_run_fewer_patches_with_scaled_resolution_conditioning():
     pipe = make_pipe("pixart", "DPMSolverMultistepScheduler")
     seen: list[tuple] = []
-    original = postdiff.transformer.TransformerSplit.forward
+    original = postdiff.pytorch.transformer.TransformerSplit.forward
 
     def spy(self, variant, sample, timestep, ehs, mask=None, resolution=None, aspect_ratio=None, *rest):
         seen.append((tuple(sample.shape[-2:]), resolution[0].tolist(), aspect_ratio[0].tolist()))
         return original(self, variant, sample, timestep, ehs, mask, resolution, aspect_ratio, *rest)
 
-    postdiff.transformer.TransformerSplit.forward = spy
+    postdiff.pytorch.transformer.TransformerSplit.forward = spy
     try:
         postdiff.apply(pipe, {"steps": 8, "low_res": {"scale": 0.75, "until": 0.5}, "xattn_gate": {"after": 6}})
         pipe("a cat", num_inference_steps=8, generator=gen(0), output_type="np", height=128, width=192, use_resolution_binning=False)
         plan = last_plan(pipe)
     finally:
-        postdiff.transformer.TransformerSplit.forward = original
+        postdiff.pytorch.transformer.TransformerSplit.forward = original
         postdiff.remove(pipe)
     assert plan.latent_hw == (16, 24) and plan.steps[0].latent_hw == (12, 18)
     assert seen[0] == ((12, 18), [96.0, 144.0], [np.float32(128 / 192)]) and seen[-1] == ((16, 24), [128.0, 192.0], [np.float32(128 / 192)])
@@ -190,7 +190,7 @@ def test_arch_pixart_alpha_and_the_postdiff_dit_cost():
     plan = model.compile("postdiff-dit", 20, height=1024, width=1024)
     assert plan.latent_sizes == [(96, 96), (128, 128)]
     base = model.compile("baseline", 20, height=1024, width=1024)
-    from postdiff.cost import plan_cost
+    from postdiff.plan.cost import plan_cost
 
     cost = plan_cost(plan, model.mac_counter(plan.recipe), base)
     per_branch = cost.baseline_macs / 40  # 20 steps, CFG batch 2

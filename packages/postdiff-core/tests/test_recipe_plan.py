@@ -5,8 +5,8 @@ import json
 import pytest
 
 from postdiff import PlanError, Recipe, RecipeError, compile_plan, load_recipe, validate_plan
-from postdiff.plan import ModelSpec, Plan, nonuniform_full_steps
-from postdiff.recipe import BUILTIN_PLANS
+from postdiff.plan.compiler import ModelSpec, Plan, nonuniform_full_steps
+from postdiff.plan.recipe import BUILTIN_PLANS
 
 SPEC = ModelSpec(name="sd-like", downsample_factor=8, num_down_blocks=4, has_cross_attention=True)
 NO_XATTN = ModelSpec(name="no-xattn", downsample_factor=8, num_down_blocks=4, has_cross_attention=False)

@@ -6,8 +6,8 @@ from core_helpers import SCHEDULERS, gen, make_pipe
 
 import postdiff
 from postdiff import PlanError, RecipeError, TorchDenoiser, UNetSplit, compile_for_scheduler, model_spec, run_plan
-from postdiff.plan import Plan
-from postdiff.recipe import load_recipe
+from postdiff.plan.compiler import Plan
+from postdiff.plan.recipe import load_recipe
 
 STEPS = 6
 
@@ -86,8 +86,8 @@ def test_run_plan_and_the_pipeline_hook_agree_on_a_shifted_switch(scheduler, shi
 def test_the_switch_renoises_to_the_shifted_noise_level():
     """DDIM: the first full-resolution call sees x0 re-noised to timesteps[k - shift], that is a latent whose
     predicted x0 (for the same UNet output) is the upsampled low-resolution one."""
-    from postdiff.resolution import renoise
-    from postdiff.sampling import PlanRun
+    from postdiff.loop.resolution import renoise
+    from postdiff.loop.sampling import PlanRun
 
     pipe = make_pipe("sd")
     plan = compile_for_scheduler(recipe(2), pipe.scheduler, (16, 16), model_spec(pipe.unet))

@@ -6,8 +6,8 @@ from core_helpers import SCHEDULERS, gen, make_pipe
 
 import postdiff
 from postdiff import Conditioning, TorchDenoiser, UNetSplit, compile_for_scheduler, model_spec, run_plan
-from postdiff.recipe import load_recipe
-from postdiff.resolution import predict_x0, renoise
+from postdiff.loop.resolution import predict_x0, renoise
+from postdiff.plan.recipe import load_recipe
 
 
 class Recording:

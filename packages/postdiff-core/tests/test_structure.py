@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from postdiff.bundle import Manifest
+from postdiff.bundle.manifest import Manifest
 from postdiff.errors import BundleError, ModelError, RecipeError
-from postdiff.families import FAMILIES, family_named, image_seed, scheduler_from_config
+from postdiff.families.base import FAMILIES, image_seed
+from postdiff.families.registry import family_named
+from postdiff.loop.arrays import scheduler_from_config
 
 ROOT = Path(__file__).resolve().parents[3]
 ENGINE = ROOT / "packages/postdiff-core"
@@ -41,18 +43,22 @@ def _loaded_after(code: str) -> set[str]:
 
 
 def test_importing_the_engine_loads_no_evaluation_library_and_no_weights():
-    plan_half = _loaded_after("import postdiff, postdiff.recipe, postdiff.plan, postdiff.bundle, postdiff.families, postdiff.backends")
+    # the plan layer and the manifest: pure data
+    plan_half = _loaded_after(
+        "import postdiff, postdiff.plan.recipe, postdiff.plan.compiler, postdiff.plan.cost, postdiff.plan.schedulers, "
+        "postdiff.bundle.manifest, postdiff.bundle.backends"
+    )
     assert not plan_half & {"torch", "diffusers", "numpy", "scipy", "skimage", "matplotlib", "PIL", "postdiff_lab"}
     # the runtime half: a bundle's sampling loop on numpy, without PyTorch, diffusers or transformers
     runtime_half = _loaded_after(
-        "import postdiff.bundle_runtime, postdiff.sampling, postdiff.numpy_schedulers, postdiff.torch_random, "
-        "postdiff.conditioning, postdiff.resolution, postdiff.denoiser, postdiff.arrays"
+        "import postdiff.bundle.runtime, postdiff.loop.sampling, postdiff.loop.numpy_schedulers, postdiff.loop.torch_random, "
+        "postdiff.loop.conditioning, postdiff.loop.resolution, postdiff.loop.denoiser, postdiff.loop.arrays, postdiff.families.registry"
     )
     assert not runtime_half & {"torch", "diffusers", "transformers", "scipy", "postdiff_lab"}
     # the torch half: torch and diffusers (which itself imports pillow), nothing of the lab
     torch_half = _loaded_after(
-        "import postdiff.sampling, postdiff.unet, postdiff.export, postdiff.bundle_runtime, postdiff.graphs, postdiff.models, "
-        "postdiff.diffusers_hook, postdiff.cost"
+        "import postdiff.loop.sampling, postdiff.pytorch.unet, postdiff.bundle.export, postdiff.bundle.runtime, postdiff.pytorch.graphs, postdiff.families.model, "
+        "postdiff.pytorch.diffusers_hook, postdiff.pytorch.macs"
     )
     assert not torch_half & {"scipy", "skimage", "matplotlib", "postdiff_lab"}
 
@@ -77,13 +83,13 @@ _NAME_CHECKS = re.compile(
 
 
 def test_no_behaviour_depends_on_a_model_name_outside_the_family_registry():
-    # the two registries: families (what a kind of model does) and the lab's resolver (which names it offers)
-    registries = {"families.py", "builtin_models.py"}
+    # the two registries: the families (what a kind of model does) and the lab's resolver (which names it offers)
+    families = ENGINE / "src/postdiff/families"
     sources = [
         p
         for folder in ("packages", "apps", "benchmarks")
         for p in (ROOT / folder).rglob("*.py")
-        if ("/src/" in p.as_posix() or folder == "benchmarks") and p.name not in registries
+        if ("/src/" in p.as_posix() or folder == "benchmarks") and p.parent != families and p.name != "builtin_models.py"
     ]
     assert len(sources) > 40
     hits = [

@@ -95,8 +95,8 @@ def test_model_spec_and_unsupported_models():
 
 
 def test_cpu_convolution_paths_agree_and_auto_keeps_one_choice_per_shape(monkeypatch):
-    from postdiff.cpu_conv import ConvPath
     from postdiff.errors import PostDiffError
+    from postdiff.pytorch.cpu_conv import ConvPath
 
     unet = build_unet(TOY_SD)
     kw, _ = inputs(TOY_SD)

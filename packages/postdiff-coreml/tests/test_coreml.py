@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from postdiff.backbone import split_for
-from postdiff.bundle import UNET, read_manifest
-from postdiff.bundle_runtime import BundlePipeline
+from postdiff.bundle.manifest import UNET, read_manifest
+from postdiff.bundle.runtime import BundlePipeline
 from postdiff.errors import BundleError, ExportError, PlanError
-from postdiff.graphs import unet_of
-from postdiff.models import load_model
+from postdiff.families.model import load_model
+from postdiff.pytorch.backbone import split_for
 from postdiff_cli.main import main as cli
 from postdiff_coreml.export import UNET_PACKAGE, export_coreml
 from postdiff_coreml.runtime import inspect_bundle, load_bundle
@@ -62,7 +61,7 @@ def test_package_has_exactly_the_functions_the_plan_needs(coreml_bundles, name):
     meta = dict(spec.description.metadata.userDefined)
     assert set(meta["postdiff.functions"].split(",")) == wanted and meta["postdiff.plan"] == plan.name
     model = load_model(manifest.model["name"], need_pipeline=True)
-    with split_for(unet_of(model), block=manifest.cache_block, span=manifest.cache_span) as split:
+    with split_for(model.network(), block=manifest.cache_block, span=manifest.cache_span) as split:
         for graph in (g for g in manifest.graphs if g.role == UNET):
             f = functions[graph.function]
             module = split.module(graph.variant)
@@ -234,7 +233,7 @@ def test_every_function_matches_torch(coreml_bundles, name):
     folder, manifest = read_manifest(coreml_bundles(name), "coreml")
     pipe = load_bundle(folder, compute_units="CPU_ONLY")
     model = load_model(manifest.model["name"], need_pipeline=True)
-    with split_for(unet_of(model), block=manifest.cache_block, span=manifest.cache_span) as split:
+    with split_for(model.network(), block=manifest.cache_block, span=manifest.cache_span) as split:
         for graph in (g for g in manifest.graphs if g.role == UNET):
             module = split.module(graph.variant)
             ins = module.example_inputs(tuple(graph.latent_hw), graph.batch, text_len=model.text_len, pooled_dim=model.pooled_dim)
@@ -278,7 +277,7 @@ def test_6bit_palettised_export_stores_about_three_quarters_of_a_byte_per_weight
 
 def test_golden_file_records_every_function_of_the_plan(coreml_bundles):
     """Exported with --golden (on any OS): each function's first inputs and outputs, by the PyTorch modules."""
-    from postdiff.golden import read_golden
+    from postdiff.bundle.golden import read_golden
 
     folder, manifest = read_manifest(coreml_bundles("reference"), "coreml")
     entry, golden = manifest.golden, read_golden(folder)
@@ -294,7 +293,7 @@ def test_golden_file_records_every_function_of_the_plan(coreml_bundles):
 
 @NEEDS_MACOS
 def test_coreml_runtime_passes_its_bundles_golden_file(coreml_bundles):
-    from postdiff.golden import read_golden
+    from postdiff.bundle.golden import read_golden
 
     folder, manifest = read_manifest(coreml_bundles("reference"), "coreml")
     golden, pipe = read_golden(folder), load_bundle(folder, compute_units="CPU_ONLY")

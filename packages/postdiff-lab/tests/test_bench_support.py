@@ -6,10 +6,10 @@ import platform
 import numpy as np
 import pytest
 
-from postdiff import backends
+from postdiff.bundle import backends
 from postdiff.errors import PostDiffError
-from postdiff.models import load_model
-from postdiff.recipe import Recipe, load_recipe
+from postdiff.families.model import load_model
+from postdiff.plan.recipe import Recipe, load_recipe
 from postdiff_lab.export_cache import bundle_key, cache_root
 from postdiff_lab.generation import source_for
 from postdiff_lab.profiling import PeakMemory, StepTimes

@@ -83,7 +83,7 @@ def test_classifier_reaches_90_percent_on_the_test_set():
 
 @needs_data
 def test_evaluate_reports_every_metric():
-    from postdiff.models import load_model
+    from postdiff.families.model import load_model
     from postdiff_lab.evaluation import evaluate
     from postdiff_lab.generation import source_for
 

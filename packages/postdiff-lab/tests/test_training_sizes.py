@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from postdiff import RecipeError
-from postdiff.models import load_model
+from postdiff.families.model import load_model
 from postdiff_lab import data
 from postdiff_lab.generation import source_for
 

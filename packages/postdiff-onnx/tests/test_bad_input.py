@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import postdiff_onnx.export as export_mod
-from postdiff.bundle import MANIFEST
+from postdiff.bundle.manifest import MANIFEST
 from postdiff.errors import BundleError, ExportError, PlanError
 from postdiff_cli.main import main as cli
 from postdiff_onnx.export import export_onnx

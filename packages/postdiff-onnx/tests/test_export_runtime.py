@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from postdiff.backbone import split_for
-from postdiff.bundle import UNET, read_manifest
-from postdiff.cost import MacCounter
+from postdiff.bundle.manifest import UNET, read_manifest
 from postdiff.errors import ModelError
-from postdiff.graphs import unet_of
-from postdiff.models import load_model
-from postdiff.schedulers import NAMES, resolve
+from postdiff.families.model import load_model
+from postdiff.plan.schedulers import NAMES, resolve
+from postdiff.pytorch.backbone import split_for
+from postdiff.pytorch.macs import MacCounter
 from postdiff_lab.generation import source_for
 from postdiff_lab.metrics import psnr, tensor_psnr
 from postdiff_onnx.runtime import load_bundle
@@ -42,7 +41,7 @@ def _graph_psnrs(bundle: Path) -> dict[tuple[str, str], float]:
     model = load_model(manifest.model["name"], need_pipeline=True)
     others = {g.name: g for g in model.family.pipeline_graphs(model)}
     out = {}
-    with split_for(unet_of(model), block=manifest.cache_block, span=manifest.cache_span) as split:
+    with split_for(model.network(), block=manifest.cache_block, span=manifest.cache_span) as split:
         for graph in manifest.graphs:
             if graph.latent_hw is not None:
                 continue
@@ -182,7 +181,7 @@ def test_every_tensor_of_every_graph_is_stored_once_in_one_file(bundles):
     import onnx
     from onnx.external_data_helper import _get_all_tensors
 
-    from postdiff.models import load_model
+    from postdiff.families.model import load_model
     from postdiff_onnx.weights import WEIGHTS_FILE, WEIGHTS_INDEX
 
     folder = bundles("reference")
@@ -236,7 +235,7 @@ def test_numpy_loop_matches_the_torch_loop_on_the_same_bundle(bundles, name, sch
     ],
 )
 def test_a_bundle_runs_another_scheduler_from_its_recompiled_plan(bundles, scheduler):
-    """README: asking a bundle for another scheduler recompiles the plan from the recipe for it; the plan carries the
+    """docs/backends/onnx.md: asking a bundle for another scheduler recompiles the plan from the recipe for it; the plan carries the
     scheduler it was compiled for, so generate(plan) runs that scheduler (numpy and torch loops alike) and no other."""
     pipe = load_bundle(bundles("reference"))
     plan = pipe.compile("postdiff", scheduler=scheduler)
@@ -251,7 +250,7 @@ def test_a_bundle_runs_another_scheduler_from_its_recompiled_plan(bundles, sched
 def test_bundle_tokenizer_gives_the_ids_transformers_gives(bundles):
     from transformers import AutoTokenizer
 
-    from postdiff.bundle_runtime import BundleTokenizer
+    from postdiff.bundle.runtime import BundleTokenizer
 
     folder = bundles("sdxl")
     for name in ("tokenizer", "tokenizer_2"):
@@ -289,7 +288,7 @@ def test_sessions_share_weights_from_the_index_without_the_onnx_package(bundles,
 def test_ort_runtime_passes_its_bundles_golden_file(bundles):
     """What an app does with golden.npz: each graph's recorded first inputs through its runtime, outputs compared;
     then the whole plan for the recorded seed, final latent compared."""
-    from postdiff.golden import GOLDEN_FILE, read_golden
+    from postdiff.bundle.golden import GOLDEN_FILE, read_golden
 
     folder, manifest = read_manifest(bundles("reference"), "onnx")
     entry = manifest.golden
@@ -347,7 +346,7 @@ def test_lcm_takes_its_own_scheduler_only(bundles):
 def test_a_shifted_switch_runs_from_the_bundle_on_both_loops(bundles, shift):
     """low_res.renoise_shift through the numpy runtime: the numpy schedulers restart at the shifted index as
     diffusers' do, and the bundle's image follows the PyTorch model's."""
-    from postdiff.recipe import load_recipe
+    from postdiff.plan.recipe import load_recipe
 
     pipe = load_bundle(bundles("reference"))
     stored = load_recipe(pipe.manifest.recipe)
@@ -365,9 +364,9 @@ def test_a_shifted_switch_runs_from_the_bundle_on_both_loops(bundles, shift):
 def test_pixart_bundle_without_its_text_encoder_takes_prompt_embeddings(bundles, tmp_path):
     """T5-XXL is 4.7B parameters: a PixArt bundle may leave it out and take the embeddings the diffusers pipeline's
     encode_prompt gives; the image equals the full bundle's from the prompt."""
-    from postdiff.conditioning import PromptEmbeddings
+    from postdiff.bundle.export import export_bundle
     from postdiff.errors import BundleError, ExportError
-    from postdiff.export import export_bundle
+    from postdiff.loop.conditioning import PromptEmbeddings
 
     lean = bundles("pixart-sigma", without=("text_encoder",))
     _, manifest = read_manifest(lean, "onnx")

@@ -12,8 +12,8 @@ def test_a_fused_lora_is_what_the_bundle_holds(tmp_path):
     from onnx import numpy_helper
     from peft import LoraConfig
 
-    from postdiff.export import export_bundle
-    from postdiff.models import from_pipeline
+    from postdiff.bundle.export import export_bundle
+    from postdiff.families.model import from_pipeline
     from postdiff_lab.toy import toy_pipeline
 
     pipe = toy_pipeline("sd")

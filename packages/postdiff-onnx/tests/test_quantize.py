@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from postdiff.bundle import read_manifest
+from postdiff.bundle.manifest import read_manifest
 from postdiff.errors import BundleError, ExportError
 from postdiff_lab.metrics import psnr, tensor_psnr
 from postdiff_onnx import quantize

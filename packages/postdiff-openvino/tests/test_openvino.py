@@ -10,7 +10,7 @@ pytest.importorskip("openvino", reason="the openvino runtime is not installed (p
 
 from postdiff_openvino import OpenVINORunner, load_bundle  # noqa: E402
 
-from postdiff.bundle import read_manifest  # noqa: E402
+from postdiff.bundle.manifest import read_manifest  # noqa: E402
 from postdiff.errors import BundleError, PostDiffError  # noqa: E402
 from postdiff_lab.metrics import psnr, tensor_psnr  # noqa: E402
 from postdiff_onnx.runtime import OrtRunner  # noqa: E402
@@ -44,7 +44,7 @@ class BothRunners:
 def test_every_graph_agrees_with_onnx_runtime_at_f32(bundle):
     """Each graph the postdiff plan runs (full, capture, shallow, cached, at both sizes; the class encoder), on the
     inputs a real generation feeds it."""
-    from postdiff.bundle_runtime import BundlePipeline
+    from postdiff.bundle.runtime import BundlePipeline
 
     folder, manifest = read_manifest(bundle, "onnx")
     both = BothRunners(folder)

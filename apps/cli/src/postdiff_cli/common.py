@@ -33,13 +33,13 @@ def log(message: str) -> None:
 
 
 def plans_help() -> str:
-    from postdiff.recipe import builtin_names
+    from postdiff.plan.recipe import builtin_names
 
     return ", ".join(builtin_names())
 
 
 def model_args(p: argparse.ArgumentParser, *, steps: bool = True) -> None:
-    from postdiff.models import DEFAULT_MODEL, named_models
+    from postdiff.families.model import DEFAULT_MODEL, named_models
 
     p.add_argument(
         "--model",
@@ -50,7 +50,7 @@ def model_args(p: argparse.ArgumentParser, *, steps: bool = True) -> None:
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     if steps:
         p.add_argument("--steps", type=int, default=None, help="number of inference steps (overrides the plan's)")
-    from postdiff.schedulers import HELP as SCHEDULER_HELP
+    from postdiff.plan.schedulers import HELP as SCHEDULER_HELP
 
     p.add_argument("--scheduler", default=None, help=SCHEDULER_HELP)
 
@@ -171,7 +171,7 @@ def numbers(text: str, flag: str, kind=float) -> tuple:
 
 
 def search_grid(args):
-    from postdiff.recipe import DEFAULT_STEPS
+    from postdiff.plan.recipe import DEFAULT_STEPS
     from postdiff_lab.search import Grid
 
     g = Grid(
@@ -186,7 +186,7 @@ def search_grid(args):
 
 
 def make_source(args, need_pipeline=True):
-    from postdiff.models import load_model
+    from postdiff.families.model import load_model
     from postdiff_lab.generation import source_for
 
     model = load_model(args.model, need_pipeline=need_pipeline)

@@ -93,8 +93,8 @@ _OUTPUTS = {
 def _check_args(args) -> None:
     """Refuse every bad number and unusable output path with one line, before anything loads or runs."""
     from postdiff.errors import PostDiffError
+    from postdiff.families.model import DEFAULT_MODEL
     from postdiff.files import check_output, check_output_folder
-    from postdiff.models import DEFAULT_MODEL
 
     for name, check in _flag_checks().items():
         value = getattr(args, name, None)
@@ -106,7 +106,7 @@ def _check_args(args) -> None:
     if hasattr(args, "model") and not args.model_given:
         args.model = DEFAULT_MODEL
     if getattr(args, "scheduler", None) is not None:
-        from postdiff.schedulers import resolve
+        from postdiff.plan.schedulers import resolve
 
         resolve(args.scheduler)  # an empty or unknown name: one line listing the names, before any model loads
     for (command, name), suffixes in _OUTPUTS.items():

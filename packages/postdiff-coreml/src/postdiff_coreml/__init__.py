@@ -6,13 +6,13 @@
 
 ``export`` converts each (UNet variant, latent size) the plan needs through ``torch.export`` and coremltools and
 merges them into one multifunction ``.mlpackage`` with shared weights; ``runtime`` runs bundles on macOS through
-``postdiff.bundle_runtime`` (its numpy loop: a Mac needs coremltools and numpy, no PyTorch). Names load on first
+``postdiff.bundle.runtime`` (its numpy loop: a Mac needs coremltools and numpy, no PyTorch). Names load on first
 use; exporting needs the ``postdiff-coreml[export]`` extra.
 """
 
 from __future__ import annotations
 
-from postdiff.backends import lazy_package
+from postdiff.bundle.backends import lazy_package
 
 from .backend import CoreMLBackend
 

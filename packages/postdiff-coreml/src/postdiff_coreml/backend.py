@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from postdiff.backends import Backend
-from postdiff.bundle import Manifest
+from postdiff.bundle.backends import Backend
+from postdiff.bundle.manifest import Manifest
 
 
 class CoreMLBackend(Backend):

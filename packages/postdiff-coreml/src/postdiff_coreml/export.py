@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from postdiff.bundle import UNET, Graph, TensorSpec, hw_key, tool_versions
+from postdiff.bundle.export import ExportJob, export_bundle
+from postdiff.bundle.manifest import UNET, Graph, TensorSpec, hw_key, tool_versions
 from postdiff.errors import ExportError
-from postdiff.export import ExportJob, export_bundle
-from postdiff.graphs import GraphSource
-from postdiff.models import Model
+from postdiff.families.model import Model
+from postdiff.pytorch.graphs import GraphSource
 
 TARGETS = ("macos15", "macos14")
 WEIGHTS = (None, "8bit", "6bit", "4bit")  # None: fp16, as the default
@@ -141,7 +141,7 @@ def finish(folder: Path, job: ExportJob, graphs: list[Graph], log, *, target: st
 
 def export_coreml(model: str | Model, plan: str = "postdiff", output: str | Path = "bundle-coreml", **options) -> Path:
     """Export the plan's graphs for ``model`` as a Core ML bundle (any OS); returns its path. Options: height, width,
-    steps, scheduler, batch, overwrite, log (``postdiff.export.export_bundle``) and target, weights."""
+    steps, scheduler, batch, overwrite, log (``postdiff.bundle.export.export_bundle``) and target, weights."""
     from .backend import CoreMLBackend
 
     return export_bundle(CoreMLBackend(), model, plan, output, **options)

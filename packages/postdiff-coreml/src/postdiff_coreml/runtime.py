@@ -1,6 +1,6 @@
 """Core ML backend runtime (macOS only): a ``GraphRunner`` over the bundle's packages and functions.
 
-The plan checks, caches, sampling loop and prompt encoding are ``postdiff.bundle_runtime``, shared with ONNX
+The plan checks, caches, sampling loop and prompt encoding are ``postdiff.bundle.runtime``, shared with ONNX
 Runtime; this module only loads ``MLModel`` functions and calls ``predict``. Every Core ML graph has fixed
 shapes, so the runtime always uses the bundle's fixed-shape graphs (``static``), ``images_per_call`` at a time.
 """
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from postdiff.bundle import Graph, read_manifest
-from postdiff.bundle_runtime import BundlePipeline
-from postdiff.bundle_runtime import load_bundle as open_bundle
+from postdiff.bundle.manifest import Graph, read_manifest
+from postdiff.bundle.runtime import BundlePipeline
+from postdiff.bundle.runtime import load_bundle as open_bundle
 from postdiff.errors import BundleError
 
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
@@ -60,7 +60,7 @@ class CoreMLRunner:
         self.model(graph)
 
     def run(self, graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # inputs are checked against the manifest by postdiff.bundle_runtime.CheckedRunner
+        # inputs are checked against the manifest by postdiff.bundle.runtime.CheckedRunner
         cast = {t.name: (np.int32 if t.dtype == "int32" else np.float32) for t in graph.inputs}
         out = self.model(graph).predict({k: np.ascontiguousarray(v, dtype=cast[k]) for k, v in feeds.items() if k in cast})
         return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from postdiff.models import SD_SCHEDULER
+from postdiff.families.model import SD_SCHEDULER
 
 _SD_SCHEDULER = {k: v for k, v in SD_SCHEDULER.items() if k != "_class_name"}  # SD 1.5's, as the engine knows it
 # LCM_Dreamshaper_v7's scheduler_config.json: SD 1.5's noise schedule, the 50-step skipping schedule LCM was
@@ -39,7 +39,7 @@ class Architecture:
 
     @property
     def is_transformer(self) -> bool:
-        from postdiff.backbone import is_transformer
+        from postdiff.pytorch.backbone import is_transformer
 
         return is_transformer(self.unet)
 

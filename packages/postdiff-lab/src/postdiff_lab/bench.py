@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from postdiff import backends
+from postdiff.bundle import backends
 from postdiff.errors import PostDiffError
-from postdiff.models import load_model
-from postdiff.recipe import load_recipe
+from postdiff.families.model import load_model
+from postdiff.plan.recipe import load_recipe
 
 from .evaluation import LPIPS_NOTE, paired_fidelity
 from .export_cache import cached_export
@@ -226,7 +226,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
 
 
 def _prepare_bundle(t: _Target, cfg: BenchConfig, plan, conditions, guidance, log, export_weights: dict) -> None:
-    from postdiff.bundle_runtime import load_bundle
+    from postdiff.bundle.runtime import load_bundle
 
     backend = backends.get(t.backend)
     options: dict[str, Any] = {"height": cfg.height, "width": cfg.width, "steps": plan.recipe.steps, "scheduler": cfg.scheduler}

@@ -10,7 +10,7 @@ timings).
 from __future__ import annotations
 
 from postdiff.errors import ModelError
-from postdiff.models import Model, from_pipeline
+from postdiff.families.model import Model, from_pipeline
 
 from .architectures import ARCHITECTURES, Architecture
 
@@ -56,7 +56,7 @@ def _from_architecture(arch: Architecture) -> Model:
 
 def resolve(spec: str, need_pipeline: bool | None = False) -> Model | None:
     """The named model ``spec``, or None when it is not one of the lab's names (``need_pipeline`` as in
-    ``postdiff.models.load_model``)."""
+    ``postdiff.families.model.load_model``)."""
     if spec in REFERENCE_MODELS:
         return _reference(spec, need_pipeline)
     if spec in TOY_MODELS:

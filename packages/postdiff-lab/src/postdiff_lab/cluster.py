@@ -158,7 +158,7 @@ _LOCK = threading.Lock()  # one cell at a time per process: a loaded model is no
 
 
 def _worker_source(cell: Cell, local_source=None):
-    from postdiff.models import load_model
+    from postdiff.families.model import load_model
 
     from .generation import source_for
 
@@ -196,7 +196,7 @@ def _torch_threads(n: int):
 
 
 def _measure(cell: Cell, local_source, baselines) -> dict[str, Any]:
-    from postdiff.recipe import Recipe
+    from postdiff.plan.recipe import Recipe
 
     source = _worker_source(cell, local_source)
     recipe = Recipe.from_json(cell.recipe, where="cell recipe")

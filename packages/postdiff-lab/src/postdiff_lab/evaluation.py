@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from postdiff.recipe import display_name
+from postdiff.plan.recipe import display_name
 
 from . import data
 from .generation import Source

@@ -24,12 +24,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from postdiff import backends
-from postdiff.bundle import tool_versions
-from postdiff.recipe import Recipe
+from postdiff.bundle import backends
+from postdiff.bundle.manifest import tool_versions
+from postdiff.plan.recipe import Recipe
 
 HASH_LIMIT = 64 << 20  # bytes; larger files enter the key by size and mtime
-_CODE = ("postdiff.graphs", "postdiff.unet", "postdiff.bundle", "postdiff.cost", "postdiff.export", "postdiff.families")
+_CODE = (
+    "postdiff.pytorch.graphs",
+    "postdiff.pytorch.unet",
+    "postdiff.bundle",
+    "postdiff.plan.cost",
+    "postdiff.bundle.export",
+    "postdiff.families",
+)
 
 
 def cache_root(explicit: str | Path | None = None) -> Path:
@@ -120,7 +127,7 @@ def cached_export(
     folder = cache_root(cache_dir) / "bundles" / f"{_slug(Path(model).name or model)}-{_slug(recipe.label)}-{backend}-{key[:16]}"
     if (folder / "manifest.json").is_file():
         return folder, True, 0.0
-    from postdiff.export import export_bundle
+    from postdiff.bundle.export import export_bundle
 
     log(f"export: {backend} bundle for {model}, plan {recipe.label} -> {folder}")
     start = time.perf_counter()

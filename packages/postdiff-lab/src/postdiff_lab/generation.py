@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from postdiff.cost import PlanCost, plan_cost
-from postdiff.models import Model
-from postdiff.plan import Plan
-from postdiff.recipe import Recipe, load_recipe
+from postdiff.families.model import Model
+from postdiff.plan.compiler import Plan
+from postdiff.plan.cost import PlanCost, plan_cost
+from postdiff.plan.recipe import Recipe, load_recipe
 
 
 @dataclass
@@ -74,7 +74,7 @@ class Source:
 def baseline_steps(plan: Plan) -> int:
     """The baseline a plan is compared with: 20 steps, or the plan's own count for plans that are not
     "fewer steps" plans (``steps:N`` is compared with the 20-step baseline, its whole point)."""
-    from postdiff.recipe import DEFAULT_STEPS
+    from postdiff.plan.recipe import DEFAULT_STEPS
 
     name = plan.recipe.name or ""
     return DEFAULT_STEPS if name.startswith("steps:") else plan.recipe.steps
@@ -106,7 +106,7 @@ class DiffusersSource(Source):
     """A diffusers SD/SDXL/LCM/PixArt pipeline run through ``postdiff.apply``; conditions are prompts."""
 
     def generate(self, recipe, n, seed=0, *, conditions=None, progress=False, first=0) -> Batch:
-        from postdiff import diffusers_hook
+        from postdiff.pytorch import diffusers_hook
 
         pipe = self.model.pipeline
         if self.scheduler_name:

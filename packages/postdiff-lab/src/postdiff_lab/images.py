@@ -7,8 +7,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from postdiff.arrays import to_uint8
 from postdiff.files import atomic_write
+from postdiff.loop.arrays import to_uint8
 
 # what an image output path may end in, and the format written for it
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}

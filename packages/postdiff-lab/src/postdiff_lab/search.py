@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from postdiff.errors import PlanError, PostDiffError, RecipeError
-from postdiff.recipe import DeepCache, LowRes, Recipe, XAttnGate
+from postdiff.plan.recipe import DeepCache, LowRes, Recipe, XAttnGate
 
 from .generation import Source
 

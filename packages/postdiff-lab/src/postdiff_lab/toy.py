@@ -121,7 +121,7 @@ def _vae(seed: int, blocks: int = 2):
 def build_unet(arch: Architecture, seed: int = 0, device: str | torch.device = "cpu"):
     """The denoising network (UNet or transformer) of ``arch`` with random weights (``device="meta"`` builds it
     without memory, for counting)."""
-    from postdiff.backbone import build_network
+    from postdiff.pytorch.backbone import build_network
 
     torch.manual_seed(seed)
     with torch.device(device):
@@ -138,7 +138,7 @@ def build_unet(arch: Architecture, seed: int = 0, device: str | torch.device = "
 
 def build_scheduler(arch: Architecture, kind: str | None = None):
     """The scheduler ``kind`` (a diffusers class name; the one ``arch`` ships with when None) on ``arch``'s schedule."""
-    from postdiff.families import scheduler_from_config
+    from postdiff.loop.arrays import scheduler_from_config
 
     return scheduler_from_config(kind or arch.scheduler_class, arch.scheduler)
 

@@ -4,15 +4,15 @@
     export_onnx("reference", "postdiff", "bundles/reference")          # postdiff export onnx
     images = load_bundle("bundles/reference").generate([7, 9], seed=0)  # postdiff generate --backend onnx
 
-``export`` traces the ``postdiff.unet`` variant modules (and the text encoders, VAE decoder or class encoder)
+``export`` traces the ``postdiff.pytorch.unet`` variant modules (and the text encoders, VAE decoder or class encoder)
 with ``torch.onnx.export(..., dynamo=True)`` (the ``postdiff-onnx[export]`` extra); ``runtime`` runs bundles
-through ``postdiff.bundle_runtime`` with ONNX Runtime and numpy only (``python -m postdiff_onnx run BUNDLE``).
+through ``postdiff.bundle.runtime`` with ONNX Runtime and numpy only (``python -m postdiff_onnx run BUNDLE``).
 Names load on first use, so the runtime imports no PyTorch.
 """
 
 from __future__ import annotations
 
-from postdiff.backends import lazy_package
+from postdiff.bundle.backends import lazy_package
 
 from .backend import OnnxBackend
 

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's plan)")
     r.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the bundle's)")
     r.add_argument("--plan", default=None, help="a built-in plan name or recipe JSON (default: the bundle's stored plan)")
-    from postdiff.schedulers import NAMES
+    from postdiff.plan.schedulers import NAMES
 
     r.add_argument(
         "--scheduler",
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=PREPACK_HELP,
     )
-    from postdiff.bundle_runtime import LOW_MEMORY_HELP
+    from postdiff.bundle.runtime import LOW_MEMORY_HELP
 
     r.add_argument("--low-memory", action="store_true", help=LOW_MEMORY_HELP)
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -90,7 +90,7 @@ def run(args) -> int:
     plan = pipe.compile(args.plan, args.steps, args.scheduler)
     if pipe.plan_note:
         print(f"postdiff_onnx: note: {pipe.plan_note}", file=sys.stderr)
-    from postdiff.bundle_runtime import bundle_condition
+    from postdiff.bundle.runtime import bundle_condition
 
     condition = bundle_condition(pipe, args.prompt, args.prompt_embeds)
     count = pipe.static_batch if pipe.static else 1
@@ -109,8 +109,8 @@ def save_png(image, path: Path) -> Path:
     """An H x W x C image of floats in [0, 1] as a PNG, written to a temporary name and renamed when complete."""
     from PIL import Image
 
-    from postdiff.arrays import to_uint8
     from postdiff.files import atomic_write
+    from postdiff.loop.arrays import to_uint8
 
     return atomic_write(path, lambda tmp: Image.fromarray(to_uint8(image)).save(tmp, format="PNG"))
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from postdiff.backends import Backend
-from postdiff.bundle import Manifest
+from postdiff.bundle.backends import Backend
+from postdiff.bundle.manifest import Manifest
 from postdiff.errors import BundleError, ExportError
 
 from .session import DEFAULT_PROVIDER, PREPACK_HELP
@@ -96,7 +96,7 @@ class OnnxBackend(Backend):
         return self.exporter().convert(src, job, folder, **options)
 
     def finish(self, folder: Path, job, graphs: list, log, *, weights="fp32", opset=None, min_psnr=None, **options) -> dict:
-        from postdiff.bundle import tool_versions
+        from postdiff.bundle.manifest import tool_versions
 
         from . import quantize
         from .weights import WEIGHTS_FILE, share_weights

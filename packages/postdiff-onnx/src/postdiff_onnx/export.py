@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from postdiff.bundle import UNET, Graph, hw_key
+from postdiff.bundle.export import PSNR_GATE, ExportJob, export_bundle, tensor_psnr
+from postdiff.bundle.manifest import UNET, Graph, hw_key
 from postdiff.errors import ExportError
-from postdiff.export import PSNR_GATE, ExportJob, export_bundle, tensor_psnr
-from postdiff.graphs import GraphSource
-from postdiff.models import Model
+from postdiff.families.model import Model
+from postdiff.pytorch.graphs import GraphSource
 
 from . import quantize
 from .session import make_session, run, tensor_specs
@@ -98,7 +98,7 @@ def convert(
 
 def export_onnx(model: str | Model, plan: str = "postdiff", output: str | Path = "bundle", **options) -> Path:
     """Export the graphs ``plan`` needs for ``model`` into the ONNX bundle folder ``output``; returns its path.
-    Options: height, width, steps, scheduler, batch, overwrite, log (``postdiff.export.export_bundle``) and
+    Options: height, width, steps, scheduler, batch, overwrite, log (``postdiff.bundle.export.export_bundle``) and
     weights ("fp32" | "fp16" | "int8" | "int4"), min_psnr (the quantized graphs' gate, dB), static, verify, opset."""
     from .backend import OnnxBackend
 
@@ -161,7 +161,7 @@ def _example_hw(src: GraphSource) -> tuple[int, int]:
     """A small latent size to trace at (the graph stays dynamic); not 1x1 so no dimension specialises."""
     f = getattr(src.module, "unet", None)
     if f is not None:
-        from postdiff.backbone import downsample_factor
+        from postdiff.pytorch.backbone import downsample_factor
 
         side = 2 * downsample_factor(f)
         return side, side

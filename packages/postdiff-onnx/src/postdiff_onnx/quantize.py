@@ -48,10 +48,10 @@ import numpy as np
 WEIGHT_TYPES = ("fp32", "fp16", "int8", "int4")  # --weights
 QUANTIZED = ("int8", "int4")
 MIN_PARAMS = 1024  # weights of a layer below this stay fp32
-INT4_BLOCK = 128  # MatMulNBits block along K; see README (Lean bundles) for the 32/64/128 measurement
+INT4_BLOCK = 128  # MatMulNBits block along K; see docs/backends/onnx.md (Lean bundles) for the 32/64/128 measurement
 INT4_ACCURACY = 4  # MatMulNBits accuracy_level 4: int8 activations per block (VNNI / AVX-512 kernels)
 # default fidelity gates, dB of each quantized graph's outputs against its fp32 graph at export (--min-psnr); see
-# README (Lean bundles) for what SD1.5 and the reference model measure
+# docs/backends/onnx.md (Lean bundles) for what SD1.5 and the reference model measure
 DEFAULT_MIN_PSNR = {"int8": 25.0, "int4": 12.0}
 
 

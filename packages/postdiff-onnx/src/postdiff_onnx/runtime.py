@@ -1,7 +1,7 @@
 """ONNX Runtime backend: a ``GraphRunner`` over a bundle's ``.onnx`` files, and ``load_bundle``.
 
 Everything above "run this graph" (plan checks, caches, the sampling loop, prompt encoding) is
-``postdiff.bundle_runtime``; this module only opens sessions and runs them.
+``postdiff.bundle.runtime``; this module only opens sessions and runs them.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from postdiff.bundle import Graph
-from postdiff.bundle_runtime import BundlePipeline
-from postdiff.bundle_runtime import load_bundle as open_bundle
+from postdiff.bundle.manifest import Graph
+from postdiff.bundle.runtime import BundlePipeline
+from postdiff.bundle.runtime import load_bundle as open_bundle
 
 from .session import DEFAULT_PROVIDER, default_prepack, make_session, run
 from .weights import SharedInitializers
@@ -54,7 +54,7 @@ class OrtRunner:
 
     def session(self, graph: Graph):
         if graph.file not in self.sessions:
-            from postdiff.bundle_runtime import PHASES
+            from postdiff.bundle.runtime import PHASES
 
             path = self.folder / graph.file
             phase = self.phase_of[graph.file] = PHASES.get(graph.role, PHASES["unet"])
@@ -95,7 +95,7 @@ def load_bundle(
     low_memory: bool = False,
 ) -> BundlePipeline:
     """Open an ONNX bundle after checking its manifest and the checksum of every file (``prepack``: see
-    ``session.make_session``; ``low_memory``: ``postdiff.bundle_runtime.LeanRunner``)."""
+    ``session.make_session``; ``low_memory``: ``postdiff.bundle.runtime.LeanRunner``)."""
     from .backend import OnnxBackend
 
     return open_bundle(

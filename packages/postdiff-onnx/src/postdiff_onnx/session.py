@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from postdiff.bundle import TensorSpec
+from postdiff.bundle.manifest import TensorSpec
 from postdiff.errors import BundleError
 
 from .weights import weights_bytes
@@ -23,7 +23,7 @@ DTYPES = {
 DEFAULT_PROVIDER = "CPUExecutionProvider"
 # Below this many bytes of weights, a bundle's sessions pre-pack by default (``make_session``'s ``prepack``): on the
 # 4 MB reference model the copies cost about 20 MB and ORT's NCHWc layout made the graphs 1.2-1.7x faster; on SD1.5
-# (3.4 GB) they cost 7.6 GB and bought no speed (measured, README "Edge-grade bundles").
+# (3.4 GB) they cost 7.6 GB and bought no speed (measured, docs/backends/onnx.md "Edge-grade bundles").
 PREPACK_BELOW_BYTES = 256 * 2**20
 PREPACK_HELP = (
     "ONNX Runtime sessions re-lay out and pre-pack weights, each into a copy of its own (faster kernels, more memory); "
@@ -109,7 +109,7 @@ _OUTPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def run(session, feeds: dict[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Run a session (inputs are checked against the manifest by ``postdiff.bundle_runtime.CheckedRunner``)."""
+    """Run a session (inputs are checked against the manifest by ``postdiff.bundle.runtime.CheckedRunner``)."""
     names = output_names or _OUTPUTS.get(session)
     if names is None:
         names = _OUTPUTS[session] = [o.name for o in session.get_outputs()]

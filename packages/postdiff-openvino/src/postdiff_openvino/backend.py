@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from postdiff.backends import Backend
-from postdiff.bundle import Manifest
+from postdiff.bundle.backends import Backend
+from postdiff.bundle.manifest import Manifest
 from postdiff.errors import BundleError
 
 
@@ -45,7 +45,7 @@ class OpenVINOBackend(Backend):
         }
 
     def export_weights(self, weights: str) -> dict:
-        from postdiff import backends
+        from postdiff.bundle import backends
 
         return backends.get(self.bundle_format).export_weights(weights)
 

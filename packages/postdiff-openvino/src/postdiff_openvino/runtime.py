@@ -1,5 +1,5 @@
 """OpenVINO as a ``GraphRunner`` over an ONNX bundle's graphs: one compiled model per graph file, compiled on first
-use for the chosen device and precision. Everything above "run this graph" is ``postdiff.bundle_runtime``.
+use for the chosen device and precision. Everything above "run this graph" is ``postdiff.bundle.runtime``.
 
 Precision: OpenVINO's CPU plugin computes in bf16 by default on CPUs that have it, which moves a whole image by
 up to 3e-2; PostDiff asks for f32 unless ``precision="bf16"`` is chosen, so that an OpenVINO image equals the
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from postdiff.bundle import Graph
-from postdiff.bundle_runtime import BundlePipeline
-from postdiff.bundle_runtime import load_bundle as open_bundle
+from postdiff.bundle.manifest import Graph
+from postdiff.bundle.runtime import BundlePipeline
+from postdiff.bundle.runtime import load_bundle as open_bundle
 from postdiff.errors import BundleError
 
 DEVICES = ("CPU", "GPU", "NPU")
@@ -74,7 +74,7 @@ class OpenVINORunner:
         self.compiled.pop(graph.file, None)
 
     def run(self, graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # inputs are checked against the manifest by postdiff.bundle_runtime.CheckedRunner
+        # inputs are checked against the manifest by postdiff.bundle.runtime.CheckedRunner
         compiled = self.model(graph)
         result = compiled(feeds)
         return {name: np.asarray(result[compiled.output(name)]) for name in graph.output_names}
@@ -91,7 +91,7 @@ def load_bundle(
     low_memory: bool = False,
 ) -> BundlePipeline:
     """Open an ONNX bundle with OpenVINO after checking its manifest and the checksum of every file (``low_memory``:
-    ``postdiff.bundle_runtime.LeanRunner``)."""
+    ``postdiff.bundle.runtime.LeanRunner``)."""
     from .backend import OpenVINOBackend
 
     return open_bundle(

@@ -7,7 +7,7 @@ from ..render import bench_step_table, bench_table, print_table
 
 
 def add_parser(sub) -> None:
-    from postdiff import backends
+    from postdiff.bundle import backends
 
     b = sub.add_parser("bench", help="speed, memory, cost and fidelity of plans on several backends, side by side")
     model_args(b)
@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
         help="comma-separated weight types of the exported bundles, a row each: fp32, fp16, int8, int4 (default: fp32; "
         "Core ML stores int8 as 8bit and int4 as 4bit; PyTorch runs fp32)",
     )
-    from postdiff.bundle_runtime import LOW_MEMORY_HELP
+    from postdiff.bundle.runtime import LOW_MEMORY_HELP
 
     b.add_argument("--low-memory", action="store_true", help=f"bundle backends: {LOW_MEMORY_HELP}")
     for backend in backends.available().values():  # each backend's runner flags (--compute-units, ...)
@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import dataclasses
 
-    from postdiff import backends
+    from postdiff.bundle import backends
     from postdiff_lab.bench import BenchConfig, run_bench, split_list
     from postdiff_lab.images import save_grid
     from postdiff_lab.report import write_json

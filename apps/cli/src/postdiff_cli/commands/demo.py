@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
 def _demo_plans(args, model) -> list[tuple[str, str]]:
     """(plan, row label) for --plans, or baseline, postdiff and the plan the 0.4-budget search chose for an
     embedded model (shipped beside its weights as search-0.4.recipe.json by ``postdiff plan search --budget 0.4 -o``)."""
-    from postdiff.recipe import display_name
+    from postdiff.plan.recipe import display_name
 
     searched = None
     if args.plans is not None:
@@ -109,7 +109,7 @@ def run(args) -> int:
         print(
             "note: PSNR/LPIPS against the baseline image of the same seed; class accuracy and FID by the in-domain "
             f"classifier; {f'FID at N={seeds} is biased upwards' if test_features is not None else 'FID needs the test set and --seeds 100 or more'}: "
-            "README has N=2,000"
+            "docs/evaluation.md has N=2,000"
         )
     if model.weights == "random":
         print("note: the model has random weights: speed and cost are real, the pictures are not meaningful")

@@ -6,7 +6,7 @@ from ..common import log, model_args, plans_help
 
 
 def add_parser(sub) -> None:
-    from postdiff import backends
+    from postdiff.bundle import backends
 
     x = sub.add_parser("export", help="export the graphs a plan needs as a bundle for another runtime")
     xsub = x.add_subparsers(dest="target", required=True)
@@ -39,8 +39,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from postdiff import backends
-    from postdiff.export import export_bundle
+    from postdiff.bundle import backends
+    from postdiff.bundle.export import export_bundle
 
     backend = backends.get(args.target)
     path = export_bundle(

@@ -8,7 +8,7 @@ from ..common import guidance_arg, log, make_source, model_args, plans_help, rec
 
 
 def add_parser(sub) -> None:
-    from postdiff import backends
+    from postdiff.bundle import backends
 
     g = sub.add_parser("generate", help="generate an image with a plan")
     model_args(g)
@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     g.add_argument("--bundle", default=None, help="exported bundle folder (any backend but torch); the bundle defines the model")
     for backend in backends.available().values():  # each backend's runner flags (--provider, --compute-units, ...)
         backend.add_options(g, "generate")
-    from postdiff.bundle_runtime import LOW_MEMORY_HELP
+    from postdiff.bundle.runtime import LOW_MEMORY_HELP
 
     g.add_argument("--low-memory", action="store_true", help=f"with --bundle: {LOW_MEMORY_HELP}")
     guidance_arg(g)
@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from postdiff import backends
+    from postdiff.bundle import backends
     from postdiff.errors import PostDiffError
     from postdiff_lab.images import save_png
 
@@ -76,7 +76,7 @@ def run(args) -> int:
 def _runner_flags(args) -> dict[str, list[str]]:
     """{flag: the backends that take it} for every runner flag given on the command line (a value other than its
     default); a flag such as --static can belong to several backends."""
-    from postdiff import backends
+    from postdiff.bundle import backends
 
     out: dict[str, list[str]] = {}
     for name, backend in backends.available().items():
@@ -89,10 +89,10 @@ def _runner_flags(args) -> dict[str, list[str]]:
 
 def _from_bundle(args) -> int:
     """Generation that builds no PyTorch model: every network runs in the bundle's runtime."""
-    from postdiff import backends
-    from postdiff.bundle_runtime import bundle_condition, load_bundle
+    from postdiff.bundle import backends
+    from postdiff.bundle.runtime import bundle_condition, load_bundle
     from postdiff.errors import PostDiffError
-    from postdiff.models import untrained_warning
+    from postdiff.families.model import untrained_warning
     from postdiff_lab.images import save_png
 
     if not args.bundle:

@@ -118,7 +118,7 @@ def _network(spec) -> str:
 def _transformer_columns(spec, plan):
     """A step's (patches, blocks run) on a transformer: the token grid at the step's latent size, and which blocks
     compute (a shallow step adds the residual kept for the cached span instead of running it)."""
-    from postdiff.plan import block_span
+    from postdiff.plan.compiler import block_span
 
     p, n = spec.downsample_factor, spec.num_layers
     a, b = block_span(n, plan.recipe.cache_block, plan.recipe.cache_span)
@@ -137,7 +137,7 @@ def _transformer_columns(spec, plan):
 
 
 def _search(args) -> int:
-    from postdiff.recipe import Recipe
+    from postdiff.plan.recipe import Recipe
     from postdiff_lab.report import write_json
     from postdiff_lab.search import check_budget, search
 

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from postdiff.export import tensor_psnr  # noqa: F401  (the engine's export check, re-exported with the metrics)
+from postdiff.bundle.export import tensor_psnr  # noqa: F401  (the engine's export check, re-exported with the metrics)
 
 
 def _pair(image, reference) -> tuple[np.ndarray, np.ndarray]:

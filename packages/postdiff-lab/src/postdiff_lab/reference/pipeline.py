@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from postdiff.errors import ModelError
-from postdiff.families import family_named
-from postdiff.plan import Plan
-from postdiff.recipe import Recipe, load_recipe
-from postdiff.sampling import compile_for_scheduler
-from postdiff.torch_denoiser import TorchDenoiser
-from postdiff.unet import UNetSplit, model_spec
+from postdiff.families.registry import family_named
+from postdiff.loop.sampling import compile_for_scheduler
+from postdiff.plan.compiler import Plan
+from postdiff.plan.recipe import Recipe, load_recipe
+from postdiff.pytorch.denoiser import TorchDenoiser
+from postdiff.pytorch.unet import UNetSplit, model_spec
 
 from .. import data
 from . import model as ref

@@ -1,0 +1,150 @@
+"""The graphs an exported bundle holds, as ``nn.Module``s with explicit tensor inputs and outputs.
+
+Backend-independent: the ONNX and Core ML exporters both take their graphs from here. A bundle for a plan has
+one UNet graph per variant the plan uses (``postdiff.pytorch.unet.VariantModule``) and what the pipeline needs around
+it, which the model's family names (``postdiff.families``): the class encoder, the text encoder(s), the VAE decoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from postdiff.plan.compiler import Plan
+
+
+@dataclass
+class GraphSource:
+    """One graph to export: a module, its input/output names, and how to make inputs for it."""
+
+    name: str
+    role: str
+    module: nn.Module
+    input_names: list[str]
+    output_names: list[str]
+    example: Callable[[tuple[int, int], int], dict[str, torch.Tensor]]  # (latent size, batch) -> inputs by name
+    dynamic_shapes: Any  # for torch.export
+    variant: str | None = None
+
+
+class _TextEncoder(nn.Module):
+    """input_ids -> hidden states as the SD pipelines use them (SD: last layer; SDXL: penultimate layer, plus
+    the projected pooled output of the second encoder)."""
+
+    def __init__(self, encoder: nn.Module, penultimate: bool, pooled: bool) -> None:
+        super().__init__()
+        self.encoder, self.penultimate, self.pooled = encoder, penultimate, pooled
+
+    def forward(self, input_ids):
+        out = self.encoder(input_ids, output_hidden_states=self.penultimate)
+        hidden = out.hidden_states[-2] if self.penultimate else out[0]
+        return (hidden, out[0]) if self.pooled else (hidden,)
+
+
+class _MaskedTextEncoder(nn.Module):
+    """(input_ids, attention_mask) -> last hidden states: a T5 encoder as the PixArt pipelines call it (the mask as
+    float, 1 for a token, 0 for padding)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask):
+        # the mask as the additive 4-D bias transformers builds from it (what a 2-D mask becomes inside; given
+        # ready, transformers' mask utilities, which coremltools cannot convert, stay out of the graph). -1e4: exact
+        # in fp32, finite in fp16
+        n = attention_mask.shape[-1]
+        bias = ((1.0 - attention_mask) * -10000.0)[:, None, None, :].expand(-1, 1, n, -1)
+        return (self.encoder(input_ids, attention_mask=bias)[0],)
+
+
+class _VaeDecoder(nn.Module):
+    """Final latents (as the sampler leaves them) -> image in [-1, 1]."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scaling = float(vae.config.scaling_factor)
+
+    def forward(self, latents):
+        return (self.vae.decode(latents / self.scaling, return_dict=False)[0],)
+
+
+class ClassEncoderGraph(nn.Module):
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, labels):
+        return (self.encoder(labels),)
+
+
+def batch_dim():
+    from torch.export import Dim
+
+    return Dim("batch", min=1, max=1024)
+
+
+def text_encoder_graph(name: str, encoder, tokenizer, *, penultimate: bool, pooled: bool) -> GraphSource:
+    """A text encoder as the SD pipelines use it (``penultimate``: SDXL's second-to-last layer; ``pooled``: also
+    the projected pooled output)."""
+    module = _TextEncoder(encoder.eval(), penultimate=penultimate, pooled=pooled).eval()
+
+    def ids(hw, b):
+        return {
+            "input_ids": tokenizer(
+                ["a photo"] * b, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+            ).input_ids
+        }
+
+    outputs = ["hidden_states", "text_embeds"] if pooled else ["hidden_states"]
+    return GraphSource(name, name, module, ["input_ids"], outputs, ids, ({0: batch_dim()},))
+
+
+def masked_text_encoder_graph(name: str, encoder, tokenizer, text_len: int) -> GraphSource:
+    """A T5 text encoder with its attention mask as an input (PixArt), for prompts padded to ``text_len`` tokens."""
+    from torch.export import Dim
+
+    module = _MaskedTextEncoder(encoder.eval()).eval()
+
+    def ids(hw, b):
+        t = tokenizer(["a photo"] * b, padding="max_length", max_length=text_len, truncation=True, return_tensors="pt")
+        return {"input_ids": t.input_ids, "attention_mask": t.attention_mask.to(torch.float32)}
+
+    text = Dim("text", min=2, max=512)
+    shapes = ({0: batch_dim(), 1: text}, {0: batch_dim(), 1: text})
+    return GraphSource(name, name, module, ["input_ids", "attention_mask"], ["hidden_states"], ids, shapes)
+
+
+def vae_decoder_graph(vae) -> GraphSource:
+    from torch.export import Dim
+
+    module = _VaeDecoder(vae.eval()).eval()
+    channels = int(vae.config.latent_channels)
+    h, w = Dim("h", min=1, max=512), Dim("w", min=1, max=512)
+
+    def latents(hw, b):
+        return {"latents": torch.randn(b, channels, *hw, generator=torch.Generator().manual_seed(0))}
+
+    return GraphSource("vae_decoder", "vae_decoder", module, ["latents"], ["image"], latents, ({0: batch_dim(), 2: h, 3: w},))
+
+
+def unet_graphs(split, plan: Plan, *, text_len: int, pooled_dim: int | None) -> list[GraphSource]:
+    """One graph per variant the plan uses, of a ``UNetSplit`` or a ``TransformerSplit`` (role ``unet`` for both)."""
+    out = []
+    for variant in dict.fromkeys(v for v, _ in plan.variants()):
+        module = split.module(variant).eval()
+
+        def example(hw, batch, module=module):
+            return module.example_inputs(hw, batch, text_len=text_len, pooled_dim=pooled_dim)
+
+        out.append(
+            GraphSource(
+                f"unet_{variant}", "unet", module, module.input_names(), module.output_names(), example, module.dynamic_shapes(), variant
+            )
+        )
+    return out
