@@ -1,4 +1,4 @@
-"""Edge-grade bundles (issue 16): bytes, peak memory and agreement of fp32 ONNX bundles, `postdiff` against `baseline`.
+"""Edge-grade bundles: bytes, peak memory and agreement of fp32 ONNX bundles, `postdiff` against `baseline`.
 
     python benchmarks/bench_bundles.py                                   # reference model and arch:sd15 at 256 px
     python benchmarks/bench_bundles.py --models reference --out benchmarks/results/bundles_reference.json
