@@ -26,6 +26,9 @@ def _fixtures(root: Path) -> dict[str, str]:
     (root / "nan.json").write_text('{"steps": 20, "deepcache": {"interval": 2, "power": NaN}}')
     (root / "branch0.json").write_text('{"deepcache": {"interval": 2, "cache_branch_id": 0}}')
     (root / "afile").write_text("not a folder")
+    (root / "nocenter.json").write_text(
+        '{"steps": 10, "deepcache": {"interval": 2, "schedule": "nonuniform", "center": 0.5, "power": 1.02}}'
+    )
     coreml = root / "coreml-bundle"
     coreml.mkdir()
     manifest = {
@@ -50,6 +53,7 @@ def _fixtures(root: Path) -> dict[str, str]:
             "branch0": "branch0.json",
             "file": "afile",
             "coreml": "coreml-bundle",
+            "nocenter": "nocenter.json",
         }.items()
     }
 
@@ -146,6 +150,13 @@ CASES = [
     ("generate --backend onnx", "pass --bundle DIR"),
     # a Core ML bundle on this machine: one message that leads out, not round in a circle
     ("generate --backend onnx --bundle {coreml}", "export an ONNX bundle"),
+    # the command line itself: the program's name once, the sub-command named where there is one
+    ("", "postdiff: error: the following arguments are required: command"),
+    ("bogus", "postdiff: error: argument command: invalid choice: 'bogus'"),
+    ("env --bogus", "postdiff: error: unrecognized arguments: --bogus"),
+    ("plan cost", "postdiff: error: plan cost: the following arguments are required: plan"),
+    # a non-uniform DeepCache schedule with no distinct full steps: refused before any model runs
+    ("plan cost {nocenter} --model arch:sd15", "deepcache.schedule 'nonuniform' finds no"),
 ]
 
 
@@ -166,7 +177,7 @@ def _tree(root: Path) -> set[str]:
 
 
 def test_the_table_covers_every_subcommand():
-    commands = {c.split()[0] if c.split()[0] not in ("plan", "export") else " ".join(c.split()[:2]) for c, _ in CASES}
+    commands = {" ".join(c.split()[:2]) if c.split()[:1] in (["plan"], ["export"]) else " ".join(c.split()[:1]) for c, _ in CASES}
     assert {
         "generate",
         "demo",
@@ -178,6 +189,8 @@ def test_the_table_covers_every_subcommand():
         "plan search",
         "export onnx",
         "export coreml",
+        "env",
+        "",
     } <= commands
     assert len(CASES) >= 40
 
@@ -196,6 +209,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(command, fragment, fixt
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("postdiff: error:") and "Traceback" not in err
+    assert not lines[0].startswith("postdiff: error: postdiff")  # the program's name once
     assert fragment.format(**fixtures) in lines[0]
     assert len(lines[0]) < 600  # a 100k-character input is never echoed whole
     assert (_tree(tmp_path), _tree(Path(fixtures["dir"]).parent)) == before  # nothing written, nothing half-written

@@ -184,3 +184,23 @@ def test_postdiff_xl_compiles_at_common_sdxl_sizes_and_shows_its_low_resolution(
     assert data["steps"][0]["latent_hw"] == low and data["latent_hw"] == [height // 8, width // 8]
     assert main(args) == 0
     assert f"| {low[0]}x{low[1]} " in capsys.readouterr().out
+
+
+def test_version_and_env_say_what_a_bug_report_needs(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"postdiff {version('postdiff-cli')} (postdiff-core {version('postdiff-core')}")
+    assert main(["env", "--json"]) == 0
+    facts = strict_loads(capsys.readouterr().out)
+    assert facts["postdiff"]["postdiff-core"] == version("postdiff-core")
+    assert facts["libraries"]["torch"] == version("torch") and facts["libraries"]["numpy"] == version("numpy")
+    assert "CPUExecutionProvider" in facts["devices"]["onnxruntime providers"] and "CPU" in facts["devices"]["openvino devices"]
+    assert facts["devices"]["torch devices"][0] == "cpu" and facts["cores"] >= 1
+    if os.path.exists("/proc/cpuinfo") and "avx2" in open("/proc/cpuinfo").read():
+        assert "avx2" in facts["cpu features"]
+    assert main(["env"]) == 0
+    table = capsys.readouterr().out
+    assert "| postdiff-onnx" in table and "| cpu features" in table

@@ -19,7 +19,8 @@ class Parser(argparse.ArgumentParser):
 
         # argparse echoes a bad value whole ("invalid choice: '<100k characters>'"): keep the line short
         message = re.sub(r"'([^']{80,})'", lambda m: brief(m.group(1)), message.replace("\n", " "))
-        self.exit(2, f"postdiff: error: {self.prog.removeprefix('postdiff ')}: {message} (see {self.prog} --help)\n")
+        where = self.prog.removeprefix("postdiff").strip()  # the sub-command, if any: "postdiff: error: generate: ..."
+        self.exit(2, f"postdiff: error: {where + ': ' if where else ''}{message} (see {self.prog} --help)\n")
 
 
 def warn(message: str | None) -> None:

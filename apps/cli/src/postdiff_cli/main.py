@@ -11,6 +11,8 @@
     postdiff sweep [--model M] [--budgets 0.3,0.4,0.5,0.6] [--json FILE] [--plot FILE]
     postdiff eval [--model M] [--plans P1,P2] [--samples N] [--sizes 16,24,32] [--json FILE]
     postdiff demo
+    postdiff env [--json]                  versions, CPU features and devices, for a bug report
+    postdiff --version
 
 Backends (``--backend``, ``export <backend>``) are the installed ``postdiff.backends`` plug-ins. User errors print
 one line (``postdiff: error: ...``) and exit with status 2; no traceback.
@@ -30,8 +32,20 @@ def _command(name: str):
     return importlib.import_module(f"postdiff_cli.commands.{name}")
 
 
+def _version_line() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"postdiff {version('postdiff-cli')} (postdiff-core {version('postdiff-core')}; `postdiff env` for the rest)"
+    except PackageNotFoundError:  # run from a source tree without installing
+        import postdiff
+
+        return f"postdiff {postdiff.__version__}"
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="postdiff", description="Training-free diffusion acceleration: cheaper steps, not fewer.")
+    parser.add_argument("--version", action="version", version=_version_line(), help="print PostDiff's version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         _command(name).add_parser(sub)

@@ -259,23 +259,30 @@ def _full_steps(dc: DeepCache | None, n: int, stage_starts: Iterable[int]) -> se
 
 
 def nonuniform_full_steps(total: int, n_full: int, center: float, power: float) -> list[int]:
-    """The DeepCache paper's non-uniform schedule: ``n_full`` full steps, dense around ``center`` (a fraction
-    of ``total``) and sparse away from it. Steps are placed at ``c + sign(u)|u|^p`` for ``u`` evenly spaced in
-    ``[-c^(1/p), (T-c)^(1/p)]``; like DeepCache, the exponent is lowered by 0.02 until ``n_full`` distinct steps
-    come out. Our own formulation of the idea (DeepCache evaluates the same curve with complex powers)."""
-    n_full = max(1, min(n_full, total))
-    c = center * total
+    """DeepCache's non-uniform schedule (``sample_from_quad_center`` of its Stable Diffusion pipeline): ``n_full``
+    full steps, dense around step ``c = round(center * total)`` and sparse away from it, at ``c + Re(u^power)``
+    (truncated toward zero) for ``u`` evenly spaced from ``(-c)^(1/power)`` (complex) to ``(total - c)^(1/power)``,
+    the two ends left out and step 0 always full. Like DeepCache, the power is lowered by 0.02 until the curve gives
+    ``n_full`` distinct steps; where no power above 1 does, the plan is refused.
+
+    The arithmetic is DeepCache's own, in numpy's complex powers, so the steps equal its function's on every
+    (steps, interval) pair the tests try (``test_deepcache_nonuniform.py``): a step that lands on an integer is
+    decided by the last bit of the platform's ``cpow``, in DeepCache's package as here."""
+    import numpy as np  # lazy: the plan layer imports without numpy; only this schedule needs it
+
+    c = round(center * total)
     p = power
-    while p > 1.0:
-        lo, hi = -(c ** (1 / p)), (total - c) ** (1 / p)
-        us = [lo + (hi - lo) * i / n_full for i in range(n_full + 1)]
-        picks = sorted({int(c + math.copysign(abs(u) ** p, u)) for u in us})
-        picks = [0] + [x for x in picks if 0 < x < total]
-        picks = sorted(set(picks))
-        if len(picks) >= n_full:
-            return picks[:n_full]
+    while p > 1:
+        curve = np.linspace((-c) ** (1 / p), (total - c) ** (1 / p), n_full + 1) ** p
+        picks = [int(v) + c for v in np.unique(np.real(curve).astype(np.int32))[1:-1]]
+        if len(picks) + 1 == n_full:
+            return [0, *picks]
         p -= 0.02
-    return sorted(set(round(i * total / n_full) for i in range(n_full)))
+    raise PlanError(
+        f"deepcache.schedule 'nonuniform' finds no {n_full} distinct full steps among {total} around step {c} "
+        f"(center {center:g}) for any power from {power:g} down to 1 (DeepCache's rule); use a larger power, another center, "
+        "a larger interval or the uniform schedule"
+    )
 
 
 def starting_at(plan: Plan, begin: int) -> Plan:

@@ -54,9 +54,9 @@ class DeepCache:
     Δ-cache); a shallow step runs the blocks outside the span and adds the kept residual. Without ``span``, ``block``
     b keeps the outer b + 1 blocks at each end (span ``[b + 1, layers - b - 1)``), the transformer's analogue of
     DeepCache's outermost cut.
-    ``schedule``: ``uniform`` (every ``interval``-th step is full) or ``nonuniform`` (the DeepCache paper's
-    schedule: the same number of full steps, placed densely around ``center`` (a fraction of the steps) and
-    sparsely away from it, following a power curve of exponent ``power``).
+    ``schedule``: ``uniform`` (every ``interval``-th step is full) or ``nonuniform`` (DeepCache's own
+    non-uniform schedule, ``compiler.nonuniform_full_steps``: the same number of full steps, placed densely around
+    ``center`` (a fraction of the steps) and sparsely away from it, on a power curve of exponent ``power``).
     """
 
     interval: int = 2
