@@ -145,15 +145,34 @@ def _have_fashion() -> bool:
     return data.have("fashion")
 
 
-def test_eval_sizes_table_and_json(tmp_path, capsys):
+def test_eval_sizes_table_and_json(tmp_path, capsys, monkeypatch):
     if not _have_fashion():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     out, grid = tmp_path / "sizes.json", tmp_path / "sizes.png"
-    assert main(["eval", "--sizes", "16,32", "--samples", "4", "--json", str(out), "--grid", str(grid), "--no-progress"]) == 0
-    text = capsys.readouterr().out
-    assert "| 16x16" in text and "| 32x32" in text and "trained there" in text
+    assert main(["eval", "--sizes", "16,20,32", "--samples", "4", "--json", str(out), "--grid", str(grid), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "| 16x16" in captured.out and "| 32x32" in captured.out and "trained there" in captured.out
+    # a size the weights were not trained at gets generate's one-line warning, the trained ones none
+    assert captured.err.count("postdiff: warning:") == 1 and "latent 20x20" in captured.err and "--sizes 16,20,24,32" in captured.err
     result = strict_loads(out.read_text())
-    assert [r["size"] for r in result["sizes"]] == [16, 32] and grid.read_bytes()[:4] == b"\x89PNG"
+    assert [r["size"] for r in result["sizes"]] == [16, 20, 32] and grid.read_bytes()[:4] == b"\x89PNG"
+    # without --grid, no picture: only the files asked for
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["eval", "--sizes", "16", "--samples", "2", "--json", "e.json", "--no-progress"]) == 0
+    assert sorted(p.name for p in work.iterdir()) == ["e.json"]
+
+
+def test_untrained_warning_suggests_the_sides_asked_for():
+    from postdiff.families.model import untrained_warning
+    from postdiff.plan.compiler import ModelSpec, compile_plan
+    from postdiff.plan.recipe import load_recipe
+
+    spec = ModelSpec(name="m", downsample_factor=4, num_down_blocks=2, has_cross_attention=True)
+    plan = compile_plan(load_recipe("baseline"), timesteps=list(range(999, 0, -50)), latent_hw=(36, 40), model=spec)
+    warning = untrained_warning("reference", (16, 24, 32), plan)
+    assert "latent 36x40" in warning and "--sizes 16,24,32,36,40" in warning
 
 
 @pytest.mark.parametrize(

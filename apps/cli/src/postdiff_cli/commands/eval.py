@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
         "--inception-reference", type=int, default=10000, help="test images in the Inception reference set (default: all 10,000)"
     )
     e.add_argument("--json", default=None, help="write the results as JSON to this file")
-    e.add_argument("--grid", default="postdiff-eval.png", help="grid image of the first samples under each plan")
+    e.add_argument("--grid", default=None, help="write a grid image of the first samples under each plan (or size) to this file")
     e.add_argument("--no-progress", action="store_true")
     executor_args(e)
 
@@ -50,6 +50,9 @@ def run(args) -> int:
             raise PostDiffError(f"--sizes values must be at most {MAX_IMAGE_SIDE} pixels, got {s}")
     source = make_source(args)
     if args.sizes is not None:
+        for px in sizes:  # the same one-line warning as generate's, for each size the weights were not trained at
+            at = type(source)(source.model, scheduler=source.scheduler_name, guidance=source.guidance, height=px, width=px)
+            warn(source.model.untrained_warning(at.compile("baseline")))
         result = evaluate_sizes(source, sizes, args.samples, seed=args.seed, log=log, progress=not args.no_progress)
         headers, rows = eval_size_table(result)
         trained = result["training_sizes"]
@@ -88,10 +91,11 @@ def run(args) -> int:
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")
-    size = max(im.shape[0] for row in grid for im in row)
-    grid = [[_nearest(im, size) for im in row] for row in grid]  # rows of several sizes in one picture
-    path = save_grid(grid, args.grid, row_labels=labels, scale=max(1, 64 // size))
-    print(f"wrote {path}")
+    if args.grid:  # only the files asked for
+        size = max(im.shape[0] for row in grid for im in row)
+        grid = [[_nearest(im, size) for im in row] for row in grid]  # rows of several sizes in one picture
+        path = save_grid(grid, args.grid, row_labels=labels, scale=max(1, 64 // size))
+        print(f"wrote {path}")
     return 0
 
 

@@ -146,7 +146,7 @@ def untrained_warning(name: str, training_sizes, plan, vae_scale_factor: int = 1
         return None
     shown = ", ".join(f"{h}x{w}" for h, w in sizes)
     trained = ", ".join(f"{s}x{s}" for s in training_sizes)
-    check = sorted({*(int(s) for s in training_sizes), *(h for h, w in sizes if h == w)})
+    check = sorted({*(int(s) for s in training_sizes), *(side for hw in sizes for side in hw)})  # the sides asked for too
     return (
         f"plan {plan.name} runs steps at latent {shown}, where {name} was not trained (trained at {trained}, its "
         f"training.json): the quality there measures the model, not the method; check it with "
