@@ -150,6 +150,11 @@ CASES = [
     ("generate --backend onnx", "pass --bundle DIR"),
     # a Core ML bundle on this machine: one message that leads out, not round in a circle
     ("generate --backend onnx --bundle {coreml}", "export an ONNX bundle"),
+    # a distribution metric from one sample: refused before any plan runs (eval reports null with the reason instead)
+    ("sweep --calibration 1 --budgets 0.4", "--calibration 1: FID needs at least 2 samples per plan"),
+    ("sweep --samples 1 --budgets 0.4", "--samples 1: FID needs at least 2 samples per plan"),
+    ("plan search --calibration 1 --budget 0.4", "--calibration 1: FID needs at least 2 samples per plan"),
+    ("plan search --holdout 1 --budget 0.4", "--holdout 1: FID needs at least 2 samples per plan"),
     # the command line itself: the program's name once, the sub-command named where there is one
     ("", "postdiff: error: the following arguments are required: command"),
     ("bogus", "postdiff: error: argument command: invalid choice: 'bogus'"),

@@ -223,3 +223,14 @@ def test_version_and_env_say_what_a_bug_report_needs(capsys):
     assert main(["env"]) == 0
     table = capsys.readouterr().out
     assert "| postdiff-onnx" in table and "| cpu features" in table
+
+
+def test_eval_of_one_sample_reports_null_distribution_metrics_with_the_reason(tmp_path, capsys):
+    if not _have_fashion():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    out = tmp_path / "e.json"
+    assert main(["eval", "--plans", "baseline,postdiff", "--samples", "1", "--json", str(out), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    result = strict_loads(out.read_text())
+    assert [p["fid_classifier"] for p in result["plans"]] == [None, None] and result["plans"][1]["class_accuracy"] is not None
+    assert any("at least 2 samples" in n for n in result["notes"]) and "n/a" in captured.out and "Traceback" not in captured.err

@@ -59,3 +59,28 @@ def test_frechet_and_kid():
     kid_same, _ = kernel_inception_distance(a, b, subsets=5, subset_size=500)
     kid_far, _ = kernel_inception_distance(a, shifted, subsets=5, subset_size=500)
     assert abs(kid_same) < 0.05 < kid_far
+
+
+def test_distribution_metrics_at_every_n_from_one():
+    import math
+    import warnings
+
+    from postdiff.errors import PostDiffWarning
+    from postdiff_lab.metrics import frechet_distance, kernel_inception_distance
+    from postdiff_lab.metrics.distribution import too_few_note, warn_if_few
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(300, 8))
+    for n in (1, 2, 3, 10):
+        x = rng.normal(size=(n, 8))
+        fid, (kid, kid_std) = frechet_distance(x, ref), kernel_inception_distance(x, ref, subset_size=n)
+        if n == 1:  # not a number, and a note that says why
+            assert math.isnan(fid) and math.isnan(kid) and math.isnan(kid_std) and "at least 2 samples" in too_few_note(n)
+        else:
+            assert math.isfinite(fid) and math.isfinite(kid) and too_few_note(n) is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_few(5, 128)
+        warn_if_few(128, 128)
+        warn_if_few(1, 128)  # null, said in the notes: no warning on top
+    assert [str(w.message)[:30] for w in caught if w.category is PostDiffWarning] == ["FID/KID on 5 samples of 128-di"]

