@@ -18,7 +18,8 @@ echo "setup: installing PostDiff and its pinned dependencies (torch 2.13.0 CPU; 
   -e "packages/postdiff-coreml[export]" \
   -e packages/postdiff-openvino \
   -e apps/cli \
-  pytest ruff nox peft "dask[distributed]"
+  pytest ruff nox peft "dask[distributed]" \
+  mkdocs mkdocs-material mkdocstrings mkdocstrings-python pymdown-extensions
 # The official DeepCache 0.1.1 (pure Python), the reference the DeepCache parity test compares against. --no-deps:
 # it pins an old diffusers/transformers that cannot coexist with ours, and its helper needs neither.
 .venv/bin/python -m pip install --quiet --no-deps "DeepCache==0.1.1"

@@ -81,6 +81,7 @@ def test_distribution_metrics_at_every_n_from_one():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warn_if_few(5, 128)
+        warn_if_few(5, 128)  # once per process, not once per plan
         warn_if_few(128, 128)
         warn_if_few(1, 128)  # null, said in the notes: no warning on top
     assert [str(w.message)[:30] for w in caught if w.category is PostDiffWarning] == ["FID/KID on 5 samples of 128-di"]
