@@ -79,6 +79,10 @@ def test_errors_surface_before_the_unet_runs():
     pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
     with pytest.raises(RecipeError, match="unknown key"):
         postdiff.apply(pipe, {"deep_cache": {}})
+    with pytest.raises(RecipeError, match="down blocks; use 0 to"):  # a cut the UNet does not have: refused at apply
+        postdiff.apply(pipe, {"deepcache": {"block": 7}})
+    with pytest.raises(RecipeError, match="is a UNet; use deepcache.block"):
+        postdiff.apply(pipe, {"deepcache": {"span": [1, 2]}})
     postdiff.apply(pipe, {"steps": 4, "low_res": {"scale": 0.75}})  # 16 * 0.75 = 12: not a multiple of 8? factor is 2 here
     pipe("a cat", generator=gen(0), output_type="np")  # 12 is fine for the toy UNet (factor 2)
     calls.clear()
@@ -111,9 +115,9 @@ def test_gating_a_unet_without_cross_attention_is_refused():
     pipe = make_pipe("sd")
     pipe = StableDiffusionPipeline(**{**pipe.components, "unet": build_unet(arch)}, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    postdiff.apply(pipe, {"steps": 4, "xattn_gate": {"after": 2}})
-    with pytest.raises(RecipeError, match="needs cross-attention"):
-        pipe("a cat", generator=gen(0), output_type="np")
+    with pytest.raises(RecipeError, match="needs cross-attention"):  # refused at apply, not at every later call
+        postdiff.apply(pipe, {"steps": 4, "xattn_gate": {"after": 2}})
+    assert postdiff.applied_recipe(pipe) is None
     postdiff.apply(pipe, {"steps": 4, "deepcache": {}})
     assert np.isfinite(run(pipe, num_inference_steps=4)).all()
 

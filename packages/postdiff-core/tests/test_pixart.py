@@ -196,3 +196,19 @@ def test_arch_pixart_alpha_and_the_postdiff_dit_cost():
     per_branch = cost.baseline_macs / 40  # 20 steps, CFG batch 2
     assert 3.0e12 < per_branch < 3.5e12  # linear layers (~2.1T) and attention matmuls (~1.1T) of 28 blocks on 4096 patches
     assert cost.reduction >= 0.361  # the paper's -36.1% on PixArt-α
+
+
+def test_a_recipe_the_transformer_cannot_run_is_refused_at_apply(toy):
+    kind, pipe = toy
+    for bad, fragment in (
+        ({"deepcache": {"span": [0, 4]}}, "transformer of 4 blocks"),  # nothing left computed
+        ({"deepcache": {"span": [2, 9]}}, "transformer of 4 blocks"),
+        ({"deepcache": {"block": 3}}, "out of range"),
+        ({"steps": 10, "deepcache": {"interval": 2, "schedule": "nonuniform", "center": 0.5, "power": 1.02}}, "nonuniform"),
+    ):
+        with pytest.raises((RecipeError, postdiff.PlanError), match=fragment):
+            postdiff.apply(pipe, bad)
+        assert postdiff.applied_recipe(pipe) is None  # refused: the pipeline is left as it was
+    for bad in ({"span": [-1, 2]}, {"span": [2, 2]}):  # negative and empty spans: refused as the recipe is read
+        with pytest.raises(RecipeError, match="span"):
+            postdiff.apply(pipe, {"deepcache": bad})

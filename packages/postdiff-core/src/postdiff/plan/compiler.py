@@ -294,6 +294,27 @@ def starting_at(plan: Plan, begin: int) -> Plan:
     return replace(plan, steps=tuple(replace(s, schedule_index=s.scheduler_index + begin) for s in plan.steps))
 
 
+def check_recipe_fits(recipe: Recipe, model: ModelSpec) -> None:
+    """Every check of a recipe against the network it will run on, in one place: the DeepCache cut (a UNet's
+    ``block``, a transformer's ``block`` or ``span``), the cross-attention the gate needs, and whether the non-uniform
+    schedule finds its full steps. ``compile_plan`` runs it, and so does ``postdiff.apply``, so that a recipe the
+    pipeline cannot run is refused when it is applied, not at every later call. RecipeError or PlanError."""
+    dc = recipe.deepcache
+    if dc is not None and dc.span is not None and not model.is_transformer:
+        raise RecipeError(f"recipe.deepcache.span names transformer blocks, and {model.name} is a UNet; use deepcache.block")
+    if dc is not None and model.is_transformer:
+        block_span(model.num_layers, dc.block, dc.span)
+    elif dc is not None and dc.block >= model.num_down_blocks:
+        raise RecipeError(
+            f"recipe.deepcache.block={dc.block} but {model.name} has {model.num_down_blocks} down blocks; use 0 to "
+            f"{model.num_down_blocks - 1}"
+        )
+    if dc is not None and dc.interval > 1 and dc.schedule == "nonuniform":
+        nonuniform_full_steps(recipe.steps, math.ceil(recipe.steps / dc.interval), dc.center, dc.power)
+    if recipe.xattn_gate is not None and not model.has_cross_attention:
+        raise RecipeError(f"recipe.xattn_gate needs cross-attention, and {model.name} has none; drop xattn_gate from the recipe")
+
+
 def compile_plan(
     recipe: Recipe,
     *,
@@ -335,19 +356,8 @@ def compile_plan(
         switch_k = switch_step(n, recipe.low_res.until)
         if switch_k > 0:
             low_hw = low_res_size(full_hw, recipe.low_res.scale, factor)
-    dc = recipe.deepcache
-    if dc is not None and dc.span is not None and not model.is_transformer:
-        raise RecipeError(f"recipe.deepcache.span names transformer blocks, and {model.name} is a UNet; use deepcache.block")
-    if dc is not None and model.is_transformer:
-        block_span(model.num_layers, dc.block, dc.span)
-    elif dc is not None and dc.block >= model.num_down_blocks:
-        raise RecipeError(
-            f"recipe.deepcache.block={dc.block} but {model.name} has {model.num_down_blocks} down blocks; use 0 to "
-            f"{model.num_down_blocks - 1}"
-        )
-    gate = recipe.xattn_gate
-    if gate is not None and not model.has_cross_attention:
-        raise RecipeError(f"recipe.xattn_gate needs cross-attention, and {model.name} has none; drop xattn_gate from the recipe")
+    check_recipe_fits(recipe, model)
+    dc, gate = recipe.deepcache, recipe.xattn_gate
 
     # The UNet calls, in order: those of the inference steps before the switch at low resolution, then those from
     # step switch_k - shift on at full resolution (shift 0: every call once). A call's position among the plan's

@@ -43,7 +43,7 @@ from postdiff.loop.resolution import (
     restart_repeat,
 )
 from postdiff.loop.sampling import PlanRun, begin_by_position, initial_latents
-from postdiff.plan.compiler import Plan, compile_plan, starting_at
+from postdiff.plan.compiler import Plan, check_recipe_fits, compile_plan, starting_at
 from postdiff.plan.recipe import Recipe, load_recipe
 from postdiff.pytorch.backbone import network_of, spec_of, split_for
 from postdiff.pytorch.denoiser import TorchDenoiser
@@ -79,7 +79,8 @@ def apply(pipe, plan: str | Recipe | dict = "postdiff"):
     base = getattr(pipe, "_postdiff_base", type(pipe))
     if not any(c.__name__ in SUPPORTED_PIPELINES for c in base.__mro__):
         raise ModelError(f"postdiff.apply supports {', '.join(SUPPORTED_PIPELINES)}, not {base.__name__}")
-    spec_of(network_of(pipe))  # fails early, with a clear message, on a network PostDiff cannot split
+    # a network PostDiff cannot split, or a recipe this network cannot run: refused here, not at every later call
+    check_recipe_fits(recipe, spec_of(network_of(pipe)))
     if base not in _SUBCLASSES:
         # Same class name, so anything that reads it (save_pretrained, logging) still sees the original.
         _SUBCLASSES[base] = type(base.__name__, (base,), {"__call__": _call, "_postdiff_base": base})
