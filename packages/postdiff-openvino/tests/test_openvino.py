@@ -86,3 +86,30 @@ def test_command_line(bundle, tmp_path, capsys):
     assert cli(["generate", "--backend", "openvino", "--bundle", str(bundle), "--static", "-o", str(tmp_path / "s.png")]) == 0
     assert cli(["generate", "--backend", "openvino", "--bundle", str(bundle), "--provider", "CPUExecutionProvider"]) == 2
     assert "--provider is for exported runtimes (onnx)" in capsys.readouterr().err
+
+
+def test_the_precision_that_ran_is_read_back_and_a_substitute_is_warned(bundle, tmp_path, capsys):
+    """OpenVINO's CPU plugin runs f16 as bf16 (or f32) where the CPU has no f16 arithmetic, silently: PostDiff reads
+    the precision back after compiling, reports it, and warns in one line when it is not the one asked for."""
+    import warnings
+
+    import openvino
+
+    import postdiff.bundle.runtime
+    from postdiff.errors import PostDiffWarning
+    from postdiff_cli.main import main as cli
+
+    postdiff.bundle.runtime._REPORTED.clear()  # warned once per process: start this test from none
+    caps = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    expected = "f16" if "FP16" in caps else "bf16" if "BF16" in caps else "f32"
+    for asked, ran in (("f32", "f32"), ("f16", expected)):
+        pipe = load_bundle(bundle, precision=asked)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.generate([3], seed=2)
+        assert pipe.runner.executed == {"device": "CPU", "precision": ran}
+        said = [str(w.message) for w in caught if w.category is PostDiffWarning]
+        assert said == ([] if ran == asked else [said[0]]) and (ran == asked or f"--precision {asked} runs as {ran}" in said[0])
+    out = tmp_path / "f16.png"
+    assert cli(["generate", "--backend", "openvino", "--bundle", str(bundle), "--precision", "f16", "-o", str(out)]) == 0
+    assert f"(device CPU, precision {expected})" in capsys.readouterr().out

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from postdiff.bundle.manifest import Graph
-from postdiff.bundle.runtime import BundlePipeline
+from postdiff.bundle.runtime import BundlePipeline, report_executed
 from postdiff.bundle.runtime import load_bundle as open_bundle
 
 from .session import DEFAULT_PROVIDER, default_prepack, make_session, run
@@ -51,6 +51,7 @@ class OrtRunner:
         self.sessions: dict[str, object] = {}
         self.phase_of: dict[str, int] = {}
         self.shared: dict[int, SharedInitializers] = {}  # one copy of the weights for the sessions of a phase
+        self.executed: dict[str, str] = {"provider": provider}  # what ONNX Runtime actually runs (read back)
 
     def session(self, graph: Graph):
         if graph.file not in self.sessions:
@@ -60,9 +61,12 @@ class OrtRunner:
             phase = self.phase_of[graph.file] = PHASES.get(graph.role, PHASES["unet"])
             prepack = self.prepacks(graph)
             shared = {} if prepack else self.shared.setdefault(phase, SharedInitializers(self.folder)).for_graph(path)
-            self.sessions[graph.file] = make_session(
+            session = self.sessions[graph.file] = make_session(
                 path, provider=self.provider, threads=self.threads, initializers=shared, prepack=prepack, arena=self.arena
             )
+            # a provider that cannot start (a CUDA library missing) leaves ONNX Runtime on the CPU, with a log line only
+            ran = session.get_providers()[0]
+            report_executed(self.executed, "provider", self.provider, ran, " (ONNX Runtime fell back to it)")
         return self.sessions[graph.file]
 
     def prepacks(self, graph: Graph) -> bool:

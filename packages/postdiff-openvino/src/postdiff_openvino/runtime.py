@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from postdiff.bundle.manifest import Graph
-from postdiff.bundle.runtime import BundlePipeline
+from postdiff.bundle.runtime import BundlePipeline, report_executed
 from postdiff.bundle.runtime import load_bundle as open_bundle
 from postdiff.errors import BundleError
 
@@ -48,6 +48,7 @@ class OpenVINORunner:
         if device.split(".")[0] not in {d.split(".")[0] for d in self.core.available_devices}:
             raise BundleError(f"OpenVINO has no {device} device here (it has {', '.join(self.core.available_devices) or 'none'})")
         self.compiled: dict[str, object] = {}
+        self.executed: dict[str, str] = {"device": device}  # what OpenVINO actually runs (read back after compiling)
 
     def config(self) -> dict:
         config = {"INFERENCE_PRECISION_HINT": PRECISIONS[self.precision]}
@@ -65,7 +66,16 @@ class OpenVINORunner:
                 raise BundleError(
                     f"OpenVINO cannot compile {graph.file} for {self.device}: {str(exc).strip().splitlines()[0][:300]}"
                 ) from None
+            self._read_back(self.compiled[graph.file])
         return self.compiled[graph.file]
+
+    def _read_back(self, compiled) -> None:
+        """The precision the device compiled the graph for: OpenVINO's CPU plugin runs f16 as bf16 (or f32) where the
+        CPU has no f16 arithmetic, without an error."""
+        ran = _precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        caps = ", ".join(self.core.get_property(self.device, "OPTIMIZATION_CAPABILITIES")) if self.device == "CPU" else ""
+        why = f" (OpenVINO's {self.device} offers {caps})" if caps else f" (OpenVINO's {self.device})"
+        report_executed(self.executed, "precision", self.precision, ran, why)
 
     def load(self, graph: Graph) -> None:
         self.model(graph)
@@ -78,6 +88,12 @@ class OpenVINORunner:
         compiled = self.model(graph)
         result = compiled(feeds)
         return {name: np.asarray(result[compiled.output(name)]) for name in graph.output_names}
+
+
+def _precision_name(element_type) -> str:
+    """An OpenVINO element type as --precision names it (f32, bf16, f16)."""
+    name = str(getattr(element_type, "get_type_name", lambda: element_type)())
+    return {"f32": "f32", "float32": "f32", "bf16": "bf16", "bfloat16": "bf16", "f16": "f16", "float16": "f16"}.get(name, name)
 
 
 def load_bundle(

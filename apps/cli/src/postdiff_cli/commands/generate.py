@@ -117,8 +117,9 @@ def _from_bundle(args) -> int:
     images = pipe.generate([condition] * (pipe.static_batch if pipe.static else 1), plan, seed=args.seed, guidance_scale=args.guidance)
     seconds = time.perf_counter() - start
     path = save_png(images[0], args.output)
+    ran = ", ".join(f"{k} {v}" for k, v in getattr(pipe.runner, "executed", {}).items())  # read back from the runtime
     print(
-        f"wrote {path} ({info['name']} bundle, {args.backend}, {pipe.manifest.weights} weights, plan {plan.name}, "
-        f"{plan.recipe.steps} steps of {plan.scheduler}, seed {args.seed}, {seconds:.2f} s)"
+        f"wrote {path} ({info['name']} bundle, {args.backend}{f' ({ran})' if ran else ''}, {pipe.manifest.weights} weights, "
+        f"plan {plan.name}, {plan.recipe.steps} steps of {plan.scheduler}, seed {args.seed}, {seconds:.2f} s)"
     )
     return 0

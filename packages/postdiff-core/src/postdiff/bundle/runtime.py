@@ -16,6 +16,7 @@ bundle with any installed backend.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -24,7 +25,7 @@ import numpy as np
 
 from postdiff.bundle import backends
 from postdiff.bundle.manifest import UNET, Graph, Manifest, read_manifest
-from postdiff.errors import BundleError
+from postdiff.errors import BundleError, PostDiffWarning
 from postdiff.families.registry import family_named
 from postdiff.loop.arrays import NUMPY, TORCH, is_tensor, ops_for
 from postdiff.loop.conditioning import Conditioning, PromptEmbeddings
@@ -44,6 +45,20 @@ class GraphRunner(Protocol):
         """Run one graph of the bundle; inputs and outputs by name."""
 
     # optional: ``release(graph)`` closes the graph's session and frees what only it held (``LeanRunner`` calls it)
+    # optional: ``executed``, a dict of what the runtime actually runs with, read back after loading a graph
+    # (``{"device": "CPU", "precision": "bf16"}``, ``{"provider": ...}``): ``report_executed`` fills it
+
+
+_REPORTED: set[tuple[str, str, str]] = set()
+
+
+def report_executed(executed: dict[str, str], option: str, asked: str, ran: str, why: str = "") -> None:
+    """Record what a runtime actually ran (``executed[option] = ran``) and warn, once per process, in one line when
+    it is not what was asked for: a runtime that silently runs another precision or device is reported."""
+    executed[option] = ran
+    if ran != asked and (option, asked, ran) not in _REPORTED:
+        _REPORTED.add((option, asked, ran))
+        warnings.warn(f"--{option} {asked} runs as {ran} here{why}; the results are {ran}'s", PostDiffWarning, stacklevel=2)
 
 
 # The order in which a generation needs its graphs: encoders, then the denoiser, then the VAE decoder.
