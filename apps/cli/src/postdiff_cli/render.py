@@ -62,7 +62,7 @@ def bench_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         same = r["psnr"] == float("inf")
         rows.append(
             [
-                r["backend"],
+                r["backend"] + "".join(f" {v}" for k, v in r.get("executed", {}).items() if k == "precision"),  # as it ran
                 r.get("weights", "fp32"),
                 r["plan"],
                 _fmt(r["macs"] / 1e9, 1),

@@ -248,6 +248,7 @@ def _prepare_bundle(t: _Target, cfg: BenchConfig, plan, conditions, guidance, lo
     pipe, t.row["load_s"] = _timed_load(opened)
     pipe, t.row["load_warm_s"] = _timed_load(opened)
     t.row["weights"] = pipe.manifest.weights  # what the bundle holds, as its manifest says
+    t.row["executed"] = dict(getattr(pipe.runner, "executed", {}))  # what the runtime ran, read back (precision, provider)
     t.row["load_note"] = "manifest and checksums read, every graph the plan runs opened"
     bundle_plan = pipe.compile(plan.recipe, scheduler=cfg.scheduler)
     t.generate = lambda: pipe.generate(conditions, bundle_plan, seed=cfg.seed, guidance_scale=guidance, scheduler=cfg.scheduler)
