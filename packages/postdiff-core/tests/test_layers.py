@@ -1,8 +1,8 @@
 """The engine's layers: its import graph, read from the source, has no cycle and no import that runs up the layers.
 
-Every ``import`` counts wherever it stands (module level, inside a function, under ``try``), because an import
-inside a function is still a dependency: it only runs later. Imports under ``if TYPE_CHECKING:`` never run; they
-may not point up the layers either, but they are left out of the cycle check (annotations only).
+Every ``import`` counts wherever it stands (module level, inside a function, under ``try``, under ``if
+TYPE_CHECKING:``), because an import inside a function is still a dependency (it only runs later), and an
+annotation-only one is one a reader follows.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def upward_imports(graph) -> list[str]:
 
 
 def import_cycles(graph) -> list[list[str]]:
-    """Every cycle (strongly connected set of modules, or a module that imports itself) among the imports that run."""
-    edges = {m: sorted({t for t, _, typing_only in e if not typing_only and t in graph}) for m, e in graph.items()}
+    """Every cycle (strongly connected set of modules, or a module that imports itself), typing-only imports included."""
+    edges = {m: sorted({t for t, _, _ in e if t in graph}) for m, e in graph.items()}
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -186,13 +186,13 @@ def _write(root: Path, files: dict[str, str]) -> Path:
         ),
         # a relative import that runs up from the plan layer to the loop layer
         ({"plan/a.py": "def f():\n    from ..loop.b import x\n", "loop/b.py": "x = 1\n"}, [], 1),
-        # an annotation-only import may close a circle, but may not run up the layers
+        # an annotation-only import closes a circle too, and may not run up the layers
         (
             {
                 "loop/a.py": "import postdiff.loop.b\n",
                 "loop/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from postdiff.loop import a\n",
             },
-            [],
+            [["postdiff.loop.a", "postdiff.loop.b"]],
             0,
         ),
         (

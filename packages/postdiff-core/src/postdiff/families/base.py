@@ -24,14 +24,15 @@ bundle runtime uses the families without it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from postdiff.errors import BundleError, ModelError
 from postdiff.loop.arrays import TORCH
 from postdiff.plan.schedulers import resolve
 
-if TYPE_CHECKING:  # pragma: no cover  (annotations only: the model module sits above the families)
-    from postdiff.families.model import Model
+# The model a family is asked about: a ``postdiff.families.model.Model``. That module imports the families, so it is
+# not imported here, not even for annotations (the engine's import graph has no circle, typing included).
+Model = Any
 
 
 # Image i of a request with seed s draws its noise from a generator seeded with image_seed(s, i), on every path

@@ -6,17 +6,12 @@ Importing this module registers the built-in families; a family of another packa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from postdiff.errors import BundleError, ModelError, brief
 
 # imported for their registration; the order is the one family_of falls back on (pixart imports text_to_image,
 # so SD, SDXL and LCM register before PixArt, as a test checks)
 from postdiff.families import class_conditional, pixart, text_to_image, unet_only  # noqa: F401
-from postdiff.families.base import FAMILIES, Family
-
-if TYPE_CHECKING:  # pragma: no cover  (annotations only)
-    from postdiff.families.model import Model
+from postdiff.families.base import FAMILIES, Family, Model
 
 
 def family_named(kind: str) -> Family:
