@@ -33,29 +33,22 @@ def module_name(path: Path, root: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _is_type_checking(node: ast.AST) -> bool:
-    test = getattr(node, "test", None)
-    return isinstance(node, ast.If) and (
-        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-    )
-
-
-def imports_of(path: Path, root: Path) -> list[tuple[str, int, bool]]:
-    """(imported engine module, line, type-checking only) for every import of an engine module in ``path``."""
+def imports_of(path: Path, root: Path) -> list[tuple[str, int]]:
+    """(imported engine module, line) for every import of an engine module in ``path``, wherever it stands."""
     name = module_name(path, root)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     known = {module_name(p, root) for p in root.rglob("*.py")}
-    out: list[tuple[str, int, bool]] = []
+    out: list[tuple[str, int]] = []
 
-    def add(target: str, node: ast.AST, typing_only: bool) -> None:
+    def add(target: str, node: ast.AST) -> None:
         if target.split(".")[0] == "postdiff" and target != name:
-            out.append((target, node.lineno, typing_only))
+            out.append((target, node.lineno))
 
-    def visit(node: ast.AST, typing_only: bool) -> None:
+    def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.Import):
                 for alias in child.names:
-                    add(alias.name, child, typing_only)
+                    add(alias.name, child)
             elif isinstance(child, ast.ImportFrom):
                 if child.level:
                     base = package.split(".")
@@ -65,14 +58,14 @@ def imports_of(path: Path, root: Path) -> list[tuple[str, int, bool]]:
                     source = child.module or ""
                 for alias in child.names:  # `from postdiff.loop import arrays` imports the module postdiff.loop.arrays
                     submodule = f"{source}.{alias.name}"
-                    add(submodule if submodule in known else source, child, typing_only)
-            visit(child, typing_only or _is_type_checking(child))
+                    add(submodule if submodule in known else source, child)
+            visit(child)
 
-    visit(ast.parse(path.read_text(), str(path)), False)
+    visit(ast.parse(path.read_text(), str(path)))
     return out
 
 
-def import_graph(root: Path = ENGINE) -> dict[str, list[tuple[str, int, bool]]]:
+def import_graph(root: Path = ENGINE) -> dict[str, list[tuple[str, int]]]:
     return {module_name(p, root): imports_of(p, root) for p in sorted(root.rglob("*.py"))}
 
 
@@ -83,7 +76,7 @@ def upward_imports(graph) -> list[str]:
         here = layer_of(module)
         if here is None:
             continue  # the facade (``postdiff/__init__.py``) re-exports names from every layer, lazily
-        for target, line, _ in edges:
+        for target, line in edges:
             there = layer_of(target)
             if there is None:
                 bad.append(f"{module}:{line} imports the package facade postdiff; import the module that defines the name")
@@ -96,7 +89,7 @@ def upward_imports(graph) -> list[str]:
 
 def import_cycles(graph) -> list[list[str]]:
     """Every cycle (strongly connected set of modules, or a module that imports itself), typing-only imports included."""
-    edges = {m: sorted({t for t, _, _ in e if t in graph}) for m, e in graph.items()}
+    edges = {m: sorted({t for t, _ in e if t in graph}) for m, e in graph.items()}
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
