@@ -112,7 +112,7 @@ def test_sweep_with_shifts_puts_the_papers_switch_beside(tmp_path, capsys):
         (["plan", "search", "--budget", "nan"], "in (0, 1]"),
         (["plan", "search", "--budget", "0.4", "--calibration", "0"], "--calibration must be at least 1"),
         (["plan", "search", "--budget", "0.4", "--model", "toy-sd", "--metric", "fid"], "use --metric lpips"),
-        (["plan", "search", "--budget", "0.01", "--calibration", "1", "--holdout", "0"], "no plan in the grid fits"),
+        (["plan", "search", "--budget", "0.01", "--calibration", "2", "--holdout", "0"], "no plan in the grid fits"),
         (["sweep", "--budgets", "0.3,2"], "in (0, 1]"),
         (["sweep", "--budgets", "0.3,x"], "--budgets takes comma-separated numbers"),
         (["sweep", "--samples", "0"], "must be at least 1"),

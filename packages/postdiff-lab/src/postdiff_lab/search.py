@@ -159,11 +159,10 @@ class Scorer:
         self.seconds = 0.0
 
     def check_samples(self, **counts: int) -> None:
-        """Refuse, before any work, sample counts a distribution metric cannot be computed from (0: a step left out);
-        warn in one line where they are too few for it to mean anything."""
+        """Refuse, before any work, sample counts a distribution metric cannot be computed from (0: a step left out)."""
         if self.metric not in ("fid", "kid"):
             return
-        from .metrics.distribution import MIN_SAMPLES, warn_if_few
+        from .metrics.distribution import MIN_SAMPLES
 
         for flag, n in counts.items():
             if 0 < n < MIN_SAMPLES:
@@ -171,8 +170,13 @@ class Scorer:
                     f"--{flag} {n}: {self.metric.upper()} needs at least {MIN_SAMPLES} samples per plan; "
                     f"use --{flag} {MIN_SAMPLES} or more (100 or more for a stable ranking), or --metric lpips"
                 )
-        smallest = min(n for n in counts.values() if n > 0)
-        warn_if_few(smallest, 128, self.metric.upper())  # the in-domain classifier's features have 128 dimensions
+
+    def warn_if_few(self, n: int) -> None:
+        """One warning line when the plans are about to be scored on fewer samples than the metric needs to mean much."""
+        if self.metric in ("fid", "kid"):
+            from .metrics.distribution import warn_if_few
+
+            warn_if_few(n, 128, self.metric.upper())  # the in-domain classifier's features have 128 dimensions
 
     @property
     def model_hash(self) -> str:
@@ -231,6 +235,7 @@ def check_budget(budget: float, name: str = "a budget") -> None:
 
 
 def _calibrate(pool: Sequence[Candidate], scorer: Scorer, n: int, seed: int, log: Callable[[str], None]) -> None:
+    scorer.warn_if_few(n)
     todo = [c for c in pool if "calibration" not in c.scores]
     log(f"calibration: {len(todo)} plans x {n} samples on the {scorer.executor.name} executor")
     for i, (c, value) in enumerate(zip(todo, scorer.score_many([(c.recipe, n, seed) for c in todo])), 1):
