@@ -95,11 +95,11 @@ def test_the_precision_that_ran_is_read_back_and_a_substitute_is_warned(bundle, 
 
     import openvino
 
-    import postdiff.bundle.runtime
+    import postdiff.errors
     from postdiff.errors import PostDiffWarning
     from postdiff_cli.main import main as cli
 
-    postdiff.bundle.runtime._REPORTED.clear()  # warned once per process: start this test from none
+    postdiff.errors._WARNED_ONCE.clear()  # warned once per process: start this test from none
     caps = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     expected = "f16" if "FP16" in caps else "bf16" if "BF16" in caps else "f32"
     for asked, ran in (("f32", "f32"), ("f16", expected)):

@@ -34,6 +34,18 @@ class PostDiffWarning(UserWarning):
     """Work that runs as asked but will likely give poor results (the CLI prints it in one line)."""
 
 
+_WARNED_ONCE: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """A ``PostDiffWarning`` the first time ``key`` is met in this process, not once per plan, size or graph."""
+    import warnings
+
+    if key not in _WARNED_ONCE:
+        _WARNED_ONCE.add(key)
+        warnings.warn(message, PostDiffWarning, stacklevel=3)
+
+
 def warnings_in_one_line(prog: str) -> None:
     """Print ``PostDiffWarning``s as ``prog: warning: ...`` on stderr (the CLIs' form for errors too); other warnings
     keep Python's format."""

@@ -246,7 +246,7 @@ def evaluate_sizes(
         raise ModelError("--sizes is empty; give image sizes in pixels, e.g. --sizes 16,24,32")
     default = source.compile("baseline")
     default_macs = source.cost(default).total_macs
-    sources = [type(source)(model, scheduler=source.scheduler_name, guidance=source.guidance, height=px, width=px) for px in sizes]
+    sources = [source.at_size(px, px) for px in sizes]
     plans = [s.compile("baseline") for s in sources]  # a size the model cannot take fails before any work
     dataset = model.dataset
     from .reference.classifier import test_set_accuracy, test_set_features

@@ -41,6 +41,10 @@ class Source:
         self.guidance = model.family.guidance(guidance)  # the family's default when not given
         self.height, self.width = height, width
 
+    def at_size(self, height: int, width: int) -> Source:
+        """This source at another image size (same model, scheduler and guidance)."""
+        return type(self)(self.model, scheduler=self.scheduler_name, guidance=self.guidance, height=height, width=width)
+
     def compile(self, recipe: Recipe | str, steps: int | None = None) -> Plan:
         return self.model.compile(recipe, steps, scheduler=self.scheduler_name, height=self.height, width=self.width)
 

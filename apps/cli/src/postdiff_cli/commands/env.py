@@ -7,7 +7,6 @@ import json
 import os
 import platform
 import sys
-from importlib import metadata
 
 from ..render import print_table
 
@@ -39,13 +38,6 @@ VECTOR_FLAGS = (
 def add_parser(sub) -> None:
     e = sub.add_parser("env", help="versions, CPU features and devices, for a bug report")
     e.add_argument("--json", action="store_true", help="print the facts as JSON instead of a table")
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def cpu_features() -> list[str]:
@@ -83,21 +75,21 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def devices() -> dict[str, object]:
+def devices(installed: dict[str, str]) -> dict[str, object]:
     """What each installed runtime can run on here; a runtime that is not installed is left out."""
     out: dict[str, object] = {}
-    if _version("torch"):
+    if "torch" in installed:
         import torch
 
         cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
         mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
         out["torch devices"] = ["cpu", *(f"cuda:{i} ({n})" for i, n in enumerate(cuda)), *(["mps"] if mps else [])]
         out["torch threads"] = torch.get_num_threads()
-    if _version("onnxruntime"):
+    if "onnxruntime" in installed:
         import onnxruntime
 
         out["onnxruntime providers"] = onnxruntime.get_available_providers()
-    if _version("openvino"):
+    if "openvino" in installed:
         import openvino
 
         out["openvino devices"] = openvino.Core().available_devices
@@ -105,15 +97,18 @@ def devices() -> dict[str, object]:
 
 
 def facts() -> dict[str, object]:
+    from postdiff.bundle.manifest import tool_versions  # what bundle manifests record, here for every package
+
+    installed = tool_versions(*PACKAGES, *LIBRARIES)
     return {
-        "postdiff": {p: _version(p) for p in PACKAGES},
-        "libraries": {lib: _version(lib) for lib in LIBRARIES},
+        "postdiff": {p: installed.get(p) for p in PACKAGES},
+        "libraries": {lib: installed.get(lib) for lib in LIBRARIES},
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "cpu features": cpu_features(),
-        "devices": devices(),
+        "devices": devices(installed),
     }
 
 

@@ -51,8 +51,7 @@ def run(args) -> int:
     source = make_source(args)
     if args.sizes is not None:
         for px in sizes:  # the same one-line warning as generate's, for each size the weights were not trained at
-            at = type(source)(source.model, scheduler=source.scheduler_name, guidance=source.guidance, height=px, width=px)
-            warn(source.model.untrained_warning(at.compile("baseline")))
+            warn(source.model.untrained_warning(source.at_size(px, px).compile("baseline")))
         result = evaluate_sizes(source, sizes, args.samples, seed=args.seed, log=log, progress=not args.no_progress)
         headers, rows = eval_size_table(result)
         trained = result["training_sizes"]

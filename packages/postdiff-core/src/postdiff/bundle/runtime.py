@@ -16,7 +16,6 @@ bundle with any installed backend.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -25,7 +24,7 @@ import numpy as np
 
 from postdiff.bundle import backends
 from postdiff.bundle.manifest import UNET, Graph, Manifest, read_manifest
-from postdiff.errors import BundleError, PostDiffWarning
+from postdiff.errors import BundleError, warn_once
 from postdiff.families.registry import family_named
 from postdiff.loop.arrays import NUMPY, TORCH, is_tensor, ops_for
 from postdiff.loop.conditioning import Conditioning, PromptEmbeddings
@@ -49,16 +48,12 @@ class GraphRunner(Protocol):
     # (``{"device": "CPU", "precision": "bf16"}``, ``{"provider": ...}``): ``report_executed`` fills it
 
 
-_REPORTED: set[tuple[str, str, str]] = set()
-
-
 def report_executed(executed: dict[str, str], option: str, asked: str, ran: str, why: str = "") -> None:
     """Record what a runtime actually ran (``executed[option] = ran``) and warn, once per process, in one line when
     it is not what was asked for: a runtime that silently runs another precision or device is reported."""
     executed[option] = ran
-    if ran != asked and (option, asked, ran) not in _REPORTED:
-        _REPORTED.add((option, asked, ran))
-        warnings.warn(f"--{option} {asked} runs as {ran} here{why}; the results are {ran}'s", PostDiffWarning, stacklevel=2)
+    if ran != asked:
+        warn_once(f"{option}:{asked}:{ran}", f"--{option} {asked} runs as {ran} here{why}; the results are {ran}'s")
 
 
 # The order in which a generation needs its graphs: encoders, then the denoiser, then the VAE decoder.

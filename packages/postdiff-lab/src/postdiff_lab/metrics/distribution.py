@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-from postdiff.errors import PostDiffWarning
+from postdiff.errors import warn_once
 
 # A covariance (FID) and an unbiased MMD (KID) need two samples per set; below that the metric is not a number
 # (null in JSON, with the reason among the notes). Below as many samples as feature dimensions the covariance is
@@ -22,18 +22,13 @@ def too_few_note(n: int) -> str | None:
     return f"FID/KID need at least {MIN_SAMPLES} samples per set, got {n}: null here; use --samples {MIN_SAMPLES} or more"
 
 
-_WARNED: set[tuple[int, int, str]] = set()  # one line per process for each (N, dimensions, metric), not one per plan
-
-
 def warn_if_few(n: int, dims: int, what: str = "FID/KID") -> None:
     """One warning line when a distribution metric is computed on fewer samples than its features have dimensions."""
-    if MIN_SAMPLES <= n < dims and (n, dims, what) not in _WARNED:
-        _WARNED.add((n, dims, what))
-        warnings.warn(
+    if MIN_SAMPLES <= n < dims:
+        warn_once(
+            f"few-samples:{n}:{dims}:{what}",
             f"{what} on {n} samples of {dims}-dimensional features is biased upward (the covariance needs more samples "
             f"than dimensions to mean anything): compare only at equal N, and use {dims} samples or more for a real FID",
-            PostDiffWarning,
-            stacklevel=2,
         )
 
 
