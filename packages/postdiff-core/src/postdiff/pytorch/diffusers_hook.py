@@ -20,13 +20,24 @@ masked image) follow the stage: PostDiff resizes them in place, so the pipeline'
 inpainting UNet's input are at the stage's size, and back at full size from the switch on.
 
 All of it is torn down when the call returns: nothing carries over from one call to the next.
+
+A plan belongs to its call. The pipeline object is not changed during a call (its ``scheduler``, ``prepare_latents``
+and ``prepare_mask_latents`` look up the call in a ``ContextVar``), the call steps its own copy of the scheduler, and
+the hook on the network (shared by every call that uses it, counted) runs the plan only for the call that set it up,
+in that call's thread, and not while the call's step callbacks run. So other threads, other pipelines sharing the
+UNet (``from_pipe``, a server's shared components), and a pipeline called from inside a step callback run exactly as
+they would without PostDiff. One exception, opt-in: ``POSTDIFF_CPU_CONV=native|auto`` switches PyTorch's process-wide
+oneDNN flag for the plan's calls, which other threads' convolutions see (they round about 1e-6 differently).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import copy
 import functools
 import inspect
+import threading
 from typing import Any
 
 import torch
@@ -83,7 +94,7 @@ def apply(pipe, plan: str | Recipe | dict = "postdiff"):
     check_recipe_fits(recipe, spec_of(network_of(pipe)))
     if base not in _SUBCLASSES:
         # Same class name, so anything that reads it (save_pretrained, logging) still sees the original.
-        _SUBCLASSES[base] = type(base.__name__, (base,), {"__call__": _call, "_postdiff_base": base})
+        _SUBCLASSES[base] = type(base.__name__, (base,), _call_dispatch(base))
     pipe.__class__ = _SUBCLASSES[base]
     object.__setattr__(pipe, "_postdiff_recipe", recipe)
     return pipe
@@ -101,6 +112,48 @@ def remove(pipe):
 
 def applied_recipe(pipe) -> Recipe | None:
     return pipe.__dict__.get("_postdiff_recipe")
+
+
+# The plan call running in this thread (or asyncio task), if any: what the subclass's attributes and the network's
+# hook read. A ContextVar, so a call in another thread sees none and runs vanilla.
+_CALL: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("postdiff_call", default=None)
+
+
+def _running(pipe) -> _Session | None:
+    session = _CALL.get()
+    return session if session is not None and session.pipe is pipe else None
+
+
+def _call_dispatch(base) -> dict[str, Any]:
+    """The applied subclass's attributes: ``__call__`` runs the plan; ``scheduler`` and the latent preparation are the
+    call's own while a call of this pipeline runs in this context, and the pipeline's everywhere else."""
+
+    def get_scheduler(self):
+        session = _running(self)
+        return session.scheduler_proxy if session is not None else self.__dict__["scheduler"]
+
+    def set_scheduler(self, value) -> None:
+        self.__dict__["scheduler"] = value
+
+    attributes: dict[str, Any] = {"__call__": _call, "_postdiff_base": base, "scheduler": property(get_scheduler, set_scheduler)}
+    for name in ("prepare_latents", "prepare_mask_latents"):
+        if hasattr(base, name):
+            attributes[name] = _dispatched(base, name)
+    return attributes
+
+
+def _dispatched(base, name: str):
+    original = getattr(base, name)
+
+    @functools.wraps(original)
+    def method(self, *args, **kwargs):
+        session = _running(self)
+        bound = original.__get__(self)
+        if session is None:
+            return bound(*args, **kwargs)
+        return getattr(session, f"_{name}")(bound)(*args, **kwargs)
+
+    return method
 
 
 def _call(self, *args, **kwargs):
@@ -124,10 +177,18 @@ def _call(self, *args, **kwargs):
     end = arguments.get("denoising_end")
     end = float(end) if isinstance(end, float) and 0 < end < 1 else None  # as the pipelines test it
     session = _Session(self, recipe, latent_hw, arguments.get("generator"), end=end)
+    # step callbacks (SD's legacy ``callback`` arrives in the pipeline's **kwargs) run as user code, outside the plan
+    var_keyword = next((p.name for p in params.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    for holder in (arguments, arguments.get(var_keyword) or {}):
+        for key in ("callback_on_step_end", "callback"):
+            if holder.get(key) is not None:
+                holder[key] = session.outside_plan(holder[key])
+    token = _CALL.set(session)
     try:
         with session.installed():
             return base.__call__(*bound.args, **bound.kwargs)
     finally:
+        _CALL.reset(token)
         object.__setattr__(self, "_postdiff_last_plan", session.plan)
 
 
@@ -190,32 +251,50 @@ class _Session:
         self.noised = None  # (x0, noise, timestep) of the add_noise call that made an img2img starting latent
         self.preparing = False
         self.stage_tensors: list[tuple[Any, Any, str]] = []  # (tensor the pipeline holds, its full-size data, kind)
+        self.controlnets = _controlnets(pipe)
+        # the call steps a copy: a scheduler shared with other pipelines (from_pipe) keeps its state for them
+        self.scheduler_proxy = _SchedulerProxy(copy.deepcopy(pipe.__dict__["scheduler"]), self)
+        self.in_callback = False  # user code runs: the network's hook passes calls straight through
+
+    def runs(self, module) -> bool:
+        """Whether a call of ``module`` (the network or a ControlNet) made now belongs to this plan call."""
+        return not self.in_callback and (module is self.network or any(module is net for net in self.controlnets))
+
+    def outside_plan(self, callback):
+        """``callback`` run as user code: whatever it calls (another pipeline on the same UNet) runs without the plan."""
+        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+        session = self
+
+        def run(fn, *args, **kwargs):
+            before, session.in_callback = session.in_callback, True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                session.in_callback = before
+
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            # still a MultiPipelineCallbacks, so the pipeline reads its tensor_inputs as it would the original's
+            class OutsidePlan(MultiPipelineCallbacks):
+                def __call__(self, *args, **kwargs):
+                    return run(callback, *args, **kwargs)
+
+            return OutsidePlan([callback])
+        return functools.wraps(callback)(lambda *args, **kwargs: run(callback, *args, **kwargs))
 
     @contextlib.contextmanager
     def installed(self):
-        pipe = self.pipe
-        scheduler = pipe.scheduler
         split = split_for(self.network, self.recipe)
         self.denoiser = TorchDenoiser(split)
-        registry = HookRegistry.check_if_exists_or_initialize(self.network)
-        registry.register_hook(_UNetHook(self), _HOOK_NAME)
-        controlnets = [HookRegistry.check_if_exists_or_initialize(net) for net in _controlnets(pipe)]
-        for r in controlnets:
-            r.register_hook(_ControlNetHook(self), _HOOK_NAME)
-        object.__setattr__(pipe, "scheduler", _SchedulerProxy(scheduler, self))
-        object.__setattr__(pipe, "prepare_latents", self._prepare_latents(pipe.prepare_latents))
-        if hasattr(pipe, "prepare_mask_latents"):
-            object.__setattr__(pipe, "prepare_mask_latents", self._prepare_mask_latents(pipe.prepare_mask_latents))
+        hooked = [(self.network, _UNetHook), *((net, _ControlNetHook) for net in self.controlnets)]
+        for module, kind in hooked:
+            _hold_hook(module, kind)
         try:
             yield
         finally:
             self._resize_stage(self.latent_hw)  # what the pipeline keeps of this call is at full size
-            pipe.__dict__.pop("prepare_latents", None)
-            pipe.__dict__.pop("prepare_mask_latents", None)
-            object.__setattr__(pipe, "scheduler", scheduler)
-            registry.remove_hook(_HOOK_NAME)
-            for r in controlnets:
-                r.remove_hook(_HOOK_NAME)
+            for module, _ in hooked:
+                _release_hook(module)
             split.close()
 
     # -- the plan ---------------------------------------------------------------------------------------------------
@@ -420,18 +499,57 @@ class _Session:
         return self.denoiser(step, sample, timestep, cond.at_size(step.latent_hw, full_hw))
 
 
-class _UNetHook(ModelHook):
-    def __init__(self, session: _Session) -> None:
-        super().__init__()
-        self.session = session
+_HOOKS_LOCK = threading.Lock()
 
-    def new_forward(self, module, sample, timestep, encoder_hidden_states=None, *args, return_dict: bool = True, **kwargs):
+
+def _hold_hook(module, kind: type[ModelHook]) -> None:
+    """Register ``kind`` on ``module`` for one more plan call (the first registers it). The hook serves every call
+    that holds it: it asks the running call (``_CALL``) whether the module's call is the plan's, else passes it on."""
+    with _HOOKS_LOCK:
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        hook = registry.get_hook(_HOOK_NAME)
+        if hook is None:
+            hook = kind()
+            registry.register_hook(hook, _HOOK_NAME)
+        hook.holders += 1
+
+
+def _release_hook(module) -> None:
+    with _HOOKS_LOCK:
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        hook = registry.get_hook(_HOOK_NAME)
+        if hook is not None:
+            hook.holders -= 1
+            if hook.holders <= 0:
+                registry.remove_hook(_HOOK_NAME)
+
+
+class _DispatchHook(ModelHook):
+    """On a network while plan calls use it: the plan call's own calls go to ``plan_forward``; any other call of the
+    module (another thread, another pipeline, a step callback) runs the module unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holders = 0
+
+    def new_forward(self, module, *args, **kwargs):
+        session = _CALL.get()
+        if session is None or not session.runs(module):
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return self.plan_forward(session, *args, **kwargs)
+
+    def plan_forward(self, session: _Session, *args, **kwargs):
+        raise NotImplementedError
+
+
+class _UNetHook(_DispatchHook):
+    def plan_forward(self, session: _Session, sample, timestep, encoder_hidden_states=None, *args, return_dict: bool = True, **kwargs):
         if args:
             raise PlanError("PostDiff expects the UNet's optional inputs as keywords, as diffusers pipelines pass them")
-        out = self.session.unet_call(sample, timestep, encoder_hidden_states, **kwargs)
+        out = session.unet_call(sample, timestep, encoder_hidden_states, **kwargs)
         if not return_dict:
             return (out,)
-        if self.session.spec.is_transformer:
+        if session.spec.is_transformer:
             from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
             return Transformer2DModelOutput(sample=out)
@@ -452,19 +570,14 @@ def _controlnets(pipe) -> list:
     return nets
 
 
-class _ControlNetHook(ModelHook):
+class _ControlNetHook(_DispatchHook):
     """On each ControlNet during a call. At a lower stage size the control image is area-averaged to the stage's size
     (the ControlNet's residuals must match the UNet's skips there). On a step with CFG dropped, only the conditional
     half runs: the UNet uses only that half's residuals, so the other half would be computed for nothing."""
 
-    def __init__(self, session: _Session) -> None:
-        super().__init__()
-        self.session = session
-
-    def new_forward(self, module, sample, timestep, encoder_hidden_states=None, controlnet_cond=None, *args, **kwargs):
+    def plan_forward(self, session: _Session, sample, timestep, encoder_hidden_states=None, controlnet_cond=None, *args, **kwargs):
         if args:
             raise PlanError("PostDiff expects the ControlNet's optional inputs as keywords, as diffusers pipelines pass them")
-        session = self.session
         stage, full = tuple(sample.shape[-2:]), tuple(session.plan.latent_hw)
         if stage != full and torch.is_tensor(controlnet_cond):
             h, w = controlnet_cond.shape[-2:]
@@ -489,7 +602,8 @@ class _ControlNetHook(ModelHook):
 
 
 class _SchedulerProxy:
-    """Stands in for the pipeline's scheduler during one call: every attribute is the real scheduler's, except
+    """Stands in for the pipeline's scheduler during one call (what ``pipe.scheduler`` is inside the call; it steps the
+    call's copy of the scheduler): every attribute is the copy's, except
     ``set_timesteps`` (which also compiles the plan) and ``step`` (which is ``PlanRun.advance``)."""
 
     def __init__(self, inner, session: _Session) -> None:

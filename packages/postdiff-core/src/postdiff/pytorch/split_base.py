@@ -12,6 +12,8 @@ state between calls, so ``torch.export`` traces exactly what runs.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,26 +24,39 @@ from torch import nn
 class _XAttnIO:
     """Per-call instructions for the cross-attention wrappers, set at the start of a forward and cleared at its end."""
 
-    def __init__(self) -> None:
+    def __init__(self, attn2: list[nn.Module]) -> None:
         self.mode = "compute"
+        self.index = {id(m): k for k, m in enumerate(attn2)}  # module -> its xattn index in this split
         self.inputs: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.hw: tuple[int, int] = (0, 0)  # spatial size of the feature map (or patch grid) the attention works on
 
 
-class _XAttnProcessor:
-    """Wraps an attn2 processor. Idle (mode "compute") it is exactly the wrapped processor."""
+# The split whose forward is running in this thread (or asyncio task), if any. The wrappers read it instead of
+# holding a split of their own: a network shared by several pipelines is called by other threads, and by another
+# pipeline's call made from inside a step callback, while a plan runs; those calls see no active split here and
+# compute exactly as the wrapped processor would. A ContextVar, not a thread-local, so tasks get their own value.
+_ACTIVE_IO: contextvars.ContextVar[_XAttnIO | None] = contextvars.ContextVar("postdiff_xattn_io", default=None)
+# Wrappers are installed once per module and counted: every split of a network (several calls at once, in threads)
+# shares them, and the last split to close restores the original processor.
+_WRAP_LOCK = threading.Lock()
 
-    def __init__(self, inner: Any, index: int, io: _XAttnIO) -> None:
-        self.inner, self.index, self.io = inner, index, io
+
+class _XAttnProcessor:
+    """Wraps an attn2 processor. Outside a split's forward (or in mode "compute") it is exactly the wrapped processor."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.users = inner, 0
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
-        io = self.io
+        io = _ACTIVE_IO.get()
+        k = None if io is None or io.mode == "compute" else io.index.get(id(attn))
+        if k is None:
+            return self.inner(attn, hidden_states, *args, **kwargs)
         if io.mode == "cached":
-            return io.inputs[self.index].flatten(1, 2)  # (B, H, W, C) -> (B, H*W, C), the tokens' row-major order
+            return io.inputs[k].flatten(1, 2)  # (B, H, W, C) -> (B, H*W, C), the tokens' row-major order
         out = self.inner(attn, hidden_states, *args, **kwargs)
-        if io.mode == "capture":
-            io.outputs[self.index] = out.unflatten(1, io.hw)
+        io.outputs[k] = out.unflatten(1, io.hw)  # mode "capture"
         return out
 
     def __getattr__(self, name):  # diffusers inspects processors (e.g. for IP-Adapter scales)
@@ -53,17 +68,19 @@ class _XAttnProcessor:
 class CrossAttentionSplit:
     """The base of a split: its ``attn2`` modules wrapped (in execution order; index k is ``xattn_k``), which of them
     a shallow pass runs, and the variants' cross-attention tensors. A context manager (or call ``close``): the
-    wrappers are removed from the network afterwards."""
+    wrappers are removed from the network afterwards (when no other split of it is open)."""
 
     def _wrap(self, attn2: list[nn.Module], shallow_xattn: list[int]) -> None:
-        self.io = _XAttnIO()
+        self.io = _XAttnIO(attn2)
         self.attn2 = attn2
         self.shallow_xattn = shallow_xattn
-        self._originals = [m.processor for m in attn2]
-        for k, m in enumerate(attn2):
-            # set_processor, not assignment: an IP-Adapter's processor is a module (its image key/value projections),
-            # which the Attention module holds as a child until the wrapper stands in for it
-            m.set_processor(_XAttnProcessor(m.processor, k, self.io))
+        with _WRAP_LOCK:
+            for m in attn2:
+                if not isinstance(m.processor, _XAttnProcessor):
+                    # set_processor, not assignment: an IP-Adapter's processor is a module (its image key/value
+                    # projections), which the Attention module holds as a child until the wrapper stands in for it
+                    m.set_processor(_XAttnProcessor(m.processor))
+                m.processor.users += 1
 
     @property
     def num_xattn(self) -> int:
@@ -76,8 +93,13 @@ class CrossAttentionSplit:
         return []
 
     def close(self) -> None:
-        for m, p in zip(self.attn2, self._originals):
-            m.set_processor(p)
+        with _WRAP_LOCK:
+            for m in self.attn2:
+                wrapper = m.processor
+                if isinstance(wrapper, _XAttnProcessor):
+                    wrapper.users -= 1
+                    if wrapper.users <= 0:
+                        m.set_processor(wrapper.inner)
         self.attn2 = []
 
     def __enter__(self):
@@ -90,9 +112,11 @@ class CrossAttentionSplit:
     def _xattn(self, mode: str, inputs: dict[int, torch.Tensor] | None):
         io = self.io
         io.mode, io.inputs, io.outputs = mode, inputs or {}, {}
+        token = _ACTIVE_IO.set(io)
         try:
             yield io
         finally:
+            _ACTIVE_IO.reset(token)
             io.mode, io.inputs = "compute", {}
 
     @staticmethod
