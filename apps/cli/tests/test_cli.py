@@ -53,6 +53,16 @@ def test_generate_writes_a_png(tmp_path, capsys):
     assert "20 steps of dpmpp-2m-karras" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_generate_in_half_precision_says_what_ran(tmp_path, capsys, dtype):
+    from PIL import Image
+
+    out = tmp_path / "img.png"
+    assert main(["generate", "--model", "toy-sd", "--plan", "postdiff", "--dtype", dtype, "--device", "cpu", "-o", str(out)]) == 0
+    assert f"torch on cpu in {dtype}" in capsys.readouterr().out
+    assert Image.open(out).getextrema() != ((0, 0), (0, 0), (0, 0))  # not the black image NaNs would give
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [

@@ -85,3 +85,18 @@ def test_distribution_metrics_at_every_n_from_one():
         warn_if_few(128, 128)
         warn_if_few(1, 128)  # null, said in the notes: no warning on top
     assert [str(w.message)[:30] for w in caught if w.category is PostDiffWarning] == ["FID/KID on 5 samples of 128-di"]
+
+
+def test_frechet_distance_with_fewer_samples_than_dimensions_is_the_sqrtm_formula():
+    """The low-rank route (N < D, as Inception FID at N = 200) equals the textbook formula with scipy's sqrtm."""
+    from scipy import linalg
+
+    from postdiff_lab.metrics import frechet_distance
+
+    rng = np.random.default_rng(3)
+    mix = rng.normal(size=(64, 64))
+    for n1, n2 in ((2, 5), (20, 300), (40, 12)):
+        a, b = rng.normal(size=(n1, 64)) @ mix, rng.normal(size=(n2, 64)) @ mix + 0.3
+        s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+        textbook = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
+        assert frechet_distance(a, b) == pytest.approx(textbook, rel=1e-6)

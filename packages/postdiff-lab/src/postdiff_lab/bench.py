@@ -50,7 +50,9 @@ class BenchConfig:
     guidance: float | None = None
     threads: int | None = None
     cache_dir: str | None = None
-    weights: list[str] = field(default_factory=lambda: ["fp32"])  # bundle weight types (--weights); torch runs fp32
+    weights: list[str] = field(default_factory=lambda: ["fp32"])  # bundle weight types (--weights)
+    device: str | None = None  # PyTorch's device and dtype for the torch rows (None: auto); OpenVINO reads --device too
+    dtype: str | None = None
     low_memory: bool = False  # bundles under bundle_runtime.LeanRunner
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # backend name -> its runner options
 
@@ -64,6 +66,10 @@ class BenchConfig:
             raise PostDiffError(f"--images must be at least 1, got {self.images}")
         if self.threads is not None and self.threads < 1:
             raise PostDiffError(f"--threads must be at least 1, got {self.threads}")
+        if backends.TORCH in self.backends:
+            from postdiff.pytorch.device import resolve_device, resolve_dtype
+
+            resolve_dtype(self.dtype, resolve_device(self.device))
         if not self.plans:
             raise PostDiffError("--plans is empty; name at least one plan, e.g. --plans baseline,postdiff")
         if not self.backends:
@@ -124,7 +130,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     cfg.check()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, load_s = _timed_load(lambda: load_model(cfg.model, need_pipeline=True))
+    model, load_s = _timed_load(lambda: load_model(cfg.model, need_pipeline=True).to(cfg.device, cfg.dtype))
     source = source_for(model, scheduler=cfg.scheduler, guidance=cfg.guidance, height=cfg.height, width=cfg.width)
     guidance = source.guidance
     compiled = {name: source.compile(name, cfg.steps) for name in cfg.plans}
@@ -150,7 +156,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         "skipped": [],
     }
     if "torch" in cfg.backends:  # the PyTorch rows' load: the one above (first) and once more (warm)
-        load_warm_s = _timed_load(lambda: load_model(cfg.model, need_pipeline=True))[1]
+        load_warm_s = _timed_load(lambda: load_model(cfg.model, need_pipeline=True).to(cfg.device, cfg.dtype))[1]
     targets: list[_Target] = []
     for backend in cfg.backends:
         reason = backends.unavailable(backend)
@@ -159,9 +165,11 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             result["skipped"].append({"backend": backend, "reason": reason})
             continue
         if backend == backends.TORCH:
+            short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[model.dtype]  # the --weights names
             for name in cfg.plans:
-                t = _Target(backend, name)
+                t = _Target(backend, name, short)
                 t.row.update(load_s=load_s, load_warm_s=load_warm_s, load_note="load_model (weights into a PyTorch pipeline)")
+                t.row["executed"] = {"device": model.device, "precision": model.dtype}  # where and how PyTorch ran
                 recipe = compiled[name].recipe
                 t.generate = lambda r=recipe: source.generate(r, cfg.images, cfg.seed, conditions=conditions).images
                 targets.append(t)

@@ -53,6 +53,9 @@ class Cell:
     # torch threads the cell computes with: float reductions split by thread, so results are bit-identical across
     # executors (and machines of one CPU kind) at one thread count
     threads: int = 1
+    prompts: tuple[str, ...] | None = None  # the user's prompts of this cell's samples (``--prompts``), in order
+    device: str = "cpu"  # the driver model's PyTorch device and dtype (``Model.to``): workers move theirs to the same
+    dtype: str = "float32"
 
     @property
     def key(self) -> str:
@@ -92,7 +95,8 @@ def cells_for(
         raise PostDiffError(f"--shard must be at least 1 sample, got {shard}")
     if threads < 1:
         raise PostDiffError(f"--cell-threads must be at least 1, got {threads}")
-    kind = metric if metric in ("lpips", "images") else "features"
+    # CLIP score is computed where the prompts and the CLIP model are (the driver), from the cells' images
+    kind = {"lpips": "lpips", "images": "images", "clip": "images"}.get(metric, "features")
     common = dict(
         model=source.model.name,
         model_hash=model_hash,
@@ -105,8 +109,15 @@ def cells_for(
         metric=kind,
         baseline_steps=int(baseline_steps),
         threads=int(threads),
+        device=source.model.device,
+        dtype=source.model.dtype,
     )
-    return [Cell(first=f, count=min(shard, n - f), **common) for f in range(0, n, shard)]
+    cells = []
+    for f in range(0, n, shard):
+        count = min(shard, n - f)
+        prompts = tuple(source.conditions_of(count, f)) if source.prompts else None
+        cells.append(Cell(first=f, count=count, prompts=prompts, **common))
+    return cells
 
 
 def cell_threads(threads: int | None) -> int:
@@ -164,9 +175,10 @@ def _worker_source(cell: Cell, local_source=None):
 
     if local_source is not None:  # the local executor: the driver's own model, already loaded
         return local_source
-    if _WORKER["spec"] != cell.model:
-        model = load_model(cell.model, need_pipeline=True)
-        _WORKER.update(spec=cell.model, hash=model_fingerprint(model), model=model, baselines={})
+    where = (cell.model, cell.device, cell.dtype)
+    if _WORKER["spec"] != where:
+        model = load_model(cell.model, need_pipeline=True).to(cell.device, cell.dtype)
+        _WORKER.update(spec=where, hash=model_fingerprint(model), model=model, baselines={})
     if _WORKER["hash"] != cell.model_hash:
         raise PostDiffError(
             f"this worker's {cell.model!r} is not the driver's (content hash {_WORKER['hash']} vs {cell.model_hash}); "
@@ -200,19 +212,23 @@ def _measure(cell: Cell, local_source, baselines) -> dict[str, Any]:
 
     source = _worker_source(cell, local_source)
     recipe = Recipe.from_json(cell.recipe, where="cell recipe")
-    images = source.generate(recipe, cell.count, cell.seed, first=cell.first).images
+    conditions = list(cell.prompts) if cell.prompts else None
+    images = source.generate(recipe, cell.count, cell.seed, first=cell.first, conditions=conditions).images
     if cell.metric == "images":
         return {"key": cell.key, "images": np.asarray(images)}
     if cell.metric == "features":
+        if source.model.dataset is None:  # a text-to-image model measured against --reference-images
+            from .text_image import inception_features
+
+            return {"key": cell.key, "features": inception_features(images)}
         from .reference.classifier import classify_samples
 
-        if source.model.dataset is None:
-            raise PostDiffError(f"FID and KID need a reference set, which {source.model.name} has not; use --metric lpips")
         return {"key": cell.key, "features": np.asarray(classify_samples(images, source.model.dataset)[2])}
     from .metrics import lpips_distance
 
     base_key = (
         cell.model_hash,
+        cell.prompts,
         cell.scheduler,
         cell.height,
         cell.width,
@@ -226,7 +242,7 @@ def _measure(cell: Cell, local_source, baselines) -> dict[str, Any]:
     baselines = _WORKER["baselines"] if baselines is None else baselines
     if base_key not in baselines:
         baselines[base_key] = source.generate(
-            Recipe(name="baseline", steps=cell.baseline_steps), cell.count, cell.seed, first=cell.first
+            Recipe(name="baseline", steps=cell.baseline_steps), cell.count, cell.seed, first=cell.first, conditions=conditions
         ).images
     base = baselines[base_key]
     small = images.shape[1] < 64

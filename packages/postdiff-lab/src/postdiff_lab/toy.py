@@ -63,6 +63,22 @@ def _text_encoder(seed: int, with_projection: bool):
     return cls(config).eval()
 
 
+def save_toy_clip(folder, seed: int = 0):
+    """A tiny random-weight CLIP model and its processor (32 px images, the byte tokenizer) saved in ``folder``, as a
+    user's ``--clip DIR`` would be: for tests of CLIP score offline (its scores mean nothing). Returns the folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    n = len(_byte_vocab())
+    text = dict(hidden_size=TEXT_HIDDEN, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=n)
+    text.update(max_position_embeddings=77, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1)
+    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32, patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval().save_pretrained(str(folder))
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=toy_tokenizer()).save_pretrained(str(folder))
+    return folder
+
+
 def toy_t5_tokenizer(max_length: int = 120):
     """A T5-style tokenizer without files: one token per byte (after ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), ``</s>``
     appended, padded with ``<pad>``: what PixArt's pipelines need from a tokenizer (padding, truncation, the mask)."""

@@ -23,7 +23,8 @@ class OpenVINOBackend(Backend):
         from .runtime import DEVICES, PRECISIONS
 
         if command in ("generate", "bench"):
-            parser.add_argument("--device", default=None, help=f"OpenVINO device: {', '.join(DEVICES)} (default: CPU)")
+            if "--device" not in parser._option_string_actions:  # the PyTorch backend's --device names OpenVINO's too
+                parser.add_argument("--device", default=None, help=f"OpenVINO device: {', '.join(DEVICES)} (default: CPU)")
             parser.add_argument(
                 "--precision",
                 default=None,
@@ -38,7 +39,7 @@ class OpenVINOBackend(Backend):
 
     def options(self, args, command: str) -> dict:
         return {
-            "device": getattr(args, "device", None) or "CPU",
+            "device": (getattr(args, "device", None) or "CPU").upper(),  # --device is shared with PyTorch's lower-case names
             "precision": getattr(args, "precision", None) or "f32",
             "static": bool(getattr(args, "static", False)),
             "threads": getattr(args, "threads", None),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..common import guidance_arg, log, model_args
+from ..common import guidance_arg, log, model_args, torch_args
 from ..render import bench_step_table, bench_table, print_table
 
 
@@ -11,6 +11,7 @@ def add_parser(sub) -> None:
 
     b = sub.add_parser("bench", help="speed, memory, cost and fidelity of plans on several backends, side by side")
     model_args(b)
+    torch_args(b, openvino=True)
     b.add_argument("--plans", default="baseline,postdiff", help="comma-separated plans (default: baseline,postdiff)")
     installed = ",".join(backends.names())
     b.add_argument("--backends", default=installed, help=f"comma-separated runtimes (default: every installed one: {installed})")
@@ -24,7 +25,7 @@ def add_parser(sub) -> None:
         "--weights",
         default="fp32",
         help="comma-separated weight types of the exported bundles, a row each: fp32, fp16, int8, int4 (default: fp32; "
-        "Core ML stores int8 as 8bit and int4 as 4bit; PyTorch runs fp32)",
+        "Core ML stores int8 as 8bit and int4 as 4bit; PyTorch runs its --dtype)",
     )
     from postdiff.bundle.runtime import LOW_MEMORY_HELP
 

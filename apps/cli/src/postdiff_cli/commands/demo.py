@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..common import make_source, model_args, recipe, warn
+from ..common import make_source, model_args, recipe, torch_args, warn
 from ..render import print_table
 
 
 def add_parser(sub) -> None:
     d = sub.add_parser("demo", help="the main job: baseline and postdiff side by side on the default model")
     model_args(d)
+    torch_args(d)
     d.add_argument(
         "--plans",
         default=None,
@@ -97,7 +98,9 @@ def run(args) -> int:
         table.append(row)
         rows.append(batch.images[:10])
     path = save_grid(rows, args.output, row_labels=[r[0] for r in table], scale=max(1, 64 // rows[0][0].shape[0]))
-    print(f"PostDiff demo on {model.name} ({seeds} images per plan, {plan.recipe.steps} steps, {plan.scheduler}, CPU)")
+    print(
+        f"PostDiff demo on {model.name} ({seeds} images per plan, {plan.recipe.steps} steps, {plan.scheduler}, torch on {model.device} in {model.dtype})"
+    )
     headers = ["plan", "MACs vs baseline", "seconds", "speedup", "PSNR vs baseline (dB)", "LPIPS vs baseline"]
     if model.dataset:
         headers.append("class accuracy")

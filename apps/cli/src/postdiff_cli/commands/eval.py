@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from ..common import executor_args, executor_options, guidance_arg, log, make_executor, make_source, model_args, numbers, warn
+from ..common import (
+    executor_args,
+    executor_options,
+    guidance_arg,
+    log,
+    make_executor,
+    make_source,
+    model_args,
+    numbers,
+    text_image_args,
+    text_image_set,
+    torch_args,
+    warn,
+)
 from ..render import eval_size_table, eval_table, print_table
 
 DEFAULT_PLANS = "baseline,steps:8,deepcache,mixed-res,xattn-gate,postdiff"
@@ -11,6 +24,7 @@ DEFAULT_PLANS = "baseline,steps:8,deepcache,mixed-res,xattn-gate,postdiff"
 def add_parser(sub) -> None:
     e = sub.add_parser("eval", help="cost, speed and quality of several plans from the same seeds")
     model_args(e)
+    torch_args(e)
     e.add_argument("--plans", default=None, help=f"comma-separated plans (default: {DEFAULT_PLANS})")
     e.add_argument(
         "--sizes",
@@ -25,6 +39,7 @@ def add_parser(sub) -> None:
     e.add_argument(
         "--inception-reference", type=int, default=10000, help="test images in the Inception reference set (default: all 10,000)"
     )
+    text_image_args(e)
     e.add_argument("--json", default=None, help="write the results as JSON to this file")
     e.add_argument("--grid", default=None, help="write a grid image of the first samples under each plan (or size) to this file")
     e.add_argument("--no-progress", action="store_true")
@@ -48,7 +63,10 @@ def run(args) -> int:
             raise PostDiffError(f"--sizes values must be positive image sizes in pixels, got {s}")
         if s > MAX_IMAGE_SIDE:
             raise PostDiffError(f"--sizes values must be at most {MAX_IMAGE_SIDE} pixels, got {s}")
-    source = make_source(args)
+    text = text_image_set(args)
+    if args.sizes is not None and text.given:
+        raise PostDiffError("--prompts, --reference-images and --clip measure plans; leave out --sizes (or them)")
+    source = make_source(args, prompts=text.prompts)
     if args.sizes is not None:
         for px in sizes:  # the same one-line warning as generate's, for each size the weights were not trained at
             warn(source.model.untrained_warning(source.at_size(px, px).compile("baseline")))
@@ -76,6 +94,7 @@ def run(args) -> int:
                 log=log,
                 progress=not args.no_progress,
                 executor=executor,
+                text=text,
                 **executor_options(args),
             )
         headers, rows = eval_table(result)
@@ -83,7 +102,8 @@ def run(args) -> int:
         labels = [r["plan"] for r in result["plans"]]
     result["command"] = args.command_line
     grid = result.pop("grid")
-    print(f"postdiff eval on {result['model']}: {title}")
+    ran = result.get("torch", {})
+    print(f"postdiff eval on {result['model']} (torch on {ran.get('device', 'cpu')} in {ran.get('dtype', 'float32')}): {title}")
     print_table(headers, rows)
     for note in result["notes"]:
         print(f"- {note}")

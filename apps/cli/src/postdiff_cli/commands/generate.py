@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ..common import guidance_arg, log, make_source, model_args, plans_help, recipe, warn
+from ..common import guidance_arg, log, make_source, model_args, plans_help, recipe, torch_args, warn
 
 
 def add_parser(sub) -> None:
@@ -12,6 +12,7 @@ def add_parser(sub) -> None:
 
     g = sub.add_parser("generate", help="generate an image with a plan")
     model_args(g)
+    torch_args(g, openvino=True)
     g.add_argument(
         "--prompt",
         default=None,
@@ -51,6 +52,8 @@ def run(args) -> int:
     given = [(flag, owners) for flag, owners in _runner_flags(args).items() if args.backend not in owners]
     if given:
         flag, owners = given[0]
+        if backends.TORCH in owners:
+            raise PostDiffError(f"{flag} is an option of --backend {' or '.join(owners)}, not of --backend {args.backend}; leave it out")
         raise PostDiffError(f"{flag} is for exported runtimes ({', '.join(owners)}); add --backend {owners[0]} and --bundle DIR")
     if args.backend != backends.TORCH:
         return _from_bundle(args)
@@ -66,8 +69,9 @@ def run(args) -> int:
     warn(src.model.untrained_warning(plan))
     batch = src.generate(plan_recipe, 1, args.seed, conditions=[src.parse_condition(args.prompt)])
     path = save_png(batch.images[0], args.output)
+    model = src.model
     print(
-        f"wrote {path} ({src.model.name}, torch, fp32 weights, plan {plan_recipe.label}, {plan_recipe.steps} steps of {plan.scheduler}, "
+        f"wrote {path} ({model.name}, torch on {model.device} in {model.dtype}, plan {plan_recipe.label}, {plan_recipe.steps} steps of {plan.scheduler}, "
         f"seed {args.seed}, {batch.seconds:.2f} s)"
     )
     return 0
@@ -79,6 +83,9 @@ def _runner_flags(args) -> dict[str, list[str]]:
     from postdiff.bundle import backends
 
     out: dict[str, list[str]] = {}
+    for dest in ("device", "dtype"):  # PyTorch's own (--device is OpenVINO's too)
+        if getattr(args, dest, None) is not None:
+            out.setdefault(f"--{dest}", []).append(backends.TORCH)
     for name, backend in backends.available().items():
         for dest in backend.runner_options:
             value = getattr(args, dest, None)

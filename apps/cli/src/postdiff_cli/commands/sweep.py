@@ -28,7 +28,7 @@ def run(args) -> int:
         check_budget(b)
     result = run_search(args, sweep, budgets, samples=args.samples)
     print(
-        f"postdiff sweep on {result['model']}: {result['metric']} on {args.samples} held-out samples (plans chosen on {args.calibration} "
+        f"postdiff sweep on {result['model']} (torch on {result['torch']['device']} in {result['torch']['dtype']}): {result['metric']} on {args.samples} held-out samples (plans chosen on {args.calibration} "
         f"calibration samples); baseline {result['baseline']['holdout']:.4g}"
     )
 

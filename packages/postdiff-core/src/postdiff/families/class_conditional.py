@@ -125,7 +125,8 @@ class ClassConditional(Family):
             sch = make_scheduler()
             # per-sample generators for the noise drawn later (resolution switch, ancestral samplers)
             g = [ops.generator(seed * 7919 + first + i) for i in range(start, start + len(y))]
-            x = noise[start : start + batch_size] * sch.init_noise_sigma
+            # the noise is drawn on the CPU in float32 (the seed's numbers on every device), then follows the network
+            x = ops.follow(noise[start : start + batch_size] * sch.init_noise_sigma, cond.encoder_hidden_states)
             x = run_plan(
                 plan, denoiser, sch, cond, guidance_scale=guidance_scale, generator=g, latents=x, channels=channels, progress=progress
             )

@@ -54,6 +54,33 @@ class Model:
     training_sizes: tuple[int, ...] | None = None  # square latent sizes the weights were trained at, when known
     weights: str = "as loaded"  # "trained", "random" or "as loaded": how benchmarks describe the weights
     family_name: str | None = None  # the family, when the resolver knows it without a pipeline (else recognised)
+    device: str = "cpu"  # where PyTorch runs it (``to``)
+    dtype: str = "float32"  # its weights' and activations' floating-point type (``to``)
+
+    def to(self, device: str | None = None, dtype: str | None = None) -> Model:
+        """Run this model's PyTorch networks on ``device`` in ``dtype`` (the CLI's ``--device``/``--dtype``: auto,
+        cpu, cuda[:N], mps; auto, float32, float16, bfloat16); refused in one line when the device is not here.
+        Moves the pipeline, or the random-weight network an architecture builds. Returns the model."""
+        from postdiff.pytorch.device import dtype_name, resolve_device, resolve_dtype  # lazy: imports torch
+
+        where = resolve_device(device)
+        kind = resolve_dtype(dtype, where)
+        if (str(where), dtype_name(kind)) == (self.device, self.dtype):
+            return self
+        if self.pipeline is not None:
+            from diffusers.utils import logging as diffusers_logging  # lazy: imports torch
+
+            level = diffusers_logging.get_verbosity()
+            diffusers_logging.set_verbosity_error()  # "modules that should be kept in float32: []" on every cast: none are
+            try:
+                self.pipeline.to(where, kind)
+            finally:
+                diffusers_logging.set_verbosity(level)
+        elif self.build_unet is not None:
+            build = self.build_unet
+            self.build_unet = lambda: build().to(where, kind)
+        self.device, self.dtype = str(where), dtype_name(kind)
+        return self
 
     @cached_property
     def family(self):
@@ -173,7 +200,7 @@ def from_pipeline(name: str, pipe, **fields) -> Model:
         text_len=text_len,
         pooled_dim=pooled,
         pipeline=pipe,
-        **fields,
+        **{"device": str(net.device), "dtype": str(net.dtype).removeprefix("torch."), **fields},  # where it is now
     )
 
 

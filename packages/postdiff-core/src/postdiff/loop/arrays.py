@@ -88,6 +88,12 @@ class NumpyOps:
         return np.asarray(x, dtype=ref.dtype)
 
     @staticmethod
+    def follow(x, network_input):
+        """``x`` where the networks take their inputs: numpy arrays stay as they are (a bundle's runner feeds each
+        graph the type it takes)."""
+        return x
+
+    @staticmethod
     def zeros_like(x):
         return np.zeros_like(x)
 
@@ -159,7 +165,12 @@ class TorchOps:
 
     @staticmethod
     def like(x, ref):
-        return x.to(ref.dtype)
+        return x.to(device=ref.device, dtype=ref.dtype)
+
+    @staticmethod
+    def follow(x, network_input):
+        """``x`` on the device and in the dtype of a tensor the networks made (``Model.to`` moved them)."""
+        return x.to(device=network_input.device, dtype=network_input.dtype)
 
     @staticmethod
     def zeros_like(x):

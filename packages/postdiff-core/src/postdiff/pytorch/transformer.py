@@ -185,7 +185,12 @@ class TransformerSplit(CrossAttentionSplit):
             device=latent.device,
             output_type="pt",
         )
-        return (latent + pos.float().unsqueeze(0)).to(latent.dtype)
+        pos = pos.float().unsqueeze(0)
+        if pe.pos_embed.dtype != torch.float32 and (hp, wp) == (pe.height, pe.width):
+            # a half-precision module adds its stored table (these values, rounded to its dtype) at its native grid,
+            # in that dtype; only asked when the table is not float32, so fp32 exports keep their dynamic sizes
+            pos = pos.to(pe.pos_embed.dtype)
+        return (latent + pos).to(latent.dtype)
 
     def module(self, variant: str) -> nn.Module:
         return TransformerVariantModule(self, variant)

@@ -92,6 +92,13 @@ class ReferencePipeline:
         self.name = {"fashion": "reference"}.get(dataset, dataset)
         self.spec = model_spec(self.unet, name=self.name)
 
+    def to(self, device=None, dtype=None) -> ReferencePipeline:
+        """Move the networks (as a diffusers pipeline's ``to``); the sampling loop follows the class tokens' device
+        and dtype, and draws its noise on the CPU from the seed, as diffusers does."""
+        self.unet.to(device, dtype)
+        self.class_encoder.to(device, dtype)
+        return self
+
     @classmethod
     def load(cls, folder: str | Path | None = None, dataset: str = "fashion") -> ReferencePipeline:
         from safetensors.torch import load_file
