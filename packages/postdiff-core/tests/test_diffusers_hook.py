@@ -86,9 +86,13 @@ def test_errors_surface_before_the_unet_runs():
     postdiff.apply(pipe, {"steps": 4, "low_res": {"scale": 0.75}})  # 16 * 0.75 = 12: not a multiple of 8? factor is 2 here
     pipe("a cat", generator=gen(0), output_type="np")  # 12 is fine for the toy UNet (factor 2)
     calls.clear()
-    postdiff.apply(pipe, {"steps": 4, "low_res": {"scale": 0.97}})  # 15.5 rounds to 16, the full size
-    with pytest.raises(RecipeError, match="gives no lower resolution"):
-        pipe("a cat", generator=gen(0), output_type="np")
+    with pytest.raises(RecipeError, match="gives no lower resolution"):  # at the pipeline's own size: refused at apply
+        postdiff.apply(pipe, {"steps": 4, "low_res": {"scale": 0.97}})  # 15.5 rounds to 16, the full size
+    with pytest.raises(PlanError, match="more than the 1000 timesteps"):  # the default call is compiled at apply
+        postdiff.apply(pipe, {"steps": 2000})
+    postdiff.apply(pipe, {"steps": 4, "low_res": {"scale": 0.9}})  # 14.4 -> 14 at the default 16x16 latent
+    with pytest.raises(RecipeError, match="gives no lower resolution"):  # another size: refused when the call starts
+        pipe("a cat", height=16, width=16, generator=gen(0), output_type="np")  # 8x8 latent: 7.2 rounds to 8, the full size
     with pytest.raises(RecipeError, match="beyond the last step"):
         postdiff.apply(pipe, "xattn-gate")
         pipe("a cat", num_inference_steps=8, generator=gen(0), output_type="np")

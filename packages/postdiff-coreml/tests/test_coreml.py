@@ -304,3 +304,61 @@ def test_coreml_runtime_passes_its_bundles_golden_file(coreml_bundles):
             assert tensor_psnr(out[k], golden[f"graph/{name}/out/{k}"]) >= 35.0, (name, k)
     pipe.generate([manifest.golden["condition"]], seed=manifest.golden["seed"])
     assert tensor_psnr(pipe.final_latents, golden["final_latent"]) >= 35.0
+
+
+def test_compute_units_are_read_back_from_the_compute_plan(monkeypatch, recwarn):
+    """The read-back's logic, on a stand-in for Core ML's compute plan (MLComputePlan needs macOS 14.4 to run; on a
+    Mac the same code reads the real one): operations counted per preferred device across the graphs loaded, a
+    setting whose accelerators get none of them warned about once, and 'unknown' where no plan can be read."""
+    import types
+
+    import coremltools.models.compute_plan as cp
+
+    from postdiff.bundle.manifest import Graph
+    from postdiff_coreml import runtime
+
+    class CPU:
+        pass
+
+    class NE:
+        pass
+
+    CPU.__name__, NE.__name__ = "MLCPUComputeDevice", "MLNeuralEngineComputeDevice"
+    preferred = {"a": [CPU, CPU, None], "b": [NE, CPU]}  # per function: each operation's preferred device (None: none)
+
+    class Plan:
+        def __init__(self, function):
+            ops = [types.SimpleNamespace(device=d) for d in preferred[function]]
+            fn = types.SimpleNamespace(block=types.SimpleNamespace(operations=ops))
+            self.model_structure = types.SimpleNamespace(program=types.SimpleNamespace(functions={function: fn}))
+
+        @classmethod
+        def load_from_path(cls, path, compute_units):
+            return cls(path)
+
+        def get_compute_device_usage_for_mlprogram_operation(self, op):
+            return None if op.device is None else types.SimpleNamespace(preferred_compute_device=op.device())
+
+    monkeypatch.setattr(cp, "MLComputePlan", Plan)
+    model = types.SimpleNamespace
+    runner = runtime.CoreMLRunner(Path("."), "CPU_AND_NE")
+    runner._read_back(
+        model(get_compiled_model_path=lambda: "a"), Graph(name="g", role="unet", file="x", inputs=[], outputs=[], function="a")
+    )
+    assert runner.executed == {"compute_units": "CPU_AND_NE", "devices": "CPU 2 ops"}
+    assert any("--compute-units CPU_AND_NE runs on the CPU here" in str(w.message) for w in recwarn.list)
+    runner._read_back(
+        model(get_compiled_model_path=lambda: "b"), Graph(name="g", role="unet", file="y", inputs=[], outputs=[], function="b")
+    )
+    assert runner.executed["devices"] == "CPU 3 ops, NE 1 ops"
+    cpu_only = runtime.CoreMLRunner(Path("."), "CPU_ONLY")
+    recwarn.clear()
+    cpu_only._read_back(
+        model(get_compiled_model_path=lambda: "a"), Graph(name="g", role="unet", file="x", inputs=[], outputs=[], function="a")
+    )
+    assert not recwarn.list  # CPU_ONLY asked for the CPU
+    monkeypatch.setattr(cp, "MLComputePlan", None)  # no compute plan on this OS
+    cpu_only._read_back(
+        model(get_compiled_model_path=lambda: "a"), Graph(name="g", role="unet", file="x", inputs=[], outputs=[], function="a")
+    )
+    assert cpu_only.executed["devices"].startswith("unknown")

@@ -34,12 +34,22 @@ def require_macos() -> None:
         )
 
 
+# MLComputePlan's device classes, as --compute-units names the units; which units each setting allows
+DEVICE_NAMES = {"MLCPUComputeDevice": "CPU", "MLGPUComputeDevice": "GPU", "MLNeuralEngineComputeDevice": "NE"}
+UNITS_ALLOWED = {"ALL": {"CPU", "GPU", "NE"}, "CPU_AND_NE": {"CPU", "NE"}, "CPU_AND_GPU": {"CPU", "GPU"}, "CPU_ONLY": {"CPU"}}
+
+
 class CoreMLRunner:
-    """One ``MLModel`` per (package, function), loaded on first use and kept."""
+    """One ``MLModel`` per (package, function), loaded on first use and kept. After each load it reads back where
+    Core ML plans to run the graph's operations (``MLComputePlan``, macOS 14.4 and later): ``executed["devices"]``
+    counts operations per preferred device over the graphs loaded, and a setting whose accelerators get no
+    operation (``--compute-units ALL`` planned entirely on the CPU) is warned about once."""
 
     def __init__(self, folder: Path, compute_units: str = "ALL") -> None:
         self.folder, self.compute_units = Path(folder), check_compute_units(compute_units)
         self.models: dict[tuple[str, str | None], object] = {}
+        self.executed: dict[str, str] = {"compute_units": self.compute_units}
+        self.device_ops: dict[str, int] = {}
 
     def model(self, graph: Graph):
         key = (graph.file, graph.function)
@@ -54,7 +64,26 @@ class CoreMLRunner:
             except Exception as exc:  # coremltools raises plain Exceptions for damaged packages and missing functions
                 what = f"function {graph.function} of {graph.file}" if graph.function else graph.file
                 raise BundleError(f"Core ML cannot load {what}: {str(exc).splitlines()[0][:300]}; re-export the bundle") from None
+            self._read_back(self.models[key], graph)
         return self.models[key]
+
+    def _read_back(self, model, graph: Graph) -> None:
+        counts = planned_devices(model, graph.function, self.compute_units)
+        if counts is None:  # no MLComputePlan (macOS before 14.4): what ran is not knowable, and not claimed
+            self.executed["devices"] = "unknown (MLComputePlan needs macOS 14.4)"
+            return
+        for device, n in counts.items():
+            self.device_ops[device] = self.device_ops.get(device, 0) + n
+        self.executed["devices"] = ", ".join(f"{d} {n} ops" for d, n in sorted(self.device_ops.items(), key=lambda x: -x[1]))
+        accelerators = UNITS_ALLOWED[self.compute_units] - {"CPU"}
+        if accelerators and not accelerators & set(self.device_ops):
+            from postdiff.errors import warn_once
+
+            warn_once(
+                f"compute-units:{self.compute_units}",
+                f"--compute-units {self.compute_units} runs on the CPU here: Core ML plans none of the operations loaded so "
+                f"far on {' or '.join(sorted(accelerators))}; the timings are the CPU's",
+            )
 
     def load(self, graph: Graph) -> None:
         self.model(graph)
@@ -64,6 +93,27 @@ class CoreMLRunner:
         cast = {t.name: (np.int32 if t.dtype == "int32" else np.float32) for t in graph.inputs}
         out = self.model(graph).predict({k: np.ascontiguousarray(v, dtype=cast[k]) for k, v in feeds.items() if k in cast})
         return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def planned_devices(model, function: str | None, compute_units: str) -> dict[str, int] | None:
+    """{device: operations} Core ML's compute plan prefers for one loaded ML program function (CPU, GPU, NE), or
+    None where the compute plan cannot be read (macOS before 14.4, an older coremltools)."""
+    import coremltools as ct
+
+    try:
+        from coremltools.models.compute_plan import MLComputePlan
+
+        plan = MLComputePlan.load_from_path(model.get_compiled_model_path(), compute_units=getattr(ct.ComputeUnit, compute_units))
+        operations = plan.model_structure.program.functions[function or "main"].block.operations
+    except Exception:  # coremltools raises plain Exceptions where the OS has no compute plan
+        return None
+    counts: dict[str, int] = {}
+    for op in operations:
+        usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
+        if usage is not None:  # constants and the like have no device
+            name = DEVICE_NAMES.get(type(usage.preferred_compute_device).__name__, type(usage.preferred_compute_device).__name__)
+            counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def inspect_bundle(folder: str | Path, *, verify: bool = True):

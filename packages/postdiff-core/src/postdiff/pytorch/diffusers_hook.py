@@ -53,7 +53,7 @@ from postdiff.loop.resolution import (
     noise_level,
     restart_repeat,
 )
-from postdiff.loop.sampling import PlanRun, begin_by_position, initial_latents
+from postdiff.loop.sampling import PlanRun, begin_by_position, compile_for_scheduler, initial_latents
 from postdiff.plan.compiler import Plan, check_recipe_fits, compile_plan, starting_at
 from postdiff.plan.recipe import Recipe, load_recipe
 from postdiff.pytorch.backbone import network_of, spec_of, split_for
@@ -91,7 +91,13 @@ def apply(pipe, plan: str | Recipe | dict = "postdiff"):
     if not any(c.__name__ in SUPPORTED_PIPELINES for c in base.__mro__):
         raise ModelError(f"postdiff.apply supports {', '.join(SUPPORTED_PIPELINES)}, not {base.__name__}")
     # a network PostDiff cannot split, or a recipe this network cannot run: refused here, not at every later call
-    check_recipe_fits(recipe, spec_of(network_of(pipe)))
+    spec = spec_of(network_of(pipe))
+    check_recipe_fits(recipe, spec)
+    if "height" in inspect.signature(base.__call__).parameters:
+        # the default call (the pipeline's own image size, the recipe's steps, its scheduler) compiled now, on a copy
+        # of the scheduler: a size the plan cannot reach or a schedule it cannot run is refused here too. A call at
+        # another size or step count is compiled when it starts, before its first network call.
+        compile_for_scheduler(recipe, copy.deepcopy(pipe.scheduler), _latent_hw(pipe, base, {}), spec)
     if base not in _SUBCLASSES:
         # Same class name, so anything that reads it (save_pretrained, logging) still sees the original.
         _SUBCLASSES[base] = type(base.__name__, (base,), _call_dispatch(base))
