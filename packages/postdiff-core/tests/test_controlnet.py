@@ -161,3 +161,14 @@ def test_controlnet_img2img_runs_plans():
     postdiff.apply(pipe, POSTDIFF)
     first = go()
     assert np.array_equal(go(), first) and len(last_plan(pipe).steps) < STEPS
+
+
+def test_controlnet_plans_in_half_precision():
+    """The control image PostDiff area-averages to the stage follows the pipeline's dtype (bfloat16 here)."""
+    pipe = controlnet_pipe("sd").to(dtype=torch.bfloat16)
+    vanilla = run(pipe)
+    postdiff.apply(pipe, "baseline")
+    assert np.array_equal(run(pipe), vanilla)
+    postdiff.apply(pipe, POSTDIFF)
+    first = run(pipe)
+    assert np.isfinite(first).all() and np.array_equal(run(pipe), first) and np.abs(first - vanilla).max() > 0

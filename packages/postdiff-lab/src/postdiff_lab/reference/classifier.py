@@ -4,7 +4,7 @@ A small CNN per dataset, trained by ``benchmarks/reference/train_classifier.py``
 shipped beside each reference model's weights). Its 128-d penultimate layer is the feature space of
 "FID (in-domain classifier features)", which is not
 comparable with published Inception FIDs. Class accuracy and confidence of generated samples stand in for
-CLIP score, which cannot be computed offline.
+CLIP score, which needs prompts (text-to-image models get it with ``--clip DIR``).
 """
 
 from __future__ import annotations
