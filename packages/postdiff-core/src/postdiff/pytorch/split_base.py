@@ -20,13 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from postdiff.errors import ModelError
+
 
 class _XAttnIO:
     """Per-call instructions for the cross-attention wrappers, set at the start of a forward and cleared at its end."""
 
-    def __init__(self, attn2: list[nn.Module]) -> None:
+    def __init__(self) -> None:
         self.mode = "compute"
-        self.index = {id(m): k for k, m in enumerate(attn2)}  # module -> its xattn index in this split
         self.inputs: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.hw: tuple[int, int] = (0, 0)  # spatial size of the feature map (or patch grid) the attention works on
@@ -45,14 +46,16 @@ _WRAP_LOCK = threading.Lock()
 class _XAttnProcessor:
     """Wraps an attn2 processor. Outside a split's forward (or in mode "compute") it is exactly the wrapped processor."""
 
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.users = inner, 0
+    def __init__(self, inner: Any, index: int) -> None:
+        # index: the module's place among the network's attn2 modules in execution order, the same in every split
+        # of the network (a split's cut does not change the order), so the wrapper holds it
+        self.inner, self.index, self.users = inner, index, 0
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
         io = _ACTIVE_IO.get()
-        k = None if io is None or io.mode == "compute" else io.index.get(id(attn))
-        if k is None:
+        if io is None or io.mode == "compute":
             return self.inner(attn, hidden_states, *args, **kwargs)
+        k = self.index
         if io.mode == "cached":
             return io.inputs[k].flatten(1, 2)  # (B, H, W, C) -> (B, H*W, C), the tokens' row-major order
         out = self.inner(attn, hidden_states, *args, **kwargs)
@@ -71,15 +74,17 @@ class CrossAttentionSplit:
     wrappers are removed from the network afterwards (when no other split of it is open)."""
 
     def _wrap(self, attn2: list[nn.Module], shallow_xattn: list[int]) -> None:
-        self.io = _XAttnIO(attn2)
+        self.io = _XAttnIO()
         self.attn2 = attn2
         self.shallow_xattn = shallow_xattn
         with _WRAP_LOCK:
-            for m in attn2:
+            for k, m in enumerate(attn2):
                 if not isinstance(m.processor, _XAttnProcessor):
                     # set_processor, not assignment: an IP-Adapter's processor is a module (its image key/value
                     # projections), which the Attention module holds as a child until the wrapper stands in for it
-                    m.set_processor(_XAttnProcessor(m.processor))
+                    m.set_processor(_XAttnProcessor(m.processor, k))
+                elif m.processor.index != k:
+                    raise ModelError(f"attn2 module {k} is already wrapped as module {m.processor.index} by another split")
                 m.processor.users += 1
 
     @property
