@@ -1,4 +1,7 @@
-"""Writing files a user asked for: checked before the work starts, written whole or not at all.
+"""Files a user gives or asks for: read with one-line errors, checked before the work starts, written whole or not at all.
+
+* ``read_text`` reads a text file the user named (a recipe, a prompts file) as UTF-8, refusing bytes that are not
+  UTF-8 or a file that cannot be read in one line that names it.
 
 * ``check_output`` refuses, before any model loads, an output path that is a folder, lies in a folder that cannot
   be written, or has a suffix the writer cannot produce, so a long run never fails at its last line.
@@ -68,6 +71,17 @@ def _check_writable_parent(p: Path, flag: str, text: str) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".postdiff-probe-", dir=parent))
     except OSError as exc:
         raise PostDiffError(f"{flag} {text}: cannot write in {parent} ({exc.strerror}); choose a writable folder") from None
+
+
+def read_text(path: Path, where: str, error: type[PostDiffError] = PostDiffError, *, hint: str = "") -> str:
+    """The UTF-8 text of ``path`` (a byte-order mark is dropped); ``where`` names it in the errors ("plan file x.json"),
+    ``hint`` ends the not-UTF-8 one."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise error(f"{where} is not UTF-8 text (byte {exc.start}){'; ' + hint if hint else ''}") from None
+    except OSError as exc:
+        raise error(f"cannot read {where}: {exc.strerror}") from None
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from postdiff.errors import PostDiffError
+from postdiff.files import atomic_write, read_text
 
 PROMPT_KEYS = ("caption", "prompt", "text")  # the column (.csv) or key (.jsonl) a prompt is read from, first found
 PROMPT_SUFFIXES = (".txt", ".csv", ".jsonl")
@@ -39,10 +40,7 @@ def load_prompts(path: str | Path) -> list[str]:
         raise PostDiffError(f"{where}: use a .txt (one prompt per line), .csv or .jsonl file, not {p.suffix or 'a file without a suffix'}")
     if not p.is_file():
         raise PostDiffError(f"{where}: no such file")
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise PostDiffError(f"{where}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    text = read_text(p, where, hint="save it as UTF-8")
     suffix = p.suffix.lower()
     if suffix == ".txt":
         prompts = [line.strip() for line in text.splitlines()]
@@ -221,10 +219,12 @@ class TextImageSet:
         if path.is_file():
             return np.load(path)
         feats = inception_features(_load_rgb(f) for f in self.reference)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, feats)
-        tmp.replace(path)  # whole or not at all
+
+        def save(tmp: Path) -> None:
+            with tmp.open("wb") as out:  # a file object: np.save would add .npy to the temporary name
+                np.save(out, feats)
+
+        atomic_write(path, save)
         return feats
 
     def notes(self, model_weights: str) -> list[str]:

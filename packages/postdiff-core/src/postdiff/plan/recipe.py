@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from postdiff.errors import RecipeError, brief
+from postdiff.files import read_text
 
 DEFAULT_STEPS = 20
 
@@ -358,12 +359,7 @@ def load_recipe(spec: str | Path | Recipe | dict) -> Recipe:
             raise RecipeError(f"plan {shown} is a folder; give a recipe JSON file or one of: {', '.join(builtin_names())}")
         if not path.is_file():
             raise RecipeError(f"plan file {shown} does not exist; give a JSON file or one of: {', '.join(builtin_names())}")
-        try:
-            data = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise RecipeError(f"plan file {shown} is not UTF-8 text (byte {exc.start}); a recipe is a JSON file") from None
-        except OSError as exc:
-            raise RecipeError(f"cannot read plan file {shown}: {exc.strerror}") from None
+        data = read_text(path, f"plan file {shown}", RecipeError, hint="a recipe is a JSON file")
         recipe = Recipe.from_json(data, where=f"plan file {path.name}")
         return recipe if recipe.name else dataclasses.replace(recipe, name=path.stem)
     raise RecipeError(f"unknown plan {brief(text)}; use one of: {', '.join(builtin_names())}, or a JSON file")
