@@ -100,3 +100,20 @@ def test_eval_on_a_dask_cluster_measures_the_same_samples_without_timings(tmp_pa
     timing_free = ("seconds", "speedup")
     for ra, rb in zip(a["plans"], b["plans"]):
         assert {k: v for k, v in ra.items() if k not in timing_free} == {k: v for k, v in rb.items() if k not in timing_free}
+
+
+def test_the_model_fingerprint_is_the_same_in_every_process():
+    """Workers check their model against the driver's by this hash: diffusers' configuration bookkeeping
+    (``_use_default_values``, a list in set order) must not make two processes disagree about the same model."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from postdiff.families.model import load_model; from postdiff_lab.cluster import model_fingerprint; print(model_fingerprint(load_model('toy-sd', need_pipeline=True)))"
+    seen = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": seed}
+        ).stdout.strip()
+        for seed in ("1", "2", "3")
+    }
+    assert len(seen) == 1, seen

@@ -66,7 +66,13 @@ def model_fingerprint(model) -> str:
     """A hash of what a model computes: its configurations and every weight of its pipeline's modules."""
     import torch
 
-    h = hashlib.sha256(json.dumps([model.unet_config, model.scheduler_config], sort_keys=True, default=str).encode())
+    # diffusers' bookkeeping keys (``_use_default_values`` is a list in set order, which differs from process to
+    # process; ``_name_or_path``, ``_diffusers_version``) say nothing about what the model computes
+    configs = [
+        {k: v for k, v in dict(c).items() if not k.startswith("_") or k == "_class_name"}
+        for c in (model.unet_config, model.scheduler_config)
+    ]
+    h = hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode())
     pipe = model.pipeline
     parts = dict(getattr(pipe, "components", None) or vars(pipe)) if pipe is not None else {}
     for name in sorted(parts):
