@@ -50,6 +50,14 @@ def shared_pair(name: str):
     return a, b
 
 
+def planned_pair(name: str):
+    """(A with the plan, B vanilla, B's vanilla image, A's image under the plan), each image made alone."""
+    a, b = shared_pair(name)
+    vanilla_b = run(b, "a lighthouse", 7)
+    postdiff.apply(a, plan_of(name))
+    return a, b, vanilla_b, run(a, "a red apple", 3)
+
+
 def network(pipe):
     return getattr(pipe, "transformer", None) or pipe.unet
 
@@ -80,10 +88,7 @@ def step_callback(pipe, fn, legacy: bool = False):
 
 @pytest.mark.parametrize("name", PLANS)
 def test_another_thread_on_the_shared_network_runs_vanilla(name):
-    a, b = shared_pair(name)
-    vanilla_b = run(b, "a lighthouse", 7)
-    postdiff.apply(a, plan_of(name))
-    solo_a = run(a, "a red apple", 3)
+    a, b, vanilla_b, solo_a = planned_pair(name)
 
     inside, b_done = threading.Event(), threading.Event()
     a_thread: list[threading.Thread] = []
@@ -131,10 +136,7 @@ def test_another_thread_on_the_shared_network_runs_vanilla(name):
 
 @pytest.mark.parametrize("name", PLANS)
 def test_a_pipeline_called_from_a_step_callback_runs_vanilla(name):
-    a, b = shared_pair(name)
-    vanilla_b = run(b, "a lighthouse", 7)
-    postdiff.apply(a, plan_of(name))
-    solo_a = run(a, "a red apple", 3)
+    a, b, vanilla_b, solo_a = planned_pair(name)
     # SD pipelines also take the older ``callback`` (through their **kwargs): both kinds run outside the plan
     for legacy in (False, True) if name == "postdiff" else (False,):
         inner: list[np.ndarray] = []
