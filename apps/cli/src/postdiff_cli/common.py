@@ -69,11 +69,16 @@ def torch_args(p: argparse.ArgumentParser, *, openvino: bool = False) -> None:
 def torch_target(args) -> tuple[str | None, str | None]:
     """The --device and --dtype given (None where not), checked before any model loads: a device that is not here
     gets one line naming the devices found."""
-    from postdiff.pytorch.device import resolve_device, resolve_dtype
+    from postdiff.pytorch.device import check_target
 
     device, dtype = getattr(args, "device", None), getattr(args, "dtype", None)
-    resolve_dtype(dtype, resolve_device(device))
+    check_target(device, dtype)
     return device, dtype
+
+
+def ran_on(placement: dict[str, str]) -> str:
+    """ "torch on cpu in bfloat16": what the output lines say about where PyTorch ran (``Model.placement``)."""
+    return f"torch on {placement['device']} in {placement['dtype']}"
 
 
 def text_image_args(p: argparse.ArgumentParser) -> None:
@@ -165,7 +170,7 @@ def run_search(args, measure, target, **specific) -> dict:
 
     grid = search_grid(args)
     text = text_image_set(args)
-    source = make_source(args, prompts=text.prompts)
+    source = make_source(args, text=text)
     with make_executor(args) as executor:
         result = measure(
             source,
@@ -180,9 +185,14 @@ def run_search(args, measure, target, **specific) -> dict:
             **executor_options(args),
             **specific,
         )
-    torch_ran = {"device": source.model.device, "dtype": source.model.dtype}  # where and in what PyTorch ran
     result.update(
-        {"command": args.command_line, "machine": machine_info(), "torch": torch_ran, "grid": grid.__dict__, "executor": args.executor}
+        {
+            "command": args.command_line,
+            "machine": machine_info(),
+            "torch": source.model.placement,
+            "grid": grid.__dict__,
+            "executor": args.executor,
+        }
     )
     return result
 
@@ -239,14 +249,21 @@ def search_grid(args):
     return g
 
 
-def make_source(args, need_pipeline=True, prompts=None):
+def make_source(args, need_pipeline=True, text=None):
     from postdiff.families.model import load_model
     from postdiff_lab.generation import source_for
 
     device, dtype = torch_target(args)
     model = load_model(args.model, need_pipeline=need_pipeline)
+    if text is not None:
+        text.check_model(model)
     if need_pipeline:
         model.to(device, dtype)
     return source_for(
-        model, scheduler=args.scheduler, guidance=getattr(args, "guidance", None), height=args.height, width=args.width, prompts=prompts
+        model,
+        scheduler=args.scheduler,
+        guidance=getattr(args, "guidance", None),
+        height=args.height,
+        width=args.width,
+        prompts=text.prompts if text else None,
     )

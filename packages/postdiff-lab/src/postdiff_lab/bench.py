@@ -67,9 +67,9 @@ class BenchConfig:
         if self.threads is not None and self.threads < 1:
             raise PostDiffError(f"--threads must be at least 1, got {self.threads}")
         if backends.TORCH in self.backends:
-            from postdiff.pytorch.device import resolve_device, resolve_dtype
+            from postdiff.pytorch.device import check_target
 
-            resolve_dtype(self.dtype, resolve_device(self.device))
+            check_target(self.device, self.dtype)
         if not self.plans:
             raise PostDiffError("--plans is empty; name at least one plan, e.g. --plans baseline,postdiff")
         if not self.backends:
@@ -165,9 +165,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             result["skipped"].append({"backend": backend, "reason": reason})
             continue
         if backend == backends.TORCH:
-            short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[model.dtype]  # the --weights names
+            from postdiff.pytorch.device import short_dtype
+
             for name in cfg.plans:
-                t = _Target(backend, name, short)
+                t = _Target(backend, name, short_dtype(model.dtype))
                 t.row.update(load_s=load_s, load_warm_s=load_warm_s, load_note="load_model (weights into a PyTorch pipeline)")
                 t.row["executed"] = {"device": model.device, "precision": model.dtype}  # where and how PyTorch ran
                 recipe = compiled[name].recipe

@@ -89,7 +89,7 @@ def evaluate(
     inception_ref = _inception_features(None, inception_reference) if inception else None
     result: dict[str, Any] = {
         "model": source.model.name,
-        "torch": {"device": source.model.device, "dtype": source.model.dtype},  # where and in what PyTorch ran
+        "torch": source.model.placement,
         "samples": samples,
         "seed": seed,
         "scheduler": source.scheduler_name or "DDIMScheduler",
@@ -274,7 +274,7 @@ def evaluate_sizes(
 
     result: dict[str, Any] = {
         "model": model.name,
-        "torch": {"device": model.device, "dtype": model.dtype},
+        "torch": model.placement,
         "kind": "sizes",
         "samples": samples,
         "seed": seed,

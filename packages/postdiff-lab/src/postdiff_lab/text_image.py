@@ -203,6 +203,17 @@ class TextImageSet:
         if self.clip_dir is not None:
             self.clip = CLIPScorer(self.clip_dir)
 
+    def check_model(self, model) -> None:
+        """Refuse the text-to-image inputs for a model that does not take prompts (the class-conditional ones)."""
+        flags = [
+            f for f, v in (("--prompts", self.prompts_file), ("--reference-images", self.reference_dir), ("--clip", self.clip_dir)) if v
+        ]
+        if flags and model.family.condition != "prompt":
+            raise PostDiffError(
+                f"{', '.join(flags)} {'is' if len(flags) == 1 else 'are'} for text-to-image models; {model.name} takes "
+                f"{model.family.condition}s (its own FID and class accuracy need no flag)"
+            )
+
     @property
     def given(self) -> bool:
         return any(x is not None for x in (self.prompts_file, self.reference_dir, self.clip_dir))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..common import make_source, model_args, recipe, torch_args, warn
+from ..common import make_source, model_args, ran_on, recipe, torch_args, warn
 from ..render import print_table
 
 
@@ -99,7 +99,7 @@ def run(args) -> int:
         rows.append(batch.images[:10])
     path = save_grid(rows, args.output, row_labels=[r[0] for r in table], scale=max(1, 64 // rows[0][0].shape[0]))
     print(
-        f"PostDiff demo on {model.name} ({seeds} images per plan, {plan.recipe.steps} steps, {plan.scheduler}, torch on {model.device} in {model.dtype})"
+        f"PostDiff demo on {model.name} ({seeds} images per plan, {plan.recipe.steps} steps, {plan.scheduler}, {ran_on(model.placement)})"
     )
     headers = ["plan", "MACs vs baseline", "seconds", "speedup", "PSNR vs baseline (dB)", "LPIPS vs baseline"]
     if model.dataset:

@@ -11,6 +11,7 @@ from ..common import (
     make_source,
     model_args,
     numbers,
+    ran_on,
     text_image_args,
     text_image_set,
     torch_args,
@@ -66,7 +67,7 @@ def run(args) -> int:
     text = text_image_set(args)
     if args.sizes is not None and text.given:
         raise PostDiffError("--prompts, --reference-images and --clip measure plans; leave out --sizes (or them)")
-    source = make_source(args, prompts=text.prompts)
+    source = make_source(args, text=text)
     if args.sizes is not None:
         for px in sizes:  # the same one-line warning as generate's, for each size the weights were not trained at
             warn(source.model.untrained_warning(source.at_size(px, px).compile("baseline")))
@@ -102,8 +103,7 @@ def run(args) -> int:
         labels = [r["plan"] for r in result["plans"]]
     result["command"] = args.command_line
     grid = result.pop("grid")
-    ran = result.get("torch", {})
-    print(f"postdiff eval on {result['model']} (torch on {ran.get('device', 'cpu')} in {ran.get('dtype', 'float32')}): {title}")
+    print(f"postdiff eval on {result['model']} ({ran_on(result['torch'])}): {title}")
     print_table(headers, rows)
     for note in result["notes"]:
         print(f"- {note}")

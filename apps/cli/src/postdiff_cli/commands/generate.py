@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ..common import guidance_arg, log, make_source, model_args, plans_help, recipe, torch_args, warn
+from ..common import guidance_arg, log, make_source, model_args, plans_help, ran_on, recipe, torch_args, warn
 
 
 def add_parser(sub) -> None:
@@ -71,7 +71,7 @@ def run(args) -> int:
     path = save_png(batch.images[0], args.output)
     model = src.model
     print(
-        f"wrote {path} ({model.name}, torch on {model.device} in {model.dtype}, plan {plan_recipe.label}, {plan_recipe.steps} steps of {plan.scheduler}, "
+        f"wrote {path} ({model.name}, {ran_on(model.placement)}, plan {plan_recipe.label}, {plan_recipe.steps} steps of {plan.scheduler}, "
         f"seed {args.seed}, {batch.seconds:.2f} s)"
     )
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..common import grid_args, numbers, run_search, search_args
+from ..common import grid_args, numbers, ran_on, run_search, search_args
 from ..render import print_table
 
 
@@ -28,7 +28,7 @@ def run(args) -> int:
         check_budget(b)
     result = run_search(args, sweep, budgets, samples=args.samples)
     print(
-        f"postdiff sweep on {result['model']} (torch on {result['torch']['device']} in {result['torch']['dtype']}): {result['metric']} on {args.samples} held-out samples (plans chosen on {args.calibration} "
+        f"postdiff sweep on {result['model']} ({ran_on(result['torch'])}): {result['metric']} on {args.samples} held-out samples (plans chosen on {args.calibration} "
         f"calibration samples); baseline {result['baseline']['holdout']:.4g}"
     )
 

@@ -57,6 +57,11 @@ class Model:
     device: str = "cpu"  # where PyTorch runs it (``to``)
     dtype: str = "float32"  # its weights' and activations' floating-point type (``to``)
 
+    @property
+    def placement(self) -> dict[str, str]:
+        """Where and in what PyTorch runs this model ({"device", "dtype"}), as results record it."""
+        return {"device": self.device, "dtype": self.dtype}
+
     def to(self, device: str | None = None, dtype: str | None = None) -> Model:
         """Run this model's PyTorch networks on ``device`` in ``dtype`` (the CLI's ``--device``/``--dtype``: auto,
         cpu, cuda[:N], mps; auto, float32, float16, bfloat16); refused in one line when the device is not here.

@@ -167,10 +167,7 @@ class TorchOps:
     def like(x, ref):
         return x.to(device=ref.device, dtype=ref.dtype)
 
-    @staticmethod
-    def follow(x, network_input):
-        """``x`` on the device and in the dtype of a tensor the networks made (``Model.to`` moved them)."""
-        return x.to(device=network_input.device, dtype=network_input.dtype)
+    follow = like  # ``x`` on the device and in the dtype of a tensor the networks made (``Model.to`` moved them)
 
     @staticmethod
     def zeros_like(x):

@@ -59,6 +59,16 @@ def resolve_dtype(name: str | None, device):
     return getattr(torch, text)
 
 
+def check_target(device: str | None, dtype: str | None) -> None:
+    """Refuse, before any model loads, a ``--device`` that is not here or a ``--dtype`` it cannot run (one line)."""
+    resolve_dtype(dtype, resolve_device(device))
+
+
+def short_dtype(dtype: str) -> str:
+    """The weight-type name ``--weights`` uses for a dtype name: fp32, fp16, bf16."""
+    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype]
+
+
 def _mps_has_bf16() -> bool:
     import torch
 
