@@ -9,7 +9,7 @@ the paper's question (cheaper steps or fewer steps?) per solver.
 ``solvers``: ``postdiff sweep`` once per solver (DDIM, Euler a, DPM++ 2M Karras, UniPC at 20 steps): at each budget the
 best ``steps:N`` plan against the best cheaper-steps plan from the sweep's grid, chosen on calibration samples and
 measured on held-out ones. Each command runs in its own process (the CLI as a user runs it); its JSON is kept
-beside the table. Prints a Markdown table; writes JSON and the table (``--out``, default under benchmarks/results/).
+beside the table, and ``--resume`` keeps a solver's finished sweep when it ran with the same arguments. Prints a Markdown table; writes JSON and the table (``--out``, default under benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -65,17 +65,37 @@ def check_table(data: dict) -> str:
 
 
 def solvers(args, work: Path) -> tuple[dict, str]:
+    from postdiff_lab.report import write_json
+
     rows = []
     for name in args.solvers.split(","):
         out = work / f"sweep_{args.model}_{name}.json"
+        sweep_args = ["--model", args.model, "--scheduler", name, "--budgets", args.budgets, "--samples", str(args.samples),
+                      "--calibration", str(args.calibration), "--seed", str(args.seed), *args.grid.split()]  # fmt: skip
+        # A solver's sweep takes up to an hour here: a finished one is kept with the arguments it ran with, and a
+        # --resume run with the same arguments reads it instead of running it again.
+        done = out.with_suffix(".args.json")
+        if args.resume and out.exists() and done.exists() and json.loads(done.read_text()) == sweep_args:
+            print(f"{name}: kept from {out} (same arguments)", file=sys.stderr, flush=True)
+            kept = json.loads(out.read_text())
+            rows.append({"solver": name, "seconds": kept.get("bench_seconds"), "sweep": kept})
+            continue
+        done.unlink(missing_ok=True)
         t0 = time.perf_counter()
-        postdiff("sweep", "--model", args.model, "--scheduler", name, "--budgets", args.budgets, "--samples", str(args.samples),
-                 "--calibration", str(args.calibration), "--seed", str(args.seed), "--json", str(out), "--plot", str(out.with_suffix(".png")),
-                 *args.grid.split())  # fmt: skip
-        rows.append({"solver": name, "seconds": round(time.perf_counter() - t0, 1), "sweep": json.loads(out.read_text())})
+        postdiff("sweep", *sweep_args, "--json", str(out), "--plot", str(out.with_suffix(".png")))
+        seconds = round(time.perf_counter() - t0, 1)
+        result = json.loads(out.read_text()) | {"bench_seconds": seconds}
+        write_json(out, result)
+        write_json(done, sweep_args)
+        rows.append({"solver": name, "seconds": seconds, "sweep": result})
     meta = {"calibration": args.calibration, "budgets": args.budgets, "seed": args.seed, "grid": args.grid or "the sweep's default"}
     data = {"mode": "solvers", "model": args.model, "samples": args.samples, **meta, "rows": rows}
     return data, solvers_table(data)
+
+
+def cell(plan: dict | None) -> str:
+    """A sweep winner as ``name (MACs): FID``, or why there is none."""
+    return "none in the grid fits" if plan is None else f"{plan['name']} ({plan['macs_ratio']:.3f}): {plan['holdout']:.2f}"
 
 
 def solvers_table(data: dict) -> str:
@@ -92,11 +112,8 @@ def solvers_table(data: dict) -> str:
         s = r["sweep"]
         for b in s["rows"]:
             few, cheap = b["fewer-steps"], b["cheaper-steps"]
-            better = "cheaper steps" if cheap["holdout"] < few["holdout"] else "fewer steps"
-            lines.append(
-                f"| {r['solver']} | {s['baseline']['holdout']:.2f} | {b['budget']} | {few['name']} ({few['macs_ratio']:.3f}): "
-                f"{few['holdout']:.2f} | {cheap['name']} ({cheap['macs_ratio']:.3f}): {cheap['holdout']:.2f} | {better} |"
-            )
+            better = {"cheaper-steps": "cheaper steps", "fewer-steps": "fewer steps", None: "-"}[b["winner"]]
+            lines.append(f"| {r['solver']} | {s['baseline']['holdout']:.2f} | {b['budget']} | {cell(few)} | {cell(cheap)} | {better} |")
     return "\n".join(lines)
 
 
@@ -113,6 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--solvers", default=",".join(SOLVERS), help=f"solvers: scheduler names (default: {','.join(SOLVERS)})")
     ap.add_argument("--grid", default="", help="solvers: sweep grid options, e.g. '--betas 1,0.5 --intervals 1,2,3' (default: the sweep's)")
     ap.add_argument("--out", default=None, help="JSON results (default: benchmarks/results/<mode>_<model>.json)")
+    ap.add_argument("--resume", action="store_true", help="solvers: keep each solver's finished sweep that ran with the same arguments")
     args = ap.parse_args(argv)
     if args.model not in ("reference", "digits"):
         ap.error(f"--model must be reference or digits (the embedded models with a classifier), got {args.model!r}")
