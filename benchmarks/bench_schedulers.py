@@ -5,7 +5,7 @@ the paper's question (cheaper steps or fewer steps?) per solver.
     python benchmarks/bench_schedulers.py solvers [--model reference] [--samples 2000] [--budgets 0.25,0.4,0.6]
 
 ``check``: ``postdiff eval --plans baseline,postdiff`` once per scheduler name (every name ``--scheduler`` takes but
-``lcm``, which only LCM UNets run): class accuracy, in-domain FID, MACs ratio and time per scheduler.
+``lcm`` and the ``flow-*`` names, which only LCM and flow-matching models run): class accuracy, in-domain FID, MACs ratio and time per scheduler.
 ``solvers``: ``postdiff sweep`` once per solver (DDIM, Euler a, DPM++ 2M Karras, UniPC at 20 steps): at each budget the
 best ``steps:N`` plan against the best cheaper-steps plan from the sweep's grid, chosen on calibration samples and
 measured on held-out ones. Each command runs in its own process (the CLI as a user runs it); its JSON is kept
@@ -33,10 +33,10 @@ def postdiff(*args: str) -> None:
 
 
 def check(args, work: Path) -> tuple[dict, str]:
-    from postdiff.plan.schedulers import NAMES
+    from postdiff.plan.schedulers import NAMES, is_flow_scheduler
 
     rows = []
-    for name in [n for n in NAMES if n != "lcm"]:
+    for name in [n for n in NAMES if n != "lcm" and not is_flow_scheduler(n)]:
         out = work / f"check_{args.model}_{name}.json"
         t0 = time.perf_counter()
         postdiff("eval", "--model", args.model, "--scheduler", name, "--plans", "baseline,postdiff", "--samples", str(args.samples),

@@ -62,3 +62,27 @@ def test_shipped_training_records_match_the_weights():
         assert meta["dataset"] == dataset and {16, 24, 32} <= set(meta["sizes"])
         assert meta["data"] == data.train_hashes(dataset)
         assert (weights_dir(dataset) / "model.safetensors").stat().st_size < 20e6
+
+
+def test_the_rectified_flow_objective_trains_resumes_and_is_kept(tmp_path):
+    """--objective flow (reference-flow): the velocity target, resumable bit for bit like the noise objective, and a
+    checkpoint of one objective refuses to resume as the other."""
+    common = ["--dataset", "digits", "--batch", "4", "--threads", "1", "--log-every", "1", "--ckpt-every", "2", "--objective", "flow"]
+    straight, split = tmp_path / "a" / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt"
+    _train([*common, "--ckpt", str(straight), "--iters", "4"])
+    _train([*common, "--ckpt", str(split), "--iters", "2"])
+    _train([*common[:-2], "--ckpt", str(split), "--iters", "4"])  # resumes as flow without being told
+    a, b = _weights(straight), _weights(split)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.load(straight, weights_only=True)["args"]["objective"] == "flow"
+    with open(straight.with_name("loss.csv")) as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f)]
+    # the velocity noise - x0 has variance about 1 + var(x0) (x0 in [-1, 1]): an untrained network's loss is above 1,
+    # where the noise target (variance 1) gives about 1
+    assert all(loss > 1.0 for loss in losses)
+    with pytest.raises(SystemExit, match="--objective epsilon: the checkpoint .* trains flow"):
+        _train([*common[:-2], "--objective", "epsilon", "--ckpt", str(split), "--iters", "5"])
+    eps = tmp_path / "eps" / "checkpoint.pt"
+    _train([*common[:-2], "--ckpt", str(eps), "--iters", "4"])
+    with open(eps.with_name("loss.csv")) as f:
+        assert max(float(r["loss"]) for r in csv.DictReader(f)) < min(losses)  # a different target, measurably

@@ -8,6 +8,11 @@ several resolutions): the lower sizes are area-downsampled from the 32x32 padded
 denoise the low-resolution phase of a mixed-resolution plan. ``--init CKPT`` starts a new run from another
 run's weights (v2 was fine-tuned from v1's checkpoint).
 
+``--objective flow`` trains the same network on a rectified flow instead (``reference-flow``, the flow-matching
+reference): x_sigma = (1 - sigma) x0 + sigma noise with sigma uniform on {1, ..., 1000} / 1000, the network given the
+timestep 1000 sigma (as diffusers' FlowMatch schedulers pass it) and trained to predict the velocity noise - x0, the
+objective of SD3 and FLUX (without their logit-normal weighting of sigma: uniform, as the original rectified flow).
+
 The exact command, seed and loss curve of the shipped weights are in benchmarks/reference/README.md and
 loss.csv. Training is split into sittings: every ``--ckpt-every`` iterations the model, its EMA, the optimiser,
 the iteration counter and every random-number state are saved to ``--ckpt`` (atomically), and a new run
@@ -45,10 +50,22 @@ SCHEDULES = {
 }
 
 
-def scheduler_config(schedule: str) -> dict:
-    """The sampling scheduler config of a model trained with ``schedule`` (training.json records it)."""
+# The sampling scheduler of a flow-matching run: SD3's own class; shift 1, since a 32 px image's 1,024 pixels are
+# SD3's base sequence length (its shift 3 is for 4,096 tokens) and the run trained sigma uniformly.
+FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
+
+
+def scheduler_config(schedule: str, objective: str = "epsilon") -> dict:
+    """The sampling scheduler config of a model trained with ``schedule`` and ``objective`` (training.json records it)."""
+    if objective == "flow":
+        return dict(FLOW_SCHEDULER)
     base = {k: v for k, v in ref.SCHEDULER_CONFIG.items() if k not in ("beta_schedule", "beta_start", "beta_end")}
     return {**base, **SCHEDULES[schedule]}
+
+
+def weights_key(dataset: str, objective: str) -> str:
+    """The shipped-weights folder key (``ref.WEIGHT_FOLDERS``) of a run."""
+    return dataset if objective == "epsilon" else f"{dataset}-flow"
 
 
 def ddpm_alphas(device, schedule: str) -> torch.Tensor:
@@ -119,9 +136,15 @@ def train(args) -> None:
         if args.schedule not in (None, saved):
             raise SystemExit(f"--schedule {args.schedule}: the checkpoint {ckpt} trains {saved}; resume with --schedule {saved}")
         args.schedule = saved
+        objective = state["args"].get("objective", "epsilon")
+        if args.objective not in (None, objective):
+            raise SystemExit(f"--objective {args.objective}: the checkpoint {ckpt} trains {objective}; resume with --objective {objective}")
+        args.objective = objective
         print(f"resumed from {ckpt} at iteration {step}", flush=True)
     if args.schedule is None:  # a new run
         args.schedule = "scaled_linear"
+    args.objective = args.objective or "epsilon"
+    flow = args.objective == "flow"
     alphas = ddpm_alphas(device, args.schedule)
 
     def checkpoint(at: int) -> None:
@@ -144,15 +167,20 @@ def train(args) -> None:
         x0, y = x_all[idx], torch.where(drop, torch.full_like(y_all[idx], ref.NULL_CLASS), y_all[idx])
         if size != 32:  # area-downsampled images; noise of the batch's own size, from the same generator stream
             x0, noise = F.interpolate(x0, size=(size, size), mode="area"), noise[..., :size, :size].contiguous()
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        if flow:  # the rectified flow: sigma in (0, 1], the velocity noise - x0 as target, timestep 1000 sigma
+            sigma = (t + 1).float() / 1000
+            xt = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
+            t, target = sigma * 1000, noise - x0
+        else:
+            a = alphas[t].view(-1, 1, 1, 1)
+            xt, target = a.sqrt() * x0 + (1 - a).sqrt() * noise, noise
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
         if args.cosine:  # cosine decay to 0 at --iters
             lr *= 0.5 * (1 + math.cos(math.pi * min(step, args.iters) / args.iters))
         for group in opt.param_groups:
             group["lr"] = lr
         pred = unet(xt, t, enc(y)).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -180,7 +208,8 @@ def export(args) -> None:
     from safetensors.torch import save_file
 
     state = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-    weights = WEIGHTS[state["args"].get("dataset", "fashion")]
+    objective = state["args"].get("objective") or "epsilon"
+    weights = WEIGHTS[weights_key(state["args"].get("dataset", "fashion"), objective)]
     tensors = {f"unet.{k}": v.contiguous() for k, v in state["ema_unet"].items()}
     tensors |= {f"class_encoder.{k}": v.contiguous() for k, v in state["ema_enc"].items()}
     weights.mkdir(parents=True, exist_ok=True)
@@ -203,7 +232,8 @@ def export(args) -> None:
         "init_from": run.get("init_sha256"),
         "data": data.train_hashes(run.get("dataset", "fashion")),
         "unet": ref.UNET_CONFIG,
-        "scheduler": scheduler_config(run.get("schedule") or "squaredcos_cap_v2"),
+        "objective": objective,
+        "scheduler": scheduler_config(run.get("schedule") or "squaredcos_cap_v2", objective),
         "class_tokens": {"tokens": ref.TOKENS, "dim": ref.TOKEN_DIM, "null_class": ref.NULL_CLASS},
     }
     (weights / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -224,6 +254,13 @@ def main(argv=None) -> int:
         default=None,
         help="noise schedule (default: the checkpoint's when resuming, else scaled_linear, Stable Diffusion's)",
     )
+    ap.add_argument(
+        "--objective",
+        choices=["epsilon", "flow"],
+        default=None,
+        help="what the network learns: epsilon (noise prediction, the reference models) or flow (rectified flow, the velocity; "
+        "reference-flow). Default: the checkpoint's when resuming, else epsilon",
+    )
     ap.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 0 at --iters")
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this sitting")
     ap.add_argument("--iters", type=int, default=1_000_000, help="stop at this total iteration count")
@@ -240,7 +277,8 @@ def main(argv=None) -> int:
     ap.add_argument("--export", action="store_true", help="export the checkpoint's EMA weights and stop")
     args = ap.parse_args(argv)
     if args.ckpt is None:
-        args.ckpt = str(DEFAULT_CKPT if args.dataset == "fashion" else HERE / args.dataset / "checkpoint.pt")
+        key = weights_key(args.dataset, args.objective or "epsilon")
+        args.ckpt = str(DEFAULT_CKPT if key == "fashion" else HERE / key / "checkpoint.pt")
     args.init_sha256 = data.sha256(Path(args.init)) if args.init else None
     if args.export:
         export(args)

@@ -18,7 +18,7 @@ from postdiff.plan.recipe import BUILTIN_PLANS
 from postdiff_lab.toy import toy_pipeline
 
 # the toy pipeline each built-in plan is made for
-KIND = {"postdiff-xl": "sdxl", "postdiff-dit": "pixart-sigma", "postdiff-lcm": "lcm"}
+KIND = {"postdiff-xl": "sdxl", "postdiff-dit": "pixart-sigma", "postdiff-lcm": "lcm", "postdiff-sd3": "sd3", "postdiff-sana": "sana"}
 PLANS = list(BUILTIN_PLANS)
 
 

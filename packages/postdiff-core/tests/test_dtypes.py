@@ -18,7 +18,14 @@ from postdiff.plan.recipe import BUILTIN_PLANS
 from postdiff.pytorch.device import resolve_device, resolve_dtype
 from postdiff_lab.toy import toy_pipeline
 
-KINDS = {"sd": "postdiff", "sdxl": "postdiff-xl", "pixart-sigma": "postdiff-dit", "lcm": "postdiff-lcm"}
+KINDS = {
+    "sd": "postdiff",
+    "sdxl": "postdiff-xl",
+    "pixart-sigma": "postdiff-dit",
+    "lcm": "postdiff-lcm",
+    "sd3": "postdiff-sd3",
+    "sana": "postdiff-sana",
+}
 SD_PLANS = [n for n in BUILTIN_PLANS if n not in KINDS.values()]
 
 

@@ -10,8 +10,9 @@ import torch
 
 from postdiff.errors import ModelError
 from postdiff.loop.numpy_schedulers import SCHEDULERS, numpy_scheduler
+from postdiff.loop.resolution import init_noise_sigma, scale_model_input
 from postdiff.loop.torch_random import TorchGenerator
-from postdiff.plan.schedulers import NAMES, name_of, resolve
+from postdiff.plan.schedulers import NAMES, is_flow_scheduler, name_of, resolve
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False, set_alpha_to_one=False)
 CASES = [
@@ -40,6 +41,8 @@ CASES = [
     ("LMSDiscreteScheduler", dict(SD, use_karras_sigmas=True)),
     ("PNDMScheduler", dict(SD, skip_prk_steps=True)),
     ("DDIMScheduler", dict(SD, beta_schedule="squaredcos_cap_v2")),
+    ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0}),  # SD3's
+    ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 1.0}),  # reference-flow's
 ]
 
 
@@ -51,7 +54,7 @@ def fake_unet(x: np.ndarray, t: float) -> np.ndarray:
 def run(scheduler, steps: int, restart: int | None, generator, to_array, from_array):
     scheduler.set_timesteps(steps)
     n = len(scheduler.timesteps)
-    x = to_array(np.linspace(-2, 2, 2 * 4 * 6 * 6, dtype=np.float32).reshape(2, 4, 6, 6)) * scheduler.init_noise_sigma
+    x = to_array(np.linspace(-2, 2, 2 * 4 * 6 * 6, dtype=np.float32).reshape(2, 4, 6, 6)) * init_noise_sigma(scheduler)
     out = []
     for i in range(n):
         if restart is not None and i == restart:
@@ -59,7 +62,7 @@ def run(scheduler, steps: int, restart: int | None, generator, to_array, from_ar
             if hasattr(scheduler, "set_begin_index"):  # as PlanRun restarts (DDIM steps by timestep and has none)
                 scheduler.set_begin_index(i)
         t = scheduler.timesteps[i]
-        model_in = scheduler.scale_model_input(x, t)
+        model_in = scale_model_input(scheduler, x, t)
         eps = to_array(fake_unet(from_array(model_in), float(t)))
         kwargs = {"generator": generator} if "generator" in scheduler.step.__code__.co_varnames else {}
         x = scheduler.step(eps, t, x, **kwargs, return_dict=False)[0]
@@ -79,7 +82,7 @@ def test_numpy_scheduler_matches_diffusers(name, config, restart):
     np.testing.assert_allclose(ours.timesteps.astype(np.float64), ref.timesteps.numpy().astype(np.float64), rtol=1e-5)
     if hasattr(ref, "sigmas") and hasattr(ours, "sigmas"):
         np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=1e-5)
-    assert float(ours.init_noise_sigma) == pytest.approx(float(ref.init_noise_sigma), rel=1e-5)
+    assert init_noise_sigma(ours) == pytest.approx(init_noise_sigma(ref), rel=1e-5)  # the flow schedulers have none
     a = run(ref, 20, restart, torch.Generator().manual_seed(3), torch.from_numpy, lambda x: x.numpy())
     b = run(ours, 20, restart, TorchGenerator(3), lambda x: x, lambda x: x)
     assert len(a) == len(b)
@@ -131,7 +134,7 @@ SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "b
 COSINE = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "lcm"])
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "lcm" and not is_flow_scheduler(n)])
 def test_every_short_name_is_one_diffusers_configuration_and_its_numpy_twin_follows_it(name):
     """Each UI name builds its diffusers class with its settings over the model's schedule, reads back as the same name,
     and the numpy scheduler of that name gives diffusers' timesteps and first step (1e-5)."""
@@ -179,3 +182,19 @@ def test_sigma_space_samplers_on_a_cosine_schedule_warn_once_in_one_line():
     with warnings.catch_warnings():
         warnings.simplefilter("error", PostDiffWarning)
         scheduler_from_config("ddim", COSINE)  # DDIM starts at unit variance whatever the schedule
+
+
+@pytest.mark.parametrize("kind", ["exponential", "linear"])
+def test_flow_matching_euler_with_the_shift_of_the_image_size(kind):
+    """FLUX's use_dynamic_shifting: the pipeline passes mu (from the image's token count) to set_timesteps; without it
+    the numpy scheduler refuses, as diffusers does."""
+    config = {"num_train_timesteps": 1000, "use_dynamic_shifting": True, "time_shift_type": kind, "shift": 3.0}
+    ref = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+    ours = numpy_scheduler("flow-euler", dict(ref.config))
+    with pytest.raises(ModelError, match="needs mu"):
+        ours.set_timesteps(20)
+    for mu in (0.5, 1.15):
+        ref.set_timesteps(20, mu=mu)
+        ours.set_timesteps(20, mu=mu)
+        np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy(), rtol=1e-5)

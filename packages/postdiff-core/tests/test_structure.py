@@ -102,7 +102,7 @@ def test_no_behaviour_depends_on_a_model_name_outside_the_family_registry():
 
 
 def test_every_model_kind_has_one_registered_family():
-    assert list(FAMILIES) == ["class-conditional", "sdxl", "sd", "lcm", "pixart", "unet"]
+    assert list(FAMILIES) == ["class-conditional", "sdxl", "sd", "lcm", "pixart", "sana", "sd3", "unet"]
     assert family_named("reference") is FAMILIES["class-conditional"]  # the kind bundles written before families
     with pytest.raises(BundleError, match="unknown model family 'dit'"):
         family_named("dit")

@@ -246,4 +246,121 @@ TOY_PIXART = _pixart(
 )
 TOY_PIXART_SIGMA = _pixart("toy-pixart-sigma", {**TOY_PIXART.unet, "sample_size": 32, "interpolation_scale": 1}, text_len=300)
 
-ARCHITECTURES = {a.name: a for a in (SD15, SD21, SDXL, LCM_SD15, PIXART_ALPHA, TOY_SD, TOY_SDXL, TOY_LCM, TOY_PIXART, TOY_PIXART_SIGMA)}
+# Stable Diffusion 3 medium (stabilityai/stable-diffusion-3-medium-diffusers): the MMDiT's transformer/config.json and
+# scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler, shift 3); 77 CLIP tokens + 256 T5 tokens, the
+# pooled CLIP-L and CLIP-G projections (768 + 1280).
+_SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+SD3_MEDIUM = Architecture(
+    "sd3-medium",
+    {
+        "_class_name": "SD3Transformer2DModel",
+        "sample_size": 128,
+        "patch_size": 2,
+        "in_channels": 16,
+        "num_layers": 24,
+        "attention_head_dim": 64,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "caption_projection_dim": 1536,
+        "pooled_projection_dim": 2048,
+        "out_channels": 16,
+        "pos_embed_max_size": 192,
+    },
+    text_len=333,
+    pooled_dim=2048,
+    scheduler=dict(_SD3_SCHEDULER),
+    scheduler_class="FlowMatchEulerDiscreteScheduler",
+)
+# A tiny SD3: 4 joint blocks of width 96 (caption projection = width, as SD3's), the toy CLIP encoders' 2 x 32 padded
+# to a 64-wide T5; 16 latent channels and a 32-latent sample size (256 px with the toy 8x VAE).
+TOY_SD3 = Architecture(
+    "toy-sd3",
+    {
+        **SD3_MEDIUM.unet,
+        "sample_size": 32,
+        "num_layers": 4,
+        "attention_head_dim": 24,
+        "num_attention_heads": 4,
+        "joint_attention_dim": 64,
+        "caption_projection_dim": 96,
+        "pooled_projection_dim": 64,
+        "pos_embed_max_size": 32,
+    },
+    text_len=77 + 256,
+    pooled_dim=64,
+    scheduler=dict(_SD3_SCHEDULER),
+    scheduler_class="FlowMatchEulerDiscreteScheduler",
+)
+
+# SANA 1600M at 1024 px (Efficient-Large-Model/Sana_1600M_1024px_diffusers): transformer/config.json (20 blocks of
+# width 2240, linear self-attention, patch 1 on the DC-AE's 32x32x32 latent) and its scheduler, DPM-Solver++ on flow
+# sigmas with flow_shift 3; 300 Gemma-2 tokens of width 2304.
+_SANA_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "algorithm_type": "dpmsolver++",
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "lower_order_final": True,
+    "final_sigmas_type": "zero",
+    "timestep_spacing": "linspace",
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "flow_shift": 3.0,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+}
+SANA_1600M = Architecture(
+    "sana-1600m",
+    {
+        "_class_name": "SanaTransformer2DModel",
+        "in_channels": 32,
+        "out_channels": 32,
+        "num_attention_heads": 70,
+        "attention_head_dim": 32,
+        "num_layers": 20,
+        "num_cross_attention_heads": 20,
+        "cross_attention_head_dim": 112,
+        "cross_attention_dim": 2240,
+        "caption_channels": 2304,
+        "mlp_ratio": 2.5,
+        "sample_size": 32,
+        "patch_size": 1,
+        "norm_elementwise_affine": False,
+        "norm_eps": 1e-6,
+        "attention_bias": False,
+    },
+    text_len=300,
+    vae_scale_factor=32,
+    scheduler=dict(_SANA_SCHEDULER),
+    scheduler_class="DPMSolverMultistepScheduler",
+)
+# A tiny SANA: 4 blocks of width 32 on an 8-channel latent (the toy DC-AE downsamples 32x, as SANA's: 1024 px -> 32x32),
+# a tiny Gemma-2 of width 32.
+TOY_SANA = Architecture(
+    "toy-sana",
+    {
+        **SANA_1600M.unet,
+        "in_channels": 8,
+        "out_channels": 8,
+        "num_attention_heads": 4,
+        "attention_head_dim": 8,
+        "num_layers": 4,
+        "num_cross_attention_heads": 4,
+        "cross_attention_head_dim": 8,
+        "cross_attention_dim": 32,
+        "caption_channels": 32,
+    },
+    text_len=300,
+    vae_scale_factor=32,
+    scheduler=dict(_SANA_SCHEDULER),
+    scheduler_class="DPMSolverMultistepScheduler",
+)
+
+ARCHITECTURES = {
+    a.name: a
+    for a in (
+        SD15, SD21, SDXL, LCM_SD15, PIXART_ALPHA, SD3_MEDIUM, SANA_1600M,
+        TOY_SD, TOY_SDXL, TOY_LCM, TOY_PIXART, TOY_PIXART_SIGMA, TOY_SD3, TOY_SANA,
+    )
+}  # fmt: skip

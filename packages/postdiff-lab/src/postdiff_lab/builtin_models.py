@@ -2,9 +2,10 @@
 
 ``reference`` (the embedded, trained Fashion-MNIST model, the default), ``digits`` (the same recipe on MNIST
 digits), ``toy-sd`` / ``toy-sdxl`` / ``toy-lcm`` (tiny SD, SDXL and LCM pipelines with random weights) and
-``toy-pixart`` / ``toy-pixart-sigma`` (tiny PixArt-α and -Σ pipelines), ``arch:sd15`` / ``arch:sd21`` /
-``arch:sdxl`` / ``arch:lcm-sd15`` / ``arch:pixart-alpha`` (published architectures with random weights, for costs and
-timings).
+``toy-pixart`` / ``toy-pixart-sigma`` (tiny PixArt-α and -Σ pipelines), ``toy-sd3`` (a tiny SD3 pipeline: MMDiT,
+two CLIP encoders and T5, flow matching), ``toy-sana`` (a tiny SANA pipeline: linear-attention DiT, Gemma-2, DC-AE),
+``arch:sd15`` / ``arch:sd21`` / ``arch:sdxl`` / ``arch:lcm-sd15`` / ``arch:pixart-alpha`` / ``arch:sd3-medium`` /
+``arch:sana-1600m`` (published architectures with random weights, for costs and timings).
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from .architectures import ARCHITECTURES, Architecture
 
 # the embedded, trained class-conditional models -> the dataset each was trained on (postdiff_lab.data.DATASETS)
 REFERENCE_MODELS = {"reference": "fashion", "digits": "digits"}
-TOY_MODELS = {"toy-sd": "sd", "toy-sdxl": "sdxl", "toy-lcm": "lcm", "toy-pixart": "pixart", "toy-pixart-sigma": "pixart-sigma"}
+TOY_MODELS = {
+    "toy-sd": "sd",
+    "toy-sdxl": "sdxl",
+    "toy-lcm": "lcm",
+    "toy-pixart": "pixart",
+    "toy-pixart-sigma": "pixart-sigma",
+    "toy-sd3": "sd3",
+    "toy-sana": "sana",
+}
 
 
 def _reference(name: str, need_pipeline: bool | None) -> Model:
@@ -76,4 +85,8 @@ def resolve(spec: str, need_pipeline: bool | None = False) -> Model | None:
     return None
 
 
-resolve.names = [*REFERENCE_MODELS, *TOY_MODELS, "arch:sd15", "arch:sd21", "arch:sdxl", "arch:lcm-sd15", "arch:pixart-alpha"]
+resolve.names = [
+    *REFERENCE_MODELS,
+    *TOY_MODELS,
+    *(f"arch:{a}" for a in ("sd15", "sd21", "sdxl", "lcm-sd15", "pixart-alpha", "sd3-medium", "sana-1600m")),
+]

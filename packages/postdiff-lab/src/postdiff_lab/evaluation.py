@@ -92,7 +92,7 @@ def evaluate(
         "torch": source.model.placement,
         "samples": samples,
         "seed": seed,
-        "scheduler": source.scheduler_name or "DDIMScheduler",
+        "scheduler": source.scheduler_name or source.compile("baseline").scheduler,  # the model's own when not named
         "guidance": source.guidance,
         "machine": machine_info(),
         "notes": [

@@ -108,7 +108,7 @@ class ClassSource(Source):
             plan,
             seed=seed,
             guidance_scale=self.guidance,
-            scheduler=self.scheduler_name or "DDIMScheduler",
+            scheduler=self.scheduler_name,  # None: the model's own
             progress=progress,
             first=first,
         )

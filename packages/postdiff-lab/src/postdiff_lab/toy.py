@@ -1,4 +1,4 @@
-"""Tiny Stable Diffusion / SDXL / LCM / PixArt-α / PixArt-Σ pipelines with random weights, built offline.
+"""Tiny Stable Diffusion / SDXL / LCM / PixArt-α / PixArt-Σ / SD3 / SANA pipelines with random weights, built offline.
 
 Tests and the offline demo need real diffusers pipelines (tokenizer, text encoder, UNet, VAE, scheduler)
 without a download. diffusers' own tests fetch tiny models from the Hub; here every part is built from a
@@ -11,7 +11,18 @@ from __future__ import annotations
 
 import torch
 
-from .architectures import TOY_LCM, TOY_PIXART, TOY_PIXART_SIGMA, TOY_SD, TOY_SD_INPAINT, TOY_SDXL, TOY_SDXL_REFINER, Architecture
+from .architectures import (
+    TOY_LCM,
+    TOY_PIXART,
+    TOY_PIXART_SIGMA,
+    TOY_SANA,
+    TOY_SD,
+    TOY_SD3,
+    TOY_SD_INPAINT,
+    TOY_SDXL,
+    TOY_SDXL_REFINER,
+    Architecture,
+)
 
 TEXT_HIDDEN = 32
 
@@ -117,8 +128,9 @@ def _t5_encoder(seed: int, width: int):
     return T5EncoderModel(config).eval()
 
 
-def _vae(seed: int, blocks: int = 2):
-    """A tiny VAE with ``blocks`` resolution levels (scale factor 2 ** (blocks - 1))."""
+def _vae(seed: int, blocks: int = 2, latent_channels: int = 4, **scaling):
+    """A tiny VAE with ``blocks`` resolution levels (scale factor 2 ** (blocks - 1)); ``scaling``: SD3's
+    ``scaling_factor`` and ``shift_factor``."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -128,9 +140,10 @@ def _vae(seed: int, blocks: int = 2):
         out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * blocks,
         up_block_types=["UpDecoderBlock2D"] * blocks,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=32,
         sample_size=32,
+        **scaling,
     ).eval()
 
 
@@ -228,6 +241,48 @@ def toy_pipeline(kind: str = "sd", seed: int = 0, scheduler: str | None = None):
             scheduler=build_scheduler(arch, scheduler),
         )
 
+    def sd3():
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline(
+            transformer=build_unet(TOY_SD3, seed),
+            scheduler=build_scheduler(TOY_SD3, scheduler),
+            vae=_vae(seed + 1, blocks=4, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609),  # SD3's VAE's
+            text_encoder=_text_encoder(seed + 2, with_projection=True),
+            tokenizer=toy_tokenizer(),
+            text_encoder_2=_text_encoder(seed + 3, with_projection=True),
+            tokenizer_2=toy_tokenizer(),
+            text_encoder_3=_t5_encoder(seed + 5, int(TOY_SD3.unet["joint_attention_dim"])),
+            tokenizer_3=toy_t5_tokenizer(256),
+        )
+
+    def sana():
+        from diffusers import AutoencoderDC, SanaPipeline
+        from transformers import Gemma2Config, Gemma2Model
+
+        torch.manual_seed(seed + 1)
+        levels = 6  # SANA's DC-AE downsamples 32x (the pipeline's 1024 px default is a 32x32 latent): so does this one
+        vae = AutoencoderDC(
+            latent_channels=8, attention_head_dim=8, encoder_block_types="ResBlock", decoder_block_types="ResBlock",
+            encoder_block_out_channels=(8,) * levels, decoder_block_out_channels=(8,) * levels, encoder_layers_per_block=(1,) * levels,
+            decoder_layers_per_block=(1,) * levels, encoder_qkv_multiscales=((),) * levels, decoder_qkv_multiscales=((),) * levels,
+            decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        ).eval()  # fmt: skip
+        tokenizer = toy_t5_tokenizer(300)
+        torch.manual_seed(seed + 2)
+        gemma = Gemma2Config(
+            vocab_size=len(tokenizer.get_vocab()), hidden_size=int(TOY_SANA.unet["caption_channels"]), intermediate_size=37,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=4096,
+            pad_token_id=0, eos_token_id=1, bos_token_id=1,
+        )  # fmt: skip
+        return SanaPipeline(
+            tokenizer=tokenizer,
+            text_encoder=Gemma2Model(gemma).eval(),
+            vae=vae,
+            transformer=build_unet(TOY_SANA, seed),
+            scheduler=build_scheduler(TOY_SANA, scheduler),
+        )
+
     builders = {
         "sd": sd,
         "sdxl": sdxl,
@@ -236,6 +291,8 @@ def toy_pipeline(kind: str = "sd", seed: int = 0, scheduler: str | None = None):
         "pixart-sigma": lambda: pixart(sigma=True),
         "sd-inpaint": sd_inpaint,
         "sdxl-refiner": sdxl_refiner,
+        "sd3": sd3,
+        "sana": sana,
     }
     if kind not in builders:
         raise ValueError(f"toy pipeline kind must be one of {', '.join(builders)}, got {kind!r}")

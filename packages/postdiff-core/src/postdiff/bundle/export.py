@@ -132,6 +132,9 @@ def export_bundle(
     backend.check_export(**options)
     job = prepare_export(model, plan, height=height, width=width, steps=steps, scheduler=scheduler, images=batch)
     model, compiled = job.model, job.plan
+    refusal = model.family.bundle_refusal(model)
+    if refusal:
+        raise ExportError(refusal)
     without = tuple(without)
     optional = model.family.optional_roles
     if any(role not in optional for role in without):

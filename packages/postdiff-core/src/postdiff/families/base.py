@@ -28,7 +28,7 @@ from typing import Any
 
 from postdiff.errors import BundleError, ModelError
 from postdiff.loop.arrays import TORCH
-from postdiff.plan.schedulers import resolve
+from postdiff.plan.schedulers import is_flow_scheduler, resolve
 
 # The model a family is asked about: a ``postdiff.families.model.Model``. That module imports the families, so it is
 # not imported here, not even for annotations (the engine's import graph has no circle, typing included).
@@ -81,9 +81,33 @@ class Family:
 
         own = config.get("_class_name", "DDIMScheduler")
         name = name or own
-        if resolve(name)[0] != own:  # the model's own scheduler class is always its to use
+        class_name, settings = resolve(name)
+        if class_name != own:  # the model's own scheduler class is always its to use
             self.check_scheduler(name)
+        if class_name != own or settings:  # a short name's settings may turn a flow model's solver into another kind
+            config = self._flow_config(name, config)
         return (ops or TORCH).scheduler(name, config)
+
+    @staticmethod
+    def _flow_config(name: str, config: dict[str, Any]) -> dict[str, Any]:
+        """``config`` for scheduler ``name``, after refusing a noise-prediction scheduler on a flow-matching model and the
+        reverse; the model's shift is given under the key the named solver reads (FlowMatch* read ``shift``, DPM-Solver
+        and UniPC on flow sigmas ``flow_shift``: SD3 ships the first, SANA the second)."""
+        own = config.get("_class_name", "DDIMScheduler")
+        flow = own.startswith("FlowMatch") or config.get("prediction_type") == "flow_prediction"
+        if is_flow_scheduler(name) != flow:
+            raise ModelError(
+                f"--scheduler {name}: this model was trained on a rectified flow (it predicts a velocity); use "
+                "flow-euler, flow-heun or flow-dpmpp-2m"
+                if flow
+                else f"--scheduler {name}: a flow-matching scheduler samples models trained on a rectified flow (SD3, "
+                "SANA, FLUX); this model predicts noise. Use ddim, euler, dpmpp-2m-karras or another of its schedulers"
+            )
+        if not flow:
+            return config
+        if resolve(name)[0].startswith("FlowMatch"):
+            return config if "shift" in config else {**config, "shift": float(config.get("flow_shift", 1.0))}
+        return config if "flow_shift" in config else {**config, "flow_shift": float(config.get("shift", 1.0))}
 
     def check_scheduler(self, name: str) -> None:
         """Refuse, before any work, a scheduler this family's models cannot sample with."""
@@ -106,6 +130,10 @@ class Family:
         return {}
 
     # -- export ---------------------------------------------------------------------------------------------------
+    def bundle_refusal(self, model: Model) -> str | None:
+        """Why no bundle (ONNX, OpenVINO, Core ML) of ``model`` can be built, or None when one can."""
+        return None
+
     def pipeline_graphs(self, model: Model) -> list:
         """The graphs (``postdiff.pytorch.graphs.GraphSource``) around the UNet that generation from a bundle needs."""
         return []

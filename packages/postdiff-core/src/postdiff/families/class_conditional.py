@@ -11,6 +11,7 @@ from postdiff.errors import RecipeError, brief
 from postdiff.families.base import Family, register_family
 from postdiff.loop.arrays import TORCH
 from postdiff.loop.conditioning import Conditioning
+from postdiff.loop.resolution import init_noise_sigma
 from postdiff.loop.sampling import run_plan
 
 
@@ -126,7 +127,7 @@ class ClassConditional(Family):
             # per-sample generators for the noise drawn later (resolution switch, ancestral samplers)
             g = [ops.generator(seed * 7919 + first + i) for i in range(start, start + len(y))]
             # the noise is drawn on the CPU in float32 (the seed's numbers on every device), then follows the network
-            x = ops.follow(noise[start : start + batch_size] * sch.init_noise_sigma, cond.encoder_hidden_states)
+            x = ops.follow(noise[start : start + batch_size] * init_noise_sigma(sch), cond.encoder_hidden_states)
             x = run_plan(
                 plan, denoiser, sch, cond, guidance_scale=guidance_scale, generator=g, latents=x, channels=channels, progress=progress
             )

@@ -187,7 +187,7 @@ def untrained_warning(name: str, training_sizes, plan, vae_scale_factor: int = 1
 
 
 def from_pipeline(name: str, pipe, **fields) -> Model:
-    """A ``Model`` for a loaded diffusers SD/SDXL/LCM/PixArt pipeline."""
+    """A ``Model`` for a loaded diffusers SD/SDXL/LCM/PixArt/SD3 pipeline."""
 
     pooled = None
     if getattr(pipe, "text_encoder_2", None) is not None:
@@ -195,12 +195,16 @@ def from_pipeline(name: str, pipe, **fields) -> Model:
     tok = getattr(pipe, "tokenizer", None)
     net = network_of(pipe)
     text_len = int(getattr(tok, "model_max_length", 77) or 77) if tok is not None else 77
-    if getattr(pipe, "transformer", None) is not None:  # PixArt: the pipelines' default max_sequence_length
-        text_len = 300 if "Sigma" in type(pipe).__name__ else 120
+    if type(net).__name__ == "SD3Transformer2DModel":
+        # CLIP's tokens and T5's (the pipeline's default max_sequence_length, 256) on one axis; the pooled embedding
+        # is both CLIP encoders' projections concatenated
+        text_len, pooled = text_len + 256, int(net.config.pooled_projection_dim)
+    elif getattr(pipe, "transformer", None) is not None:  # PixArt, SANA: the pipelines' default max_sequence_length
+        text_len = 120 if "Alpha" in type(pipe).__name__ else 300
     return Model(
         name=name,
         unet_config={"_class_name": type(net).__name__, **dict(net.config)},
-        scheduler_config=dict(pipe.scheduler.config),
+        scheduler_config={"_class_name": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)},
         vae_scale_factor=int(pipe.vae_scale_factor),
         text_len=text_len,
         pooled_dim=pooled,

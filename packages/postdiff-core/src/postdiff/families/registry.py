@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from postdiff.errors import BundleError, ModelError, brief
 
-# imported for their registration; the order is the one family_of falls back on (pixart imports text_to_image,
-# so SD, SDXL and LCM register before PixArt, as a test checks)
-from postdiff.families import class_conditional, pixart, text_to_image, unet_only  # noqa: F401
+# imported for their registration; the order is the one family_of falls back on (pixart, sana and sd3 import
+# text_to_image, so SD, SDXL and LCM register before PixArt, SANA and SD3, as a test checks)
+from postdiff.families import class_conditional, pixart, sana, sd3, text_to_image, unet_only  # noqa: F401
 from postdiff.families.base import FAMILIES, Family, Model
 
 

@@ -9,6 +9,7 @@ import numpy as np
 from postdiff.errors import BundleError, ModelError, brief
 from postdiff.families.base import Family, register_family
 from postdiff.loop.conditioning import Conditioning, guidance_embedding
+from postdiff.loop.resolution import init_noise_sigma
 from postdiff.loop.sampling import run_plan
 from postdiff.plan.compiler import guidance_dim
 from postdiff.plan.schedulers import resolve
@@ -36,7 +37,7 @@ class TextToImage(Family):
             gen = self.generator(seed, i, ops)
             sch = pipe.scheduler(scheduler, ops)
             sch.set_timesteps(plan.recipe.steps)
-            latents = ops.randn((1, pipe.info["in_channels"], *pipe.latent_hw), gen) * sch.init_noise_sigma
+            latents = ops.randn((1, pipe.info["in_channels"], *pipe.latent_hw), gen) * init_noise_sigma(sch)
             latents = run_plan(plan, denoiser, sch, cond, guidance_scale=guidance, generator=gen, latents=latents, progress=progress)
             finals.append(np.asarray(ops.numpy(latents), dtype=np.float32))
             image = pipe.run(vae, {"latents": finals[-1]})["image"]
@@ -55,7 +56,8 @@ class StableDiffusionXL(TextToImage):
     tokenizers = ("tokenizer", "tokenizer_2")
 
     def matches(self, model) -> bool:
-        return getattr(model.pipeline, "text_encoder_2", None) is not None
+        pipe = model.pipeline
+        return getattr(pipe, "text_encoder_2", None) is not None and getattr(pipe, "unet", None) is not None
 
     def pipeline_graphs(self, model) -> list:
         from postdiff.pytorch.graphs import text_encoder_graph, vae_decoder_graph  # lazy: imports torch

@@ -9,7 +9,7 @@ PyTorch draws.
 
     DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler (DPM-Solver++
     2M and 2M SDE, Karras sigmas too), HeunDiscreteScheduler, LCMScheduler, LMSDiscreteScheduler, PNDMScheduler (PLMS),
-    UniPCMultistepScheduler
+    UniPCMultistepScheduler, FlowMatchEulerDiscreteScheduler (rectified flow: SD3's and FLUX's)
 
 Why our own and not a library's: diffusers' schedulers are the reference but need PyTorch; the runtime this module
 serves is for machines without it.
@@ -122,6 +122,7 @@ class NumpyScheduler:
 
     name = "base"
     order = 1
+    uses_betas = True  # False: a flow-matching scheduler, whose noise levels are sigmas, not a beta schedule
     defaults: dict[str, Any] = {}
     # configuration values this implementation does not follow, refused when the scheduler is built: {key: allowed}
     unsupported: dict[str, Any] = {
@@ -144,10 +145,11 @@ class NumpyScheduler:
                     f"{self.name}: {key}={value!r} is not implemented by PostDiff's numpy schedulers; run this bundle with "
                     f"the PyTorch-backed runtime (install postdiff-core[torch]) or export it with another scheduler"
                 )
-        self.betas = _betas(self.config)
-        self.alphas = F32(1.0) - self.betas
-        # torch.cumprod accumulates float32 in double on CPU; so does this, to the same float32 values
-        self.alphas_cumprod = np.cumprod(self.alphas.astype(np.float64)).astype(F32)
+        if self.uses_betas:
+            self.betas = _betas(self.config)
+            self.alphas = F32(1.0) - self.betas
+            # torch.cumprod accumulates float32 in double on CPU; so does this, to the same float32 values
+            self.alphas_cumprod = np.cumprod(self.alphas.astype(np.float64)).astype(F32)
         self.num_inference_steps: int | None = None
         self.timesteps = np.zeros(0)
         self._step_index: int | None = None
@@ -828,6 +830,66 @@ class UniPCMultistepScheduler(NumpyScheduler):
         return (prev_sample,)
 
 
+class FlowMatchEulerDiscreteScheduler(NumpyScheduler):
+    """The rectified-flow Euler sampler of SD3 and FLUX: x_next = x + (sigma_next - sigma) v, sigmas shifted by ``shift``
+    (or, with ``use_dynamic_shifting``, by the ``mu`` the pipeline computes from the image's token count)."""
+
+    name = "FlowMatchEulerDiscreteScheduler"
+    uses_betas = False
+    defaults = dict(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096, invert_sigmas=False, shift_terminal=None, use_karras_sigmas=False, use_exponential_sigmas=False,
+        use_beta_sigmas=False, time_shift_type="exponential", stochastic_sampling=False,
+    )  # fmt: skip
+    unsupported = {
+        **NumpyScheduler.unsupported,
+        "use_karras_sigmas": False,
+        "invert_sigmas": False,
+        "shift_terminal": None,
+        "stochastic_sampling": False,
+    }
+
+    def __init__(self, **config) -> None:
+        super().__init__(**config)
+        train = int(self.config.num_train_timesteps)
+        # the training sigmas as diffusers builds them, in float32: their ends bound every inference schedule
+        sigmas = np.linspace(1, train, train, dtype=F32)[::-1] / F32(train)
+        if not self.config.use_dynamic_shifting:
+            sigmas = self._shifted(sigmas.astype(F32))
+        self.sigma_min, self.sigma_max = float(sigmas[-1]), float(sigmas[0])
+
+    def _shifted(self, sigmas):
+        shift = self.config.shift
+        return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+    def set_timesteps(self, num_inference_steps: int, device=None, mu: float | None = None) -> None:
+        if self.config.use_dynamic_shifting and mu is None:
+            raise ModelError(f"{self.name}: use_dynamic_shifting needs mu (the shift for the image's token count)")
+        n = self.num_inference_steps = int(num_inference_steps)
+        train = int(self.config.num_train_timesteps)
+        sigmas = np.linspace(self.sigma_max * train, self.sigma_min * train, n) / train
+        if self.config.use_dynamic_shifting:
+            if self.config.time_shift_type == "exponential":
+                sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+            else:
+                sigmas = mu / (mu + (1 / sigmas - 1))
+        else:
+            sigmas = self._shifted(sigmas)
+        sigmas = sigmas.astype(F32)
+        self.timesteps = sigmas * F32(train)
+        self.sigmas = np.concatenate([sigmas, [F32(0.0)]]).astype(F32)
+        self._reset()
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = False):
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        sample = sample.astype(F32, copy=False)
+        dt = self.sigmas[self._step_index + 1] - self.sigmas[self._step_index]
+        prev_sample = sample + dt * model_output
+        self._step_index += 1
+        return (prev_sample.astype(model_output.dtype, copy=False),)
+
+
 SCHEDULERS: dict[str, type[NumpyScheduler]] = {
     cls.name: cls
     for cls in (
@@ -840,6 +902,7 @@ SCHEDULERS: dict[str, type[NumpyScheduler]] = {
         LMSDiscreteScheduler,
         PNDMScheduler,
         UniPCMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
     )
 }
 

@@ -5,7 +5,9 @@
 
 The arithmetic depends on the scheduler's sample space: variance-preserving schedulers (DDIM, DPM-Solver, ...)
 keep x = sqrt(abar) x0 + sqrt(1 - abar) eps; sigma-space schedulers (Euler, Heun, ...) keep x = x0 + sigma eps
-and scale the UNet input themselves. Noise levels are looked up by plan index, never by searching timesteps.
+and scale the UNet input themselves; flow-matching schedulers (SD3's and FLUX's FlowMatchEulerDiscreteScheduler,
+SANA's DPM-Solver with flow sigmas) keep x = (1 - sigma) x0 + sigma eps and the network predicts the velocity
+v = eps - x0, so x0 = x - sigma v. Noise levels are looked up by plan index, never by searching timesteps.
 The arithmetic is written once for PyTorch tensors and numpy arrays (``postdiff.loop.arrays``), with diffusers'
 schedulers or the numpy ones (``postdiff.loop.numpy_schedulers``), which expose the same attributes.
 """
@@ -28,6 +30,8 @@ RESTARTABLE_SCHEDULERS = (
     "LMSDiscreteScheduler",
     "LCMScheduler",
     "PNDMScheduler",
+    "FlowMatchEulerDiscreteScheduler",
+    "FlowMatchHeunDiscreteScheduler",
 )
 # Schedulers that start over with warm-up calls after a restart: {class: calls repeated after the restart}. PNDM's
 # PLMS evaluates its first step twice (its schedule repeats its second timestep); after a restart at the switch the
@@ -50,9 +54,33 @@ def check_switchable(scheduler) -> None:
         )
 
 
+def init_noise_sigma(scheduler) -> float:
+    """The scale of the starting noise: the scheduler's ``init_noise_sigma`` (sigma-space samplers start at x = sigma_max
+    eps). The flow-matching schedulers have none: their start is the noise itself (sigma 1 on the flow line)."""
+    return float(getattr(scheduler, "init_noise_sigma", 1.0))
+
+
+def scale_model_input(scheduler, sample, timestep):
+    """The network's input at ``timestep``: the scheduler's ``scale_model_input`` (sigma-space samplers divide by
+    sqrt(sigma^2 + 1)); the flow-matching schedulers have none and take the sample as it is."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return sample if scale is None else scale(sample, timestep)
+
+
 def _sigma_space(scheduler) -> bool:
     """True when samples live in sigma space (x = x0 + sigma * eps), e.g. Euler and Heun."""
-    return hasattr(scheduler, "sigmas") and float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0
+    return hasattr(scheduler, "sigmas") and init_noise_sigma(scheduler) > 1.0
+
+
+def is_flow_matching(scheduler) -> bool:
+    """True for a rectified-flow sampler: x = (1 - sigma) x0 + sigma eps, the network predicts v = eps - x0 (diffusers'
+    FlowMatch* schedulers, and DPM-Solver/UniPC with ``prediction_type="flow_prediction"``)."""
+    config = scheduler.config
+    return type(scheduler).__name__.startswith("FlowMatch") or config.get("prediction_type") == "flow_prediction"
+
+
+def _flow_sigma(scheduler, index: int) -> float:
+    return float(scheduler.sigmas[index])
 
 
 def _vp_coefficients(scheduler, index: int, timestep: float) -> tuple[float, float]:
@@ -70,7 +98,9 @@ def predict_x0(scheduler, sample, model_output, index: int, timestep: float):
     kind = scheduler.config.get("prediction_type", "epsilon")
     ops = ops_for(sample)
     x, out = ops.float32(sample), ops.float32(model_output)
-    if kind == "sample":
+    if is_flow_matching(scheduler):
+        x0 = x - _flow_sigma(scheduler, index) * out
+    elif kind == "sample":
         x0 = out
     elif _sigma_space(scheduler):
         sigma = float(scheduler.sigmas[index])
@@ -115,6 +145,9 @@ def _as_the_scheduler_limits(scheduler, x0):
 
 def renoise(scheduler, x0, noise, index: int, timestep: float):
     """Forward-diffuse ``x0`` to the noise level of plan step ``index`` with the given fresh ``noise``."""
+    if is_flow_matching(scheduler):
+        sigma = _flow_sigma(scheduler, index)
+        return (1.0 - sigma) * x0 + sigma * noise
     if _sigma_space(scheduler):
         return x0 + float(scheduler.sigmas[index]) * noise
     alpha, sigma = _vp_coefficients(scheduler, index, timestep)
@@ -123,6 +156,8 @@ def renoise(scheduler, x0, noise, index: int, timestep: float):
 
 def noise_level(scheduler, index: int, timestep: float) -> float:
     """The standard deviation of the noise in a sample at plan step ``index`` (in the scheduler's sample space)."""
+    if is_flow_matching(scheduler):
+        return _flow_sigma(scheduler, index)
     if _sigma_space(scheduler):
         return float(scheduler.sigmas[index])
     return _vp_coefficients(scheduler, index, timestep)[1]

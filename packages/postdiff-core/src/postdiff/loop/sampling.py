@@ -21,7 +21,16 @@ from postdiff.errors import PlanError
 from postdiff.loop.arrays import ops_for
 from postdiff.loop.conditioning import Conditioning
 from postdiff.loop.denoiser import Denoiser
-from postdiff.loop.resolution import check_switchable, downsample_noise, predict_x0, renoise, restart_repeat, upsample
+from postdiff.loop.resolution import (
+    check_switchable,
+    downsample_noise,
+    init_noise_sigma,
+    predict_x0,
+    renoise,
+    restart_repeat,
+    scale_model_input,
+    upsample,
+)
 from postdiff.plan.compiler import ModelSpec, Plan, Step, compile_plan
 from postdiff.plan.recipe import Recipe
 from postdiff.plan.schedulers import label_of
@@ -191,7 +200,7 @@ def run_plan(
 
         shape = (batch, channels, *plan.latent_hw)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype or torch.float32)
-        latents = latents * scheduler.init_noise_sigma
+        latents = latents * init_noise_sigma(scheduler)
     ops = ops_for(latents)
     latents = initial_latents(plan, latents)
     step_kwargs = scheduler_step_kwargs(scheduler, generator, eta)
@@ -200,7 +209,7 @@ def run_plan(
         with_cfg = cond.has_uncond and step.guidance == "cfg"
         c = (cond if with_cfg else cond.cond_half()).at_size(step.latent_hw, plan.latent_hw)
         x = ops.cat([latents] * 2) if with_cfg else latents
-        x = scheduler.scale_model_input(x, t)
+        x = scale_model_input(scheduler, x, t)
         out = denoiser(step, x, t, c)
         if with_cfg:
             half = out.shape[0] // 2

@@ -244,6 +244,16 @@ def low_res_size(latent_hw: tuple[int, int], scale: float, factor: int, *, where
     return lh, lw
 
 
+def first_latent_hw(recipe: Recipe, latent_hw: tuple[int, int], model: ModelSpec) -> tuple[int, int]:
+    """The latent size ``recipe``'s first step runs at, before any scheduler is asked: the low-resolution size when the
+    recipe starts below full size, else ``latent_hw`` (a pipeline that prepares its latent before it sets its timesteps,
+    as SD3's, gets its starting latent at this size)."""
+    lr = recipe.low_res
+    if lr is None or lr.scale >= 1 or switch_step(recipe.steps, lr.until) == 0:
+        return tuple(latent_hw)
+    return low_res_size(tuple(latent_hw), lr.scale, model.downsample_factor)
+
+
 def _full_steps(dc: DeepCache | None, n: int, stage_starts: Iterable[int]) -> set[int]:
     if dc is None or dc.interval == 1:
         return set(range(n))
@@ -342,20 +352,14 @@ def compile_plan(
         def step_of(i: int) -> int:
             return min(n - 1, i * n // len(timesteps))
 
-    factor = model.downsample_factor
     h, w = latent_hw
     if h < 1 or w < 1:
         raise RecipeError(f"latent size {h}x{w} is not positive; use a larger image")
     # Any full size the UNet runs (diffusers upsamples to the skip connections' sizes where a side is not a
     # multiple of the factor, and so does UNetSplit): the baseline and caching-only plans run where vanilla does.
     full_hw = (h, w)
-
-    switch_k = 0
-    low_hw = full_hw
-    if recipe.low_res is not None and recipe.low_res.scale < 1:
-        switch_k = switch_step(n, recipe.low_res.until)
-        if switch_k > 0:
-            low_hw = low_res_size(full_hw, recipe.low_res.scale, factor)
+    switch_k = switch_step(n, recipe.low_res.until) if recipe.low_res is not None and recipe.low_res.scale < 1 else 0
+    low_hw = first_latent_hw(recipe, full_hw, model)
     check_recipe_fits(recipe, model)
     dc, gate = recipe.deepcache, recipe.xattn_gate
 

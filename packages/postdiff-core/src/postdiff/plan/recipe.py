@@ -326,6 +326,15 @@ def _builtins() -> dict[str, Recipe]:
         # resolution, the gate (cross-attention caching only: there is no CFG to drop) from step 2. Not measured on a
         # trained LCM (none is reachable offline); a starting point to sweep, not a tuned plan.
         "postdiff-lcm": Recipe(name="postdiff-lcm", steps=4, low_res=lr, deepcache=dc, xattn_gate=XAttnGate(after=2)),
+        # The flow-matching DiTs, SD3 (an MMDiT) and SANA (linear attention): beta 3/4 as for the other DiTs for the
+        # first half, then CFG dropped with what stands for cross-attention cached for the second half (SD3: the text
+        # stream's keys and values, postdiff.pytorch.mmdit; SANA: its attn2 outputs). At 1024 px: 0.492 of the
+        # baseline's MACs on arch:sd3-medium, 0.496 on arch:sana-1600m. No trained SD3 or SANA is reachable offline:
+        # starting points to sweep, not tuned plans (docs/recipes.md). Block caching is opt-in, as for PixArt.
+        **{
+            name: Recipe(name=name, low_res=LowRes(scale=0.75), xattn_gate=XAttnGate(after=10))
+            for name in ("postdiff-sd3", "postdiff-sana")
+        },
     }
 
 

@@ -15,9 +15,13 @@
 | ``lms`` | LMSDiscreteScheduler | |
 | ``pndm`` | PNDMScheduler | PLMS (``skip_prk_steps``, as Stable Diffusion's pipelines) |
 | ``lcm`` | LCMScheduler | LCM models only |
+| ``flow-euler`` | FlowMatchEulerDiscreteScheduler | flow-matching models only (SD3's and FLUX's own) |
+| ``flow-heun`` | FlowMatchHeunDiscreteScheduler | flow-matching models only |
+| ``flow-dpmpp-2m`` | DPMSolverMultistepScheduler | DPM-Solver++ 2M on flow sigmas (SANA's), flow-matching models only |
 
 The settings are applied over the model's own scheduler configuration (its noise schedule, prediction type and
-spacing stay), by diffusers and by the numpy runtime alike (``postdiff.loop.numpy_schedulers`` implements every one).
+spacing stay), by diffusers and by the numpy runtime alike (``postdiff.loop.numpy_schedulers`` implements every one but
+the ``flow-*`` names, which no bundle uses yet: flow-matching models run on PyTorch).
 Pure data: no PyTorch, no diffusers.
 """
 
@@ -42,6 +46,12 @@ NAMES: dict[str, tuple[str, dict[str, Any]]] = {
     "lms": ("LMSDiscreteScheduler", {}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "lcm": ("LCMScheduler", {}),
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow-heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    "flow-dpmpp-2m": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_flow_sigmas": True, "prediction_type": "flow_prediction"},
+    ),
 }
 HELP = f"scheduler: {', '.join(NAMES)}, or a diffusers scheduler class name such as DDIMScheduler (default: the model's)"
 
@@ -61,6 +71,13 @@ def resolve(name: str) -> tuple[str, dict[str, Any]]:
     raise ModelError(f"unknown scheduler {brief(name)}; use one of {', '.join(NAMES)}, or a diffusers scheduler class name")
 
 
+def is_flow_scheduler(name: str) -> bool:
+    """Whether a scheduler name samples a rectified flow (the network predicts a velocity): diffusers' FlowMatch*
+    classes and the ``flow-*`` names. Only flow-matching models (SD3, SANA, FLUX) can use them, and they only these."""
+    class_name, settings = resolve(name)
+    return class_name.startswith("FlowMatch") or settings.get("prediction_type") == "flow_prediction"
+
+
 def same_scheduler_name(a: str, b: str | None) -> bool:
     """Two scheduler names that mean the same scheduler (``dpmpp-2m-karras`` and its class with those settings are
     not the same as the bare class)."""
@@ -68,11 +85,14 @@ def same_scheduler_name(a: str, b: str | None) -> bool:
 
 
 def name_of(class_name: str, config: dict[str, Any]) -> str | None:
-    """The short name a configuration runs as (``dpmpp-2m-karras``), or None when no short name describes it."""
-    for short, (cls, settings) in NAMES.items():
-        if cls == class_name and all(config.get(k, _DEFAULTS.get((cls, k))) == v for k, v in settings.items()):
-            return short
-    return None
+    """The short name a configuration runs as (``dpmpp-2m-karras``), or None when no short name describes it. Where
+    several fit, the one that says most (``flow-dpmpp-2m`` before ``dpmpp-2m``, whose settings it includes)."""
+    fits = [
+        (len(settings), short)
+        for short, (cls, settings) in NAMES.items()
+        if cls == class_name and all(config.get(k, _DEFAULTS.get((cls, k))) == v for k, v in settings.items())
+    ]
+    return max(fits, key=lambda fit: fit[0])[1] if fits else None
 
 
 def label_of(scheduler) -> str:

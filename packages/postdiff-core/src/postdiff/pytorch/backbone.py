@@ -3,8 +3,8 @@
 Everything that used to assume a ``UNet2DConditionModel`` asks here instead: which diffusers class a configuration
 builds (``network_class``), the network of a pipeline (``network_of``), the structure without weights
 (``meta_network``), the planner's ``ModelSpec`` (``spec_of``) and the split into plan variants for a recipe
-(``split_for``: ``postdiff.pytorch.unet.UNetSplit`` or ``postdiff.pytorch.transformer.TransformerSplit``, which share their
-interface). Plans keep the UNet's words (``unet: full|shallow``, ``deepcache``) for both kinds.
+(``split_for``: ``postdiff.pytorch.unet.UNetSplit``, ``postdiff.pytorch.transformer.TransformerSplit`` for PixArt or
+``postdiff.pytorch.mmdit.MMDiTSplit`` for SD3, which share their interface). Plans keep the UNet's words (``unet: full|shallow``, ``deepcache``) for both kinds.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 from postdiff.errors import ModelError
 
 UNET = "UNet2DConditionModel"
-TRANSFORMERS = ("PixArtTransformer2DModel",)
+MMDIT = "SD3Transformer2DModel"  # two token streams and joint attention (postdiff.pytorch.mmdit)
+TRANSFORMERS = ("PixArtTransformer2DModel", "SanaTransformer2DModel", MMDIT)
 
 
 def network_class(config: dict[str, Any]) -> str:
@@ -30,7 +31,7 @@ def is_transformer(config: dict[str, Any]) -> bool:
 
 
 def network_of(pipe):
-    """A diffusers pipeline's denoising network: its ``transformer`` (PixArt) or its ``unet``."""
+    """A diffusers pipeline's denoising network: its ``transformer`` (PixArt, SD3) or its ``unet``."""
     net = getattr(pipe, "transformer", None)
     return net if net is not None else pipe.unet
 
@@ -55,6 +56,10 @@ def meta_network(config: dict[str, Any]):
 
 
 def spec_of(network, name: str | None = None):
+    if type(network).__name__ == MMDIT:
+        from postdiff.pytorch.mmdit import mmdit_spec  # lazy: imports torch
+
+        return mmdit_spec(network, name=name or "transformer")
     if type(network).__name__ in TRANSFORMERS:
         from postdiff.pytorch.transformer import transformer_spec  # lazy: imports torch
 
@@ -69,6 +74,10 @@ def split_for(network, recipe=None, *, block: int | None = None, span=None, cpu_
     if recipe is not None:
         block, span = recipe.cache_block, recipe.cache_span
     block = block or 0
+    if type(network).__name__ == MMDIT:
+        from postdiff.pytorch.mmdit import MMDiTSplit  # lazy: imports torch
+
+        return MMDiTSplit(network, block=block, span=span, cpu_conv=cpu_conv)
     if type(network).__name__ in TRANSFORMERS:
         from postdiff.pytorch.transformer import TransformerSplit  # lazy: imports torch
 

@@ -1,4 +1,4 @@
-"""Run a plan inside a diffusers Stable Diffusion / SDXL / LCM / PixArt pipeline (text-to-image, image-to-image,
+"""Run a plan inside a diffusers Stable Diffusion / SDXL / LCM / PixArt / SD3 / SANA pipeline (text-to-image, image-to-image,
 inpainting, the SDXL refiner): ``postdiff.apply(pipe, "postdiff")``.
 
 After ``apply``, the usual ``pipe(prompt, ...)`` call runs the plan; ``postdiff.remove(pipe)`` restores the
@@ -54,7 +54,7 @@ from postdiff.loop.resolution import (
     restart_repeat,
 )
 from postdiff.loop.sampling import PlanRun, begin_by_position, compile_for_scheduler, initial_latents
-from postdiff.plan.compiler import Plan, check_recipe_fits, compile_plan, starting_at
+from postdiff.plan.compiler import Plan, check_recipe_fits, compile_plan, first_latent_hw, starting_at
 from postdiff.plan.recipe import Recipe, load_recipe
 from postdiff.pytorch.backbone import network_of, spec_of, split_for
 from postdiff.pytorch.denoiser import TorchDenoiser
@@ -75,6 +75,8 @@ SUPPORTED_PIPELINES = (
     "LatentConsistencyModelPipeline",
     "PixArtAlphaPipeline",
     "PixArtSigmaPipeline",
+    "StableDiffusion3Pipeline",
+    "SanaPipeline",
 )
 _HOOK_NAME = "postdiff"
 _SUBCLASSES: dict[type, type] = {}
@@ -208,21 +210,29 @@ def _latent_hw(pipe, base, arguments) -> tuple[int, int]:
         h, w = (int(v) for v in prepared.shape[-2:])
         latent_channels = int(getattr(pipe.vae.config, "latent_channels", 4))
         return (h, w) if prepared.shape[1] == latent_channels else (h // factor, w // factor)
+    params = inspect.signature(base.__call__).parameters
     size = network_of(pipe).config.sample_size * factor
-    height = arguments.get("height") or size
-    width = arguments.get("width") or size
-    if getattr(pipe, "transformer", None) is not None and arguments.get("use_resolution_binning", True):
-        height, width = _pixart_bin(pipe, int(height), int(width))
+    # the pipeline's own default where it has one (SANA's 1024 px), else the network's sample size (SD, PixArt, SD3)
+    height = arguments.get("height") or (params["height"].default if isinstance(params["height"].default, int) else size)
+    width = arguments.get("width") or (params["width"].default if isinstance(params["width"].default, int) else size)
+    binning = "use_resolution_binning" in inspect.signature(base.__call__).parameters  # PixArt's and SANA's pipelines
+    if binning and arguments.get("use_resolution_binning", True):
+        height, width = _resolution_bin(pipe, int(height), int(width))
     return (int(height) // factor, int(width) // factor)
 
 
-def _pixart_bin(pipe, height: int, width: int) -> tuple[int, int]:
-    """The size a PixArt pipeline generates at with ``use_resolution_binning`` (its default): the nearest aspect-ratio
-    bin of its sample size, from the pipelines' own tables (the image is resized back to the request at the end)."""
+def _resolution_bin(pipe, height: int, width: int) -> tuple[int, int]:
+    """The size a PixArt or SANA pipeline generates at with ``use_resolution_binning`` (its default): the nearest
+    aspect-ratio bin of its sample size, from the pipelines' own tables, chosen as each pipeline chooses them (the image
+    is resized back to the request at the end)."""
     from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_256_BIN, ASPECT_RATIO_512_BIN, ASPECT_RATIO_1024_BIN
     from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
+    from diffusers.pipelines.sana.pipeline_sana import ASPECT_RATIO_4096_BIN
 
-    bins = {32: ASPECT_RATIO_256_BIN, 64: ASPECT_RATIO_512_BIN, 128: ASPECT_RATIO_1024_BIN, 256: ASPECT_RATIO_2048_BIN}
+    if type(pipe.transformer).__name__ == "SanaTransformer2DModel":  # SANA keys its tables by its 32x VAE's sizes
+        bins = {16: ASPECT_RATIO_512_BIN, 32: ASPECT_RATIO_1024_BIN, 64: ASPECT_RATIO_2048_BIN, 128: ASPECT_RATIO_4096_BIN}
+    else:
+        bins = {32: ASPECT_RATIO_256_BIN, 64: ASPECT_RATIO_512_BIN, 128: ASPECT_RATIO_1024_BIN, 256: ASPECT_RATIO_2048_BIN}
     ratios = bins.get(int(pipe.transformer.config.sample_size))
     if ratios is None:  # the pipeline itself refuses this ("Invalid sample size")
         return height, width
@@ -372,6 +382,12 @@ class _Session:
 
         @functools.wraps(original)
         def prepare_latents(*args, **kwargs):
+            if self.plan is None and not from_image:
+                # SD3 and FLUX prepare the latent first (their schedule's shift can depend on its size): the starting
+                # latent at the first stage's size, which the recipe alone decides
+                latents = original(*args, **kwargs)
+                self.images = int(latents.shape[0])
+                return downsample_noise(latents, first_latent_hw(self.recipe, self.latent_hw, self.spec))
             if self.plan is None:
                 raise PlanError("the pipeline prepared latents before setting timesteps; PostDiff cannot plan this call")
             start_t = signature.bind_partial(*args, **kwargs).arguments.get("timestep")
@@ -465,6 +481,9 @@ class _Session:
         **other,
     ):
         transformer = self.spec.is_transformer
+        pooled = other.pop("pooled_projections", None)  # SD3's pooled text embedding: the Conditioning's text_embeds
+        if not other.get("joint_attention_kwargs"):  # SD3's, None or empty unless an IP-Adapter or LoRA scale is set
+            other.pop("joint_attention_kwargs", None)
         unsupported = sorted(k for k, v in other.items() if v is not None and k != "return_dict")
         allowed = {"resolution", "aspect_ratio"} if transformer else {"text_embeds", "time_ids", "image_embeds"}
         extra = sorted(k for k, v in (added_cond_kwargs or {}).items() if k not in allowed and v is not None)
@@ -483,7 +502,7 @@ class _Session:
         cond = Conditioning(
             encoder_hidden_states=encoder_hidden_states,
             has_uncond=has_uncond,
-            text_embeds=added.get("text_embeds"),
+            text_embeds=added.get("text_embeds") if pooled is None else pooled,
             time_ids=added.get("time_ids"),
             timestep_cond=timestep_cond,
             cross_attention_kwargs=cross_attention_kwargs,
@@ -549,7 +568,16 @@ class _DispatchHook(ModelHook):
 
 
 class _UNetHook(_DispatchHook):
-    def plan_forward(self, session: _Session, sample, timestep, encoder_hidden_states=None, *args, return_dict: bool = True, **kwargs):
+    def plan_forward(self, session: _Session, *args, return_dict: bool = True, **kwargs):
+        # the UNet's and PixArt's first input is ``sample`` (passed by position), SD3's ``hidden_states`` (by name)
+        names = ("sample", "timestep", "encoder_hidden_states")
+        given = dict(zip(names, args))
+        args = args[len(names) :]
+        given.setdefault("sample", kwargs.pop("hidden_states", None))
+        for name in names:
+            if name in kwargs:
+                given[name] = kwargs.pop(name)
+        sample, timestep, encoder_hidden_states = (given.get(n) for n in names)
         if args:
             raise PlanError("PostDiff expects the UNet's optional inputs as keywords, as diffusers pipelines pass them")
         out = session.unet_call(sample, timestep, encoder_hidden_states, **kwargs)
@@ -648,16 +676,18 @@ class _SchedulerProxy:
                 return SchedulerOutput(prev_sample=out)
             return (out,)
 
-        @functools.wraps(inner.add_noise)
-        def add_noise(original_samples, noise, timesteps):
-            out = inner.add_noise(original_samples, noise, timesteps)
-            if session.preparing:  # the img2img starting latent: kept to make it at the first stage's size
-                session.noised = (original_samples, noise, timesteps)
-            return out
-
         object.__setattr__(self, "set_timesteps", set_timesteps)
         object.__setattr__(self, "step", step)
-        object.__setattr__(self, "add_noise", add_noise)
+        if hasattr(inner, "add_noise"):  # the flow-matching schedulers have none (their scale_noise is SD3 img2img's)
+
+            @functools.wraps(inner.add_noise)
+            def add_noise(original_samples, noise, timesteps):
+                out = inner.add_noise(original_samples, noise, timesteps)
+                if session.preparing:  # the img2img starting latent: kept to make it at the first stage's size
+                    session.noised = (original_samples, noise, timesteps)
+                return out
+
+            object.__setattr__(self, "add_noise", add_noise)
         if hasattr(inner, "set_begin_index"):  # pipelines test hasattr before they call it
 
             @functools.wraps(inner.set_begin_index)

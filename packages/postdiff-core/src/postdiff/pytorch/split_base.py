@@ -138,6 +138,19 @@ class CrossAttentionSplit:
         return depth, mode
 
 
+def seeded_randn(seed: int, device="cpu"):
+    """A maker of the variants' random example inputs: normal tensors from one generator seeded with ``seed``, on
+    ``device``; on ``meta`` (counting MACs) empty tensors of the shape, drawing nothing."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        if str(device) == "meta":
+            return torch.empty(*shape, device="meta")
+        return torch.randn(*shape, generator=g).to(device)
+
+    return randn
+
+
 class SplitVariantModule(nn.Module):
     """One variant of a split with explicit tensor inputs and outputs, for ``torch.export`` and the exporters.
     Cross-attention tensors are named by module index (``xattn_3`` is the output of the fourth attn2 module in

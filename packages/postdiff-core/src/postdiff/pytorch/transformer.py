@@ -1,7 +1,11 @@
-"""A diffusers ``PixArtTransformer2DModel`` (PixArt-α / PixArt-Σ) as explicit, exportable callables.
+"""A diffusers ``PixArtTransformer2DModel`` (PixArt-α / PixArt-Σ) or ``SanaTransformer2DModel`` (SANA) as explicit,
+exportable callables.
 
-The transformer is patch embedding, a stack of ``BasicTransformerBlock``s (self-attention, cross-attention to the
-T5 tokens, MLP; each modulated by the timestep through adaLN-single) and the output head. Block caching is the
+The transformer is patch embedding, a stack of blocks (self-attention, cross-attention to the text tokens, MLP;
+each modulated by the timestep through adaLN-single) and the output head. PixArt's blocks are
+``BasicTransformerBlock``s on T5 tokens; SANA's are ``SanaTransformerBlock``s: linear (ReLU-kernel) self-attention,
+cross-attention to Gemma-2 tokens after an RMS caption norm, and a convolutional MLP (GLUMBConv) on the patch grid.
+Both share everything PostDiff touches: the span of blocks, the ``attn2`` modules, adaLN-single and the head. Block caching is the
 DiT analogue of DeepCache, in the Δ-cache form of Δ-DiT (Chen et al. 2024): a *full* pass runs every block and
 returns the residual a middle span of blocks ``[start, end)`` adds to the hidden state (after block ``end - 1``
 minus before block ``start``); a *shallow* pass runs the blocks outside the span and adds the kept residual where
@@ -32,26 +36,28 @@ from torch import nn
 
 from postdiff.errors import ModelError
 from postdiff.plan.compiler import ModelSpec, block_span, cut_choices
-from postdiff.pytorch.split_base import CrossAttentionSplit, SplitVariantModule
+from postdiff.pytorch.split_base import CrossAttentionSplit, SplitVariantModule, seeded_randn
 
-SUPPORTED_TRANSFORMERS = ("PixArtTransformer2DModel",)
+SUPPORTED_TRANSFORMERS = ("PixArtTransformer2DModel", "SanaTransformer2DModel")
 
 
-def transformer_spec(transformer, name: str = "transformer") -> ModelSpec:
-    _check_supported(transformer)
+def transformer_spec(transformer, name: str = "transformer", supported: tuple[str, ...] = SUPPORTED_TRANSFORMERS) -> ModelSpec:
+    """The planner's view of a transformer of one of the ``supported`` classes (this module's, or the MMDiT's)."""
+    check_supported(transformer, supported)
     cfg = transformer.config
     return ModelSpec(
         name=name,
         downsample_factor=int(cfg.patch_size),
         num_down_blocks=cut_choices(int(cfg.num_layers)),
-        has_cross_attention=cfg.cross_attention_dim is not None,
+        # an MMDiT's text joins every block's attention: its keys and values stand in for cross-attention (mmdit.py)
+        has_cross_attention=cfg.get("cross_attention_dim") is not None or cfg.get("joint_attention_dim") is not None,
         num_layers=int(cfg.num_layers),
     )
 
 
-def _check_supported(transformer) -> None:
-    if type(transformer).__name__ not in SUPPORTED_TRANSFORMERS:
-        raise ModelError(f"PostDiff splits the transformers {SUPPORTED_TRANSFORMERS}, not {type(transformer).__name__}")
+def check_supported(transformer, supported: tuple[str, ...] = SUPPORTED_TRANSFORMERS) -> None:
+    if type(transformer).__name__ not in supported:
+        raise ModelError(f"PostDiff splits the transformers {supported}, not {type(transformer).__name__}")
     if int(transformer.config.num_layers) < 3:
         raise ModelError(
             f"block caching needs at least 3 transformer blocks (one cached between two computed); this one has {transformer.config.num_layers}"
@@ -66,17 +72,20 @@ def learned_sigma(config) -> bool:
 
 
 class TransformerSplit(CrossAttentionSplit):
-    """The callables of one PixArt transformer for one cached span. A context manager like ``UNetSplit``."""
+    """The callables of one PixArt or SANA transformer for one cached span. A context manager like ``UNetSplit``."""
 
     def __init__(self, transformer, block: int = 0, *, span: Sequence[int] | None = None, cpu_conv: str | None = None) -> None:
-        _check_supported(transformer)
+        check_supported(transformer)
         self.transformer = transformer
         self.unet = transformer  # the network every split exposes under one name (VariantModule registers it)
         self.block = block
         n = int(transformer.config.num_layers)
         self.span = block_span(n, block, span)
         self.patch = int(transformer.config.patch_size)
-        self.additional = bool(transformer.use_additional_conditions)
+        self.sana = type(transformer).__name__ == "SanaTransformer2DModel"
+        if self.sana and transformer.config.guidance_embeds:
+            raise ModelError("SANA with an embedded guidance scale (SANA-Sprint) is not supported yet; use a SANA model with CFG")
+        self.additional = bool(getattr(transformer, "use_additional_conditions", False))
         self.learned_sigma = learned_sigma(transformer.config)
         with_attn2 = [i for i, blk in enumerate(transformer.transformer_blocks) if getattr(blk, "attn2", None) is not None]
         a, b = self.span
@@ -122,16 +131,23 @@ class TransformerSplit(CrossAttentionSplit):
         batch = sample.shape[0]
         hp, wp = sample.shape[-2] // self.patch, sample.shape[-1] // self.patch
         h = self._embed_patches(sample, hp, wp)
-        added = {"resolution": resolution, "aspect_ratio": aspect_ratio}
-        t, embedded_t = model.adaln_single(timestep, added, batch_size=batch, hidden_dtype=h.dtype)
+        if self.sana:
+            t, embedded_t = model.time_embed(timestep, batch_size=batch, hidden_dtype=h.dtype)
+        else:
+            added = {"resolution": resolution, "aspect_ratio": aspect_ratio}
+            t, embedded_t = model.adaln_single(timestep, added, batch_size=batch, hidden_dtype=h.dtype)
         ehs = encoder_hidden_states
         if model.caption_projection is not None:
             ehs = model.caption_projection(ehs).view(batch, -1, h.shape[-1])
+        if self.sana:
+            ehs = model.caption_norm(ehs)
         a, b = self.span
         blocks = list(model.transformer_blocks)
         kw = cross_attention_kwargs
 
         def run(i, x):
+            if self.sana:  # its convolutional MLP needs the patch grid
+                return blocks[i](x, None, ehs, mask, t, hp, wp)
             return blocks[i](
                 x, attention_mask=None, encoder_hidden_states=ehs, encoder_attention_mask=mask, timestep=t, cross_attention_kwargs=kw
             )
@@ -151,10 +167,13 @@ class TransformerSplit(CrossAttentionSplit):
             for i in range(b, len(blocks)):
                 h = run(i, h)
             captured = [io.outputs[i] for i in wanted] if mode == "capture" else []
-        shift, scale = (model.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)
-        h = model.norm_out(h) * (1 + scale) + shift
+        if self.sana:  # SanaModulatedNorm: the same modulation as PixArt's head, in one module
+            h = model.norm_out(h, embedded_t, model.scale_shift_table)
+        else:
+            shift, scale = (model.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)
+            h = model.norm_out(h) * (1 + scale) + shift
         h = model.proj_out(h)  # (the transformer squeezes a 1-token axis here; the reshape below needs no squeeze)
-        c = model.out_channels
+        c = int(model.config.out_channels or model.config.in_channels)
         h = h.reshape(-1, hp, wp, self.patch, self.patch, c)
         eps = torch.einsum("nhwpqc->nchpwq", h).reshape(-1, c, hp * self.patch, wp * self.patch)
         if depth == "shallow":
@@ -167,7 +186,7 @@ class TransformerSplit(CrossAttentionSplit):
         and a recomputed one would pin exported graphs' dynamic sizes."""
         from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
-        pe = self.transformer.pos_embed
+        pe = self.transformer.patch_embed if self.sana else self.transformer.pos_embed
         if pe.pos_embed_max_size is not None:  # PixArt does not crop: the module's own path
             return pe(sample)
         latent = pe.proj(sample)
@@ -238,11 +257,7 @@ class TransformerVariantModule(SplitVariantModule):
     ) -> dict[str, torch.Tensor]:
         """Random inputs by name; the cache tensors come from a ``full_capture`` pass on the same inputs."""
         cfg = self.unet.config
-        g = torch.Generator().manual_seed(seed)
-
-        def randn(*shape):
-            x = torch.randn(*shape, generator=g)
-            return x.to(device) if str(device) != "meta" else torch.empty(*shape, device="meta")
+        randn = seeded_randn(seed, device)
 
         mask = torch.ones(batch, text_len, device=device)
         if text_len > 1 and str(device) != "meta":

@@ -30,7 +30,7 @@ from torch import nn
 from postdiff.errors import ModelError
 from postdiff.plan.compiler import ModelSpec, guidance_dim
 from postdiff.pytorch.cpu_conv import ConvPath, mode_from_env
-from postdiff.pytorch.split_base import CrossAttentionSplit, SplitVariantModule
+from postdiff.pytorch.split_base import CrossAttentionSplit, SplitVariantModule, seeded_randn
 
 SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 SUPPORTED_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -355,11 +355,7 @@ class VariantModule(SplitVariantModule):
         """Random inputs by name (in ``input_names`` order). The cache tensors are what a ``full_capture`` pass on
         the same inputs returns, so a shallow or cached variant sees the values it would get in a plan."""
         cfg = self.unet.config
-        g = torch.Generator().manual_seed(seed)
-
-        def randn(*shape):
-            x = torch.randn(*shape, generator=g)
-            return x.to(device) if str(device) != "meta" else torch.empty(*shape, device="meta")
+        randn = seeded_randn(seed, device)
 
         ins: dict[str, torch.Tensor] = {
             "sample": randn(batch, cfg.in_channels, *latent_hw),

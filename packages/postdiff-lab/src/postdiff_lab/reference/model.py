@@ -18,7 +18,8 @@ TOKENS = 4
 TOKEN_DIM = 32
 IMAGE_SIZE = 32
 # the shipped weights of each dataset's model, folders beside this module (same architecture, own classes)
-WEIGHT_FOLDERS = {"fashion": "weights", "digits": "weights_digits"}
+# (``-flow``: the same network trained on a rectified flow, benchmarks/reference/train_reference.py --objective flow)
+WEIGHT_FOLDERS = {"fashion": "weights", "digits": "weights_digits", "fashion-flow": "weights_flow", "digits-flow": "weights_digits_flow"}
 
 UNET_CONFIG = {
     "sample_size": IMAGE_SIZE,

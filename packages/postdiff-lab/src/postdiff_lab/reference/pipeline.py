@@ -83,7 +83,8 @@ class ReferencePipeline:
     def __init__(self, unet, class_encoder, scheduler_config: dict | None = None, dataset: str = "fashion") -> None:
         self.unet = unet.eval().requires_grad_(False)
         self.class_encoder = class_encoder.eval().requires_grad_(False)
-        self.scheduler_config = dict(scheduler_config or ref.SCHEDULER_CONFIG)
+        # the class the model samples with by default travels in the configuration, as diffusers' _class_name
+        self.scheduler_config = {"_class_name": "DDIMScheduler", **dict(scheduler_config or ref.SCHEDULER_CONFIG)}
         self.dataset = dataset
         info = class_info(dataset)
         self.num_classes, self.null_class = ref.NUM_CLASSES, ref.NULL_CLASS
@@ -114,11 +115,12 @@ class ReferencePipeline:
         return cls(unet, enc, scheduler_config(dataset, folder), dataset)
 
     # -- plans -----------------------------------------------------------------------------------------------------
-    def scheduler(self, kind: str = "DDIMScheduler"):
+    def scheduler(self, kind: str | None = None):
+        """The scheduler ``kind`` on this model's schedule; None: its own (DDIM, or a flow model's FlowMatch Euler)."""
         return FAMILY.scheduler(kind, self.scheduler_config)
 
     def compile(
-        self, plan: str | Recipe | dict, steps: int | None = None, scheduler: str = "DDIMScheduler", size: int = ref.IMAGE_SIZE
+        self, plan: str | Recipe | dict, steps: int | None = None, scheduler: str | None = None, size: int = ref.IMAGE_SIZE
     ) -> Plan:
         recipe = load_recipe(plan)
         if steps is not None:
@@ -134,7 +136,7 @@ class ReferencePipeline:
         *,
         seed: int = 0,
         guidance_scale: float = DEFAULT_GUIDANCE,
-        scheduler: str = "DDIMScheduler",
+        scheduler: str | None = None,
         steps: int | None = None,
         batch_size: int = 100,
         progress: bool = False,
