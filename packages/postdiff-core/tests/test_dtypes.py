@@ -26,7 +26,7 @@ KINDS = {
     "sd3": "postdiff-sd3",
     "sana": "postdiff-sana",
 }
-SD_PLANS = [n for n in BUILTIN_PLANS if n not in KINDS.values()]
+SD_PLANS = [n for n in BUILTIN_PLANS if n not in KINDS.values() and n != "postdiff-flux"]  # FLUX: costs only
 
 
 def run(pipe, steps: int):

@@ -203,3 +203,22 @@ def test_images_decode_through_the_16_channel_vae(pipe):
         assert image.shape == (1, 128, 128, 3) and np.isfinite(image).all()
     finally:
         postdiff.remove(pipe)
+
+
+def test_arch_flux_dev_costs_plans_and_the_gate_it_cannot_use():
+    """FLUX.1-dev for plan cost and plan show: 19 double and 38 single blocks in one span list, 2x2 packing, guidance
+    embedded (no CFG batch), the schedule shifted by the token count (mu), and xattn_gate refused in one line."""
+    model = load_model("arch:flux-dev")
+    spec = model.spec()
+    assert spec.num_layers == 57 and spec.downsample_factor == 2 and spec.guidance_embedded and not spec.has_cross_attention
+    base = model.compile("baseline", 20)  # the pipeline's 1024 px default
+    assert base.latent_hw == (128, 128)
+    # FLUX's shift for 4096 tokens (mu 1.15): the second sigma is higher than the static shift 3 gives
+    assert base.steps[1].timestep > 982.0
+    plan = model.compile("postdiff-flux", 20)
+    cost = plan_cost(plan, model.mac_counter(plan.recipe), base)
+    assert cost.steps[0].batch == 1  # one branch per step: guidance is an input
+    assert 30e12 < cost.baseline_macs / 20 < 45e12  # ~12B parameters on 4,096 patches and 512 text tokens
+    assert 0.40 < cost.ratio < 0.50
+    with pytest.raises(RecipeError, match=r"xattn_gate needs cross-attention, and arch:flux-dev has none \(nor a CFG branch"):
+        model.compile("postdiff", 20)

@@ -53,7 +53,7 @@ class Architecture:
 
     @property
     def default_latent(self) -> int:
-        return int(self.unet["sample_size"])
+        return int(self.unet.get("sample_size", self.unet.get("_sample_size")))
 
 
 SD15 = Architecture(
@@ -357,10 +357,43 @@ TOY_SANA = Architecture(
     scheduler_class="DPMSolverMultistepScheduler",
 )
 
+# FLUX.1-dev (black-forest-labs/FLUX.1-dev): transformer/config.json (19 double- and 38 single-stream blocks of width
+# 3072, guidance embedded, 2x2-packed 16-channel latent) and its scheduler (FlowMatch Euler, shift by token count);
+# 512 T5 tokens, CLIP-L's pooled 768. Costs and plans only (plan cost / plan show): no FLUX pipeline runs yet.
+FLUX_DEV = Architecture(
+    "flux-dev",
+    {
+        "_class_name": "FluxTransformer2DModel",
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768,
+        "guidance_embeds": True,
+        "axes_dims_rope": [16, 56, 56],
+        "_sample_size": 128,  # the pipeline's default 1024 px; not a config key of FLUX's (``_`` keys are not built)
+    },
+    text_len=512,
+    pooled_dim=768,
+    scheduler={
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+    },
+    scheduler_class="FlowMatchEulerDiscreteScheduler",
+)
+
 ARCHITECTURES = {
     a.name: a
     for a in (
-        SD15, SD21, SDXL, LCM_SD15, PIXART_ALPHA, SD3_MEDIUM, SANA_1600M,
+        SD15, SD21, SDXL, LCM_SD15, PIXART_ALPHA, SD3_MEDIUM, SANA_1600M, FLUX_DEV,
         TOY_SD, TOY_SDXL, TOY_LCM, TOY_PIXART, TOY_PIXART_SIGMA, TOY_SD3, TOY_SANA,
     )
 }  # fmt: skip

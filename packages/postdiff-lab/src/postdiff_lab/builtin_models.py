@@ -5,7 +5,8 @@ digits), ``toy-sd`` / ``toy-sdxl`` / ``toy-lcm`` (tiny SD, SDXL and LCM pipeline
 ``toy-pixart`` / ``toy-pixart-sigma`` (tiny PixArt-α and -Σ pipelines), ``toy-sd3`` (a tiny SD3 pipeline: MMDiT,
 two CLIP encoders and T5, flow matching), ``toy-sana`` (a tiny SANA pipeline: linear-attention DiT, Gemma-2, DC-AE),
 ``arch:sd15`` / ``arch:sd21`` / ``arch:sdxl`` / ``arch:lcm-sd15`` / ``arch:pixart-alpha`` / ``arch:sd3-medium`` /
-``arch:sana-1600m`` (published architectures with random weights, for costs and timings).
+``arch:sana-1600m`` / ``arch:flux-dev`` (published architectures with random weights, for costs and timings; FLUX for
+costs and plans only).
 """
 
 from __future__ import annotations
@@ -88,5 +89,5 @@ def resolve(spec: str, need_pipeline: bool | None = False) -> Model | None:
 resolve.names = [
     *REFERENCE_MODELS,
     *TOY_MODELS,
-    *(f"arch:{a}" for a in ("sd15", "sd21", "sdxl", "lcm-sd15", "pixart-alpha", "sd3-medium", "sana-1600m")),
+    *(f"arch:{a}" for a in ("sd15", "sd21", "sdxl", "lcm-sd15", "pixart-alpha", "sd3-medium", "sana-1600m", "flux-dev")),
 ]

@@ -119,7 +119,8 @@ class Model:
 
     @property
     def default_latent(self) -> int:
-        return int(self.unet_config.get("sample_size", 64))
+        # a network whose config has no sample size (FLUX) may carry its pipeline's default as ``_sample_size``
+        return int(self.unet_config.get("sample_size", self.unet_config.get("_sample_size", 64)))
 
     def latent_hw(self, height: int | None, width: int | None) -> tuple[int, int]:
         """Latent size for an image size (pixels); the model's default when not given."""

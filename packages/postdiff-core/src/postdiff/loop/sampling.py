@@ -36,6 +36,19 @@ from postdiff.plan.recipe import Recipe
 from postdiff.plan.schedulers import label_of
 
 
+def schedule_shift(scheduler, latent_hw: tuple[int, int], factor: int) -> dict[str, float]:
+    """``set_timesteps``' ``mu`` for a scheduler that shifts its sigmas by the image's token count
+    (``use_dynamic_shifting``: FLUX's), as the FLUX pipeline computes it from the full-size latent; {} for the others."""
+    config = getattr(scheduler, "config", {})
+    if not config.get("use_dynamic_shifting", False):
+        return {}
+    tokens = (int(latent_hw[0]) // factor) * (int(latent_hw[1]) // factor)
+    base, most = int(config.get("base_image_seq_len", 256)), int(config.get("max_image_seq_len", 4096))
+    low, high = float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15))
+    slope = (high - low) / (most - base)
+    return {"mu": tokens * slope + low - slope * base}
+
+
 def compile_for_scheduler(recipe: Recipe, scheduler, latent_hw: tuple[int, int], model: ModelSpec, device=None) -> Plan:
     """Set the scheduler's timesteps for ``recipe.steps`` and compile the recipe against them."""
     trained = int(getattr(scheduler, "config", {}).get("num_train_timesteps", 1000))
@@ -44,7 +57,7 @@ def compile_for_scheduler(recipe: Recipe, scheduler, latent_hw: tuple[int, int],
             f"{recipe.steps} steps is more than the {trained} timesteps {type(scheduler).__name__} was trained with; "
             f"use at most {trained} steps"
         )
-    scheduler.set_timesteps(recipe.steps, device=device)
+    scheduler.set_timesteps(recipe.steps, device=device, **schedule_shift(scheduler, latent_hw, model.downsample_factor))
     return compile_plan(
         recipe,
         timesteps=[float(t) for t in scheduler.timesteps],

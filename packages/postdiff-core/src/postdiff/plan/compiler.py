@@ -322,7 +322,12 @@ def check_recipe_fits(recipe: Recipe, model: ModelSpec) -> None:
     if dc is not None and dc.interval > 1 and dc.schedule == "nonuniform":
         nonuniform_full_steps(recipe.steps, math.ceil(recipe.steps / dc.interval), dc.center, dc.power)
     if recipe.xattn_gate is not None and not model.has_cross_attention:
-        raise RecipeError(f"recipe.xattn_gate needs cross-attention, and {model.name} has none; drop xattn_gate from the recipe")
+        why = (
+            " (nor a CFG branch to drop: its guidance is embedded, as in FLUX.1-dev, and its text stream is not cached)"
+            if model.guidance_embedded
+            else ""
+        )
+        raise RecipeError(f"recipe.xattn_gate needs cross-attention, and {model.name} has none{why}; drop xattn_gate from the recipe")
 
 
 def compile_plan(

@@ -15,7 +15,8 @@ from postdiff.errors import ModelError
 
 UNET = "UNet2DConditionModel"
 MMDIT = "SD3Transformer2DModel"  # two token streams and joint attention (postdiff.pytorch.mmdit)
-TRANSFORMERS = ("PixArtTransformer2DModel", "SanaTransformer2DModel", MMDIT)
+FLUX = "FluxTransformer2DModel"  # double- and single-stream blocks (postdiff.pytorch.mmdit; costs only)
+TRANSFORMERS = ("PixArtTransformer2DModel", "SanaTransformer2DModel", MMDIT, FLUX)
 
 
 def network_class(config: dict[str, Any]) -> str:
@@ -56,6 +57,10 @@ def meta_network(config: dict[str, Any]):
 
 
 def spec_of(network, name: str | None = None):
+    if type(network).__name__ == FLUX:
+        from postdiff.pytorch.mmdit import flux_spec  # lazy: imports torch
+
+        return flux_spec(network, name=name or "transformer")
     if type(network).__name__ == MMDIT:
         from postdiff.pytorch.mmdit import mmdit_spec  # lazy: imports torch
 
@@ -74,6 +79,10 @@ def split_for(network, recipe=None, *, block: int | None = None, span=None, cpu_
     if recipe is not None:
         block, span = recipe.cache_block, recipe.cache_span
     block = block or 0
+    if type(network).__name__ == FLUX:
+        from postdiff.pytorch.mmdit import FluxSplit  # lazy: imports torch
+
+        return FluxSplit(network, block=block, span=span, cpu_conv=cpu_conv)
     if type(network).__name__ == MMDIT:
         from postdiff.pytorch.mmdit import MMDiTSplit  # lazy: imports torch
 
@@ -90,7 +99,10 @@ def split_for(network, recipe=None, *, block: int | None = None, span=None, cpu_
 
 
 def downsample_factor(network) -> int:
-    """The factor a latent side must be a multiple of: a UNet's downsampling, a transformer's patch size."""
+    """The factor a latent side must be a multiple of: a UNet's downsampling, a transformer's patch size (FLUX: its
+    2x2 packing)."""
+    if type(network).__name__ == FLUX:
+        return 2
     if type(network).__name__ in TRANSFORMERS:
         return int(network.config.patch_size)
     from postdiff.pytorch.unet import downsample_factor as unet_factor  # lazy: imports torch

@@ -41,8 +41,9 @@ class MacCounter:
         self.text_len = text_len
         self.pooled_dim = pooled_dim
         self._key = _config_key({**self.config, "_class_name": self.network})
-        # guidance doubles the batch (CFG) unless the UNet embeds it (LCM's time_cond_proj_dim: one branch per image)
-        self.cfg = guidance_dim(self.config) is None
+        # guidance doubles the batch (CFG) unless the network embeds it (LCM's time_cond_proj_dim, FLUX-dev's
+        # guidance_embeds: one branch per image)
+        self.cfg = guidance_dim(self.config) is None and not self.config.get("guidance_embeds", False)
         self._split = None  # a UNetSplit or TransformerSplit of the meta-device network
 
     def _get_split(self):

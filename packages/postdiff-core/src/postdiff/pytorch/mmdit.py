@@ -37,11 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from postdiff.plan.compiler import ModelSpec, block_span
+from postdiff.plan.compiler import ModelSpec, block_span, cut_choices
 from postdiff.pytorch.split_base import CrossAttentionSplit, SplitVariantModule, seeded_randn
 from postdiff.pytorch.transformer import check_supported, transformer_spec
 
 MMDIT_TRANSFORMERS = ("SD3Transformer2DModel",)
+FLUX_TRANSFORMERS = ("FluxTransformer2DModel",)
 
 
 def mmdit_spec(transformer, name: str = "transformer") -> ModelSpec:
@@ -111,6 +112,9 @@ class MMDiTSplit(CrossAttentionSplit):
         a, b = self.span
         self.attn2 = []  # no wrapped modules (CrossAttentionSplit.close has nothing to restore)
         self.shallow_xattn = [i for i in range(self.num_layers) if not a <= i < b]
+        self.latent_channels = int(transformer.config.in_channels)
+
+    timestep_scale = 1000.0  # the timestep the pipeline passes at sigma 1 (SD3: sigma x 1000; FLUX: sigma)
 
     @property
     def num_xattn(self) -> int:
@@ -134,25 +138,23 @@ class MMDiTSplit(CrossAttentionSplit):
         wanted = self.xattn_indices(variant)
         depth, mode = self._check_variant(variant, deep, xattn, wanted)
         if pooled_projections is None:
-            raise ValueError("the SD3 transformer needs the pooled text embedding (pooled_projections)")
-        model = self.transformer
+            raise ValueError(f"the {type(self.transformer).__name__} needs the pooled text embedding (pooled_projections)")
         hp, wp = sample.shape[-2] // self.patch, sample.shape[-1] // self.patch
         tokens = hp * wp
-        h = model.pos_embed(sample).contiguous()  # patches plus the position table cropped to this grid
-        temb = model.time_text_embed(timestep, pooled_projections)
         text_len = encoder_hidden_states.shape[1]
-        blocks = list(model.transformer_blocks)
+        h, temb, extra = self._embed(sample, timestep, pooled_projections, text_len)
+        blocks = self.blocks
         given = dict(zip(wanted, xattn)) if mode == "cached" else {}
         captured: dict[int, torch.Tensor] = {}
         # the text stream: not computed at all when its keys and values are given
-        c = None if mode == "cached" else model.context_embedder(encoder_hidden_states)
+        c = None if mode == "cached" else self.transformer.context_embedder(encoder_hidden_states)
 
         def run(i, h, c):
             if mode == "cached":
                 return image_stream_block(blocks[i], h, given[i], temb), None
-            if mode == "capture":
+            if mode == "capture" and i in wanted:
                 captured[i] = text_keys_values(blocks[i], c, temb)
-            c, h = blocks[i](hidden_states=h, encoder_hidden_states=c, temb=temb, joint_attention_kwargs=None)
+            c, h = blocks[i](hidden_states=h, encoder_hidden_states=c, temb=temb, joint_attention_kwargs=None, **extra)
             return h, c
 
         a, b = self.span
@@ -170,17 +172,103 @@ class MMDiTSplit(CrossAttentionSplit):
                 c = c + deep[:, tokens:]
         for i in range(b, len(blocks)):
             h, c = run(i, h, c)
-        h = model.norm_out(h, temb)
-        h = model.proj_out(h)
-        p, ch = self.patch, model.out_channels
-        h = h.reshape(-1, hp, wp, p, p, ch)
-        out = torch.einsum("nhwpqc->nchpwq", h).reshape(-1, ch, hp * p, wp * p)
+        out = self._head(h, temb, hp, wp)
         if depth == "shallow":
             return (out,)
         return (out, residual, *(captured[i] for i in wanted if mode == "capture"))
 
+    @property
+    def blocks(self) -> list:
+        """The joint blocks in order: each takes and returns both streams."""
+        return list(self.transformer.transformer_blocks)
+
+    def _embed(self, sample, timestep, pooled, text_len: int):
+        """(image tokens, the timestep-and-text embedding, extra keyword arguments of every block)."""
+        model = self.transformer
+        return model.pos_embed(sample).contiguous(), model.time_text_embed(timestep, pooled), {}  # position table cropped to the grid
+
+    def _head(self, h, temb, hp: int, wp: int):
+        model = self.transformer
+        h = model.proj_out(model.norm_out(h, temb))
+        p, ch = self.patch, model.out_channels
+        h = h.reshape(-1, hp, wp, p, p, ch)
+        return torch.einsum("nhwpqc->nchpwq", h).reshape(-1, ch, hp * p, wp * p)
+
     def module(self, variant: str) -> nn.Module:
         return MMDiTVariantModule(self, variant)
+
+
+class FluxSplit(MMDiTSplit):
+    """FLUX.1 (``FluxTransformer2DModel``): 19 double-stream blocks (SD3's joint blocks, with rotary positions) then 38
+    single-stream blocks (one attention and MLP over the concatenated tokens); both kinds take and return both streams,
+    so block caching spans any of the 57. The latent is packed into 2x2 patches (64 channels) as the FLUX pipeline
+    packs it. FLUX.1-dev is guidance-distilled (the guidance scale is an input, no CFG batch): there is no branch to
+    drop, and its text stream is not cached (``xattn_gate`` is refused with the reason); this split serves ``plan cost``
+    and ``plan show`` on ``arch:flux-dev``, not a pipeline yet."""
+
+    guidance = 3.5  # FluxPipeline's default, the embedded guidance every step gets
+
+    def __init__(self, transformer, block: int = 0, *, span: Sequence[int] | None = None, cpu_conv: str | None = None) -> None:
+        check_supported(transformer, FLUX_TRANSFORMERS, layers=_flux_layers(transformer))
+        self.transformer = self.unet = transformer
+        self.block = block
+        self.num_layers = _flux_layers(transformer)
+        self.span = block_span(self.num_layers, block, span)
+        self.patch = 2
+        self.attn2 = []
+        self.shallow_xattn = []
+        self.latent_channels = int(transformer.config.in_channels) // 4  # 2x2 packed
+
+    timestep_scale = 1.0
+
+    @property
+    def num_xattn(self) -> int:
+        return 0  # the text stream is not cached for FLUX (see the class docstring)
+
+    @property
+    def blocks(self) -> list:
+        return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
+
+    def _embed(self, sample, timestep, pooled, text_len: int):
+        model = self.transformer
+        b, c, h, w = sample.shape
+        packed = sample.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+        x = model.x_embedder(packed)
+        t = timestep.to(x.dtype) * 1000  # the pipeline passes t / 1000, the transformer scales back
+        if model.config.guidance_embeds:
+            guidance = torch.full((b,), self.guidance * 1000, device=x.device, dtype=x.dtype)
+            temb = model.time_text_embed(t, guidance, pooled)
+        else:
+            temb = model.time_text_embed(t, pooled)
+        ids = torch.zeros(h // 2, w // 2, 3, device=x.device)
+        ids[..., 1] += torch.arange(h // 2, device=x.device)[:, None]
+        ids[..., 2] += torch.arange(w // 2, device=x.device)[None, :]
+        ids = torch.cat([torch.zeros(text_len, 3, device=x.device), ids.reshape(-1, 3)])
+        return x, temb, {"image_rotary_emb": model.pos_embed(ids)}
+
+    def _head(self, h, temb, hp: int, wp: int):
+        model = self.transformer
+        out = model.proj_out(model.norm_out(h, temb))
+        b, _, ch = out.shape
+        return out.view(b, hp, wp, ch // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, ch // 4, hp * 2, wp * 2)
+
+
+def _flux_layers(transformer) -> int:
+    return int(transformer.config.num_layers) + int(transformer.config.num_single_layers)
+
+
+def flux_spec(transformer, name: str = "transformer") -> ModelSpec:
+    """FLUX's planner view: 2x2 packing is its downsampling factor, its double and single blocks one list; the gate
+    needs a cross-attention or a CFG branch, and guidance-distilled FLUX offers neither here."""
+    check_supported(transformer, FLUX_TRANSFORMERS, layers=_flux_layers(transformer))
+    return ModelSpec(
+        name=name,
+        downsample_factor=2,
+        num_down_blocks=cut_choices(_flux_layers(transformer)),
+        has_cross_attention=False,
+        guidance_embedded=bool(transformer.config.guidance_embeds),
+        num_layers=_flux_layers(transformer),
+    )
 
 
 class MMDiTVariantModule(SplitVariantModule):
@@ -209,9 +297,10 @@ class MMDiTVariantModule(SplitVariantModule):
         cfg = self.unet.config
         randn = seeded_randn(seed, device)
 
+        split = self._split
         ins: dict[str, torch.Tensor] = {
-            "sample": randn(batch, cfg.in_channels, *latent_hw),
-            "timestep": torch.full((batch,), 500.0, device=device),
+            "sample": randn(batch, split.latent_channels, *latent_hw),
+            "timestep": torch.full((batch,), 0.5 * split.timestep_scale, device=device),
             "encoder_hidden_states": randn(batch, text_len, cfg.joint_attention_dim),
             "pooled_projections": randn(batch, pooled_dim or cfg.pooled_projection_dim),
         }

@@ -55,13 +55,12 @@ def transformer_spec(transformer, name: str = "transformer", supported: tuple[st
     )
 
 
-def check_supported(transformer, supported: tuple[str, ...] = SUPPORTED_TRANSFORMERS) -> None:
+def check_supported(transformer, supported: tuple[str, ...] = SUPPORTED_TRANSFORMERS, layers: int | None = None) -> None:
     if type(transformer).__name__ not in supported:
         raise ModelError(f"PostDiff splits the transformers {supported}, not {type(transformer).__name__}")
-    if int(transformer.config.num_layers) < 3:
-        raise ModelError(
-            f"block caching needs at least 3 transformer blocks (one cached between two computed); this one has {transformer.config.num_layers}"
-        )
+    layers = int(transformer.config.num_layers) if layers is None else layers
+    if layers < 3:
+        raise ModelError(f"block caching needs at least 3 transformer blocks (one cached between two computed); this one has {layers}")
 
 
 def learned_sigma(config) -> bool:
