@@ -108,3 +108,13 @@ def test_arch_sana_1600m_and_the_family_plan_cost():
     per_branch = cost.baseline_macs / 40
     assert 1.3e12 < per_branch < 1.7e12  # ~1.6B parameters on 1,024 patches (linear attention: no quadratic term)
     assert cost.reduction >= 0.45
+
+
+def test_the_cli_source_leaves_the_size_to_the_pipeline_when_none_is_asked():
+    """postdiff generate/eval without --height: SANA's pipeline default (1024 px), not a None it refuses."""
+    from postdiff_lab.generation import source_for
+
+    source = source_for(load_model("toy-sana", need_pipeline=True))
+    batch = source.generate("postdiff-sana", 1, seed=2)
+    assert batch.images.shape == (1, 1024, 1024, 3)
+    assert source.compile("postdiff-sana").latent_hw == (32, 32)

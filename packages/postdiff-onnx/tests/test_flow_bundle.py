@@ -59,12 +59,20 @@ def flow_bundle(flow_model, tmp_path_factory) -> Path:
     return export_onnx(flow_model, "postdiff", tmp_path_factory.mktemp("flow_bundle") / "b", log=lambda *_: None)
 
 
-@pytest.mark.parametrize("plan", ["postdiff", "baseline"])
-def test_the_bundle_runs_the_flow_plan_without_torch_as_pytorch_does(flow_model, flow_bundle, plan):
+@pytest.mark.parametrize("plan,scheduler", [("postdiff", None), ("baseline", None), ("postdiff", "flow-dpmpp-2m")])
+def test_the_bundle_runs_the_flow_plan_without_torch_as_pytorch_does(flow_model, flow_bundle, plan, scheduler):
     pipe = load_bundle(flow_bundle)
     assert pipe.info["scheduler_config"]["_class_name"] == "FlowMatchEulerDiscreteScheduler"
-    numpy_images = pipe.generate([2, 5], plan, seed=4, loop="numpy")
-    torch_images = pipe.generate([2, 5], plan, seed=4, loop="torch")
+    numpy_images = pipe.generate([2, 5], plan, seed=4, scheduler=scheduler, loop="numpy")
+    torch_images = pipe.generate([2, 5], plan, seed=4, scheduler=scheduler, loop="torch")
     assert min(psnr(a, b) for a, b in zip(numpy_images, torch_images)) >= 60.0
-    reference = flow_model.pipeline.generate([2, 5], plan, seed=4).astype(np.float32) / 255.0
+    reference = flow_model.pipeline.generate([2, 5], plan, seed=4, scheduler=scheduler).astype(np.float32) / 255.0
     assert min(psnr(a[..., 0], b) for a, b in zip(numpy_images, reference)) >= 35.0  # 8-bit PyTorch images
+
+
+def test_a_noise_prediction_scheduler_is_refused_by_the_flow_bundle(flow_bundle):
+    from postdiff.errors import ModelError
+
+    pipe = load_bundle(flow_bundle)
+    with pytest.raises(ModelError, match="rectified flow"):
+        pipe.generate([1], "postdiff", scheduler="ddim", loop="numpy")

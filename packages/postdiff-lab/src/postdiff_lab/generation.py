@@ -117,7 +117,7 @@ class ClassSource(Source):
 
 
 class DiffusersSource(Source):
-    """A diffusers SD/SDXL/LCM/PixArt pipeline run through ``postdiff.apply``; conditions are prompts."""
+    """A diffusers SD/SDXL/LCM/PixArt/SD3/SANA pipeline run through ``postdiff.apply``; conditions are prompts."""
 
     def generate(self, recipe, n, seed=0, *, conditions=None, progress=False, first=0) -> Batch:
         from postdiff.pytorch import diffusers_hook
@@ -129,12 +129,13 @@ class DiffusersSource(Source):
         diffusers_hook.apply(pipe, load_recipe(recipe))
         images = []
         start = time.perf_counter()
+        # the size only when asked: a pipeline's own default (SANA's is 1024 px) is what None would not give
+        size = {k: v for k, v in (("height", self.height), ("width", self.width)) if v is not None}
         try:
             for i, prompt in enumerate(prompts):
                 out = pipe(
                     prompt,
-                    height=self.height,
-                    width=self.width,
+                    **size,
                     guidance_scale=self.guidance,
                     generator=self.model.family.generator(seed, first + i),
                     output_type="np",

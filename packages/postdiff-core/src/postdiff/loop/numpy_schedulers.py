@@ -9,7 +9,8 @@ PyTorch draws.
 
     DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler (DPM-Solver++
     2M and 2M SDE, Karras sigmas too), HeunDiscreteScheduler, LCMScheduler, LMSDiscreteScheduler, PNDMScheduler (PLMS),
-    UniPCMultistepScheduler, FlowMatchEulerDiscreteScheduler (rectified flow: SD3's and FLUX's)
+    UniPCMultistepScheduler, FlowMatchEulerDiscreteScheduler (rectified flow: SD3's and FLUX's); DPM-Solver++ on flow
+    sigmas too (SANA's ``flow-dpmpp-2m``)
 
 Why our own and not a library's: diffusers' schedulers are the reference but need PyTorch; the runtime this module
 serves is for machines without it.
@@ -418,14 +419,13 @@ class DPMSolverMultistepScheduler(NumpyScheduler):
         lower_order_final=True, euler_at_final=False, use_karras_sigmas=False, use_exponential_sigmas=False,
         use_beta_sigmas=False, use_lu_lambdas=False, use_flow_sigmas=False, final_sigmas_type="zero",
         lambda_min_clipped=-float("inf"), variance_type=None, timestep_spacing="linspace", steps_offset=0,
-        rescale_betas_zero_snr=False, use_dynamic_shifting=False,
+        rescale_betas_zero_snr=False, use_dynamic_shifting=False, flow_shift=1.0,
     )  # fmt: skip
     unsupported = {
         **NumpyScheduler.unsupported,
         "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
         "solver_order": (1, 2),
         "use_lu_lambdas": False,
-        "use_flow_sigmas": False,
         "variance_type": None,
         "lambda_min_clipped": -float("inf"),
         "use_dynamic_shifting": False,
@@ -434,7 +434,7 @@ class DPMSolverMultistepScheduler(NumpyScheduler):
 
     def __init__(self, **config) -> None:
         super().__init__(**config)
-        self._check_prediction()
+        self._check_prediction(("epsilon", "sample", "v_prediction", "flow_prediction"))
         self.order = int(self.config.solver_order)
         self.sigmas = np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5)
 
@@ -448,6 +448,11 @@ class DPMSolverMultistepScheduler(NumpyScheduler):
             t = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
             if self.config.beta_schedule != "squaredcos_cap_v2":
                 t = t.round()
+        elif self.config.use_flow_sigmas:  # SANA's: a shifted line from 1 to 1/N, the timestep N sigma (truncated)
+            train, shift = int(self.config.num_train_timesteps), self.config.flow_shift
+            flow = 1.0 - np.linspace(1, 1 / train, n + 1)
+            sigmas = np.flip(shift * flow / (1 + (shift - 1) * flow))[:-1].copy()
+            t = sigmas * train
         else:
             sigmas = np.interp(t, np.arange(0, len(sigmas)), sigmas)
         last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5 if self.config.final_sigmas_type == "sigma_min" else 0
@@ -459,6 +464,8 @@ class DPMSolverMultistepScheduler(NumpyScheduler):
         self._reset()
 
     def _sigma_to_alpha_sigma_t(self, sigma):
+        if self.config.use_flow_sigmas:  # x = (1 - sigma) x0 + sigma noise
+            return 1 - sigma, sigma
         alpha_t = 1 / (sigma**2 + 1) ** 0.5
         return alpha_t, sigma * alpha_t
 
@@ -481,6 +488,8 @@ class DPMSolverMultistepScheduler(NumpyScheduler):
         alpha_s0, sigma_s0, lambda_s0 = self._lambda(i)
         if kind == "epsilon":
             x0 = (sample - sigma_s0 * model_output) / alpha_s0
+        elif kind == "flow_prediction":  # the velocity noise - x0
+            x0 = sample - sigma_s0 * model_output
         elif kind == "sample":
             x0 = model_output
         else:
@@ -698,7 +707,7 @@ class UniPCMultistepScheduler(NumpyScheduler):
         prediction_type="epsilon", thresholding=False, predict_x0=True, solver_type="bh2", lower_order_final=True,
         disable_corrector=[], solver_p=None, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
         use_flow_sigmas=False, timestep_spacing="linspace", steps_offset=0, final_sigmas_type="zero",
-        rescale_betas_zero_snr=False, use_dynamic_shifting=False,
+        rescale_betas_zero_snr=False, use_dynamic_shifting=False, flow_shift=1.0,
     )  # fmt: skip
     unsupported = {
         **NumpyScheduler.unsupported,

@@ -21,7 +21,7 @@
 
 The settings are applied over the model's own scheduler configuration (its noise schedule, prediction type and
 spacing stay), by diffusers and by the numpy runtime alike (``postdiff.loop.numpy_schedulers`` implements every one but
-the ``flow-*`` names, which no bundle uses yet: flow-matching models run on PyTorch).
+``flow-heun``, which runs on PyTorch only).
 Pure data: no PyTorch, no diffusers.
 """
 
