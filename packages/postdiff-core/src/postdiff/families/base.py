@@ -28,7 +28,7 @@ from typing import Any
 
 from postdiff.errors import BundleError, ModelError
 from postdiff.loop.arrays import TORCH
-from postdiff.plan.schedulers import is_flow_scheduler, resolve
+from postdiff.plan.schedulers import is_flow_config, is_flow_scheduler, resolve
 
 # The model a family is asked about: a ``postdiff.families.model.Model``. That module imports the families, so it is
 # not imported here, not even for annotations (the engine's import graph has no circle, typing included).
@@ -93,8 +93,7 @@ class Family:
         """``config`` for scheduler ``name``, after refusing a noise-prediction scheduler on a flow-matching model and the
         reverse; the model's shift is given under the key the named solver reads (FlowMatch* read ``shift``, DPM-Solver
         and UniPC on flow sigmas ``flow_shift``: SD3 ships the first, SANA the second)."""
-        own = config.get("_class_name", "DDIMScheduler")
-        flow = own.startswith("FlowMatch") or config.get("prediction_type") == "flow_prediction"
+        flow = is_flow_config(config.get("_class_name", "DDIMScheduler"), config)
         if is_flow_scheduler(name) != flow:
             raise ModelError(
                 f"--scheduler {name}: this model was trained on a rectified flow (it predicts a velocity); use "

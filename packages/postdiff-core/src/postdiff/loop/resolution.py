@@ -17,6 +17,7 @@ from __future__ import annotations
 from postdiff.errors import PlanError
 from postdiff.loop.arrays import ops_for
 from postdiff.loop.numpy_schedulers import consistency_scalings
+from postdiff.plan.schedulers import is_flow_config
 
 # Schedulers whose history is fully reset by set_timesteps() and that can restart at any step index.
 RESTARTABLE_SCHEDULERS = (
@@ -73,10 +74,8 @@ def _sigma_space(scheduler) -> bool:
 
 
 def is_flow_matching(scheduler) -> bool:
-    """True for a rectified-flow sampler: x = (1 - sigma) x0 + sigma eps, the network predicts v = eps - x0 (diffusers'
-    FlowMatch* schedulers, and DPM-Solver/UniPC with ``prediction_type="flow_prediction"``)."""
-    config = scheduler.config
-    return type(scheduler).__name__.startswith("FlowMatch") or config.get("prediction_type") == "flow_prediction"
+    """True for a rectified-flow sampler: x = (1 - sigma) x0 + sigma eps, the network predicts v = eps - x0."""
+    return is_flow_config(type(scheduler).__name__, scheduler.config)
 
 
 def _flow_sigma(scheduler, index: int) -> float:

@@ -71,11 +71,17 @@ def resolve(name: str) -> tuple[str, dict[str, Any]]:
     raise ModelError(f"unknown scheduler {brief(name)}; use one of {', '.join(NAMES)}, or a diffusers scheduler class name")
 
 
+def is_flow_config(class_name: str, config) -> bool:
+    """Whether scheduler ``class_name`` with ``config`` samples a rectified flow (the network predicts a velocity):
+    diffusers' FlowMatch* classes, and DPM-Solver/UniPC with ``prediction_type="flow_prediction"`` (SANA's). The one
+    test of what a flow scheduler is: for a name (``is_flow_scheduler``), a model's configuration and a built one."""
+    return class_name.startswith("FlowMatch") or dict(config).get("prediction_type") == "flow_prediction"
+
+
 def is_flow_scheduler(name: str) -> bool:
-    """Whether a scheduler name samples a rectified flow (the network predicts a velocity): diffusers' FlowMatch*
-    classes and the ``flow-*`` names. Only flow-matching models (SD3, SANA, FLUX) can use them, and they only these."""
-    class_name, settings = resolve(name)
-    return class_name.startswith("FlowMatch") or settings.get("prediction_type") == "flow_prediction"
+    """Whether a scheduler name samples a rectified flow: the FlowMatch* classes and the ``flow-*`` names. Only
+    flow-matching models (SD3, SANA, FLUX) can use them, and they only these."""
+    return is_flow_config(*resolve(name))
 
 
 def same_scheduler_name(a: str, b: str | None) -> bool:

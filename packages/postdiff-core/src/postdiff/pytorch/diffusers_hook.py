@@ -569,14 +569,13 @@ class _DispatchHook(ModelHook):
 
 class _UNetHook(_DispatchHook):
     def plan_forward(self, session: _Session, *args, return_dict: bool = True, **kwargs):
-        # the UNet's and PixArt's first input is ``sample`` (passed by position), SD3's ``hidden_states`` (by name)
+        # the first three inputs, by position or by name: the UNet's and PixArt's first is ``sample``, SD3's and
+        # SANA's ``hidden_states``
+        if "hidden_states" in kwargs:
+            kwargs["sample"] = kwargs.pop("hidden_states")
         names = ("sample", "timestep", "encoder_hidden_states")
-        given = dict(zip(names, args))
+        given = {**dict(zip(names, args)), **{n: kwargs.pop(n) for n in names if n in kwargs}}
         args = args[len(names) :]
-        given.setdefault("sample", kwargs.pop("hidden_states", None))
-        for name in names:
-            if name in kwargs:
-                given[name] = kwargs.pop(name)
         sample, timestep, encoder_hidden_states = (given.get(n) for n in names)
         if args:
             raise PlanError("PostDiff expects the UNet's optional inputs as keywords, as diffusers pipelines pass them")

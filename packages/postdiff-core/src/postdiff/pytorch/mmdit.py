@@ -18,7 +18,9 @@ block's image queries attending to the image keys and the recorded text keys. Ev
 (its adaLN, q/k/v and output projections, its MLP, and its share of the attention as queries) is skipped, which is
 what T-GATE's cached cross-attention output saves in a UNet: the text's contribution frozen once the layout is
 decided. In a cross-attention UNet the keys and values come from the text encoder and never change; in MMDiT they
-drift with the image, so freezing them is an approximation (measured in docs, recipes.md). ``xattn_k`` is block k's
+drift with the image, so freezing them is an approximation whose cost in quality is not measured yet (no trained
+SD3 is reachable offline; the split's tests check that the frozen keys and values of the step itself give that step
+exactly). ``xattn_k`` is block k's
 (batch, heads, text tokens, 2 x head_dim): keys, then values.
 
 Variants (``Step.variant``), the names every split uses:
