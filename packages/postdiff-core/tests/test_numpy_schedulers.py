@@ -43,6 +43,7 @@ CASES = [
     ("DDIMScheduler", dict(SD, beta_schedule="squaredcos_cap_v2")),
     ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0}),  # SD3's
     ("FlowMatchEulerDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 1.0}),  # reference-flow's
+    ("FlowMatchHeunDiscreteScheduler", {"num_train_timesteps": 1000, "shift": 3.0}),
     # SANA's: DPM-Solver++ 2M on flow sigmas, shift 3
     ("DPMSolverMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0}),
 ]
@@ -136,7 +137,7 @@ SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "b
 COSINE = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n not in ("lcm", "flow-heun")])  # flow-heun: PyTorch only
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "lcm"])
 def test_every_short_name_is_one_diffusers_configuration_and_its_numpy_twin_follows_it(name):
     """Each UI name builds its diffusers class with its settings over the model's schedule, reads back as the same name,
     and the numpy scheduler of that name gives diffusers' timesteps and first step (1e-5)."""

@@ -9,8 +9,8 @@ PyTorch draws.
 
     DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler (DPM-Solver++
     2M and 2M SDE, Karras sigmas too), HeunDiscreteScheduler, LCMScheduler, LMSDiscreteScheduler, PNDMScheduler (PLMS),
-    UniPCMultistepScheduler, FlowMatchEulerDiscreteScheduler (rectified flow: SD3's and FLUX's); DPM-Solver++ on flow
-    sigmas too (SANA's ``flow-dpmpp-2m``)
+    UniPCMultistepScheduler, FlowMatchEulerDiscreteScheduler (rectified flow: SD3's and FLUX's),
+    FlowMatchHeunDiscreteScheduler; DPM-Solver++ on flow sigmas too (SANA's ``flow-dpmpp-2m``)
 
 Why our own and not a library's: diffusers' schedulers are the reference but need PyTorch; the runtime this module
 serves is for machines without it.
@@ -899,6 +899,45 @@ class FlowMatchEulerDiscreteScheduler(NumpyScheduler):
         return (prev_sample.astype(model_output.dtype, copy=False),)
 
 
+class FlowMatchHeunDiscreteScheduler(FlowMatchEulerDiscreteScheduler):
+    """Heun's method on the rectified flow: two calls a step (every sigma after the first listed twice), the second
+    averaging the two velocities; deterministic (``s_churn`` 0, as the pipelines call it)."""
+
+    name = "FlowMatchHeunDiscreteScheduler"
+    order = 2
+    defaults = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+    unsupported = dict(NumpyScheduler.unsupported)
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        super().set_timesteps(num_inference_steps)
+        t, sigmas = self.timesteps, self.sigmas
+        self.timesteps = np.concatenate([t[:1], np.repeat(t[1:], 2)])
+        self.sigmas = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])
+        self.prev_derivative = self.dt = self.sample = None
+
+    @property
+    def state_in_first_order(self) -> bool:
+        return self.dt is None
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = False):
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        sample = sample.astype(F32, copy=False)
+        i = self._step_index
+        if self.state_in_first_order:
+            sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+            derivative = (sample - (sample - model_output * sigma)) / sigma
+            self.prev_derivative, self.dt, self.sample = derivative, sigma_next - sigma, sample
+            dt = self.dt
+        else:
+            sigma_next = self.sigmas[i]
+            derivative = 0.5 * (self.prev_derivative + (sample - (sample - model_output * sigma_next)) / sigma_next)
+            dt, sample = self.dt, self.sample
+            self.prev_derivative = self.dt = self.sample = None
+        self._step_index += 1
+        return ((sample + derivative * dt).astype(model_output.dtype, copy=False),)
+
+
 SCHEDULERS: dict[str, type[NumpyScheduler]] = {
     cls.name: cls
     for cls in (
@@ -912,6 +951,7 @@ SCHEDULERS: dict[str, type[NumpyScheduler]] = {
         PNDMScheduler,
         UniPCMultistepScheduler,
         FlowMatchEulerDiscreteScheduler,
+        FlowMatchHeunDiscreteScheduler,
     )
 }
 

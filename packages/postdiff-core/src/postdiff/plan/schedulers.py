@@ -20,8 +20,7 @@
 | ``flow-dpmpp-2m`` | DPMSolverMultistepScheduler | DPM-Solver++ 2M on flow sigmas (SANA's), flow-matching models only |
 
 The settings are applied over the model's own scheduler configuration (its noise schedule, prediction type and
-spacing stay), by diffusers and by the numpy runtime alike (``postdiff.loop.numpy_schedulers`` implements every one but
-``flow-heun``, which runs on PyTorch only).
+spacing stay), by diffusers and by the numpy runtime alike (``postdiff.loop.numpy_schedulers`` implements every one).
 Pure data: no PyTorch, no diffusers.
 """
 
