@@ -94,8 +94,14 @@ def solvers(args, work: Path) -> tuple[dict, str]:
 
 
 def cell(plan: dict | None) -> str:
-    """A sweep winner as ``name (MACs): FID``, or why there is none."""
-    return "none in the grid fits" if plan is None else f"{plan['name']} ({plan['macs_ratio']:.3f}): {plan['holdout']:.2f}"
+    """A sweep winner as ``name (MACs): FID, accuracy``, or why there is none (accuracy where the sweep recorded it)."""
+    if plan is None:
+        return "none in the grid fits"
+    return f"{plan['name']} ({plan['macs_ratio']:.3f}): {plan['holdout']:.2f}{accuracy(plan)}"
+
+
+def accuracy(entry: dict) -> str:
+    return f", {100 * entry['holdout_accuracy']:.1f}%" if "holdout_accuracy" in entry else ""
 
 
 def solvers_table(data: dict) -> str:
@@ -104,7 +110,7 @@ def solvers_table(data: dict) -> str:
     lines = [
         f"{data['model']}, 20 steps; plans chosen on {data['calibration']} calibration samples (seed {seed}) from the grid "
         f"{data['grid']}, measured on {data['samples']} held-out samples (seed {seed + 1}); FID on the embedded "
-        "classifier's features (lower is better)",
+        "classifier's features (lower is better), then class accuracy where the sweep recorded it",
         "| solver | baseline FID | budget | fewer steps (MACs): FID | cheaper steps (MACs): FID | better |",
         "|---|---|---|---|---|---|",
     ]
@@ -113,7 +119,8 @@ def solvers_table(data: dict) -> str:
         for b in s["rows"]:
             few, cheap = b["fewer-steps"], b["cheaper-steps"]
             better = {"cheaper-steps": "cheaper steps", "fewer-steps": "fewer steps", None: "-"}[b["winner"]]
-            lines.append(f"| {r['solver']} | {s['baseline']['holdout']:.2f} | {b['budget']} | {cell(few)} | {cell(cheap)} | {better} |")
+            base = f"{s['baseline']['holdout']:.2f}{accuracy(s['baseline'])}"
+            lines.append(f"| {r['solver']} | {base} | {b['budget']} | {cell(few)} | {cell(cheap)} | {better} |")
     return "\n".join(lines)
 
 

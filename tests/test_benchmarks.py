@@ -68,5 +68,11 @@ def test_scheduler_benchmark_runs_the_cli_per_solver_and_writes_its_table(tmp_pa
     assert "| euler-a |" in table and "| 0.4 |" in table and "4 held-out samples" in table
     assert table.strip() in capsys.readouterr().out
     assert (tmp_path / "solvers" / "sweep_reference_euler-a.png").is_file()  # each sweep's own files, beside the results
+    assert "%" in table  # the class accuracy beside each FID
+    # --resume keeps a solver's finished sweep that ran with the same arguments: no sweep runs again
+    kept = (tmp_path / "solvers" / "sweep_reference_euler-a.json").stat().st_mtime_ns
+    assert bench_schedulers.main([*argv, "--resume"]) == 0
+    assert (tmp_path / "solvers" / "sweep_reference_euler-a.json").stat().st_mtime_ns == kept
+    assert "kept from" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench_schedulers.main(["check", "--model", "toy-sd"])  # no classifier: refused before any run

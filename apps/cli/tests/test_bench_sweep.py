@@ -81,7 +81,9 @@ def test_sweep_writes_pareto_plot_and_json(tmp_path, capsys):
     for row in data["rows"]:
         for family in ("fewer-steps", "cheaper-steps"):
             assert row[family]["macs_ratio"] <= row["budget"] + 1e-9 and math.isfinite(row[family]["holdout"])
+            assert 0.0 <= row[family]["holdout_accuracy"] <= 1.0  # the class accuracy of the same held-out samples
         assert row["winner"] in ("fewer-steps", "cheaper-steps")
+    assert 0.0 <= data["baseline"]["holdout_accuracy"] <= 1.0
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -219,7 +219,8 @@ def _measure(cell: Cell, local_source, baselines) -> dict[str, Any]:
     source = _worker_source(cell, local_source)
     recipe = Recipe.from_json(cell.recipe, where="cell recipe")
     conditions = list(cell.prompts) if cell.prompts else None
-    images = source.generate(recipe, cell.count, cell.seed, first=cell.first, conditions=conditions).images
+    batch = source.generate(recipe, cell.count, cell.seed, first=cell.first, conditions=conditions)
+    images = batch.images
     if cell.metric == "images":
         return {"key": cell.key, "images": np.asarray(images)}
     if cell.metric == "features":
@@ -229,7 +230,10 @@ def _measure(cell: Cell, local_source, baselines) -> dict[str, Any]:
             return {"key": cell.key, "features": inception_features(images)}
         from .reference.classifier import classify_samples
 
-        return {"key": cell.key, "features": np.asarray(classify_samples(images, source.model.dataset)[2])}
+        predicted, _, features = classify_samples(images, source.model.dataset)
+        # whether each sample is classified as the class it was asked for: the class accuracy beside the FID
+        hits = np.asarray(predicted) == np.asarray(batch.conditions)
+        return {"key": cell.key, "features": np.asarray(features), "hits": hits}
     from .metrics import lpips_distance
 
     base_key = (

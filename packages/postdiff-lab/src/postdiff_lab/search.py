@@ -168,6 +168,7 @@ class Scorer:
         self.executor = executor or Executor()
         self.shard, self.threads = shard, threads  # None: the defaults of postdiff_lab.cluster
         self._scores: dict[tuple[str, int, int], float] = {}
+        self.accuracy: dict[tuple[str, int, int], float] = {}  # class accuracy of the same samples (class models)
         self._model_hash: str | None = None
         self.seconds = 0.0
 
@@ -209,6 +210,10 @@ class Scorer:
             self._model_hash = model_fingerprint(self.source.model)
         return self._model_hash
 
+    def accuracy_of(self, recipe: Recipe, n: int, seed: int) -> float | None:
+        """The class accuracy of the samples ``score`` measured for (recipe, n, seed), where the model has classes."""
+        return self.accuracy.get((recipe.to_json(indent=None), n, seed))
+
     def score(self, recipe: Recipe, n: int, seed: int) -> float:
         return self.score_many([(recipe, n, seed)])[0]
 
@@ -232,6 +237,8 @@ class Scorer:
             )
             for k, cell_results in zip(todo, results):
                 self._scores[k] = self._combine(cell_results)
+                if all("hits" in r for r in cell_results):  # class-conditional models: the class accuracy too
+                    self.accuracy[k] = float(np.concatenate([r["hits"] for r in cell_results]).mean())
             self.seconds += time.perf_counter() - start
         return [self._scores[k] for k in keys]
 
@@ -276,6 +283,10 @@ def _calibrate(pool: Sequence[Candidate], scorer: Scorer, n: int, seed: int, log
     for i, (c, value) in enumerate(zip(todo, scorer.score_many([(c.recipe, n, seed) for c in todo])), 1):
         c.scores["calibration"] = value
         log(f"calibration [{i}/{len(todo)}] {c.name}: MACs {c.macs_ratio:.3f}, {scorer.metric} {value:.4g}")
+
+
+def _accuracy_entry(accuracy: float | None) -> dict[str, float]:
+    return {} if accuracy is None else {"holdout_accuracy": accuracy}
 
 
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
@@ -405,6 +416,9 @@ def sweep(
     baseline = values[0]
     for c, value in zip(held, values[1:]):
         c.scores["holdout"] = value
+        accuracy = scorer.accuracy_of(c.recipe, samples, held_seed)
+        if accuracy is not None:
+            c.scores["holdout_accuracy"] = accuracy
         log(f"sweep: {c.name}: {scorer.metric} {value:.4g} on {samples} held-out samples")
     rows = []
     for b, picks in zip(budgets, chosen):
@@ -421,7 +435,11 @@ def sweep(
         "calibration_samples": calibration,
         "samples": samples,
         "seed": seed,
-        "baseline": {"macs_ratio": 1.0, "holdout": baseline},
+        "baseline": {
+            "macs_ratio": 1.0,
+            "holdout": baseline,
+            **_accuracy_entry(scorer.accuracy_of(Recipe(name="baseline", steps=steps), samples, held_seed)),
+        },
         "rows": rows,
         "candidates": [c.to_dict() for c in sorted(pool, key=lambda c: (c.family, c.macs_ratio))],
         "measure_seconds": scorer.seconds,
