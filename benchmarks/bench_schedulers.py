@@ -82,7 +82,8 @@ def solvers(args, work: Path) -> tuple[dict, str]:
             continue
         done.unlink(missing_ok=True)
         t0 = time.perf_counter()
-        postdiff("sweep", *sweep_args, "--json", str(out), "--plot", str(out.with_suffix(".png")))
+        # every score kept as it is measured: a sweep cut short (a session's end) resumes where it stopped
+        postdiff("sweep", *sweep_args, "--json", str(out), "--plot", str(out.with_suffix(".png")), "--scores-cache", str(work / "scores"))
         seconds = round(time.perf_counter() - t0, 1)
         result = json.loads(out.read_text()) | {"bench_seconds": seconds}
         write_json(out, result)

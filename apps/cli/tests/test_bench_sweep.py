@@ -87,6 +87,30 @@ def test_sweep_writes_pareto_plot_and_json(tmp_path, capsys):
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_sweep_with_a_scores_cache_measures_each_plan_once_across_runs(tmp_path, capsys, monkeypatch):
+    """--scores-cache: every score is kept as it is measured, so a run cut short (or run again) measures only what it
+    had not; the results are the same numbers."""
+    _need_fashion_mnist()
+    from postdiff_lab import cluster
+
+    cache = tmp_path / "scores"
+    args = ["sweep", "--budgets", "0.4", "--calibration", "4", "--samples", "6", "--betas", "1,0.5", "--intervals", "1,2",
+            "--gates", "0", "--plot", str(tmp_path / "p.png"), "--scores-cache", str(cache)]  # fmt: skip
+    assert main([*args, "--json", str(tmp_path / "a.json")]) == 0
+    kept = sorted(cache.glob("*.json"))
+    first = strict_loads((tmp_path / "a.json").read_text())
+    assert len(kept) == len(first["candidates"]) + 1 + len({first["rows"][0][f]["name"] for f in ("fewer-steps", "cheaper-steps")})
+    measured = []
+    real = cluster.run_requests
+    monkeypatch.setattr(cluster, "run_requests", lambda *a, **k: measured.append(a[3]) or real(*a, **k))
+    kept[0].unlink()  # as if the first run had stopped before measuring this one
+    assert main([*args, "--json", str(tmp_path / "b.json")]) == 0
+    again = strict_loads((tmp_path / "b.json").read_text())
+    assert len(measured) == 1  # only the missing score was measured again
+    assert again["rows"] == first["rows"] and again["baseline"] == first["baseline"]
+    capsys.readouterr()
+
+
 def test_sweep_with_shifts_puts_the_papers_switch_beside(tmp_path, capsys):
     _need_fashion_mnist()
     out, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"

@@ -124,6 +124,13 @@ def search_args(p: argparse.ArgumentParser) -> None:
     text_image_args(p)
     guidance_arg(p)
     p.add_argument("--seed", type=int, default=0, help="calibration seed; held-out samples use seed + 1")
+    p.add_argument(
+        "--scores-cache",
+        default=None,
+        metavar="DIR",
+        help="keep every measured score in DIR and reuse it: a run cut short measures only what it had not measured when "
+        "run again with the same DIR (default: none)",
+    )
     executor_args(p)
 
 
@@ -182,6 +189,7 @@ def run_search(args, measure, target, **specific) -> dict:
             seed=args.seed,
             log=log,
             executor=executor,
+            scores_cache=args.scores_cache,
             **executor_options(args),
             **specific,
         )

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import product
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -151,6 +152,7 @@ class Scorer:
         shard: int | None = None,
         threads: int | None = None,
         text: TextImageSet | None = None,
+        scores_cache: str | Path | None = None,
     ) -> None:
         from .cluster import Executor
 
@@ -171,6 +173,9 @@ class Scorer:
         self.accuracy: dict[tuple[str, int, int], float] = {}  # class accuracy of the same samples (class models)
         self._model_hash: str | None = None
         self.seconds = 0.0
+        # every measured score kept on disk, one file per (what was measured): a run cut short (a sweep takes hours
+        # on 2 cores) measures only what it has not measured yet when it runs again
+        self.scores_cache = None if scores_cache is None else Path(scores_cache)
 
     @property
     def reference_set(self) -> str | None:
@@ -222,25 +227,72 @@ class Scorer:
         from .cluster import run_requests
 
         keys = [(r.to_json(indent=None), n, seed) for r, n, seed in requests]
+        for k in keys:
+            self._load_cached(k)
         todo = {k: req for k, req in zip(keys, requests) if k not in self._scores}
-        if todo:
+        # with a scores cache, one request at a time, so that each is kept as soon as it is measured
+        batches = [[item] for item in todo.items()] if self.scores_cache is not None else [list(todo.items())] if todo else []
+        for batch in batches:
             start = time.perf_counter()
             results = run_requests(
                 self.executor,
                 self.source,
-                list(todo.values()),
+                [req for _, req in batch],
                 self.metric,
                 model_hash=self.model_hash,
                 shard=self.shard,
                 threads=self.threads,
                 baseline_steps=self.steps,
             )
-            for k, cell_results in zip(todo, results):
+            for (k, _), cell_results in zip(batch, results):
                 self._scores[k] = self._combine(cell_results)
                 if all("hits" in r for r in cell_results):  # class-conditional models: the class accuracy too
                     self.accuracy[k] = float(np.concatenate([r["hits"] for r in cell_results]).mean())
+                self._keep(k)
             self.seconds += time.perf_counter() - start
         return [self._scores[k] for k in keys]
+
+    def _cache_file(self, key: tuple[str, int, int]) -> Path:
+        """The file of one measurement: named by everything its value depends on (the model's content, the metric and
+        what it compares with, scheduler, guidance, size, prompts, where and in what precision PyTorch ran)."""
+        import hashlib
+        import json
+
+        source = self.source
+        what = {
+            "key": list(key),
+            "model": self.model_hash,
+            "metric": self.metric,
+            "steps": self.steps,
+            "scheduler": source.scheduler_name,
+            "guidance": source.guidance,
+            "size": [source.height, source.width],
+            "prompts": source.prompts,
+            "torch": source.model.placement,
+            "reference": None if self.text is None else [self.text.reference_dir, self.text.clip_dir],
+        }
+        digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        return self.scores_cache / f"{digest}.json"
+
+    def _load_cached(self, key: tuple[str, int, int]) -> None:
+        if self.scores_cache is None or key in self._scores:
+            return
+        path = self._cache_file(key)
+        if path.is_file():
+            import json
+
+            kept = json.loads(path.read_text())
+            self._scores[key] = float(kept["score"])
+            if kept.get("accuracy") is not None:
+                self.accuracy[key] = float(kept["accuracy"])
+
+    def _keep(self, key: tuple[str, int, int]) -> None:
+        if self.scores_cache is None:
+            return
+        from .report import write_json
+
+        self.scores_cache.mkdir(parents=True, exist_ok=True)
+        write_json(self._cache_file(key), {"score": self._scores[key], "accuracy": self.accuracy.get(key), "request": list(key)})
 
     def _combine(self, results: list[dict[str, Any]]) -> float:
         if self.metric == "lpips":
@@ -314,6 +366,7 @@ def search(
     shard: int | None = None,
     threads: int | None = None,
     text: TextImageSet | None = None,
+    scores_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """The best plan of either family with MACs within ``budget``, chosen on ``calibration`` samples; the ``top``
     best are then measured on ``holdout`` held-out samples (0: skip) to report how well the rankings agree."""
@@ -323,7 +376,16 @@ def search(
     if holdout < 0 or top < 1:
         raise PostDiffError(f"--holdout must be 0 or more and --top at least 1, got {holdout} and {top}")
     grid.check_steps(steps)
-    scorer = Scorer(source, metric or default_metric(source), steps, executor=executor, shard=shard, threads=threads, text=text)
+    scorer = Scorer(
+        source,
+        metric or default_metric(source),
+        steps,
+        executor=executor,
+        shard=shard,
+        threads=threads,
+        text=text,
+        scores_cache=scores_cache,
+    )
     scorer.check_samples(calibration=calibration, holdout=holdout)
     pool = candidates(source, grid, steps, budget)
     if not pool:
@@ -378,6 +440,7 @@ def sweep(
     shard: int | None = None,
     threads: int | None = None,
     text: TextImageSet | None = None,
+    scores_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """For each budget, the best plan of each family (chosen on the calibration set), both measured on
     ``samples`` held-out samples, with the baseline measured the same way."""
@@ -389,7 +452,16 @@ def sweep(
         raise PostDiffError(f"--calibration and --samples must be at least 1, got {calibration} and {samples}")
     budgets = sorted(set(budgets))
     grid.check_steps(steps)
-    scorer = Scorer(source, metric or default_metric(source), steps, executor=executor, shard=shard, threads=threads, text=text)
+    scorer = Scorer(
+        source,
+        metric or default_metric(source),
+        steps,
+        executor=executor,
+        shard=shard,
+        threads=threads,
+        text=text,
+        scores_cache=scores_cache,
+    )
     best_first = rank(scorer.metric)
     scorer.check_samples(calibration=calibration, samples=samples)
     pool = candidates(source, grid, steps, max(budgets))
