@@ -75,7 +75,7 @@ def test_sweep_writes_pareto_plot_and_json(tmp_path, capsys):
     args = ["sweep", "--budgets", "0.3,0.6", "--calibration", "4", "--samples", "6", *SMALL_GRID, "--json", str(out), "--plot", str(plot)]
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert "fewer steps" in text and "cheaper steps" in text
+    assert "fewer steps" in text and "cheaper steps" in text and "%" in text  # class accuracy beside each FID
     data = strict_loads(out.read_text())
     assert data["metric"] == "fid" and [r["budget"] for r in data["rows"]] == [0.3, 0.6]
     for row in data["rows"]:

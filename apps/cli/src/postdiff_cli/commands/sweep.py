@@ -33,7 +33,10 @@ def run(args) -> int:
     )
 
     def cell(c):
-        return "-" if not c else f"{c['name']} ({c['macs_ratio']:.3f}): {c['holdout']:.4g}"
+        if not c:
+            return "-"
+        accuracy = f", {100 * c['holdout_accuracy']:.1f}%" if "holdout_accuracy" in c else ""  # class models
+        return f"{c['name']} ({c['macs_ratio']:.3f}): {c['holdout']:.4g}{accuracy}"
 
     paper = any(PAPER_SWITCH in r for r in result["rows"])  # --shifts: the paper's switch beside the shifted ones
     print_table(
