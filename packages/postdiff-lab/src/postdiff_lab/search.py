@@ -145,7 +145,7 @@ class Scorer:
     def __init__(
         self,
         source: Source,
-        metric: str,
+        metric: str | None,
         steps: int = 20,
         *,
         executor=None,
@@ -156,6 +156,7 @@ class Scorer:
     ) -> None:
         from .cluster import Executor
 
+        metric = metric or default_metric(source)  # None: FID for the embedded models, LPIPS otherwise
         if metric not in METRICS:
             raise PostDiffError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
         own = source.model.dataset is not None
@@ -376,16 +377,7 @@ def search(
     if holdout < 0 or top < 1:
         raise PostDiffError(f"--holdout must be 0 or more and --top at least 1, got {holdout} and {top}")
     grid.check_steps(steps)
-    scorer = Scorer(
-        source,
-        metric or default_metric(source),
-        steps,
-        executor=executor,
-        shard=shard,
-        threads=threads,
-        text=text,
-        scores_cache=scores_cache,
-    )
+    scorer = Scorer(source, metric, steps, executor=executor, shard=shard, threads=threads, text=text, scores_cache=scores_cache)
     scorer.check_samples(calibration=calibration, holdout=holdout)
     pool = candidates(source, grid, steps, budget)
     if not pool:
@@ -452,16 +444,7 @@ def sweep(
         raise PostDiffError(f"--calibration and --samples must be at least 1, got {calibration} and {samples}")
     budgets = sorted(set(budgets))
     grid.check_steps(steps)
-    scorer = Scorer(
-        source,
-        metric or default_metric(source),
-        steps,
-        executor=executor,
-        shard=shard,
-        threads=threads,
-        text=text,
-        scores_cache=scores_cache,
-    )
+    scorer = Scorer(source, metric, steps, executor=executor, shard=shard, threads=threads, text=text, scores_cache=scores_cache)
     best_first = rank(scorer.metric)
     scorer.check_samples(calibration=calibration, samples=samples)
     pool = candidates(source, grid, steps, max(budgets))
