@@ -46,3 +46,13 @@ def check_plans_against_vanilla(pipe, run, exact, accelerated) -> None:
         assert np.abs(array(run(pipe)) - vanilla).max() <= 1e-6  # nothing left behind
     finally:
         postdiff.remove(pipe)
+
+
+def cost_against_baseline(model, recipe, steps: int = 20, **size):
+    """(plan, PlanCost) of ``recipe`` on ``model`` against its ``baseline`` at the same steps and size (MACs counted on
+    the meta device)."""
+    from postdiff.plan.cost import plan_cost
+
+    base = model.compile("baseline", steps, **size)
+    plan = model.compile(recipe, steps, **size)
+    return plan, plan_cost(plan, model.mac_counter(plan.recipe), base)

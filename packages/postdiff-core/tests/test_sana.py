@@ -5,13 +5,12 @@ it cannot use, and ``arch:sana-1600m``."""
 
 import pytest
 import torch
-from core_helpers import check_plans_against_vanilla, gen, make_pipe
+from core_helpers import check_plans_against_vanilla, cost_against_baseline, gen, make_pipe
 
 import postdiff
 from postdiff.errors import ModelError
 from postdiff.families.model import load_model
 from postdiff.loop.conditioning import Conditioning
-from postdiff.plan.cost import plan_cost
 from postdiff.pytorch.backbone import split_for
 from postdiff.pytorch.diffusers_hook import last_plan
 
@@ -101,10 +100,8 @@ def test_arch_sana_1600m_and_the_family_plan_cost():
     model = load_model("arch:sana-1600m")
     spec = model.spec()
     assert spec.num_layers == 20 and spec.downsample_factor == 1 and model.text_len == 300 and model.vae_scale_factor == 32
-    base = model.compile("baseline", 20, height=1024, width=1024)
-    plan = model.compile("postdiff-sana", 20, height=1024, width=1024)
+    plan, cost = cost_against_baseline(model, "postdiff-sana", height=1024, width=1024)
     assert plan.latent_sizes == [(24, 24), (32, 32)]
-    cost = plan_cost(plan, model.mac_counter(plan.recipe), base)
     per_branch = cost.baseline_macs / 40
     assert 1.3e12 < per_branch < 1.7e12  # ~1.6B parameters on 1,024 patches (linear attention: no quadratic term)
     assert cost.reduction >= 0.45

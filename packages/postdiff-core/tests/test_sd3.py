@@ -6,7 +6,7 @@ schedulers a flow model can and cannot use, the cost model and ``arch:sd3-medium
 import numpy as np
 import pytest
 import torch
-from core_helpers import check_plans_against_vanilla, gen, make_pipe
+from core_helpers import check_plans_against_vanilla, cost_against_baseline, gen, make_pipe
 
 import postdiff
 from postdiff.errors import ModelError, RecipeError
@@ -170,10 +170,8 @@ def test_arch_sd3_medium_and_the_family_plan_cost():
     model = load_model("arch:sd3-medium")
     spec = model.spec()
     assert spec.num_layers == 24 and spec.downsample_factor == 2 and model.text_len == 333 and model.pooled_dim == 2048
-    base = model.compile("baseline", 20, height=1024, width=1024)
-    plan = model.compile("postdiff-sd3", 20, height=1024, width=1024)
+    plan, cost = cost_against_baseline(model, "postdiff-sd3", height=1024, width=1024)
     assert plan.latent_sizes == [(96, 96), (128, 128)]
-    cost = plan_cost(plan, model.mac_counter(plan.recipe), base)
     per_branch = cost.baseline_macs / 40  # 20 steps, CFG batch 2
     # 24 joint blocks on 4096 patches + 333 text tokens: linear layers (~2.1T) and attention (~0.6T), the published
     # ~2B parameters at ~4.4k tokens
