@@ -14,6 +14,9 @@ STEPS = 6
 POSTDIFF = {"steps": STEPS, "low_res": {"scale": 0.5, "until": 0.5}, "deepcache": {"interval": 2}, "xattn_gate": {"after": 3}}
 EXACT = ["baseline", {"steps": STEPS, "deepcache": {"interval": 1}}]
 
+# SDXL with -m slow (each of its cases is 1-2 minutes on 2 cores); SD by default
+KINDS = ["sd", pytest.param("sdxl", marks=pytest.mark.slow)]
+
 
 def lora_folder(kind: str, tmp_path):
     """A random LoRA on the UNet's attention projections, saved as a diffusers LoRA folder."""
@@ -33,7 +36,7 @@ def run(pipe, seed=1, **kw):
     return pipe("a cat", generator=gen(seed), output_type="np", **kw).images
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_lora_unfused_with_a_scale_and_fused(kind, tmp_path):
     pipe = make_pipe(kind)
     plain = run(pipe)
@@ -92,7 +95,7 @@ def load_toy_ip_adapter(pipe, clip_dim: int = 16, seed: int = 9):
     return torch.randn(2, 1, clip_dim, generator=g)  # negative then positive image embedding, as pipelines take them
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_ip_adapter_tokens_are_used_on_computed_steps_and_cached_on_gated_ones(kind):
     pipe = make_pipe(kind)
     plain = run(pipe)

@@ -20,7 +20,9 @@ from postdiff_lab.toy import toy_pipeline
 # the toy pipeline each built-in plan is made for
 KIND = {"postdiff-xl": "sdxl", "postdiff-dit": "pixart-sigma", "postdiff-lcm": "lcm", "postdiff-sd3": "sd3", "postdiff-sana": "sana"}
 NO_TOY = {"postdiff-flux"}  # FLUX: costs and plans only (arch:flux-dev), no pipeline runs it yet
-PLANS = [name for name in BUILTIN_PLANS if name not in NO_TOY]
+# by default one plan of each split kind (UNet, DiT, MMDiT) and the baseline; every built-in plan with -m slow
+DEFAULT_PLANS = {"baseline", "postdiff", "postdiff-dit", "postdiff-sd3"}
+PLANS = [name if name in DEFAULT_PLANS else pytest.param(name, marks=pytest.mark.slow) for name in BUILTIN_PLANS if name not in NO_TOY]
 
 
 def plan_of(name: str):

@@ -25,9 +25,11 @@ from postdiff_onnx.session import make_session, run
 
 HERE = Path(__file__).resolve().parent
 ALL = ["reference", "sd", "sdxl", "lcm", "pixart", "pixart-sigma"]
-# every family with -m slow; by default LCM and PixArt-α are left out (an export each: the LCM path is covered by the
-# core's LCM tests and the DiT path by PixArt-Σ)
-SLOW_FAMILIES = ("lcm", "pixart")
+# every family with -m slow; by default only the reference model and SD (an export each, 1-2 minutes on 2 cores): the
+# LCM path is covered by the core's LCM tests; the DiT path (block and cross-attention caching, a masked text encoder)
+# by SANA's bundle and several text encoders in one bundle by SD3's (test_flow_transformer_bundles.py); SDXL's size
+# conditioning and PixArt's resolution conditioning by their PyTorch tests
+SLOW_FAMILIES = ("lcm", "pixart", "sdxl", "pixart-sigma")
 
 
 def families(names=ALL, *more):
@@ -166,6 +168,7 @@ def test_fresh_process_generates_without_building_a_torch_model(bundles, tmp_pat
     assert proc.returncode != 0 and "PyTorch model was built" in proc.stderr
 
 
+@pytest.mark.slow  # the SDXL bundle (SLOW_FAMILIES)
 def test_bundle_plan_sizes_and_psnr_are_finite(bundles):
     _, manifest = read_manifest(bundles("sdxl"), "onnx")
     assert [tuple(s) for s in manifest.latent_sizes] == [(12, 12), (16, 16)]
@@ -247,6 +250,7 @@ def test_a_bundle_runs_another_scheduler_from_its_recompiled_plan(bundles, sched
     assert max(psnr(x, y) for x, y in zip(a, ddim)) < 60.0  # another sampler, another image
 
 
+@pytest.mark.slow  # the SDXL bundle (SLOW_FAMILIES)
 def test_bundle_tokenizer_gives_the_ids_transformers_gives(bundles):
     from transformers import AutoTokenizer
 

@@ -59,6 +59,7 @@ def flow_bundle(flow_model, tmp_path_factory) -> Path:
     return export_onnx(flow_model, "postdiff", tmp_path_factory.mktemp("flow_bundle") / "b", log=lambda *_: None)
 
 
+@pytest.mark.slow  # its own export; the flow runtime is covered by default by SD3's and SANA's bundles
 @pytest.mark.parametrize("plan,scheduler", [("postdiff", None), ("baseline", None), ("postdiff", "flow-dpmpp-2m")])
 def test_the_bundle_runs_the_flow_plan_without_torch_as_pytorch_does(flow_model, flow_bundle, plan, scheduler):
     pipe = load_bundle(flow_bundle)
@@ -70,6 +71,7 @@ def test_the_bundle_runs_the_flow_plan_without_torch_as_pytorch_does(flow_model,
     assert min(psnr(a[..., 0], b) for a, b in zip(numpy_images, reference)) >= 35.0  # 8-bit PyTorch images
 
 
+@pytest.mark.slow  # its own export; the flow runtime is covered by default by SD3's and SANA's bundles
 def test_a_noise_prediction_scheduler_is_refused_by_the_flow_bundle(flow_bundle):
     from postdiff.errors import ModelError
 
