@@ -220,14 +220,3 @@ def test_arch_flux_dev_costs_plans_and_the_gate_it_cannot_use():
     assert 0.40 < cost.ratio < 0.50
     with pytest.raises(RecipeError, match=r"xattn_gate needs cross-attention, and arch:flux-dev has none \(nor a CFG branch"):
         model.compile("postdiff", 20)
-
-
-@pytest.mark.parametrize("name", ["toy-sd3", "toy-sana"])
-def test_a_bundle_of_a_flow_dit_is_refused_in_one_line_before_anything_is_written(tmp_path, name):
-    from postdiff.bundle.export import export_bundle
-    from postdiff.errors import ExportError
-
-    model = load_model(name, need_pipeline=True)
-    with pytest.raises(ExportError, match="not built yet; run it on PyTorch"):
-        export_bundle("onnx", model, "baseline", tmp_path / "bundle", log=lambda *_: None)
-    assert not (tmp_path / "bundle").exists()

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from postdiff_lab.metrics import frechet_distance, kernel_inception_distance, lpips_distance, psnr, ssim
+from postdiff_lab.metrics import frechet_distance, kernel_inception_distance, lpips_distance, psnr, ssim, tensor_psnr
 
 EXAMPLE = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "lpips-example"
 
@@ -17,6 +17,18 @@ def test_identical_images():
     assert psnr(img, img) == math.inf
     assert ssim(img, img) == pytest.approx(1.0)
     assert lpips_distance(img[None], img[None])[0] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_tensor_psnr_fails_every_gate_on_an_output_with_nan_or_infinity(bad):
+    """A graph that returns NaN passed the export gate once (NaN < gate is False): a non-finite output where the
+    reference is finite is -inf dB; the same non-finite value in both is no error."""
+    ref = np.linspace(-1.0, 1.0, 64).reshape(8, 8)
+    out = ref.copy()
+    out[3, 4] = bad
+    assert tensor_psnr(out, ref) == -math.inf and not tensor_psnr(out, ref) >= 35.0
+    assert tensor_psnr(ref, out) == -math.inf  # and the other way round
+    assert tensor_psnr(out + 1e-3, out) == pytest.approx(tensor_psnr(ref + 1e-3, ref), abs=0.1)  # the rest compared
 
 
 def test_psnr_known_value_and_monotone():

@@ -159,7 +159,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
         load_warm_s = _timed_load(lambda: load_model(cfg.model, need_pipeline=True).to(cfg.device, cfg.dtype))[1]
     targets: list[_Target] = []
     for backend in cfg.backends:
-        reason = backends.unavailable(backend) or (backend != backends.TORCH and model.family.bundle_refusal(model))
+        reason = backends.unavailable(backend) or (backend != backends.TORCH and model.family.bundle_refusal(model, backend))
         if reason:
             log(f"bench: {backend}: skipped ({reason})")
             result["skipped"].append({"backend": backend, "reason": reason})

@@ -112,7 +112,7 @@ def _export_graph(src: GraphSource, folder: Path, precision: str, opset: int) ->
     path = folder / f"{src.name}.onnx"
     args = tuple(example.values())
     log = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(log), torch.no_grad():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(log), torch.no_grad(), _linear_attention_for_onnx(src.module):
         warnings.simplefilter("ignore")
         try:
             try:
@@ -147,6 +147,47 @@ def _export_graph(src: GraphSource, folder: Path, precision: str, opset: int) ->
         variant=src.variant,
         exporter=exporter,
     )
+
+
+class _LinearAttentionForOnnx:
+    """SANA's linear attention (diffusers' ``SanaLinearAttnProcessor2_0``) with its normaliser written so that it survives
+    the ONNX optimizer: diffusers divides by ``denominator + 1e-15``, and onnxscript's no-op rule for ``x + 0`` (which
+    ``torch.onnx.export(optimize=True)`` runs) compares constants to zero with an absolute tolerance of 1e-8, so the
+    ``+ 1e-15`` is dropped and a query whose ReLU features are all zero gives 0 / 0 = NaN for the whole image. The
+    denominator is a sum of products of ReLU features (>= 0), so ``max(denominator, 1e-15)`` is the same number in fp32
+    wherever ``+ 1e-15`` changes nothing, and the same guard at zero. Used while tracing only; the PSNR check holds the
+    graph to the PyTorch module."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        dtype = hidden_states.dtype
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        query = torch.relu(query.transpose(1, 2).unflatten(1, (attn.heads, -1))).float()
+        key = torch.relu(key.transpose(1, 2).unflatten(1, (attn.heads, -1)).transpose(2, 3)).float()
+        value = torch.nn.functional.pad(value.transpose(1, 2).unflatten(1, (attn.heads, -1)).float(), (0, 0, 0, 1), value=1.0)
+        out = torch.matmul(torch.matmul(value, key), query)
+        out = out[:, :, :-1] / torch.clamp_min(out[:, :, -1:], 1e-15)
+        out = attn.to_out[1](attn.to_out[0](out.flatten(1, 2).transpose(1, 2).to(dtype)))
+        return out.clip(-65504, 65504) if dtype == torch.float16 else out
+
+
+@contextlib.contextmanager
+def _linear_attention_for_onnx(module):
+    """``module``'s SANA linear-attention processors replaced by ``_LinearAttentionForOnnx`` while it is traced."""
+    from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
+
+    swapped = [(m, m.processor) for m in module.modules() if type(getattr(m, "processor", None)) is SanaLinearAttnProcessor2_0]
+    for m, _ in swapped:
+        m.processor = _LinearAttentionForOnnx()
+    try:
+        yield
+    finally:
+        for m, processor in swapped:
+            m.processor = processor
 
 
 def _dynamo_export(model, args: tuple, src: GraphSource, opset: int):
@@ -379,13 +420,18 @@ def _measure(src: GraphSource, graph: Graph, folder: Path, sizes, verify: bool, 
         got = run(session, inputs)
         reference[tuple(hw)] = (inputs, got)
         worst = min(tensor_psnr(got[name], ref.numpy()) for name, ref in zip(src.output_names, expected))
-        graph.psnr[hw_key(hw)] = round(worst, 2) if math.isfinite(worst) else 999.0
+        graph.psnr[hw_key(hw)] = _recorded(worst)
         if worst < PSNR_GATE:
             raise ExportError(
                 f"{graph.name} at {hw_key(hw)}: ONNX Runtime output differs from PyTorch (PSNR {worst:.1f} dB, gate "
                 f"{PSNR_GATE:.0f} dB); the export is wrong and was not written"
             )
     return reference
+
+
+def _recorded(psnr: float) -> float:
+    """A PSNR as the manifest records it (JSON has no infinities): identical outputs as 999 dB, a non-finite output as -999."""
+    return round(psnr, 2) if math.isfinite(psnr) else math.copysign(999.0, psnr)
 
 
 def _quantize(graph: Graph, folder: Path, weights: str, reference: dict, gate: float) -> None:
@@ -400,7 +446,7 @@ def _quantize(graph: Graph, folder: Path, weights: str, reference: dict, gate: f
         for hw, (inputs, expected) in reference.items():
             got = run(session, inputs)
             worst = min(tensor_psnr(got[name], expected[name]) for name in expected)
-            graph.psnr_fp32[hw_key(hw)] = round(worst, 2) if math.isfinite(worst) else 999.0
+            graph.psnr_fp32[hw_key(hw)] = _recorded(worst)
             if worst < gate:
                 raise ExportError(
                     f"{graph.name} at {hw_key(hw)}: the {weights} graph differs from its fp32 graph by PSNR {worst:.1f} dB, "

@@ -35,13 +35,22 @@ def tensor_psnr(output, reference) -> float:
     """PSNR of a model output against the reference output, in dB: 20·log10(max|reference| / RMSE).
 
     The signal peak is the reference's largest magnitude, the gate Apple's Core ML converter and its peers use
-    (35 dB) to accept a converted model; ``inf`` when the outputs are identical."""
+    (35 dB) to accept a converted model; ``inf`` when the outputs are identical. A NaN or infinity in one where the
+    other has a different value gives ``-inf``, which every gate refuses (a NaN PSNR would compare as passing); the
+    same non-finite value in both is left out of the error."""
     import numpy as np
 
     a = np.asarray(output, dtype=np.float64)
     b = np.asarray(reference, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"paired metrics need images of one shape, got {a.shape} and {b.shape}")
+    finite = np.isfinite(a) & np.isfinite(b)
+    if not finite.all():
+        if not np.array_equal(a[~finite], b[~finite], equal_nan=True):
+            return -math.inf
+        a, b = a[finite], b[finite]
+        if a.size == 0:
+            return math.inf
     rmse = float(np.sqrt(np.mean((a - b) ** 2)))
     if rmse == 0.0:
         return math.inf
@@ -132,7 +141,7 @@ def export_bundle(
     backend.check_export(**options)
     job = prepare_export(model, plan, height=height, width=width, steps=steps, scheduler=scheduler, images=batch)
     model, compiled = job.model, job.plan
-    refusal = model.family.bundle_refusal(model)
+    refusal = model.family.bundle_refusal(model, backend.name)
     if refusal:
         raise ExportError(refusal)
     without = tuple(without)

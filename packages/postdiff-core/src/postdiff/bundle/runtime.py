@@ -214,6 +214,8 @@ class GraphDenoiser:
         if "text_embeds" in graph.input_names:
             feeds["text_embeds"] = _np(cond.text_embeds)
             feeds["time_ids"] = _np(cond.time_ids).astype(np.float32)
+        if "pooled_projections" in graph.input_names:  # an MMDiT's (SD3): the pooled text embedding
+            feeds["pooled_projections"] = _np(cond.text_embeds).astype(np.float32, copy=False)
         if "timestep_cond" in graph.input_names:
             feeds["timestep_cond"] = _np(cond.timestep_cond).astype(np.float32, copy=False)
         for name in ("encoder_attention_mask", "resolution", "aspect_ratio"):  # PixArt's
@@ -401,13 +403,17 @@ class BundlePipeline:
         out = self.runner.run(self.manifest.graph(role), {"input_ids": ids, "attention_mask": mask})
         return out["hidden_states"], mask
 
+    def encode_ids(self, text: str, role: str, tokenizer: str, length: int | None = None) -> dict[str, np.ndarray]:
+        """The outputs of text encoder graph ``role`` for one prompt, tokenized by the bundle's ``tokenizer`` folder and
+        padded to ``length`` tokens (default: the tokenizer's maximum)."""
+        return self.runner.run(self.manifest.graph(role), {"input_ids": self._tokenizer(tokenizer, length).ids(text)})
+
     def encode_prompt(self, text: str, roles: Sequence[str], tokenizers: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """(hidden states of the ``roles`` encoders concatenated, pooled text embeddings or None) for one prompt,
         as the diffusers pipelines compute them."""
         hidden, pooled = [], None
         for role, tok_name in zip(roles, tokenizers):
-            ids = self._tokenizer(tok_name).ids(text)
-            out = self.runner.run(self.manifest.graph(role), {"input_ids": ids})
+            out = self.encode_ids(text, role, tok_name)
             hidden.append(out["hidden_states"])
             if "text_embeds" in out:
                 pooled = out["text_embeds"]

@@ -129,8 +129,9 @@ class Family:
         return {}
 
     # -- export ---------------------------------------------------------------------------------------------------
-    def bundle_refusal(self, model: Model) -> str | None:
-        """Why no bundle (ONNX, OpenVINO, Core ML) of ``model`` can be built, or None when one can."""
+    def bundle_refusal(self, model: Model, backend: str | None = None) -> str | None:
+        """Why no bundle of ``model`` can be built with ``backend`` (its name: onnx, openvino, coreml; None: any), or
+        None when one can."""
         return None
 
     def pipeline_graphs(self, model: Model) -> list:
@@ -145,6 +146,14 @@ class Family:
     def generate_bundle(self, pipe, conditions: Sequence, plan, denoiser, *, seed, guidance, scheduler, batch_size, progress, ops):
         """Images N x H x W x C floats in [0, 1] from a bundle's graphs (``pipe``), arrays held by ``ops``."""
         raise BundleError(f"{self.name} bundles cannot generate images")
+
+
+def flow_bundle_refusal(model: Model, backend: str | None, kind: str) -> str | None:
+    """Bundles of the flow-matching transformers (SD3, SANA) are built and tested for ONNX Runtime only: the other
+    backends are refused in one line that names the one that works."""
+    if backend in (None, "onnx"):
+        return None
+    return f"{model.name}: {backend} bundles of {kind} models are not built yet; export ONNX (postdiff export onnx) or run it on PyTorch"
 
 
 FAMILIES: dict[str, Family] = {}

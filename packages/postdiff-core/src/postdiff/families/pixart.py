@@ -46,6 +46,11 @@ class PixArt(TextToImage):
             "resolution_conditioned": bool(model.pipeline.transformer.use_additional_conditions),
         }
 
+    def encode_text(self, pipe, text: str, negative: bool, length: int):
+        """(hidden states, attention mask) of one prompt, preprocessed as the pipelines do without the caption cleaner
+        (lower case, stripped), padded to ``length`` tokens."""
+        return pipe.encode_masked(text.lower().strip(), self.roles[0], self.tokenizers[0], length)
+
     def conditioning(self, pipe, prompt, guidance: float, ops):
         """``prompt``: text, or a ``PromptEmbeddings`` (the only kind a bundle exported without its T5 encoder takes)."""
 
@@ -59,8 +64,7 @@ class PixArt(TextToImage):
 
         def encode(negative: bool):
             if given is None:
-                text = "" if negative else str(prompt)
-                ehs, mask = pipe.encode_masked(text.lower().strip(), self.roles[0], self.tokenizers[0], length)
+                ehs, mask = self.encode_text(pipe, "" if negative else str(prompt), negative, length)
             elif negative:
                 ehs, mask = given.negative_prompt_embeds, given.negative_prompt_attention_mask
                 if ehs is None:

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-from postdiff.families.base import register_family
+from typing import Any
+
+import numpy as np
+
+from postdiff.families.base import flow_bundle_refusal, register_family
 from postdiff.families.text_to_image import TextToImage
+from postdiff.loop.conditioning import Conditioning
+
+CLIP_TOKENS = 77  # both CLIP tokenizers' length (the pipeline's tokenizer_max_length)
 
 
 @register_family
 class StableDiffusion3(TextToImage):
-    """SD3 and SD3.5 (``StableDiffusion3Pipeline``): two CLIP encoders (pooled and penultimate) and T5, concatenated on
-    the token axis; the transformer predicts the flow velocity v = noise - x0 and samples with
+    """SD3 and SD3.5 (``StableDiffusion3Pipeline``): two CLIP encoders (penultimate layer and projected pooled output)
+    and T5, their tokens on one axis (the CLIP pair concatenated on the feature axis and zero-padded to T5's width,
+    then T5's 256 tokens after CLIP's 77), the pooled embeddings concatenated; the negative prompt is the empty one,
+    encoded. The transformer predicts the flow velocity v = noise - x0 and samples with
     ``FlowMatchEulerDiscreteScheduler`` (shift 3); only flow-matching schedulers can sample it (``Family.scheduler``).
-    PostDiff runs it on PyTorch (``postdiff.apply``, the CLI's torch backend); ONNX, OpenVINO and Core ML bundles of it
-    are not built yet, and exporting or benchmarking one says so (``bundle_refusal``)."""
+    ONNX bundles hold the three encoders, the MMDiT variants and the VAE decoder; OpenVINO and Core ML bundles of it
+    are not built yet (``bundle_refusal``)."""
 
     name = "sd3"
     default_guidance = 7.0  # StableDiffusion3Pipeline's default
@@ -23,8 +32,44 @@ class StableDiffusion3(TextToImage):
         net = getattr(model.pipeline, "transformer", None)
         return net is not None and type(net).__name__ == "SD3Transformer2DModel"
 
-    def bundle_refusal(self, model) -> str | None:
-        return (
-            f"{model.name}: bundles of SD3 (flow-matching MMDiT) models are not built yet; run it on PyTorch "
-            "(postdiff generate --backend torch, or postdiff.apply in Python)"
-        )
+    def bundle_refusal(self, model, backend: str | None = None) -> str | None:
+        return flow_bundle_refusal(model, backend, "SD3 (flow-matching MMDiT)")
+
+    def pipeline_graphs(self, model) -> list:
+        from postdiff.pytorch.graphs import text_encoder_graph, vae_decoder_graph  # lazy: imports torch
+
+        pipe = model.pipeline
+        return [
+            text_encoder_graph("text_encoder", pipe.text_encoder, pipe.tokenizer, penultimate=True, pooled=True, length=CLIP_TOKENS),
+            text_encoder_graph("text_encoder_2", pipe.text_encoder_2, pipe.tokenizer_2, penultimate=True, pooled=True, length=CLIP_TOKENS),
+            text_encoder_graph(
+                "text_encoder_3", pipe.text_encoder_3, pipe.tokenizer_3, penultimate=False, pooled=False, length=self.t5_len(model.text_len)
+            ),
+            vae_decoder_graph(pipe.vae),
+        ]
+
+    @staticmethod
+    def t5_len(text_len: int) -> int:
+        """T5's share of the joint text length (the pipeline's ``max_sequence_length``)."""
+        return int(text_len) - CLIP_TOKENS
+
+    def conditioning(self, pipe, prompt, guidance: float, ops):
+        def encode(text: str):
+            hidden, pooled = [], []
+            for role, tok in zip(self.roles[:2], self.tokenizers[:2]):
+                out = pipe.encode_ids(text, role, tok, CLIP_TOKENS)
+                hidden.append(out["hidden_states"])
+                pooled.append(out["text_embeds"])
+            t5 = pipe.encode_ids(text, self.roles[2], self.tokenizers[2], self.t5_len(pipe.info["text_len"]))["hidden_states"]
+            clip = np.concatenate(hidden, axis=-1)
+            clip = np.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
+            return ops.asarray(np.concatenate([clip, t5], axis=1)), ops.asarray(np.concatenate(pooled, axis=-1))
+
+        ehs, pooled = encode(str(prompt))
+        if guidance <= 1.0:
+            return Conditioning(ehs, has_uncond=False, text_embeds=pooled)
+        neg, neg_pooled = encode("")
+        return Conditioning(ops.cat([neg, ehs]), has_uncond=True, text_embeds=ops.cat([neg_pooled, pooled]))
+
+    def bundle_info(self, model) -> dict[str, Any]:
+        return {"guidance": self.default_guidance}

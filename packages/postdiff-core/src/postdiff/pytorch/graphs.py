@@ -49,29 +49,37 @@ class _MaskedTextEncoder(nn.Module):
     """(input_ids, attention_mask) -> last hidden states: a T5 encoder as the PixArt pipelines call it (the mask as
     float, 1 for a token, 0 for padding)."""
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, causal: bool = False) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.causal = encoder, causal
 
     def forward(self, input_ids, attention_mask):
         # the mask as the additive 4-D bias transformers builds from it (what a 2-D mask becomes inside; given
         # ready, transformers' mask utilities, which coremltools cannot convert, stay out of the graph). -1e4: exact
-        # in fp32, finite in fp16
+        # in fp32, finite in fp16. A decoder used as an encoder (SANA's Gemma-2) also masks each token's successors
         n = attention_mask.shape[-1]
         bias = ((1.0 - attention_mask) * -10000.0)[:, None, None, :].expand(-1, 1, n, -1)
-        return (self.encoder(input_ids, attention_mask=bias)[0],)
+        if not self.causal:
+            return (self.encoder(input_ids, attention_mask=bias)[0],)
+        bias = bias + torch.triu(torch.full((n, n), -10000.0, device=bias.device), diagonal=1)
+        # positions given per row: the exporter fuses the rotary embedding into ONNX's RotaryEmbedding, whose ONNX
+        # Runtime kernel wants cos/sin tables of the input's batch, where the model's own positions are one shared row
+        positions = torch.arange(n, device=input_ids.device).expand(input_ids.shape[0], n)
+        return (self.encoder(input_ids, attention_mask=bias, position_ids=positions)[0],)
 
 
 class _VaeDecoder(nn.Module):
-    """Final latents (as the sampler leaves them) -> image in [-1, 1]."""
+    """Final latents (as the sampler leaves them) -> image in [-1, 1]: unscaled and shifted as the pipelines do (SD3's
+    VAE has a ``shift_factor``; the others none)."""
 
     def __init__(self, vae: nn.Module) -> None:
         super().__init__()
         self.vae = vae
         self.scaling = float(vae.config.scaling_factor)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
 
     def forward(self, latents):
-        return (self.vae.decode(latents / self.scaling, return_dict=False)[0],)
+        return (self.vae.decode(latents / self.scaling + self.shift, return_dict=False)[0],)
 
 
 class ClassEncoderGraph(nn.Module):
@@ -89,33 +97,33 @@ def batch_dim():
     return Dim("batch", min=1, max=1024)
 
 
-def text_encoder_graph(name: str, encoder, tokenizer, *, penultimate: bool, pooled: bool) -> GraphSource:
+def text_encoder_graph(name: str, encoder, tokenizer, *, penultimate: bool, pooled: bool, length: int | None = None) -> GraphSource:
     """A text encoder as the SD pipelines use it (``penultimate``: SDXL's second-to-last layer; ``pooled``: also
-    the projected pooled output)."""
+    the projected pooled output), for prompts padded to ``length`` tokens (default: the tokenizer's maximum)."""
     module = _TextEncoder(encoder.eval(), penultimate=penultimate, pooled=pooled).eval()
+    length = int(length or tokenizer.model_max_length)
 
     def ids(hw, b):
         return {
-            "input_ids": tokenizer(
-                ["a photo"] * b, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
-            ).input_ids
+            "input_ids": tokenizer(["a photo"] * b, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
         }
 
     outputs = ["hidden_states", "text_embeds"] if pooled else ["hidden_states"]
     return GraphSource(name, name, module, ["input_ids"], outputs, ids, ({0: batch_dim()},))
 
 
-def masked_text_encoder_graph(name: str, encoder, tokenizer, text_len: int) -> GraphSource:
-    """A T5 text encoder with its attention mask as an input (PixArt), for prompts padded to ``text_len`` tokens."""
+def masked_text_encoder_graph(name: str, encoder, tokenizer, text_len: int, *, causal: bool = False) -> GraphSource:
+    """A text encoder with its attention mask as an input, for prompts padded to ``text_len`` tokens: PixArt's T5, or
+    with ``causal`` SANA's Gemma-2 decoder (each token attends to itself and the tokens before it)."""
     from torch.export import Dim
 
-    module = _MaskedTextEncoder(encoder.eval()).eval()
+    module = _MaskedTextEncoder(encoder.eval(), causal=causal).eval()
 
     def ids(hw, b):
         t = tokenizer(["a photo"] * b, padding="max_length", max_length=text_len, truncation=True, return_tensors="pt")
         return {"input_ids": t.input_ids, "attention_mask": t.attention_mask.to(torch.float32)}
 
-    text = Dim("text", min=2, max=512)
+    text = Dim("text", min=2, max=1024)  # SANA's prompts: its instruction's tokens and 300 more
     shapes = ({0: batch_dim(), 1: text}, {0: batch_dim(), 1: text})
     return GraphSource(name, name, module, ["input_ids", "attention_mask"], ["hidden_states"], ids, shapes)
 

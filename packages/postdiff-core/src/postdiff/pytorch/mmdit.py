@@ -311,3 +311,25 @@ class MMDiTVariantModule(SplitVariantModule):
                 probe = self._split.forward("full_capture", *ins.values())
             ins = self._with_caches(ins, probe)
         return ins
+
+    def dynamic_shapes(self, max_side: int = 2048) -> tuple:
+        """``torch.export`` dynamic shapes: batch, text length, and latent sides as multiples of the patch size. The
+        block residual ``deep`` holds image tokens (h x w patches) then text tokens, a length no linear expression of
+        one dimension gives, so torch.export infers it (``Dim.AUTO``) from the slicing that relates it to the others."""
+        from torch.export import Dim
+
+        p = self._split.patch
+        batch = Dim("batch", min=1, max=63)
+        h, w = Dim("h", min=1, max=max_side // 8 // p), Dim("w", min=1, max=max_side // 8 // p)
+        text = Dim("text", min=2, max=1024)
+        by_name = {
+            "sample": {0: batch, 2: p * h, 3: p * w},
+            "timestep": {0: batch},
+            "encoder_hidden_states": {0: batch, 1: text},
+            "pooled_projections": {0: batch},
+            "deep": {0: batch, 1: Dim.AUTO},
+        }
+        for i in self.xattn_in:
+            by_name[f"xattn_{i}"] = {0: batch, 2: text}  # (batch, heads, text tokens, 2 x head_dim)
+        specs = [by_name[n] for n in self.input_names()]
+        return (*specs[:4], tuple(specs[4:])) if len(specs) > 4 else tuple(specs)
