@@ -149,11 +149,11 @@ class Family:
 
 
 def flow_bundle_refusal(model: Model, backend: str | None, kind: str) -> str | None:
-    """Bundles of the flow-matching transformers (SD3, SANA) are built and tested for ONNX Runtime only: the other
-    backends are refused in one line that names the one that works."""
-    if backend in (None, "onnx"):
+    """Bundles of the flow-matching transformers (SD3, SANA) are ONNX bundles, which ONNX Runtime and OpenVINO run; Core
+    ML packages of them are not built yet, and asking for one is refused in one line that names what works."""
+    if backend != "coreml":
         return None
-    return f"{model.name}: {backend} bundles of {kind} models are not built yet; export ONNX (postdiff export onnx) or run it on PyTorch"
+    return f"{model.name}: Core ML bundles of {kind} models are not built yet; export ONNX (postdiff export onnx: ONNX Runtime and OpenVINO run it) or run it on PyTorch"
 
 
 FAMILIES: dict[str, Family] = {}

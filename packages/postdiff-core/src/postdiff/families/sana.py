@@ -19,8 +19,8 @@ class Sana(PixArt):
     empty prompt as the negative, lower case and stripped); what differs is the prompt's encoding: the pipeline
     prepends its "complex human instruction" to the prompt (not to the negative one), pads to the instruction's
     tokens plus 300 - 2, runs Gemma-2 as a causal decoder, and keeps the first token and the last 299. A bundle records
-    the instruction at export (``bundle_info``) and does the same. OpenVINO and Core ML bundles of it are not
-    built yet (``bundle_refusal``)."""
+    the instruction at export (``bundle_info``) and does the same. ONNX Runtime and OpenVINO run them;
+    Core ML packages of it are not built yet (``bundle_refusal``)."""
 
     name = "sana"
     default_guidance = 4.5  # SanaPipeline's default

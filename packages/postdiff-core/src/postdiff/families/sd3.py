@@ -20,8 +20,8 @@ class StableDiffusion3(TextToImage):
     then T5's 256 tokens after CLIP's 77), the pooled embeddings concatenated; the negative prompt is the empty one,
     encoded. The transformer predicts the flow velocity v = noise - x0 and samples with
     ``FlowMatchEulerDiscreteScheduler`` (shift 3); only flow-matching schedulers can sample it (``Family.scheduler``).
-    ONNX bundles hold the three encoders, the MMDiT variants and the VAE decoder; OpenVINO and Core ML bundles of it
-    are not built yet (``bundle_refusal``)."""
+    ONNX bundles hold the three encoders, the MMDiT variants and the VAE decoder; ONNX Runtime and OpenVINO run
+    them; Core ML packages of it are not built yet (``bundle_refusal``)."""
 
     name = "sd3"
     default_guidance = 7.0  # StableDiffusion3Pipeline's default
