@@ -331,5 +331,4 @@ class MMDiTVariantModule(SplitVariantModule):
         }
         for i in self.xattn_in:
             by_name[f"xattn_{i}"] = {0: batch, 2: text}  # (batch, heads, text tokens, 2 x head_dim)
-        specs = [by_name[n] for n in self.input_names()]
-        return (*specs[:4], tuple(specs[4:])) if len(specs) > 4 else tuple(specs)
+        return self._in_input_order(by_name)

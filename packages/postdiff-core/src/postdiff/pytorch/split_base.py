@@ -170,6 +170,12 @@ class SplitVariantModule(nn.Module):
         names = ["eps"] if self.takes_deep else ["eps", "deep"]
         return names + [f"xattn_{i}" for i in self.xattn_out]
 
+    def _in_input_order(self, by_name: dict) -> tuple:
+        """``torch.export`` dynamic shapes in ``input_names`` order: the four leading inputs, then the rest as one tuple
+        (``forward``'s ``*rest``)."""
+        specs = [by_name[n] for n in self.input_names()]
+        return (*specs[:4], tuple(specs[4:])) if len(specs) > 4 else tuple(specs)
+
     def _with_caches(self, ins: dict[str, torch.Tensor], probe: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """``ins`` plus the cache tensors this variant takes, from a ``full_capture`` pass's outputs ``probe``
         (eps, deep, *xattn) on the same inputs: the values it would get in a plan."""

@@ -296,5 +296,4 @@ class TransformerVariantModule(SplitVariantModule):
         }
         for i in self.xattn_in:
             by_name[f"xattn_{i}"] = {0: batch, 1: h, 2: w}
-        specs = [by_name[n] for n in self.input_names()]
-        return (*specs[:4], tuple(specs[4:])) if len(specs) > 4 else tuple(specs)
+        return self._in_input_order(by_name)
