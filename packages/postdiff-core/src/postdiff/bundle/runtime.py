@@ -409,15 +409,16 @@ class BundlePipeline:
         return self.runner.run(self.manifest.graph(role), {"input_ids": self._tokenizer(tokenizer, length).ids(text)})
 
     def encode_prompt(self, text: str, roles: Sequence[str], tokenizers: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        """(hidden states of the ``roles`` encoders concatenated, pooled text embeddings or None) for one prompt,
-        as the diffusers pipelines compute them."""
-        hidden, pooled = [], None
+        """(hidden states of the ``roles`` encoders concatenated, pooled text embeddings of those that give one
+        concatenated, or None) for one prompt, as the diffusers pipelines compute them (SDXL: the second encoder's
+        pooled output; SD3: both CLIPs')."""
+        hidden, pooled = [], []
         for role, tok_name in zip(roles, tokenizers):
             out = self.encode_ids(text, role, tok_name)
             hidden.append(out["hidden_states"])
             if "text_embeds" in out:
-                pooled = out["text_embeds"]
-        return np.concatenate(hidden, axis=-1), pooled
+                pooled.append(out["text_embeds"])
+        return np.concatenate(hidden, axis=-1), (np.concatenate(pooled, axis=-1) if pooled else None)
 
 
 class BundleTokenizer:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from postdiff.families.base import flow_bundle_refusal, register_family
@@ -55,21 +53,13 @@ class StableDiffusion3(TextToImage):
 
     def conditioning(self, pipe, prompt, guidance: float, ops):
         def encode(text: str):
-            hidden, pooled = [], []
-            for role, tok in zip(self.roles[:2], self.tokenizers[:2]):
-                out = pipe.encode_ids(text, role, tok, CLIP_TOKENS)
-                hidden.append(out["hidden_states"])
-                pooled.append(out["text_embeds"])
+            clip, pooled = pipe.encode_prompt(text, self.roles[:2], self.tokenizers[:2])  # CLIP's own 77 tokens
             t5 = pipe.encode_ids(text, self.roles[2], self.tokenizers[2], self.t5_len(pipe.info["text_len"]))["hidden_states"]
-            clip = np.concatenate(hidden, axis=-1)
             clip = np.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
-            return ops.asarray(np.concatenate([clip, t5], axis=1)), ops.asarray(np.concatenate(pooled, axis=-1))
+            return ops.asarray(np.concatenate([clip, t5], axis=1)), ops.asarray(pooled)
 
         ehs, pooled = encode(str(prompt))
         if guidance <= 1.0:
             return Conditioning(ehs, has_uncond=False, text_embeds=pooled)
         neg, neg_pooled = encode("")
         return Conditioning(ops.cat([neg, ehs]), has_uncond=True, text_embeds=ops.cat([neg_pooled, pooled]))
-
-    def bundle_info(self, model) -> dict[str, Any]:
-        return {"guidance": self.default_guidance}
