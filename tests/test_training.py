@@ -55,13 +55,18 @@ def test_init_from_another_run_and_bad_sizes(tmp_path):
 
 
 def test_shipped_training_records_match_the_weights():
+    from postdiff_lab.builtin_models import REFERENCE_MODELS
+    from postdiff_lab.reference.model import dataset_of
     from postdiff_lab.reference.pipeline import weights_dir
 
-    for dataset in ("fashion", "digits"):
-        meta = json.loads((weights_dir(dataset) / "training.json").read_text())
-        assert meta["dataset"] == dataset and {16, 24, 32} <= set(meta["sizes"])
-        assert meta["data"] == data.train_hashes(dataset)
-        assert (weights_dir(dataset) / "model.safetensors").stat().st_size < 20e6
+    for key in REFERENCE_MODELS.values():
+        meta = json.loads((weights_dir(key) / "training.json").read_text())
+        assert meta["dataset"] == dataset_of(key) and {16, 24, 32} <= set(meta["sizes"])
+        assert meta["data"] == data.train_hashes(dataset_of(key))
+        flow = key.endswith("-flow")  # v3's records predate the field: no objective is the noise objective
+        assert meta.get("objective", "epsilon") == ("flow" if flow else "epsilon")
+        assert (meta["scheduler"].get("_class_name") == "FlowMatchEulerDiscreteScheduler") == flow
+        assert (weights_dir(key) / "model.safetensors").stat().st_size < 20e6
 
 
 def test_the_rectified_flow_objective_trains_resumes_and_is_kept(tmp_path):

@@ -22,7 +22,7 @@ def _plan(model, recipe):
     return source_for(model).compile(recipe)
 
 
-@pytest.mark.parametrize("name", ["reference", "digits"])
+@pytest.mark.parametrize("name", ["reference", "digits", "reference-flow"])
 def test_shipped_models_record_several_training_sizes(name):
     model = load_model(name)
     assert {16, 24, 32} <= set(model.training_sizes)

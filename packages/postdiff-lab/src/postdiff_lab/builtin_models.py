@@ -1,7 +1,7 @@
 """The lab's named models, offered to every PostDiff command through the ``postdiff.models`` entry point.
 
 ``reference`` (the embedded, trained Fashion-MNIST model, the default), ``digits`` (the same recipe on MNIST
-digits), ``toy-sd`` / ``toy-sdxl`` / ``toy-lcm`` (tiny SD, SDXL and LCM pipelines with random weights) and
+digits), ``reference-flow`` (the same network trained on a rectified flow, sampled with FlowMatch Euler), ``toy-sd`` / ``toy-sdxl`` / ``toy-lcm`` (tiny SD, SDXL and LCM pipelines with random weights) and
 ``toy-pixart`` / ``toy-pixart-sigma`` (tiny PixArt-α and -Σ pipelines), ``toy-sd3`` (a tiny SD3 pipeline: MMDiT,
 two CLIP encoders and T5, flow matching), ``toy-sana`` (a tiny SANA pipeline: linear-attention DiT, Gemma-2, DC-AE),
 ``arch:sd15`` / ``arch:sd21`` / ``arch:sdxl`` / ``arch:lcm-sd15`` / ``arch:pixart-alpha`` / ``arch:sd3-medium`` /
@@ -11,13 +11,16 @@ costs and plans only).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from postdiff.errors import ModelError
 from postdiff.families.model import Model, from_pipeline
 
 from .architectures import ARCHITECTURES, Architecture
 
-# the embedded, trained class-conditional models -> the dataset each was trained on (postdiff_lab.data.DATASETS)
-REFERENCE_MODELS = {"reference": "fashion", "digits": "digits"}
+# the embedded, trained class-conditional models -> their shipped weights (postdiff_lab.reference.model.WEIGHT_FOLDERS:
+# the dataset each was trained on, "-flow" for the rectified-flow objective)
+REFERENCE_MODELS = {"reference": "fashion", "digits": "digits", "reference-flow": "fashion-flow"}
 TOY_MODELS = {
     "toy-sd": "sd",
     "toy-sdxl": "sdxl",
@@ -33,16 +36,16 @@ def _reference(name: str, need_pipeline: bool | None) -> Model:
     from .reference import model as ref
     from .reference.pipeline import ReferencePipeline, scheduler_config, training_sizes
 
-    dataset = REFERENCE_MODELS[name]
+    key = REFERENCE_MODELS[name]
     return Model(
         name=name,
         unet_config=dict(ref.UNET_CONFIG),
-        scheduler_config={"_class_name": "DDIMScheduler", **scheduler_config(dataset)},
+        scheduler_config={"_class_name": "DDIMScheduler", **scheduler_config(key)},
         vae_scale_factor=1,
         text_len=ref.TOKENS,
-        pipeline=ReferencePipeline.load(dataset=dataset) if need_pipeline is not False else None,
-        dataset=dataset,
-        training_sizes=training_sizes(dataset),
+        pipeline=ReferencePipeline.load(key=key, name=name) if need_pipeline is not False else None,
+        dataset=ref.dataset_of(key),
+        training_sizes=training_sizes(key),
         weights="trained",
         family_name="class-conditional",
     )
@@ -62,6 +65,13 @@ def _from_architecture(arch: Architecture) -> Model:
         weights="random",
         family_name="unet",
     )
+
+
+def reference_weights_dir(name: str) -> Path | None:
+    """The folder of an embedded model's shipped weights (and of what ships beside them), None for other names."""
+    from .reference.pipeline import weights_dir
+
+    return weights_dir(REFERENCE_MODELS[name]) if name in REFERENCE_MODELS else None
 
 
 def resolve(spec: str, need_pipeline: bool | None = False) -> Model | None:

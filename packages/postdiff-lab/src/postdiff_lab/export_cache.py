@@ -63,12 +63,10 @@ def model_identity(model: str) -> str:
     reference model by its shipped files), folders by their files, Hub ids by name."""
     h = hashlib.sha256(model.encode())
     folder: Path | None = None
-    from .builtin_models import REFERENCE_MODELS
+    from .builtin_models import REFERENCE_MODELS, reference_weights_dir
 
     if model in REFERENCE_MODELS:
-        from .reference.pipeline import weights_dir
-
-        folder = weights_dir(REFERENCE_MODELS[model])
+        folder = reference_weights_dir(model)
     elif Path(model).expanduser().exists():
         folder = Path(model).expanduser()
     if folder is not None:

@@ -35,10 +35,11 @@ def _demo_plans(args, model) -> list[tuple[str, str]]:
         names = [n.strip() for n in args.plans.split(",") if n.strip()]
     else:
         names = ["baseline", "postdiff"]
-        if model.dataset is not None:
-            from postdiff_lab.reference.pipeline import weights_dir
+        from postdiff_lab.builtin_models import reference_weights_dir
 
-            searched = str(weights_dir(model.dataset) / "search-0.4.recipe.json")
+        shipped = reference_weights_dir(model.name)
+        if shipped is not None:
+            searched = str(shipped / "search-0.4.recipe.json")
             if Path(searched).is_file():
                 names.append(searched)
     if "baseline" not in names:

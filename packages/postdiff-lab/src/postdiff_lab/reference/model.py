@@ -21,6 +21,12 @@ IMAGE_SIZE = 32
 # (``-flow``: the same network trained on a rectified flow, benchmarks/reference/train_reference.py --objective flow)
 WEIGHT_FOLDERS = {"fashion": "weights", "digits": "weights_digits", "fashion-flow": "weights_flow", "digits-flow": "weights_digits_flow"}
 
+
+def dataset_of(key: str) -> str:
+    """The dataset (``postdiff_lab.data.DATASETS``) whose classes a weights key's model draws."""
+    return key.removesuffix("-flow")
+
+
 UNET_CONFIG = {
     "sample_size": IMAGE_SIZE,
     "in_channels": 1,

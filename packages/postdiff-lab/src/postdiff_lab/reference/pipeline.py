@@ -31,21 +31,23 @@ FAMILY = family_named("class-conditional")  # conditions, guidance, seeds and sa
 DEFAULT_GUIDANCE = FAMILY.default_guidance
 
 
-def weights_dir(dataset: str = "fashion") -> Path:
-    return Path(__file__).resolve().parent / ref.WEIGHT_FOLDERS[dataset]
+def weights_dir(key: str = "fashion") -> Path:
+    """The folder of the shipped weights ``key`` (``model.WEIGHT_FOLDERS``: a dataset, or ``<dataset>-flow``)."""
+    return Path(__file__).resolve().parent / ref.WEIGHT_FOLDERS[key]
 
 
-def training_sizes(dataset: str = "fashion", folder: str | Path | None = None) -> tuple[int, ...]:
+def training_sizes(key: str = "fashion", folder: str | Path | None = None) -> tuple[int, ...]:
     """The square sizes the shipped weights were trained at (``sizes`` in training.json; v1 has none: 32 only)."""
-    meta = Path(folder or weights_dir(dataset)) / "training.json"
+    meta = Path(folder or weights_dir(key)) / "training.json"
     sizes = json.loads(meta.read_text()).get("sizes") if meta.is_file() else None
     return tuple(int(s) for s in (sizes or [ref.IMAGE_SIZE]))
 
 
-def scheduler_config(dataset: str = "fashion", folder: str | Path | None = None) -> dict:
+def scheduler_config(key: str = "fashion", folder: str | Path | None = None) -> dict:
     """The noise schedule the shipped weights were trained with (``scheduler`` in training.json; the model module's
-    default when a folder has none): v1 to v2.1 used the cosine schedule, v3 Stable Diffusion's."""
-    meta = Path(folder or weights_dir(dataset)) / "training.json"
+    default when a folder has none): v1 to v2.1 used the cosine schedule, v3 Stable Diffusion's, ``-flow`` weights
+    a rectified flow (FlowMatch Euler)."""
+    meta = Path(folder or weights_dir(key)) / "training.json"
     config = json.loads(meta.read_text()).get("scheduler") if meta.is_file() else None
     return dict(config or ref.SCHEDULER_CONFIG)
 
@@ -80,7 +82,9 @@ def parse_label(text: str | int, dataset: str = "fashion") -> int:
 class ReferencePipeline:
     vae_scale_factor = 1  # pixel space
 
-    def __init__(self, unet, class_encoder, scheduler_config: dict | None = None, dataset: str = "fashion") -> None:
+    def __init__(
+        self, unet, class_encoder, scheduler_config: dict | None = None, dataset: str = "fashion", name: str | None = None
+    ) -> None:
         self.unet = unet.eval().requires_grad_(False)
         self.class_encoder = class_encoder.eval().requires_grad_(False)
         # the class the model samples with by default travels in the configuration, as diffusers' _class_name
@@ -90,7 +94,7 @@ class ReferencePipeline:
         self.num_classes, self.null_class = ref.NUM_CLASSES, ref.NULL_CLASS
         self.class_names, self.class_aliases, self.class_noun = info["class_names"], info["class_aliases"], info["class_noun"]
         self.default_class = info["default_class"]
-        self.name = {"fashion": "reference"}.get(dataset, dataset)
+        self.name = name or {"fashion": "reference"}.get(dataset, dataset)
         self.spec = model_spec(self.unet, name=self.name)
 
     def to(self, device=None, dtype=None) -> ReferencePipeline:
@@ -101,10 +105,11 @@ class ReferencePipeline:
         return self
 
     @classmethod
-    def load(cls, folder: str | Path | None = None, dataset: str = "fashion") -> ReferencePipeline:
+    def load(cls, folder: str | Path | None = None, key: str = "fashion", name: str | None = None) -> ReferencePipeline:
+        """The shipped weights ``key`` (``model.WEIGHT_FOLDERS``), or those in ``folder`` (drawing ``key``'s classes)."""
         from safetensors.torch import load_file
 
-        folder = Path(folder or weights_dir(dataset))
+        folder = Path(folder or weights_dir(key))
         weights = folder / "model.safetensors"
         if not weights.is_file():
             raise ModelError(f"reference weights not found at {weights}; train them with benchmarks/reference/train_reference.py")
@@ -112,7 +117,7 @@ class ReferencePipeline:
         state = load_file(str(weights))
         unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
         enc.load_state_dict({k[14:]: v for k, v in state.items() if k.startswith("class_encoder.")})
-        return cls(unet, enc, scheduler_config(dataset, folder), dataset)
+        return cls(unet, enc, scheduler_config(key, folder), ref.dataset_of(key), name)
 
     # -- plans -----------------------------------------------------------------------------------------------------
     def scheduler(self, kind: str | None = None):
