@@ -1,7 +1,8 @@
 """The lab's named models, offered to every PostDiff command through the ``postdiff.models`` entry point.
 
 ``reference`` (the embedded, trained Fashion-MNIST model, the default), ``digits`` (the same recipe on MNIST
-digits), ``reference-flow`` (the same network trained on a rectified flow, sampled with FlowMatch Euler), ``toy-sd`` / ``toy-sdxl`` / ``toy-lcm`` (tiny SD, SDXL and LCM pipelines with random weights) and
+digits), ``reference-flow`` (the same network trained on a rectified flow, sampled with FlowMatch Euler),
+``toy-sd`` / ``toy-sdxl`` / ``toy-lcm`` (tiny SD, SDXL and LCM pipelines with random weights) and
 ``toy-pixart`` / ``toy-pixart-sigma`` (tiny PixArt-α and -Σ pipelines), ``toy-sd3`` (a tiny SD3 pipeline: MMDiT,
 two CLIP encoders and T5, flow matching), ``toy-sana`` (a tiny SANA pipeline: linear-attention DiT, Gemma-2, DC-AE),
 ``arch:sd15`` / ``arch:sd21`` / ``arch:sdxl`` / ``arch:lcm-sd15`` / ``arch:pixart-alpha`` / ``arch:sd3-medium`` /
