@@ -3,13 +3,18 @@ the paper's question (cheaper steps or fewer steps?) per solver.
 
     python benchmarks/bench_schedulers.py check [--model reference] [--samples 300] [--seed 11]
     python benchmarks/bench_schedulers.py solvers [--model reference] [--samples 2000] [--budgets 0.25,0.4,0.6]
+    python benchmarks/bench_schedulers.py matched [--model reference] [--samples 2000] [--seed 1]
 
 ``check``: ``postdiff eval --plans baseline,postdiff`` once per scheduler name (every name ``--scheduler`` takes but
 ``lcm`` and the ``flow-*`` names, which only LCM and flow-matching models run): class accuracy, in-domain FID, MACs ratio and time per scheduler.
 ``solvers``: ``postdiff sweep`` once per solver (DDIM, Euler a, DPM++ 2M Karras, UniPC at 20 steps): at each budget the
 best ``steps:N`` plan against the best cheaper-steps plan from the sweep's grid, chosen on calibration samples and
-measured on held-out ones. Each command runs in its own process (the CLI as a user runs it); its JSON is kept
-beside the table, and ``--resume`` keeps a solver's finished sweep when it ran with the same arguments. Prints a Markdown table; writes JSON and the table (``--out``, default under benchmarks/results/).
+measured on held-out ones.
+``matched``: the ``postdiff`` plan itself against the fewer-steps plan at its MACs (the most steps that cost no more),
+``postdiff eval --plans baseline,postdiff,steps:N`` once per solver, on the sweeps' held-out seed.
+Each command runs in its own process (the CLI as a user runs it); its JSON is kept beside the table, and ``--resume``
+keeps a scheduler's finished sweep or eval when it ran with the same arguments. Prints a Markdown table; writes JSON
+and the table (``--out``, default under benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -32,19 +37,71 @@ def postdiff(*args: str) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
+def evals(args, work: Path, names: list[str], plans: str, prefix: str) -> list[dict]:
+    """``postdiff eval --plans PLANS`` once per scheduler name, each in its own process; its JSON kept in ``work``.
+    With --resume, a name whose eval ran with the same arguments is read back instead of run again."""
+    rows = []
+    for name in names:
+        out = work / f"{prefix}_{args.model}_{name}.json"
+        eval_args = ["--model", args.model, "--scheduler", name, "--plans", plans, "--samples", str(args.samples), "--seed", str(args.seed)]
+        done = out.with_suffix(".args.json")
+        if args.resume and out.exists() and done.exists() and json.loads(done.read_text()) == eval_args:
+            print(f"{name}: kept from {out} (same arguments)", file=sys.stderr, flush=True)
+        else:
+            done.unlink(missing_ok=True)
+            postdiff("eval", *eval_args, "--no-progress", "--json", str(out), "--grid", str(out.with_suffix(".png")))
+            done.write_text(json.dumps(eval_args) + "\n")
+        result = json.loads(out.read_text())
+        rows.append({"scheduler": name, "plans": {p["plan"]: p for p in result["plans"]}})
+    return rows
+
+
 def check(args, work: Path) -> tuple[dict, str]:
     from postdiff.plan.schedulers import NAMES, is_flow_scheduler
 
-    rows = []
-    for name in [n for n in NAMES if n != "lcm" and not is_flow_scheduler(n)]:
-        out = work / f"check_{args.model}_{name}.json"
-        t0 = time.perf_counter()
-        postdiff("eval", "--model", args.model, "--scheduler", name, "--plans", "baseline,postdiff", "--samples", str(args.samples),
-                 "--seed", str(args.seed), "--no-progress", "--json", str(out), "--grid", str(out.with_suffix(".png")))  # fmt: skip
-        plans = {p["plan"]: p for p in json.loads(out.read_text())["plans"]}
-        rows.append({"scheduler": name, "seconds": round(time.perf_counter() - t0, 1), "plans": plans})
+    names = [n for n in NAMES if n != "lcm" and not is_flow_scheduler(n)]
+    rows = evals(args, work, names, "baseline,postdiff", "check")
     data = {"mode": "check", "model": args.model, "samples": args.samples, "seed": args.seed, "rows": rows}
     return data, check_table(data)
+
+
+def fewer_steps_at(model: str, plan: str) -> tuple[str, float]:
+    """The ``steps:N`` plan with the most steps whose MACs do not exceed ``plan``'s, and ``plan``'s MACs ratio
+    (every solver of ``SOLVERS`` calls the UNet once a step, so the ratio is the same under each)."""
+    from postdiff.families.model import load_model
+    from postdiff_lab.generation import source_for
+
+    source = source_for(load_model(model))
+    ratio = source.cost(source.compile(plan)).ratio
+    steps = max(n for n in range(1, 21) if source.cost(source.compile(f"steps:{n}")).ratio <= ratio + 1e-9)
+    return f"steps:{steps}", ratio
+
+
+def matched(args, work: Path) -> tuple[dict, str]:
+    fewer, ratio = fewer_steps_at(args.model, "postdiff")
+    rows = evals(args, work, args.solvers.split(","), f"baseline,postdiff,{fewer}", "matched")
+    data = {"mode": "matched", "model": args.model, "samples": args.samples, "seed": args.seed, "fewer": fewer, "rows": rows}
+    return data, matched_table(data)
+
+
+def matched_table(data: dict) -> str:
+    """The Markdown table of a ``matched`` run: ``postdiff`` against the fewer-steps plan at its MACs, per solver."""
+    few = data["fewer"]
+    lines = [
+        f"{data['model']}, N = {data['samples']} per plan, seed {data['seed']}, 20 steps, the model's CFG; FID on the embedded "
+        "classifier's 128-d features (lower is better), class accuracy by the classifier",
+        f"| solver | baseline FID, accuracy | postdiff (MACs): FID, accuracy | {few} (MACs): FID, accuracy | better in FID |",
+        "|---|---|---|---|---|",
+    ]
+
+    def entry(p: dict, macs: bool = True) -> str:
+        return (f"({p['macs_ratio']:.3f}): " if macs else "") + f"{p['fid_classifier']:.2f}, {100 * p['class_accuracy']:.1f}%"
+
+    for r in data["rows"]:
+        b, p, f = r["plans"]["baseline"], r["plans"]["postdiff"], r["plans"][few]
+        better = "cheaper steps" if p["fid_classifier"] < f["fid_classifier"] else "fewer steps"
+        lines.append(f"| {r['scheduler']} | {entry(b, False)} | {entry(p)} | {entry(f)} | {better} |")
+    return "\n".join(lines)
 
 
 def check_table(data: dict) -> str:
@@ -129,26 +186,28 @@ def main(argv=None) -> int:
     from postdiff_lab.report import machine_info, write_results
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("mode", choices=["check", "solvers"])
+    ap.add_argument("mode", choices=["check", "solvers", "matched"])
     ap.add_argument("--model", default="reference", help="an embedded model: reference or digits (default: reference)")
-    ap.add_argument("--samples", type=int, default=None, help="samples per plan (check: 300; solvers: held-out, 2000)")
-    ap.add_argument("--seed", type=int, default=None, help="seed (check: 11; solvers: the calibration seed, 0)")
+    ap.add_argument("--samples", type=int, default=None, help="samples per plan (check: 300; solvers: held-out, 2000; matched: 2000)")
+    ap.add_argument(
+        "--seed", type=int, default=None, help="seed (check: 11; solvers: the calibration seed, 0; matched: 1, the sweeps' held-out seed)"
+    )
     ap.add_argument("--budgets", default="0.25,0.4,0.6", help="solvers: fractions of the baseline's MACs")
     ap.add_argument("--calibration", type=int, default=100, help="solvers: calibration samples per candidate plan")
-    ap.add_argument("--solvers", default=",".join(SOLVERS), help=f"solvers: scheduler names (default: {','.join(SOLVERS)})")
+    ap.add_argument("--solvers", default=",".join(SOLVERS), help=f"solvers, matched: scheduler names (default: {','.join(SOLVERS)})")
     ap.add_argument("--grid", default="", help="solvers: sweep grid options, e.g. '--betas 1,0.5 --intervals 1,2,3' (default: the sweep's)")
     ap.add_argument("--out", default=None, help="JSON results (default: benchmarks/results/<mode>_<model>.json)")
-    ap.add_argument("--resume", action="store_true", help="solvers: keep each solver's finished sweep that ran with the same arguments")
+    ap.add_argument("--resume", action="store_true", help="keep each scheduler's finished sweep or eval that ran with the same arguments")
     args = ap.parse_args(argv)
     if args.model not in ("reference", "digits"):
         ap.error(f"--model must be reference or digits (the embedded models with a classifier), got {args.model!r}")
     args.samples = args.samples or (300 if args.mode == "check" else 2000)
-    args.seed = (11 if args.mode == "check" else 0) if args.seed is None else args.seed
+    args.seed = {"check": 11, "solvers": 0, "matched": 1}[args.mode] if args.seed is None else args.seed
     out = Path(args.out or HERE / "results" / f"schedulers_{args.mode}_{args.model}.json")
     work = out.with_suffix("")
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    data, table = (check if args.mode == "check" else solvers)(args, work)
+    data, table = {"check": check, "solvers": solvers, "matched": matched}[args.mode](args, work)
     data |= {"machine": machine_info(), "seconds": round(time.perf_counter() - t0, 1)}
     data["command"] = " ".join(["bench_schedulers.py", *(argv if argv is not None else sys.argv[1:])])
     write_results(out, data, table)

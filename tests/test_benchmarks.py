@@ -76,3 +76,25 @@ def test_scheduler_benchmark_runs_the_cli_per_solver_and_writes_its_table(tmp_pa
     assert "kept from" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench_schedulers.main(["check", "--model", "toy-sd"])  # no classifier: refused before any run
+
+
+def test_scheduler_benchmark_holds_the_postdiff_plan_to_fewer_steps_at_its_macs(tmp_path, capsys):
+    """bench_schedulers.py matched: `postdiff` against the steps:N plan with the most steps at no more MACs, per solver."""
+    bench_schedulers = _benchmark("bench_schedulers")
+    out = tmp_path / "matched.json"
+    argv = ["matched", "--solvers", "ddim,euler-a", "--samples", "3", "--out", str(out)]
+    assert bench_schedulers.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["seed"] == 1 and data["fewer"] == "steps:4"  # postdiff costs 0.210 of the MACs, steps:4 0.200, steps:5 0.250
+    assert [r["scheduler"] for r in data["rows"]] == ["ddim", "euler-a"]
+    for row in data["rows"]:
+        plans = row["plans"]
+        assert set(plans) == {"baseline", "postdiff", "steps:4"}
+        assert plans["steps:4"]["macs_ratio"] <= plans["postdiff"]["macs_ratio"] < 0.25
+    table = out.with_suffix(".txt").read_text()
+    assert "| ddim |" in table and "| euler-a |" in table and "N = 3 per plan, seed 1" in table
+    assert table.strip() in capsys.readouterr().out
+    eval_json = tmp_path / "matched" / "matched_reference_ddim.json"
+    kept = eval_json.stat().st_mtime_ns
+    assert bench_schedulers.main([*argv, "--resume"]) == 0  # the same arguments: read back, not run again
+    assert eval_json.stat().st_mtime_ns == kept and "kept from" in capsys.readouterr().err
