@@ -29,6 +29,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 SOLVERS = ["ddim", "euler-a", "dpmpp-2m-karras", "unipc"]
+FLOW_SOLVERS = ["flow-euler", "flow-heun", "flow-dpmpp-2m"]  # a flow-matching model (reference-flow) runs only these
+
+
+def is_flow_model(model: str) -> bool:
+    from postdiff.families.model import load_model
+    from postdiff.plan.schedulers import is_flow_config
+
+    config = load_model(model).scheduler_config
+    return is_flow_config(config.get("_class_name", ""), config)
 
 
 def postdiff(*args: str) -> None:
@@ -59,38 +68,39 @@ def evals(args, work: Path, names: list[str], plans: str, prefix: str) -> list[d
 def check(args, work: Path) -> tuple[dict, str]:
     from postdiff.plan.schedulers import NAMES, is_flow_scheduler
 
-    names = [n for n in NAMES if n != "lcm" and not is_flow_scheduler(n)]
+    flow = is_flow_model(args.model)
+    names = [n for n in NAMES if n != "lcm" and is_flow_scheduler(n) == flow]
     rows = evals(args, work, names, "baseline,postdiff", "check")
     data = {"mode": "check", "model": args.model, "samples": args.samples, "seed": args.seed, "rows": rows}
     return data, check_table(data)
 
 
-def fewer_steps_at(model: str, plan: str) -> tuple[str, float]:
-    """The ``steps:N`` plan with the most steps whose MACs do not exceed ``plan``'s, and ``plan``'s MACs ratio
-    (every solver of ``SOLVERS`` calls the UNet once a step, so the ratio is the same under each)."""
+def fewer_steps_at(model: str, plan: str, scheduler: str) -> str:
+    """The ``steps:N`` plan with the most steps whose MACs under ``scheduler`` do not exceed ``plan``'s."""
     from postdiff.families.model import load_model
     from postdiff_lab.generation import source_for
 
-    source = source_for(load_model(model))
+    source = source_for(load_model(model), scheduler=scheduler)
     ratio = source.cost(source.compile(plan)).ratio
-    steps = max(n for n in range(1, 21) if source.cost(source.compile(f"steps:{n}")).ratio <= ratio + 1e-9)
-    return f"steps:{steps}", ratio
+    return f"steps:{max(n for n in range(1, 21) if source.cost(source.compile(f'steps:{n}')).ratio <= ratio + 1e-9)}"
 
 
 def matched(args, work: Path) -> tuple[dict, str]:
-    fewer, ratio = fewer_steps_at(args.model, "postdiff")
-    rows = evals(args, work, args.solvers.split(","), f"baseline,postdiff,{fewer}", "matched")
-    data = {"mode": "matched", "model": args.model, "samples": args.samples, "seed": args.seed, "fewer": fewer, "rows": rows}
+    rows = []
+    for name in args.solvers.split(","):
+        fewer = fewer_steps_at(args.model, "postdiff", name)
+        rows += [r | {"fewer": fewer} for r in evals(args, work, [name], f"baseline,postdiff,{fewer}", "matched")]
+    data = {"mode": "matched", "model": args.model, "samples": args.samples, "seed": args.seed, "rows": rows}
     return data, matched_table(data)
 
 
 def matched_table(data: dict) -> str:
     """The Markdown table of a ``matched`` run: ``postdiff`` against the fewer-steps plan at its MACs, per solver."""
-    few = data["fewer"]
     lines = [
         f"{data['model']}, N = {data['samples']} per plan, seed {data['seed']}, 20 steps, the model's CFG; FID on the embedded "
-        "classifier's 128-d features (lower is better), class accuracy by the classifier",
-        f"| solver | baseline FID, accuracy | postdiff (MACs): FID, accuracy | {few} (MACs): FID, accuracy | better in FID |",
+        "classifier's 128-d features (lower is better), class accuracy by the classifier; fewer steps: the most steps at "
+        "no more MACs than postdiff's",
+        "| solver | baseline FID, accuracy | postdiff (MACs): FID, accuracy | fewer steps (MACs): FID, accuracy | better in FID |",
         "|---|---|---|---|---|",
     ]
 
@@ -98,9 +108,9 @@ def matched_table(data: dict) -> str:
         return (f"({p['macs_ratio']:.3f}): " if macs else "") + f"{p['fid_classifier']:.2f}, {100 * p['class_accuracy']:.1f}%"
 
     for r in data["rows"]:
-        b, p, f = r["plans"]["baseline"], r["plans"]["postdiff"], r["plans"][few]
+        b, p, f = r["plans"]["baseline"], r["plans"]["postdiff"], r["plans"][r["fewer"]]
         better = "cheaper steps" if p["fid_classifier"] < f["fid_classifier"] else "fewer steps"
-        lines.append(f"| {r['scheduler']} | {entry(b, False)} | {entry(p)} | {entry(f)} | {better} |")
+        lines.append(f"| {r['scheduler']} | {entry(b, False)} | {entry(p)} | {r['fewer']} {entry(f)} | {better} |")
     return "\n".join(lines)
 
 
@@ -187,20 +197,27 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("mode", choices=["check", "solvers", "matched"])
-    ap.add_argument("--model", default="reference", help="an embedded model: reference or digits (default: reference)")
+    ap.add_argument("--model", default="reference", help="an embedded model: reference, digits or reference-flow (default: reference)")
     ap.add_argument("--samples", type=int, default=None, help="samples per plan (check: 300; solvers: held-out, 2000; matched: 2000)")
     ap.add_argument(
         "--seed", type=int, default=None, help="seed (check: 11; solvers: the calibration seed, 0; matched: 1, the sweeps' held-out seed)"
     )
     ap.add_argument("--budgets", default="0.25,0.4,0.6", help="solvers: fractions of the baseline's MACs")
     ap.add_argument("--calibration", type=int, default=100, help="solvers: calibration samples per candidate plan")
-    ap.add_argument("--solvers", default=",".join(SOLVERS), help=f"solvers, matched: scheduler names (default: {','.join(SOLVERS)})")
+    ap.add_argument(
+        "--solvers",
+        default=None,
+        help=f"solvers, matched: scheduler names (default: {','.join(SOLVERS)}; on a flow model {','.join(FLOW_SOLVERS)})",
+    )
     ap.add_argument("--grid", default="", help="solvers: sweep grid options, e.g. '--betas 1,0.5 --intervals 1,2,3' (default: the sweep's)")
     ap.add_argument("--out", default=None, help="JSON results (default: benchmarks/results/<mode>_<model>.json)")
     ap.add_argument("--resume", action="store_true", help="keep each scheduler's finished sweep or eval that ran with the same arguments")
     args = ap.parse_args(argv)
-    if args.model not in ("reference", "digits"):
-        ap.error(f"--model must be reference or digits (the embedded models with a classifier), got {args.model!r}")
+    from postdiff_lab.builtin_models import REFERENCE_MODELS
+
+    if args.model not in REFERENCE_MODELS:
+        ap.error(f"--model must be one of {', '.join(REFERENCE_MODELS)} (the embedded models with a classifier), got {args.model!r}")
+    args.solvers = args.solvers or ",".join(FLOW_SOLVERS if is_flow_model(args.model) else SOLVERS)
     args.samples = args.samples or (300 if args.mode == "check" else 2000)
     args.seed = {"check": 11, "solvers": 0, "matched": 1}[args.mode] if args.seed is None else args.seed
     out = Path(args.out or HERE / "results" / f"schedulers_{args.mode}_{args.model}.json")
