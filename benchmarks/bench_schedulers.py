@@ -5,8 +5,9 @@ the paper's question (cheaper steps or fewer steps?) per solver.
     python benchmarks/bench_schedulers.py solvers [--model reference] [--samples 2000] [--budgets 0.25,0.4,0.6]
     python benchmarks/bench_schedulers.py matched [--model reference] [--samples 2000] [--seed 1]
 
-``check``: ``postdiff eval --plans baseline,postdiff`` once per scheduler name (every name ``--scheduler`` takes but
-``lcm`` and the ``flow-*`` names, which only LCM and flow-matching models run): class accuracy, in-domain FID, MACs ratio and time per scheduler.
+``check``: ``postdiff eval --plans baseline,postdiff`` once per scheduler name the model can run (every name
+``--scheduler`` takes but ``lcm``: the ``flow-*`` names on a flow-matching model, the others elsewhere): class
+accuracy, in-domain FID and MACs ratio per scheduler.
 ``solvers``: ``postdiff sweep`` once per solver (DDIM, Euler a, DPM++ 2M Karras, UniPC at 20 steps): at each budget the
 best ``steps:N`` plan against the best cheaper-steps plan from the sweep's grid, chosen on calibration samples and
 measured on held-out ones.
@@ -46,6 +47,17 @@ def postdiff(*args: str) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
+def kept(out: Path, run_args: list[str], resume: bool) -> bool:
+    """Whether ``out`` is a finished run with the same arguments that --resume keeps (its arguments in
+    ``out.args.json``, written once it finished); when not, the stale record is removed before the run."""
+    done = out.with_suffix(".args.json")
+    if resume and out.exists() and done.exists() and json.loads(done.read_text()) == run_args:
+        print(f"kept from {out} (same arguments)", file=sys.stderr, flush=True)
+        return True
+    done.unlink(missing_ok=True)
+    return False
+
+
 def evals(args, work: Path, names: list[str], plans: str, prefix: str) -> list[dict]:
     """``postdiff eval --plans PLANS`` once per scheduler name, each in its own process; its JSON kept in ``work``.
     With --resume, a name whose eval ran with the same arguments is read back instead of run again."""
@@ -53,13 +65,9 @@ def evals(args, work: Path, names: list[str], plans: str, prefix: str) -> list[d
     for name in names:
         out = work / f"{prefix}_{args.model}_{name}.json"
         eval_args = ["--model", args.model, "--scheduler", name, "--plans", plans, "--samples", str(args.samples), "--seed", str(args.seed)]
-        done = out.with_suffix(".args.json")
-        if args.resume and out.exists() and done.exists() and json.loads(done.read_text()) == eval_args:
-            print(f"{name}: kept from {out} (same arguments)", file=sys.stderr, flush=True)
-        else:
-            done.unlink(missing_ok=True)
+        if not kept(out, eval_args, args.resume):
             postdiff("eval", *eval_args, "--no-progress", "--json", str(out), "--grid", str(out.with_suffix(".png")))
-            done.write_text(json.dumps(eval_args) + "\n")
+            out.with_suffix(".args.json").write_text(json.dumps(eval_args) + "\n")
         result = json.loads(out.read_text())
         rows.append({"scheduler": name, "plans": {p["plan"]: p for p in result["plans"]}})
     return rows
@@ -141,20 +149,17 @@ def solvers(args, work: Path) -> tuple[dict, str]:
                       "--calibration", str(args.calibration), "--seed", str(args.seed), *args.grid.split()]  # fmt: skip
         # A solver's sweep takes up to an hour here: a finished one is kept with the arguments it ran with, and a
         # --resume run with the same arguments reads it instead of running it again.
-        done = out.with_suffix(".args.json")
-        if args.resume and out.exists() and done.exists() and json.loads(done.read_text()) == sweep_args:
-            print(f"{name}: kept from {out} (same arguments)", file=sys.stderr, flush=True)
-            kept = json.loads(out.read_text())
-            rows.append({"solver": name, "seconds": kept.get("bench_seconds"), "sweep": kept})
+        if kept(out, sweep_args, args.resume):
+            previous = json.loads(out.read_text())
+            rows.append({"solver": name, "seconds": previous.get("bench_seconds"), "sweep": previous})
             continue
-        done.unlink(missing_ok=True)
         t0 = time.perf_counter()
         # every score kept as it is measured: a sweep cut short (a session's end) resumes where it stopped
         postdiff("sweep", *sweep_args, "--json", str(out), "--plot", str(out.with_suffix(".png")), "--scores-cache", str(work / "scores"))
         seconds = round(time.perf_counter() - t0, 1)
         result = json.loads(out.read_text()) | {"bench_seconds": seconds}
         write_json(out, result)
-        write_json(done, sweep_args)
+        write_json(out.with_suffix(".args.json"), sweep_args)
         rows.append({"solver": name, "seconds": seconds, "sweep": result})
     meta = {"calibration": args.calibration, "budgets": args.budgets, "seed": args.seed, "grid": args.grid or "the sweep's default"}
     data = {"mode": "solvers", "model": args.model, "samples": args.samples, **meta, "rows": rows}
