@@ -62,12 +62,10 @@ def model_identity(model: str) -> str:
     """A digest of what defines ``model``'s weights: built-ins by name (random-weight ones are seeded, the
     reference model by its shipped files), folders by their files, Hub ids by name."""
     h = hashlib.sha256(model.encode())
-    folder: Path | None = None
-    from .builtin_models import REFERENCE_MODELS, reference_weights_dir
+    from .builtin_models import reference_weights_dir
 
-    if model in REFERENCE_MODELS:
-        folder = reference_weights_dir(model)
-    elif Path(model).expanduser().exists():
+    folder = reference_weights_dir(model)  # None unless an embedded model
+    if folder is None and Path(model).expanduser().exists():
         folder = Path(model).expanduser()
     if folder is not None:
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
