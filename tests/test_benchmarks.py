@@ -100,6 +100,29 @@ def test_scheduler_benchmark_holds_the_postdiff_plan_to_fewer_steps_at_its_macs(
     assert eval_json.stat().st_mtime_ns == kept and "kept from" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("model, flow", [("reference", False), ("reference-flow", True)])
+def test_scheduler_benchmark_checks_the_solvers_of_the_models_objective(model, flow, tmp_path, monkeypatch):
+    """check asks one eval per scheduler name the model's objective can run: the noise-prediction names on
+    reference, the flow-matching names on reference-flow (the evals themselves are the slow test below)."""
+    bench_schedulers = _benchmark("bench_schedulers")
+    from postdiff.plan.schedulers import NAMES, is_flow_scheduler
+
+    asked = []
+
+    def evals(args, work, names, plans, prefix):
+        asked.extend(names)
+        plan = {"unet_calls": 20, "class_accuracy": 1.0, "fid_classifier": 1.0, "macs_ratio": 0.21}
+        return [{"scheduler": n, "plans": {"baseline": plan, "postdiff": plan}} for n in names]
+
+    monkeypatch.setattr(bench_schedulers, "evals", evals)
+    out = tmp_path / "check.json"
+    assert bench_schedulers.main(["check", "--model", model, "--samples", "2", "--out", str(out)]) == 0
+    assert asked and all(is_flow_scheduler(n) == flow for n in asked) and "lcm" not in asked
+    assert set(asked) == {n for n in NAMES if n != "lcm" and is_flow_scheduler(n) == flow}
+    assert [r["scheduler"] for r in json.loads(out.read_text())["rows"]] == asked
+
+
+@pytest.mark.slow
 def test_scheduler_benchmark_on_the_flow_model_runs_the_flow_schedulers(tmp_path):
     """reference-flow has a classifier too: check runs every flow-matching name on it, and only those."""
     bench_schedulers = _benchmark("bench_schedulers")

@@ -84,7 +84,10 @@ def test_repeated_cells_are_computed_once():
     ],
 )
 def test_executor_bad_input(args, fragment, capsys):
-    assert main(["sweep", "--budgets", "0.5", "--calibration", "1", "--samples", "1", *GRID, *args]) == 2
+    import dask
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):  # a closed port: Dask retries until then
+        assert main(["sweep", "--budgets", "0.5", "--calibration", "1", "--samples", "1", *GRID, *args]) == 2
     assert fragment in capsys.readouterr().err
 
 

@@ -309,11 +309,16 @@ class DaskExecutor(Executor):
             raise PostDiffError("--executor dask needs dask.distributed: pip install 'dask[distributed]==2026.8.0'") from None
         self._cluster = None
         if address:
+            import dask
+
+            # Dask's own connect timeout (30 s unless set, e.g. DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=5s)
+            timeout = dask.config.get("distributed.comm.timeouts.connect")
             try:
-                self.client = Client(address, timeout="20s")
+                self.client = Client(address, timeout=timeout)
             except (OSError, TimeoutError) as exc:
                 raise PostDiffError(
-                    f"cannot join the Dask scheduler at {address}: {exc}; check the address and that it is running"
+                    f"cannot join the Dask scheduler at {address} within {timeout}: {exc}; check the address and that it is "
+                    "running (the wait is Dask's distributed.comm.timeouts.connect)"
                 ) from None
         else:
             import os

@@ -2,7 +2,9 @@
 
 Each graph is traced with ``torch.onnx.export(..., dynamo=True)`` with a dynamic batch and latent height and
 width (multiples of the UNet's downsampling factor); the legacy TorchScript exporter is used only if the dynamo
-route fails. Standard ONNX operators are emitted (no ``onnxruntime.transformers`` fusions: they produce
+route fails. A plan that uses both a UNet's ``full`` and ``full_capture`` variants traces the network once for the
+two: ``full`` is ``full_capture``'s graph without the cross-attention outputs (``GraphSource.outputs_of``,
+``_outputs_only``), checked against its own PyTorch module like every graph. Standard ONNX operators are emitted (no ``onnxruntime.transformers`` fusions: they produce
 CUDA-only operators that fail on CPU and NPU providers), except attention: ``com.microsoft.MultiHeadAttention``,
 which ORT's CPU provider runs as flash attention (``_attention_as_multihead``). When every graph is written, ``weights.share_weights``
 stores each distinct tensor of all of them once, in ``weights.onnx.data`` (``--static`` copies included).
@@ -107,9 +109,44 @@ def export_onnx(model: str | Model, plan: str = "postdiff", output: str | Path =
 
 def _export_graph(src: GraphSource, folder: Path, precision: str, opset: int) -> Graph:
     """The graph exported in ``precision`` ("fp32" | "fp16"), its attention as MultiHeadAttention
-    (``_attention_as_multihead``); quantization comes after (``_quantize``)."""
-    example = src.example(_example_hw(src), 2)
+    (``_attention_as_multihead``); quantization comes after (``_quantize``). A source with ``outputs_of`` is cut out
+    of that source's traced graph (``_outputs_only``), which is traced here if it was not yet and then kept for its
+    own turn."""
     path = folder / f"{src.name}.onnx"
+    if src.outputs_of is not None:
+        exporter = _trace(src.outputs_of, folder, opset)
+        _outputs_only(folder / f"{src.outputs_of.name}.onnx", path, src.output_names)
+    else:
+        exporter = _trace(src, folder, opset)
+    if precision == "fp16":
+        _to_fp16(path)
+    session = make_session(path)
+    return Graph(
+        name=src.name,
+        role=src.role,
+        file=path.name,
+        inputs=tensor_specs(session.get_inputs()),
+        outputs=tensor_specs(session.get_outputs()),
+        variant=src.variant,
+        exporter=exporter,
+    )
+
+
+_EXPORTER_KEY = "postdiff.exporter"  # metadata of a traced graph: which exporter made it
+
+
+def _trace(src: GraphSource, folder: Path, opset: int) -> str:
+    """Trace ``src`` to ``folder/<name>.onnx`` with its standard-operator rewrites and return the exporter that made
+    it; a file already there was traced earlier in this export (the staging folder starts empty) for a graph cut
+    out of it, and is kept."""
+    import onnx
+
+    path = folder / f"{src.name}.onnx"
+    if path.is_file():
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        if _EXPORTER_KEY in meta:
+            return meta[_EXPORTER_KEY]
+    example = src.example(_example_hw(src), 2)
     args = tuple(example.values())
     log = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(log), torch.no_grad(), _linear_attention_for_onnx(src.module):
@@ -135,18 +172,56 @@ def _export_graph(src: GraphSource, folder: Path, precision: str, opset: int) ->
             exporter = "torchscript"
     _group_norm_as_layer_norm(path)
     _attention_as_multihead(path)
-    if precision == "fp16":
-        _to_fp16(path)
-    session = make_session(path)
-    return Graph(
-        name=src.name,
-        role=src.role,
-        file=path.name,
-        inputs=tensor_specs(session.get_inputs()),
-        outputs=tensor_specs(session.get_outputs()),
-        variant=src.variant,
-        exporter=exporter,
-    )
+    model = onnx.load(str(path), load_external_data=False)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, _EXPORTER_KEY: exporter})
+    onnx.save_model(model, str(path))
+    return exporter
+
+
+def _outputs_only(source: Path, path: Path, outputs: list[str]) -> None:
+    """Write the graph at ``source`` to ``path`` keeping only the graph outputs ``outputs`` (in that order) and the
+    nodes and weights they need; the weights go to a data file of its own (quantizing one graph in place must not
+    touch the other's), which ``weights.share_weights`` stores once with the rest at the end of the export."""
+    import shutil
+
+    import onnx
+
+    model = onnx.load(str(source), load_external_data=False)
+    graph = model.graph
+    by_name = {o.name: o for o in graph.output}
+    if any(name not in by_name for name in outputs):
+        raise ExportError(f"{source.name} has no output {sorted(set(outputs) - set(by_name))}; cannot cut {path.name} out of it")
+    kept = [by_name[name] for name in outputs]
+    del graph.output[:]
+    graph.output.extend(kept)
+    if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        # walk back from the kept outputs to the nodes they need, in any node order (a graph with subgraphs, whose
+        # nodes read outer values without naming them as inputs, keeps every node)
+        producer = {o: k for k, n in enumerate(graph.node) for o in n.output}
+        needed, todo, kept_nodes = set(outputs), list(outputs), set()
+        while todo:
+            k = producer.get(todo.pop())
+            if k is not None and k not in kept_nodes:
+                kept_nodes.add(k)
+                fresh = [i for i in graph.node[k].input if i not in needed]
+                needed.update(fresh)
+                todo += fresh
+        nodes = [n for k, n in enumerate(graph.node) if k in kept_nodes]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        inits = [t for t in graph.initializer if t.name in needed]
+        del graph.initializer[:]
+        graph.initializer.extend(inits)
+    renamed: dict[str, str] = {}
+    for t in graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                if entry.value not in renamed:
+                    renamed[entry.value] = f"{path.name}.data" if not renamed else f"{path.name}.{len(renamed)}.data"
+                entry.value = renamed[entry.value]
+    for old, new in renamed.items():
+        shutil.copyfile(source.parent / old, path.parent / new)
+    onnx.save_model(model, str(path))
 
 
 class _LinearAttentionForOnnx:
