@@ -14,8 +14,8 @@ runs") and the median over pairs of a baseline run and the plan run right after 
 
     python benchmarks/bench_onnx_cpu.py --model reference --images 10 --plan-runs 9 --out benchmarks/results/onnx_cpu_reference_b20.json
 
---prepack adds a third backend to the whole runs, ORT sessions made with the runtime's ``--prepack`` option
-(per-session weight re-layout and pre-packing, ORT's own default), so that its speed is measured beside the
+--prepack adds a third backend to the per-graph calls and the whole runs, ORT sessions made with the runtime's
+``--prepack`` option (per-session weight re-layout and pre-packing, ORT's own default), so that its speed is measured beside the
 runtime's default sessions (``onnx``: pre-packed below 256 MB of weights, else every session on the bundle's one
 copy). In results of 2026-12-04 and before, ``onnx`` is pre-packed and ``onnx-low-memory`` the shared sessions.
 """
@@ -85,7 +85,9 @@ def main(argv=None) -> int:
     ap.add_argument("--graphs", default=None, help="comma-separated UNet variants to time per call (default: every one)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
-        "--prepack", action="store_true", help="also time whole runs on ORT --prepack sessions (adds onnx-prepack to --backends)"
+        "--prepack",
+        action="store_true",
+        help="also time each graph and whole runs on ORT --prepack sessions (adds onnx-prepack to --backends)",
     )
     ap.add_argument(
         "--backends",
@@ -124,6 +126,8 @@ def main(argv=None) -> int:
     export_s = time.perf_counter() - t0
     folder, manifest = read_manifest(bundle, "onnx")
     runner = OrtRunner(folder, threads=args.threads)
+    # --prepack: the same graphs on sessions that pre-pack their own copy of the weights, timed per call and whole
+    prepack_runner = OrtRunner(folder, threads=args.threads, prepack=True) if "onnx-prepack" in backends else None
 
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
@@ -167,12 +171,11 @@ def main(argv=None) -> int:
             feeds = {k: v.numpy() for k, v in ins.items()}
             graph = manifest.unet_graph(variant, hw)
             session = runner.session(graph)
+            fns = {"torch": lambda m=module, i=ins: m(*i.values()), "onnx": lambda s=session, f=feeds: s.run(None, f)}
+            if prepack_runner is not None:
+                fns["onnx-prepack"] = lambda s=prepack_runner.session(graph), f=feeds: s.run(None, f)
             t = time.perf_counter()
-            times = blocks(
-                {"torch": lambda m=module, i=ins: m(*i.values()), "onnx": lambda s=session, f=feeds: s.run(None, f)},
-                args.variant_runs,
-                args.rounds,
-            )
+            times = blocks(fns, args.variant_runs, args.rounds)
             row = {
                 "graph": graph.name,
                 "latent": list(hw),
@@ -183,6 +186,9 @@ def main(argv=None) -> int:
                 "torch_runs_s": times["torch"],
                 "onnx_runs_s": times["onnx"],
             }
+            if "onnx-prepack" in times:
+                row["onnx_prepack_median_s"] = statistics.median(times["onnx-prepack"])
+                row["onnx_prepack_runs_s"] = times["onnx-prepack"]
             row["onnx_vs_torch"] = row["torch_median_s"] / row["onnx_median_s"]
             row["onnx_vs_torch_min"] = min(times["torch"]) / min(times["onnx"])
             result["graphs"].append(row)
@@ -197,7 +203,7 @@ def main(argv=None) -> int:
         make = {
             "torch": lambda: TorchDenoiser(split),
             "onnx": lambda: GraphDenoiser(manifest, runner),
-            "onnx-prepack": lambda: GraphDenoiser(manifest, OrtRunner(folder, threads=args.threads, prepack=True)),
+            "onnx-prepack": lambda: GraphDenoiser(manifest, prepack_runner),
         }
         denoisers = {b: make[b]() for b in dict.fromkeys(backends)}
         # a scheduler per backend and plan, made before the clock starts (building one, its beta table, is not
@@ -242,12 +248,17 @@ def main(argv=None) -> int:
         f"ONNX Runtime vs PyTorch: {result['model']}, {px} px, plan {recipe.label}, {args.steps} DDIM steps, CFG, "
         f"{args.images} image(s) per call, {machine_info()['cpu']}, {args.threads} threads, N={args.rounds * args.variant_runs} per graph and backend ({args.rounds} alternating rounds)"
     )
-    print("| graph | latent | batch | GMACs | torch s | ORT s | ORT speedup over torch | fastest calls |")
-    print("|---|---|---|---|---|---|---|---|")
+    packed = prepack_runner is not None
+    print(
+        "| graph | latent | batch | GMACs | torch s | ORT s | ORT speedup over torch | fastest calls |"
+        + (" ORT pre-packed s |" if packed else "")
+    )
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if packed else ""))
     for r in result["graphs"]:
         print(
             f"| {r['graph']} | {r['latent'][0]}x{r['latent'][1]} | {r['batch']} | {r['macs'] / 1e9:.2f} | {r['torch_median_s']:.4f} | "
             f"{r['onnx_median_s']:.4f} | {r['onnx_vs_torch']:.2f}x | {r['onnx_vs_torch_min']:.2f}x |"
+            + (f" {r['onnx_prepack_median_s']:.4f} |" if packed else "")
         )
     if not args.plan_runs:
         print(f"\nwrote {out_path} (no whole runs: --plan-runs 0)")

@@ -50,6 +50,16 @@ def test_whole_runs_on_the_named_backends_only(bench, bundles, tmp_path, capsys)
     assert "--backends takes torch and/or onnx" in capsys.readouterr().err
 
 
+def test_prepacked_sessions_are_timed_per_call_and_whole(bench, bundles, tmp_path, capsys):
+    out = tmp_path / "onnx.json"
+    args = ["--model", "reference", "--bundle", str(bundles("reference")), "--out", str(out), "--variant-runs", "1", "--rounds", "1"]
+    assert bench.main([*args, "--graphs", "shallow", "--plan-runs", "1", "--plan-warmup", "0", "--backends", "onnx", "--prepack"]) == 0
+    data = json.loads(out.read_text())
+    assert data["graphs"] and all(len(g["onnx_prepack_runs_s"]) == 1 and g["onnx_prepack_median_s"] > 0 for g in data["graphs"])
+    assert sorted(data["whole"]) == ["onnx-prepack/baseline", "onnx-prepack/postdiff", "onnx/baseline", "onnx/postdiff"]
+    assert data["onnx-prepack_efficiency"] > 0 and "| ORT pre-packed s |" in capsys.readouterr().out
+
+
 def test_only_the_named_graphs_and_no_whole_runs(bench, bundles, tmp_path, capsys):
     out = tmp_path / "onnx.json"
     args = ["--model", "reference", "--bundle", str(bundles("reference")), "--out", str(out), "--variant-runs", "1", "--rounds", "1"]

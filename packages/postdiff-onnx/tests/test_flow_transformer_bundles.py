@@ -31,7 +31,8 @@ OTHER_SCHEDULER = {"toy-sd3": "flow-dpmpp-2m", "toy-sana": "flow-euler"}  # not 
 PROMPT = "a red apple on a table"
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
+# SD3 by default; SANA (its linear attention, 256 px) with -m slow, like the other family-wide checks
+@pytest.fixture(scope="module", params=["sd3", pytest.param("sana", marks=pytest.mark.slow)])
 def flow_bundle(request, export_once):
     model, size = MODELS[request.param]
     return export_once("onnx", model, RECIPE, **size)
