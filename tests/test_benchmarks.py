@@ -78,6 +78,36 @@ def test_scheduler_benchmark_runs_the_cli_per_solver_and_writes_its_table(tmp_pa
         bench_schedulers.main(["check", "--model", "toy-sd"])  # no classifier: refused before any run
 
 
+def test_scheduler_benchmark_matches_postdiff_to_the_most_steps_at_its_macs_and_resumes(tmp_path, capsys, monkeypatch):
+    """matched: per solver, one eval of baseline, postdiff and the steps:N plan with the most steps at no more MACs
+    (worked out from the cost model: steps:4 at 0.200 against postdiff's 0.210); --resume reads a finished eval back.
+    The evals are stand-ins writing what ``postdiff eval --json`` writes (the slow test below runs them)."""
+    bench_schedulers = _benchmark("bench_schedulers")
+    calls = []
+    scores = {"baseline": (1.0, 30.0, 0.99), "postdiff": (0.21, 20.0, 0.97)}
+
+    def postdiff(*args):
+        calls.append(args)
+        plans = args[args.index("--plans") + 1].split(",")
+        rows = [{"plan": n, "macs_ratio": scores.get(n, (0.2, 40.0, 0.98))[0], "fid_classifier": scores.get(n, (0, 40.0))[1],
+                 "class_accuracy": scores.get(n, (0, 0, 0.98))[2], "unet_calls": 20} for n in plans]  # fmt: skip
+        Path(args[args.index("--json") + 1]).write_text(json.dumps({"plans": rows}))
+
+    monkeypatch.setattr(bench_schedulers, "postdiff", postdiff)
+    out = tmp_path / "matched.json"
+    argv = ["matched", "--solvers", "ddim,euler-a", "--samples", "3", "--out", str(out)]
+    assert bench_schedulers.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert [c[c.index("--scheduler") + 1] for c in calls] == ["ddim", "euler-a"]
+    assert all(c[c.index("--plans") + 1] == "baseline,postdiff,steps:4" and c[c.index("--seed") + 1] == "1" for c in calls)
+    assert [r["fewer"] for r in data["rows"]] == ["steps:4", "steps:4"]
+    table = out.with_suffix(".txt").read_text()
+    assert "| ddim | 30.00, 99.0% | (0.210): 20.00, 97.0% | steps:4 (0.200): 40.00, 98.0% | cheaper steps |" in table
+    assert bench_schedulers.main([*argv, "--resume"]) == 0 and len(calls) == 2  # read back, not run again
+    assert "kept from" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_scheduler_benchmark_holds_the_postdiff_plan_to_fewer_steps_at_its_macs(tmp_path, capsys):
     """bench_schedulers.py matched: `postdiff` against the steps:N plan with the most steps at no more MACs, per solver."""
     bench_schedulers = _benchmark("bench_schedulers")
