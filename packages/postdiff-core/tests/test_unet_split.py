@@ -115,3 +115,25 @@ def test_cpu_convolution_paths_agree_and_auto_keeps_one_choice_per_shape(monkeyp
     monkeypatch.setenv("POSTDIFF_CPU_CONV", "fast")
     with pytest.raises(PostDiffError, match="POSTDIFF_CPU_CONV must be one of onednn, native, auto"):
         UNetSplit(unet)
+
+
+def test_full_is_cut_out_of_full_capture_only_when_it_comes_first():
+    """``unet_graphs``: a plan with both variants lets an exporter cut ``full`` out of ``full_capture``'s traced graph
+    (the same inputs, its outputs first); when ``full_capture`` came first it would be finished (quantized) before
+    ``full``'s turn, so ``full`` is traced on its own then."""
+    from types import SimpleNamespace
+
+    from postdiff.bundle.export import prepare_export, split_for
+    from postdiff.pytorch.graphs import unet_graphs
+
+    job = prepare_export("reference", "postdiff")
+    with split_for(job.model.network(), job.plan.recipe) as split:
+        sources = {s.variant: s for s in unet_graphs(split, job.plan, text_len=job.model.text_len, pooled_dim=job.model.pooled_dim)}
+        full, capture = sources["full"], sources["full_capture"]
+        assert full.outputs_of is capture and capture.outputs_of is None
+        assert full.input_names == capture.input_names and capture.output_names[:2] == full.output_names == ["eps", "deep"]
+        assert all(s.outputs_of is None for v, s in sources.items() if v != "full")
+        hw = tuple(job.latent_hw)
+        reordered = SimpleNamespace(variants=lambda: [("full_capture", hw), ("full", hw)])
+        again = unet_graphs(split, reordered, text_len=job.model.text_len, pooled_dim=job.model.pooled_dim)
+        assert [s.variant for s in again] == ["full_capture", "full"] and all(s.outputs_of is None for s in again)

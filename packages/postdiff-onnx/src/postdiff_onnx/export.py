@@ -4,10 +4,11 @@ Each graph is traced with ``torch.onnx.export(..., dynamo=True)`` with a dynamic
 width (multiples of the UNet's downsampling factor); the legacy TorchScript exporter is used only if the dynamo
 route fails. A plan that uses both a UNet's ``full`` and ``full_capture`` variants traces the network once for the
 two: ``full`` is ``full_capture``'s graph without the cross-attention outputs (``GraphSource.outputs_of``,
-``_outputs_only``), checked against its own PyTorch module like every graph. Standard ONNX operators are emitted (no ``onnxruntime.transformers`` fusions: they produce
-CUDA-only operators that fail on CPU and NPU providers), except attention: ``com.microsoft.MultiHeadAttention``,
-which ORT's CPU provider runs as flash attention (``_attention_as_multihead``). When every graph is written, ``weights.share_weights``
-stores each distinct tensor of all of them once, in ``weights.onnx.data`` (``--static`` copies included).
+``_outputs_only``), checked against its own PyTorch module like every graph. Standard ONNX operators are emitted
+(no ``onnxruntime.transformers`` fusions: they produce CUDA-only operators that fail on CPU and NPU providers),
+except attention: ``com.microsoft.MultiHeadAttention``, which ORT's CPU provider runs as flash attention
+(``_attention_as_multihead``). When every graph is written, ``weights.share_weights`` stores each distinct tensor of
+all of them once, in ``weights.onnx.data`` (``--static`` copies included).
 
 Every graph is checked at export: PyTorch and ONNX Runtime run the same inputs at every latent size the plan
 uses, and the export fails unless the PSNR of every output is at least ``PSNR_GATE`` dB. The measured values go
