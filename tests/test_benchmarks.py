@@ -84,13 +84,14 @@ def test_scheduler_benchmark_matches_postdiff_to_the_most_steps_at_its_macs_and_
     The evals are stand-ins writing what ``postdiff eval --json`` writes (the slow test below runs them)."""
     bench_schedulers = _benchmark("bench_schedulers")
     calls = []
-    scores = {"baseline": (1.0, 30.0, 0.99), "postdiff": (0.21, 20.0, 0.97)}
+    # (MACs ratio, FID, class accuracy) per plan; any other plan (the steps:N one) gets the last
+    scores, fewer = {"baseline": (1.0, 30.0, 0.99), "postdiff": (0.21, 20.0, 0.97)}, (0.2, 40.0, 0.98)
+    keys = ("macs_ratio", "fid_classifier", "class_accuracy")
 
     def postdiff(*args):
         calls.append(args)
         plans = args[args.index("--plans") + 1].split(",")
-        rows = [{"plan": n, "macs_ratio": scores.get(n, (0.2, 40.0, 0.98))[0], "fid_classifier": scores.get(n, (0, 40.0))[1],
-                 "class_accuracy": scores.get(n, (0, 0, 0.98))[2], "unet_calls": 20} for n in plans]  # fmt: skip
+        rows = [{"plan": n, "unet_calls": 20, **dict(zip(keys, scores.get(n, fewer)))} for n in plans]
         Path(args[args.index("--json") + 1]).write_text(json.dumps({"plans": rows}))
 
     monkeypatch.setattr(bench_schedulers, "postdiff", postdiff)
