@@ -75,25 +75,40 @@ def test_convs_it_cannot_rewrite_stay_convs():
     assert quantize.conv_as_matmul(model, min_params=1, keep={"conv.weight"}) == []
 
 
-def test_a_quantized_convolution_and_its_openvino_twin():
-    """int8: one activation quantization and one per-channel scale for all nine taps (int32 partial sums); the twin
-    dequantizes the same bytes; int4: a MatMulNBits per tap."""
-    model = _conv_model(32, 48, (3, 3), 1, (1, 1, 1, 1), True)
-    x = RNG.standard_normal((2, 32, 9, 7)).astype(np.float32)
+@pytest.mark.parametrize(
+    "cin, cout, k, stride, pads, hw",
+    [
+        (32, 48, (3, 3), 1, (1, 1, 1, 1), (9, 7)),
+        (32, 16, (3, 3), 2, (1, 1, 1, 1), (9, 8)),  # a downsampler on an odd side
+        (16, 24, (3, 1), 1, (1, 0, 1, 0), (6, 6)),
+        (16, 16, (1, 1), 2, (0, 0, 0, 0), (8, 8)),  # one tap: no concatenation
+    ],
+)
+def test_a_quantized_convolution_and_its_openvino_twin(cin, cout, k, stride, pads, hw):
+    """int8: the input quantized once, the taps' uint8 slices side by side, one MatMulInteger over the stacked taps'
+    weights with one per-channel scale; the twin dequantizes the same bytes; int4: a MatMulNBits per tap."""
+    model = _conv_model(cin, cout, k, stride, pads, True)
+    taps = k[0] * k[1]
+    x = RNG.standard_normal((2, cin, *hw)).astype(np.float32)
     (expected,) = _run(model, {"x": x})
     quantize.conv_as_matmul(model, min_params=1)
-    int4 = quantize.quantize_int4(copy.deepcopy(model), min_params=1, block=32)
+    int4 = quantize.quantize_int4(copy.deepcopy(model), min_params=1, block=16)
     quantize.quantize_int8(model, min_params=1)
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("DynamicQuantizeLinear") == 1 and ops.count("MatMulInteger") == 9 and ops.count("Cast") == 1
+    assert ops.count("DynamicQuantizeLinear") == 1 and ops.count("MatMulInteger") == 1 and ops.count("Cast") == 1
+    assert ops.count("Slice") == taps and ops.count("Concat") == (taps > 1) and "Add" in ops  # the bias, no int32 sums
+    stacked = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}["conv.weight" + quantize.COLUMNS]
+    assert stacked.dtype == np.int8 and stacked.shape == (taps * cin, cout)
     assert quantize.layer_types(model) == {"conv.weight": "int8"}
     (got,) = _run(model, {"x": x})
-    assert 30.0 <= tensor_psnr(got, expected) < 100.0
+    assert got.shape == expected.shape
+    assert 30.0 <= tensor_psnr(got, expected) < 100.0  # a wrong order of taps against the stacked rows is noise
     assert quantize.openvino_form(model) == 1
-    assert "MatMulInteger" not in {n.op_type for n in model.graph.node}
+    ops = [n.op_type for n in model.graph.node]
+    assert "MatMulInteger" not in ops and "DynamicQuantizeLinear" not in ops and ops.count("Slice") == taps
     (twin,) = _run(model, {"x": x})
     assert tensor_psnr(twin, expected) >= 35.0 and tensor_psnr(twin, got) < 100.0  # fp32 activations: another result
-    assert [n.op_type for n in int4.graph.node].count("MatMulNBits") == 9
+    assert [n.op_type for n in int4.graph.node].count("MatMulNBits") == taps
     (got4,) = _run(int4, {"x": x}, prepack=True)
     assert 15.0 <= tensor_psnr(got4, expected) < 60.0
 
