@@ -318,9 +318,9 @@ def _matmuls_int8(model, min_params: int, keep) -> None:
             replacements[slice_k] = replacements[mm_k] = []
             grouped.add(mm_k)
             g.drop(mm.input[1])
-        # one product over the taps side by side (uint8 im2col, K = taps x Cin) rather than one per tap: the int8
-        # buffer is a quarter of the fp32 one conv_as_matmul avoids, and one GEMM with no int32 partial sums ran SD1.5's
-        # int8 UNet 15-21% faster, bit-identical (docs/backends/onnx.md, Lean bundles)
+        # one product over the taps side by side (uint8 im2col, K = taps x Cin) rather than one per tap: the uint8
+        # buffer is a quarter of the fp32 one conv_as_matmul avoids, and with one GEMM and no int32 partial sums the
+        # SD1.5 int8 bundle's whole runs took 0.83-0.93x the time, bit-identical (docs/backends/onnx.md, Lean bundles)
         wq = np.concatenate([np.clip(np.rint(w / scale), -127, 127).astype(np.int8) for w in weights], axis=0)
         columns = sliced[0]
         if len(sliced) > 1:
@@ -417,9 +417,11 @@ def openvino_form(model) -> int:
         if node.op_type != "MatMulInteger" or not (len(after) == 1 and after[0].op_type == "Cast"):
             continue
         gone = []  # the uint8 slices and their concatenation (a convolution's im2col)
-        cols_k, cols = producer[node.input[0]]
-        slices = [producer[v] for v in cols.input] if cols.op_type == "Concat" else [(cols_k, cols)]
-        if all(sl.op_type == "Slice" for _, sl in slices):
+        cols_k, cols = producer.get(node.input[0], (None, None))
+        if cols is None:
+            continue
+        slices = [producer.get(v, (None, None)) for v in cols.input] if cols.op_type == "Concat" else [(cols_k, cols)]
+        if all(sl is not None and sl.op_type == "Slice" for _, sl in slices):
             gone = [k2 for k2, _ in slices] + ([cols_k] if cols.op_type == "Concat" else [])
             quantized = slices[0][1].input[0]
         else:
