@@ -305,29 +305,21 @@ def _matmuls_int8(model, min_params: int, keep) -> None:
         weights = [g.array(mm.input[1]) for _, mm, _, _ in members]
         if sum(w.size for w in weights) < min_params:
             continue
-        # per output channel over every tap: the scale of the convolution's own weight
-        peak = np.max([np.abs(w).max(axis=0) for w in weights], axis=0).astype(np.float32)
-        scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+        # one product over the taps side by side (uint8 im2col, K = taps x Cin) rather than one per tap: the uint8
+        # buffer is a quarter of the fp32 one conv_as_matmul avoids, and with one GEMM and no int32 partial sums the
+        # SD1.5 int8 bundle's whole runs took 0.83-0.93x the time, bit-identical (docs/backends/onnx.md, Lean bundles).
+        # The stacked matrix's scale per column is the convolution's own: per output channel over every tap.
+        wq, scale = _int8_columns(np.concatenate(weights, axis=0))
         ws = g.const(scale, "w_scale")
         xq, xs, xz, y32 = g.name("xq"), g.name("xs"), g.name("xz"), g.name("y32")
         nodes = [helper.make_node("DynamicQuantizeLinear", [source], [xq, xs, xz])]
-        sliced = []
-        for mm_k, mm, slice_k, sl in members:
-            sliced.append(g.name("tap_u8"))
-            nodes.append(helper.make_node("Slice", [xq, *sl.input[1:]], [sliced[-1]]))
+        for mm_k, mm, slice_k, _ in members:
             replacements[slice_k] = replacements[mm_k] = []
             grouped.add(mm_k)
             g.drop(mm.input[1])
-        # one product over the taps side by side (uint8 im2col, K = taps x Cin) rather than one per tap: the uint8
-        # buffer is a quarter of the fp32 one conv_as_matmul avoids, and with one GEMM and no int32 partial sums the
-        # SD1.5 int8 bundle's whole runs took 0.83-0.93x the time, bit-identical (docs/backends/onnx.md, Lean bundles)
-        wq = np.concatenate([np.clip(np.rint(w / scale), -127, 127).astype(np.int8) for w in weights], axis=0)
-        columns = sliced[0]
-        if len(sliced) > 1:
-            columns = g.name("im2col_u8")
-            nodes.append(helper.make_node("Concat", sliced, [columns], axis=-1))
+        columns, im2col = _side_by_side(g, xq, [sl for _, _, _, sl in members], "u8")
         matrix = g.named_const(wq, conv_weight(members[0][1].input[1]) + COLUMNS)
-        nodes.append(helper.make_node("MatMulInteger", [columns, matrix, xz], [y32]))
+        nodes += [*im2col, helper.make_node("MatMulInteger", [columns, matrix, xz], [y32])]
         replacements[k] = nodes + scaled(y32, xs, ws, list(node.output))
     for k, node in enumerate(g.graph.node):  # every other matrix product with a constant weight
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or k in grouped:
@@ -368,6 +360,19 @@ def _taps_of(node, g: _Graph, producer: dict):
         return None
     sources = {sl.input[0] for _, _, _, sl in members}
     return (members, sources.pop()) if len(sources) == 1 else None
+
+
+def _side_by_side(g: _Graph, x: str, slices: list, hint: str) -> tuple[str, list]:
+    """A convolution's im2col: ``x`` sliced as each of ``slices`` (a tap's ``Slice`` nodes) and the taps concatenated
+    along channels (a single tap as it is). Returns (the value, the nodes that make it)."""
+    from onnx import helper
+
+    taps = [g.name(f"tap_{hint}") for _ in slices]
+    nodes = [helper.make_node("Slice", [x, *sl.input[1:]], [t]) for t, sl in zip(taps, slices)]
+    if len(taps) == 1:
+        return taps[0], nodes
+    columns = g.name(f"im2col_{hint}")
+    return columns, [*nodes, helper.make_node("Concat", taps, [columns], axis=-1)]
 
 
 def _tables_int8(model, min_params: int, keep=frozenset()) -> None:
@@ -416,29 +421,23 @@ def openvino_form(model) -> int:
         after = [g.graph.node[c] for c in consumers.get(node.output[0], [])] if node.output else []
         if node.op_type != "MatMulInteger" or not (len(after) == 1 and after[0].op_type == "Cast"):
             continue
-        gone = []  # the uint8 slices and their concatenation (a convolution's im2col)
         cols_k, cols = producer.get(node.input[0], (None, None))
         if cols is None:
             continue
         slices = [producer.get(v, (None, None)) for v in cols.input] if cols.op_type == "Concat" else [(cols_k, cols)]
-        if all(sl is not None and sl.op_type == "Slice" for _, sl in slices):
+        if all(sl is not None and sl.op_type == "Slice" for _, sl in slices):  # a convolution's uint8 im2col
             gone = [k2 for k2, _ in slices] + ([cols_k] if cols.op_type == "Concat" else [])
             quantized = slices[0][1].input[0]
         else:
-            slices, quantized = [], node.input[0]
+            gone, slices, quantized = [], [], node.input[0]
         cast_k = consumers[node.output[0]][0]
         mul_k = consumers[g.graph.node[cast_k].output[0]][0]
         mul = g.graph.node[mul_k]
         scale_k, scale_mul = producer[mul.input[1]]
         dq_k, dq = producer[quantized]  # the DynamicQuantizeLinear: its input is the fp32 activation
         nodes, a = [], dq.input[0]
-        if slices:
-            taps = [g.name("tap") for _ in slices]
-            nodes += [helper.make_node("Slice", [a, *sl.input[1:]], [t]) for t, (_, sl) in zip(taps, slices)]
-            a = taps[0]
-            if len(taps) > 1:
-                a = g.name("im2col")
-                nodes.append(helper.make_node("Concat", taps, [a], axis=-1))
+        if slices:  # the same slices of the fp32 activation, side by side
+            a, nodes = _side_by_side(g, a, [sl for _, sl in slices], "fp")
         w = g.name("w_fp")
         nodes += [
             helper.make_node("DequantizeLinear", [node.input[1], scale_mul.input[1]], [w], axis=1),
